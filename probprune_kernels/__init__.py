@@ -1,0 +1,1 @@
+"""probprune_kernels: masked GEMMs, masked attention and mask ops, K sampled masks in one launch."""

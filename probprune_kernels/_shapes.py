@@ -1,0 +1,197 @@
+"""The one definition of every op's shapes, shared by the reference, the Triton and CUDA launchers,
+the fake (meta) registrations and the drop-in layers.
+
+Each ``check_*`` function validates its arguments *before any launch* and returns the output
+shape. Errors are ``ValueError``/``TypeError`` whose text names the argument and the rule broken.
+
+Conventions (the kernel contract, see DESIGN.md):
+
+* ``K`` masks are evaluated at once; ``n`` units; a unit is ``group`` consecutive rows (gather-rows)
+  or columns (gather-cols) of a weight, e.g. one KV head group = ``q_per_kv * head_dim`` rows of
+  ``q_proj``.
+* Compacted masks are ``idx`` int32 ``[K, n_cap]`` (kept unit ids, ascending, entries at and beyond
+  ``counts[k]`` are 0) and ``counts`` int32 ``[K]``. ``n_cap`` is the capacity (``n`` by default).
+* Outputs of gather-rows ops are compact: ``[K, M, n_cap * group]``; columns at and beyond
+  ``counts[k] * group`` are zero.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _fail(msg: str):
+    raise ValueError(msg)
+
+
+def check_float(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def check_same(names_tensors, what: str = "dtype") -> None:
+    (n0, t0), *rest = names_tensors
+    for n, t in rest:
+        a, b = getattr(t0, what), getattr(t, what)
+        if a != b:
+            _fail(f"{n} has {what} {b} but {n0} has {what} {a}; they must match")
+
+
+def check_rank(name: str, t: torch.Tensor, rank: int, layout: str) -> None:
+    if t.dim() != rank:
+        _fail(f"{name} must have rank {rank} {layout}, got shape {tuple(t.shape)}")
+
+
+def check_contiguous(name: str, t: torch.Tensor) -> None:
+    if not t.is_contiguous():
+        _fail(f"{name} must be contiguous (got strides {t.stride()} for shape {tuple(t.shape)}); "
+              f"call .contiguous() first")
+
+
+def check_compacted(idx: torch.Tensor, counts: torch.Tensor, n_units: int, K: int,
+                    validate_values: bool = True) -> int:
+    """Checks ``idx [K, n_cap]`` / ``counts [K]`` for ``n_units`` units; returns ``n_cap``.
+
+    Value checks (range, counts <= capacity) read the tensors; the engine, which builds them with
+    ``compact_masks``, turns them off on its hot path to avoid a host sync.
+    """
+    check_rank("idx", idx, 2, "[K, n_cap]")
+    check_rank("counts", counts, 1, "[K]")
+    if idx.dtype != torch.int32 or counts.dtype != torch.int32:
+        raise TypeError(f"idx and counts must be int32, got {idx.dtype} and {counts.dtype}")
+    if idx.shape[0] != K or counts.shape[0] != K:
+        _fail(f"idx {tuple(idx.shape)} and counts {tuple(counts.shape)} must have K={K} rows")
+    n_cap = idx.shape[1]
+    if n_cap > n_units:
+        _fail(f"idx capacity {n_cap} exceeds the number of units {n_units}")
+    check_same([("idx", idx), ("counts", counts)], "device")
+    if validate_values and K > 0:
+        cmax, cmin = int(counts.max()), int(counts.min())
+        if cmin < 0 or cmax > n_cap:
+            _fail(f"counts must lie in [0, capacity={n_cap}], got min {cmin} max {cmax}")
+        if n_cap > 0:
+            lo, hi = int(idx.min()), int(idx.max())
+            if lo < 0 or hi >= n_units:
+                _fail(f"idx out of range: values must lie in [0, {n_units}), got [{lo}, {hi}]")
+    return n_cap
+
+
+def check_units(name: str, dim: int, group: int) -> int:
+    if group < 1:
+        _fail(f"group must be >= 1, got {group}")
+    if dim % group:
+        _fail(f"{name} ({dim}) is not a multiple of group ({group})")
+    return dim // group
+
+
+def gather_rows_shape(x, w, idx, counts, group: int, bias: Optional[torch.Tensor] = None,
+                      validate_values: bool = True):
+    """x [K, M, Din], w [Dout, Din], bias [Dout] -> y [K, M, n_cap * group]."""
+    check_rank("x", x, 3, "[K, M, in_features]")
+    check_rank("w", w, 2, "[out_features, in_features]")
+    check_float("x", x)
+    check_same([("x", x), ("w", w)] + ([("bias", bias)] if bias is not None else []), "dtype")
+    check_same([("x", x), ("w", w), ("idx", idx)] + ([("bias", bias)] if bias is not None else []),
+               "device")
+    K, M, din = x.shape
+    if w.shape[1] != din:
+        _fail(f"x has in_features {din} but w has shape {tuple(w.shape)}")
+    n_units = check_units("w.shape[0]", w.shape[0], group)
+    if bias is not None and tuple(bias.shape) != (w.shape[0],):
+        _fail(f"bias must have shape ({w.shape[0]},), got {tuple(bias.shape)}")
+    n_cap = check_compacted(idx, counts, n_units, K, validate_values)
+    return (K, M, n_cap * group)
+
+
+def gather_rows_swiglu_shape(x, w_gate, w_up, idx, counts, validate_values: bool = True):
+    """x [K, M, Din], w_gate/w_up [F, Din] -> y [K, M, n_cap]."""
+    if w_gate.shape != w_up.shape:
+        _fail(f"w_gate {tuple(w_gate.shape)} and w_up {tuple(w_up.shape)} must have one shape")
+    check_same([("w_gate", w_gate), ("w_up", w_up)], "dtype")
+    check_same([("w_gate", w_gate), ("w_up", w_up)], "device")
+    return gather_rows_shape(x, w_gate, idx, counts, 1, None, validate_values)
+
+
+def gather_cols_shape(h, w, idx, counts, group: int, residual: Optional[torch.Tensor] = None,
+                      validate_values: bool = True):
+    """h [K, M, n_cap * group], w [Dout, Din], residual [K, M, Dout] -> y [K, M, Dout]."""
+    check_rank("h", h, 3, "[K, M, n_cap * group]")
+    check_rank("w", w, 2, "[out_features, in_features]")
+    check_float("h", h)
+    others = [("residual", residual)] if residual is not None else []
+    check_same([("h", h), ("w", w)] + others, "dtype")
+    check_same([("h", h), ("w", w), ("idx", idx)] + others, "device")
+    K, M, hc = h.shape
+    n_units = check_units("w.shape[1]", w.shape[1], group)
+    n_cap = check_compacted(idx, counts, n_units, K, validate_values)
+    if hc != n_cap * group:
+        _fail(f"h has {hc} columns but idx capacity {n_cap} x group {group} = {n_cap * group}")
+    out = (K, M, w.shape[0])
+    if residual is not None and tuple(residual.shape) != out:
+        _fail(f"residual must have shape {out}, got {tuple(residual.shape)}")
+    return out
+
+
+def masked_attention_shape(q, k, v, counts, validate_values: bool = True):
+    """q [K, B, T, Hq_cap, D], k/v [K, B, T, Hkv_cap, D], counts [K] active KV heads
+    -> o [K, B, T, Hq_cap, D]. Query heads ``j*G .. j*G+G-1`` use KV head ``j`` (G = Hq/Hkv)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_rank(name, t, 5, "[K, B, T, heads, head_dim]")
+    check_float("q", q)
+    check_same([("q", q), ("k", k), ("v", v)], "dtype")
+    check_same([("q", q), ("k", k), ("v", v), ("counts", counts)], "device")
+    if k.shape != v.shape:
+        _fail(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have one shape")
+    K, B, T, hq, d = q.shape
+    if k.shape[:3] != q.shape[:3] or k.shape[4] != d:
+        _fail(f"k/v {tuple(k.shape)} do not match q {tuple(q.shape)} in K, B, T or head_dim")
+    hkv = k.shape[3]
+    if hkv == 0 or hq % hkv:
+        _fail(f"q heads ({hq}) must be a positive multiple of k/v heads ({hkv})")
+    check_rank("counts", counts, 1, "[K]")
+    if counts.dtype != torch.int32 or counts.shape[0] != K:
+        _fail(f"counts must be int32 [K={K}], got {counts.dtype} {tuple(counts.shape)}")
+    if validate_values and K > 0:
+        cmin, cmax = int(counts.min()), int(counts.max())
+        if cmin < 0 or cmax > hkv:
+            _fail(f"counts must lie in [0, {hkv}] KV heads, got min {cmin} max {cmax}")
+    return tuple(q.shape)
+
+
+def lm_head_ce_shape(h, w, labels):
+    """h [K, M, d], w [V, d], labels [M] or [K, M] int64 -> loss [K] float32."""
+    check_rank("h", h, 3, "[K, M, hidden]")
+    check_rank("w", w, 2, "[vocab, hidden]")
+    check_float("h", h)
+    check_same([("h", h), ("w", w)], "dtype")
+    check_same([("h", h), ("w", w), ("labels", labels)], "device")
+    K, M, d = h.shape
+    if w.shape[1] != d:
+        _fail(f"h has hidden size {d} but w has shape {tuple(w.shape)}")
+    if labels.dtype != torch.int64:
+        raise TypeError(f"labels must be int64, got {labels.dtype}")
+    if tuple(labels.shape) not in ((M,), (K, M)):
+        _fail(f"labels must have shape ({M},) or ({K}, {M}), got {tuple(labels.shape)}")
+    return (K,)
+
+
+def compact_shape(masks: torch.Tensor, capacity: Optional[int] = None):
+    check_rank("masks", masks, 2, "[K, n]")
+    if masks.dtype != torch.bool:
+        raise TypeError(f"masks must be bool, got {masks.dtype}")
+    K, n = masks.shape
+    cap = n if capacity is None else capacity
+    if not 0 <= cap <= n:
+        _fail(f"capacity must lie in [0, {n}], got {cap}")
+    return (K, cap)
+
+
+def sample_shape(probs: torch.Tensor, uniforms: torch.Tensor):
+    check_rank("uniforms", uniforms, 2, "[K, n]")
+    if probs.dim() != 1 or probs.shape[0] != uniforms.shape[1]:
+        _fail(f"probs must have shape ({uniforms.shape[1]},), got {tuple(probs.shape)}")
+    check_same([("probs", probs), ("uniforms", uniforms)], "device")
+    return tuple(uniforms.shape)

@@ -1,0 +1,112 @@
+"""Pure-torch implementation of every op: the oracle of the tests and the CPU path.
+
+Each op gathers the active rows/columns of the weight, then multiplies: on the CPU this is the
+fastest honest way to pay only for the kept units. The per-mask loop reads ``counts`` on the host,
+which is free on the CPU and a sync on a GPU (where the Triton/CUDA backends take over).
+Shapes and validation live in ``_shapes``; these functions assume checked inputs.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def _unit_rows(idx_k: torch.Tensor, group: int) -> torch.Tensor:
+    """Expands unit ids into the ``group`` consecutive row (or column) ids each unit owns."""
+    return (idx_k.long()[:, None] * group + torch.arange(group, device=idx_k.device)).reshape(-1)
+
+
+def sample_masks(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Bernoulli masks ``uniforms < probs`` [K, n]; uniforms come from the caller's generator so
+    every backend draws the same masks."""
+    return uniforms < probs.to(uniforms.dtype)
+
+
+def compact_masks(masks: torch.Tensor, capacity: Optional[int] = None):
+    """bool [K, n] -> (idx int32 [K, cap] ascending kept ids, zero padded; counts int32 [K])."""
+    K, n = masks.shape
+    cap = n if capacity is None else capacity
+    counts = masks.sum(dim=1, dtype=torch.int32)
+    # A stable sort of "dropped" flags puts the kept ids first, in ascending order.
+    order = torch.sort((~masks).to(torch.uint8), dim=1, stable=True).indices[:, :cap]
+    valid = torch.arange(cap, device=masks.device)[None, :] < counts[:, None]
+    idx = torch.where(valid, order, torch.zeros_like(order)).to(torch.int32)
+    return idx.contiguous(), counts
+
+
+def gather_rows_gemm(x, w, idx, counts, group: int, bias: Optional[torch.Tensor] = None):
+    """y[k, :, j*group + g] = x[k] @ w[idx[k, j]*group + g] (+ bias) for j < counts[k]; else 0."""
+    K, M, _ = x.shape
+    y = x.new_zeros(K, M, idx.shape[1] * group)
+    for k, c in enumerate(counts.tolist()):
+        if c == 0:
+            continue
+        rows = _unit_rows(idx[k, :c], group)
+        y[k, :, : c * group] = F.linear(x[k], w[rows], None if bias is None else bias[rows])
+    return y
+
+
+def gather_rows_swiglu(x, w_gate, w_up, idx, counts):
+    """y[k, :, j] = silu(x[k] @ w_gate[idx[k, j]]) * (x[k] @ w_up[idx[k, j]]) for j < counts[k]."""
+    K, M, _ = x.shape
+    y = x.new_zeros(K, M, idx.shape[1])
+    for k, c in enumerate(counts.tolist()):
+        if c == 0:
+            continue
+        rows = idx[k, :c].long()
+        gate = F.linear(x[k], w_gate[rows]).float()
+        up = F.linear(x[k], w_up[rows]).float()
+        y[k, :, :c] = (F.silu(gate) * up).to(y.dtype)
+    return y
+
+
+def gather_cols_gemm(h, w, idx, counts, group: int, residual: Optional[torch.Tensor] = None):
+    """y[k] = h[k, :, :counts[k]*group] @ w[:, cols_k].T (+ residual[k]), cols_k the active columns."""
+    K, M, _ = h.shape
+    y = h.new_zeros(K, M, w.shape[0]) if residual is None else residual.clone()
+    for k, c in enumerate(counts.tolist()):
+        if c == 0:
+            continue
+        cols = _unit_rows(idx[k, :c], group)
+        y[k] += F.linear(h[k, :, : c * group], w[:, cols])
+    return y
+
+
+def masked_attention(q, k, v, counts, scale: Optional[float] = None):
+    """Causal attention over the first ``counts[k]`` KV heads (and their query heads) of each mask.
+
+    q [K, B, T, Hq, D], k/v [K, B, T, Hkv, D] -> o [K, B, T, Hq, D]; inactive heads give zeros.
+    """
+    K, B, T, hq, d = q.shape
+    G = hq // k.shape[3]
+    o = torch.zeros_like(q)
+    for i, c in enumerate(counts.tolist()):
+        if c == 0:
+            continue
+        qi = q[i, :, :, : c * G].transpose(1, 2)  # [B, H, T, D]
+        ki = k[i, :, :, :c].transpose(1, 2).repeat_interleave(G, dim=1)
+        vi = v[i, :, :, :c].transpose(1, 2).repeat_interleave(G, dim=1)
+        oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale)
+        o[i, :, :, : c * G] = oi.transpose(1, 2)
+    return o
+
+
+def lm_head_ce(h, w, labels, ignore_index: int = -100, chunk_size: int = 4096):
+    """Mean next-token NLL per mask: loss[k] = mean_m CE(h[k, m] @ w.T, labels[m]).
+
+    Logits are built ``chunk_size`` rows at a time in fp32 so no [K*M, vocab] tensor exists.
+    Rows whose label is ``ignore_index`` do not count; a mask with no counted row gives NaN.
+    """
+    K, M, _ = h.shape
+    labels = labels.expand(K, M)
+    total = torch.zeros(K, dtype=torch.float32, device=h.device)
+    for start in range(0, M, chunk_size):
+        hc, lc = h[:, start:start + chunk_size], labels[:, start:start + chunk_size]
+        logits = (hc @ w.T).float()
+        nll = F.cross_entropy(logits.flatten(0, 1), lc.flatten(), ignore_index=ignore_index,
+                              reduction="none").view(K, -1)
+        total += nll.sum(dim=1)
+    n = (labels != ignore_index).sum(dim=1)
+    return total / n

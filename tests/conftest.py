@@ -1,0 +1,32 @@
+"""Shared test settings: a fixed seed, no TF32, and the tolerance policy used by every suite."""
+import os
+import random
+
+import pytest
+import torch
+
+# fp32 tight; low precision by dtype. Kernel results must match the reference within these.
+TOLERANCES = {
+    torch.float32: dict(atol=1e-5, rtol=1e-5),
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
+    torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2),
+}
+
+SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+WIKITEXT_TEST = os.environ.get(
+    "PROBPRUNE_WIKITEXT2_TEST", os.path.join(SHARED_DATA, "wikitext-2-raw", "wiki.test.raw"))
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_no_tf32():
+    random.seed(0)
+    torch.manual_seed(0)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+
+
+def assert_close(actual, expected, dtype=None, msg="", **tol):
+    """torch.testing.assert_close with the dtype's tolerance and a mismatch summary."""
+    tol = tol or TOLERANCES[dtype or expected.dtype]
+    torch.testing.assert_close(actual, expected, msg=lambda m: f"{msg}\n{m}", **tol)
