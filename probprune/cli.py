@@ -78,6 +78,55 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _int_list(text: str):
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers, got {text!r}")
+
+
+def cmd_prune(args) -> int:
+    from .search import PruneSettings, prune
+
+    if args.json:
+        quiet_libraries()
+    settings = PruneSettings(
+        model=args.model, sparsity=args.sparsity, out=args.out, steps=args.steps, k=args.k,
+        batch_size=args.batch_size, seqlen=args.seqlen, calib=args.calib, nsamples=args.nsamples,
+        val_windows=args.val_windows, eval=args.data, eval_file=args.data_file,
+        max_eval_windows=args.max_windows, eval_batch_size=args.eval_batch_size, lr=args.lr,
+        min_lr_ratio=args.min_lr_ratio, init=args.init, init_temperature=args.init_temperature,
+        budget=args.budget, scope=args.scope, attn_sparsity=args.attn_sparsity,
+        mlp_sparsity=args.mlp_sparsity, prune_layers=args.prune_layers,
+        protect_layers=args.protect_layers, baseline=args.baseline, eval_every=args.eval_every,
+        checkpoint_every=args.checkpoint_every, device=args.device or default_device(),
+        dtype=args.dtype, backend=args.backend, seed=args.seed, resume=args.resume,
+        progress=not args.json)
+    report = prune(settings)
+    ppl = report["perplexity"]
+    params = report["params"]
+    if args.json:
+        print(json.dumps({"out": args.out, "dense_ppl": ppl["dense"]["ppl"],
+                          "init_ppl": ppl["init"]["ppl"], "pruned_ppl": ppl["pruned"]["ppl"],
+                          "kept_prunable": params["kept_prunable"],
+                          "prunable": params["prunable"],
+                          "median_step_s": report["median_step_s"],
+                          "peak_memory_mib": report["peak_memory_mib"]}))
+        return 0
+    windows = ppl["dense"]["windows"]
+    print(f"\n{args.model}: removed {1 - params['kept_prunable'] / params['prunable']:.1%} of "
+          f"{params['prunable']:,} prunable parameters (total {params['total']:,} -> "
+          f"{params['pruned_model_total']:,})")
+    print(f"perplexity on {report['eval_data']} (seqlen {args.seqlen}, {windows} windows): "
+          f"dense {ppl['dense']['ppl']:.2f} -> init ({args.init}) {ppl['init']['ppl']:.2f} "
+          f"-> pruned {ppl['pruned']['ppl']:.2f}")
+    print(f"median step {report['median_step_s']:.3f} s, peak memory "
+          f"{report['peak_memory_mib']:.0f} MiB ({report['peak_memory_kind']})")
+    print(f"wrote {args.out}: pruned model (probprune.load_pruned or from_pretrained with "
+          f"trust_remote_code=True), masks.safetensors, scores.safetensors, report.json, *.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="probprune-fast",
@@ -92,6 +141,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help="print one JSON line (ppl, nll, tokens, windows, seqlen, ...)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("prune", help="search a pruning mask by policy gradient and export the "
+                                     "smaller model",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--sparsity", type=float, required=True,
+                   help="fraction of the prunable parameters (attention, MLP, and layers with "
+                        "--prune-layers) to remove, in (0, 1)")
+    p.add_argument("--out", required=True, help="run directory: checkpoint, pruned model, report")
+    p.add_argument("--steps", type=int, default=400, help="policy-gradient steps")
+    p.add_argument("--k", type=int, default=2, help="masks sampled per step (one batched forward)")
+    p.add_argument("--batch-size", type=int, default=4, help="calibration windows per step")
+    p.add_argument("--calib", default="wiki-summaries",
+                   help="calibration text: wiki-summaries, wikitext2, c4, or a local "
+                        ".txt/.jsonl/.json file or folder")
+    p.add_argument("--nsamples", type=int, default=256,
+                   help="calibration windows the steps draw their batches from")
+    p.add_argument("--val-windows", type=int, default=16,
+                   help="held-out calibration windows that choose the best hard mask")
+    add_eval_args(p, data_flag="--eval")
+    p.add_argument("--lr", type=float, default=0.05, help="peak learning rate (cosine schedule)")
+    p.add_argument("--min-lr-ratio", type=float, default=0.0,
+                   help="final learning rate as a fraction of --lr")
+    p.add_argument("--init", default="wanda-sp",
+                   help="wanda-sp, magnitude, constant, or a scores file of an earlier run")
+    p.add_argument("--init-temperature", type=float, default=0.5,
+                   help="temperature of the sigmoid that maps the init metric to probabilities")
+    p.add_argument("--budget", default="global", choices=["global", "per-type"],
+                   help="one parameter budget across all units, or separate attention/MLP ratios")
+    p.add_argument("--scope", default="global", choices=["global", "layer"],
+                   help="budget over the whole model, or the same ratio in every layer")
+    p.add_argument("--attn-sparsity", type=float, default=None,
+                   help="with --budget per-type: attention ratio (default: --sparsity)")
+    p.add_argument("--mlp-sparsity", type=float, default=None,
+                   help="with --budget per-type: MLP ratio (default: --sparsity)")
+    p.add_argument("--prune-layers", action="store_true", help="also search over whole layers")
+    p.add_argument("--protect-layers", type=_int_list, default=[],
+                   help="comma-separated layers never pruned, e.g. 0,29")
+    p.add_argument("--baseline", default="leave-one-out", choices=["leave-one-out", "moving-average"],
+                   help="REINFORCE baseline")
+    p.add_argument("--eval-every", type=int, default=25,
+                   help="steps between held-out evaluations of the hard mask")
+    p.add_argument("--checkpoint-every", type=int, default=25, help="steps between checkpoints")
+    p.add_argument("--backend", default=None, choices=["reference", "triton", "cuda"],
+                   help="kernel backend (default: $PROBPRUNE_BACKEND, else the best available)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
+    p.add_argument("--json", action="store_true", help="print one JSON line with the results")
+    p.set_defaults(func=cmd_prune)
     return parser
 
 

@@ -62,3 +62,22 @@ def perplexity(model, ids: torch.Tensor, seqlen: int = 128, batch_size: int = 8,
     mean = total_nll / total_tokens
     return Perplexity(ppl=math.exp(mean), nll=mean, tokens=total_tokens,
                       windows=windows.shape[0], seqlen=seqlen)
+
+
+@torch.no_grad()
+def masked_perplexity(masked_model, mask: torch.Tensor, ids: torch.Tensor, seqlen: int = 128,
+                      batch_size: int = 8, max_windows: Optional[int] = None,
+                      progress: bool = True, desc: str = "masked perplexity") -> Perplexity:
+    """Perplexity of the model under one hard mask [n_units], through the masked forward (the
+    same windows and token count as :func:`perplexity`)."""
+    windows = eval_windows(ids, seqlen, max_windows)
+    total_nll, total_tokens = 0.0, 0
+    for start in tqdm(range(0, windows.shape[0], batch_size), desc=desc, disable=not progress,
+                      unit="batch", leave=False):
+        batch = windows[start:start + batch_size]
+        n = batch[:, 1:].numel()
+        total_nll += float(masked_model.losses(batch, mask[None])[0]) * n
+        total_tokens += n
+    mean = total_nll / total_tokens
+    return Perplexity(ppl=math.exp(mean), nll=mean, tokens=total_tokens,
+                      windows=windows.shape[0], seqlen=seqlen)

@@ -1,0 +1,195 @@
+"""The parameter budget: which units share a budget, projection of probabilities onto it, and the
+final hard mask.
+
+Budget groups: ``global`` puts every unit in one group; ``per-type`` gives heads and channels
+their own budgets (the paper's separate attention and MLP ratios); ``scope="layer"`` splits each of
+those by layer. The projection is the one of DESIGN.md: a shift ``v`` per group, found by
+bisection, with ``s_u <- clamp(s_u - v, lo_u, hi_u)`` and ``sum_u w_u s_u = B``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+
+from .units import UnitLayout
+
+BISECTION_STEPS = 60
+
+
+class BudgetError(ValueError):
+    pass
+
+
+@dataclass
+class Budget:
+    layout: UnitLayout
+    group_of: torch.Tensor   # [n_units] long, budget group of each unit
+    targets: torch.Tensor    # [n_groups] float64, kept parameters asked of each group
+    lo: torch.Tensor         # [n_units] lower bound of each probability (1 for protected units)
+    hi: torch.Tensor         # [n_units]
+    names: List[str]
+
+    @property
+    def total_target(self) -> float:
+        return float(self.targets.sum())
+
+    @classmethod
+    def build(cls, layout: UnitLayout, sparsity: Optional[float] = None, mode: str = "global",
+              scope: str = "global", attn_sparsity: Optional[float] = None,
+              mlp_sparsity: Optional[float] = None, protect_layers=()) -> "Budget":
+        """``sparsity``: the fraction of prunable parameters to remove, in (0, 1)."""
+        ratios = {"heads": attn_sparsity if attn_sparsity is not None else sparsity,
+                  "channels": mlp_sparsity if mlp_sparsity is not None else sparsity,
+                  "layers": sparsity}
+        for name, r in ratios.items():
+            if r is None and (name != "layers" or layout.include_layers):
+                raise BudgetError("a sparsity is required")
+            if r is not None and not 0.0 < r < 1.0:
+                raise BudgetError(f"sparsity must lie strictly between 0 and 1, got {r}")
+        if mode not in ("global", "per-type"):
+            raise BudgetError(f"budget must be 'global' or 'per-type', got {mode!r}")
+        if scope not in ("global", "layer"):
+            raise BudgetError(f"scope must be 'global' or 'layer', got {scope!r}")
+        if layout.include_layers and (mode != "global" or scope != "global"):
+            raise BudgetError("pruning whole layers needs --budget global --scope global: a layer "
+                              "unit removes its heads and channels too, so it cannot share a "
+                              "per-type or per-layer budget")
+        for l in protect_layers:
+            if not 0 <= l < layout.n_layers:
+                raise BudgetError(f"protected layer {l} does not exist (model has "
+                                  f"{layout.n_layers} layers)")
+
+        types = layout.type_slices()
+        unit_layer = layout.unit_layer()
+        costs = layout.costs()
+        type_of = torch.empty(layout.n_units, dtype=torch.long)
+        for i, sl in enumerate(types.values()):
+            type_of[sl] = i
+        type_names = list(types)
+        if mode == "global":
+            key = torch.zeros_like(type_of)
+        else:
+            key = type_of
+        if scope == "layer":
+            key = key * layout.n_layers + unit_layer
+        uniq, group_of = torch.unique(key, return_inverse=True)
+
+        lo = torch.zeros(layout.n_units, dtype=torch.float64)
+        hi = torch.ones(layout.n_units, dtype=torch.float64)
+        for l in protect_layers:
+            lo[unit_layer == l] = 1.0
+
+        # Full size of each group (with every unit kept) and its ratio.
+        full = torch.zeros(len(uniq), dtype=torch.float64)
+        if layout.include_layers:
+            full[0] = layout.prunable_params
+        else:
+            full.scatter_add_(0, group_of, costs)
+        names, targets = [], torch.zeros_like(full)
+        for g, k in enumerate(uniq.tolist()):
+            t = type_names[k % len(type_names) if scope == "global" else k // layout.n_layers] \
+                if mode == "per-type" else "all"
+            layer = f" layer {k % layout.n_layers}" if scope == "layer" else ""
+            ratio = sparsity if t == "all" else ratios[t]
+            targets[g] = (1.0 - ratio) * full[g]
+            names.append(f"{t}{layer}")
+        budget = cls(layout, group_of, targets, lo, hi, names)
+        budget._check_feasible()
+        return budget
+
+    # ------------------------------------------------------------------------------------------
+    def kept_by_group(self, values: torch.Tensor) -> torch.Tensor:
+        """Kept parameters of each group under a hard mask, or expected under probabilities.
+        With layer units (one global group) this is the exact product form, which is still
+        non-increasing in the projection shift, so bisection applies."""
+        values = values.double()
+        if self.layout.include_layers:
+            return self.layout.kept_params(values).reshape(1)
+        costs = self.layout.costs().to(values.device)
+        out = torch.zeros(len(self.targets), dtype=torch.float64, device=values.device)
+        return out.scatter_add_(0, self.group_of.to(values.device), costs * values)
+
+    def _check_feasible(self) -> None:
+        minimum = self.kept_by_group(self.lo)
+        bad = (minimum > self.targets + 0.5).nonzero().flatten().tolist()
+        if bad:
+            g = bad[0]
+            raise BudgetError(
+                f"the budget cannot be met: in group '{self.names[g]}' the protected units alone "
+                f"keep {minimum[g]:,.0f} parameters, more than the {self.targets[g]:,.0f} allowed")
+
+    def project(self, probs: torch.Tensor) -> torch.Tensor:
+        """Shifts each group's probabilities by one ``v`` so its expected kept parameters meet
+        the target, within [lo, hi]. Bisection for all groups at once."""
+        device = probs.device
+        s = probs.double()
+        lo, hi = self.lo.to(device), self.hi.to(device)
+        gid = self.group_of.to(device)
+        targets = self.targets.to(device)
+        n = len(targets)
+        v_lo = torch.full((n,), -1.0, dtype=torch.float64, device=device)  # f(v_lo) = max
+        v_hi = torch.full((n,), 1.0, dtype=torch.float64, device=device)   # f(v_hi) = min
+        for _ in range(BISECTION_STEPS):
+            v = 0.5 * (v_lo + v_hi)
+            kept = self.kept_by_group(torch.clamp(s - v[gid], lo, hi))
+            too_much = kept > targets
+            v_lo = torch.where(too_much, v, v_lo)
+            v_hi = torch.where(too_much, v_hi, v)
+        v = 0.5 * (v_lo + v_hi)
+        return torch.clamp(s - v[gid], lo, hi).to(probs.dtype)
+
+    # ------------------------------------------------------------------------------------------
+    def hard_mask(self, probs: torch.Tensor) -> torch.Tensor:
+        """The units with the highest probabilities that fit each group's budget: kept
+        parameters <= target and the slack smaller than the cost of any unit left out.
+
+        With layer units, a layer is kept when its probability is at least 0.5 (or it is
+        protected); its heads and channels then compete for what the kept layers leave.
+        """
+        layout = self.layout
+        s = probs.detach().double().cpu()
+        costs = layout.costs()
+        keep = torch.zeros(layout.n_units, dtype=torch.bool)
+        keep |= self.lo >= 1.0
+        budgets = self.targets.clone()
+        candidates = torch.ones(layout.n_units, dtype=torch.bool)
+        if layout.include_layers:
+            sl = layout.type_slices()["layers"]
+            layer_keep = (s[sl] >= 0.5) | (self.lo[sl] >= 1.0)
+            keep[sl] = layer_keep
+            # Units of dropped layers cannot be kept; kept layers pay their fixed part first.
+            candidates &= layer_keep[layout.unit_layer()]
+            candidates[sl] = False
+            budgets[0] -= layer_keep.double().sum() * layout.layer_fixed_cost
+            costs[sl] = 0.0  # already paid above
+        candidates &= ~keep
+        spent = torch.zeros_like(budgets).scatter_add_(0, self.group_of, costs * keep.double())
+        order = torch.argsort(s, descending=True, stable=True)
+        order = order[candidates[order]]
+        # Vectorised prefix per group, then a pass over the rest to fill each group's slack.
+        gid = self.group_of[order]
+        c = costs[order]
+        remaining = budgets - spent
+        for g in range(len(budgets)):
+            sel = gid == g
+            idx, cg = order[sel], c[sel]
+            fits = torch.cumsum(cg, 0) <= remaining[g] + 1e-6
+            n_prefix = int(fits.sum()) if bool(fits.all()) else int(fits.long().argmin())
+            keep[idx[:n_prefix]] = True
+            left = remaining[g] - float(cg[:n_prefix].sum())
+            if n_prefix < len(idx):
+                min_cost = float(cg[n_prefix:].min())
+                for u, cu in zip(idx[n_prefix:].tolist(), cg[n_prefix:].tolist()):
+                    if left < min_cost:
+                        break
+                    if cu <= left + 1e-6:
+                        keep[u] = True
+                        left -= cu
+        return keep
+
+    def summary(self, mask: torch.Tensor) -> Dict[str, float]:
+        kept = self.kept_by_group(mask.double())
+        return {"kept_params": float(kept.sum()), "target_params": self.total_target,
+                "prunable_params": float(self.layout.prunable_params)}
