@@ -1,0 +1,62 @@
+"""Parity of the K-mask forward with the Hugging Face forward and with the sliced model."""
+import pytest
+import torch
+
+from probprune.export import export_pruned, load_pruned
+from probprune.masked_model import MaskedCausalLM
+from probprune.models import load_model
+from tests.conftest import ARCHS
+
+
+def _masks(layout, K, seed):
+    g = torch.Generator().manual_seed(seed)
+    masks = torch.rand(K, layout.n_units, generator=g) < 0.6
+    sl = layout.type_slices()
+    masks[0, sl["heads"].start: sl["heads"].start + layout.n_kv_heads] = False  # layer 0: no heads
+    masks[1, sl["channels"].start + layout.intermediate: sl["channels"].start
+          + 2 * layout.intermediate] = False  # layer 1: no channels
+    if "layers" in sl:
+        masks[2, sl["layers"].start + 1] = False  # layer 1 dropped
+    return masks
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_all_ones_masks_give_the_hf_loss(tiny_model_dirs, arch):
+    model, _ = load_model(tiny_model_dirs[arch])
+    mm = MaskedCausalLM(model, include_layers=True)
+    ids = torch.randint(0, model.config.vocab_size, (3, 17))
+    with torch.no_grad():
+        expected = model(ids, labels=ids).loss
+    losses = mm.losses(ids, mm.all_ones(2))
+    torch.testing.assert_close(losses, expected.expand(2), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_any_mask_gives_the_sliced_models_loss(tiny_model_dirs, arch, tmp_path):
+    model, tok = load_model(tiny_model_dirs[arch])
+    mm = MaskedCausalLM(model, include_layers=True)
+    masks = _masks(mm.layout, 3, seed=1)
+    ids = torch.randint(0, model.config.vocab_size, (2, 13))
+    losses = mm.losses(ids, masks)
+    for k in range(3):
+        pruned = load_pruned(export_pruned(model, tok, mm.layout, masks[k], str(tmp_path / str(k))))
+        with torch.no_grad():
+            expected = pruned(ids, labels=ids).loss
+        torch.testing.assert_close(losses[k], expected, rtol=1e-5, atol=1e-6)
+    assert len(pruned.model.layers) == 2  # the third mask dropped a layer
+
+
+def test_mask_shape_is_checked(tiny_model_dirs):
+    model, _ = load_model(tiny_model_dirs["llama"])
+    mm = MaskedCausalLM(model)
+    with pytest.raises(ValueError, match=r"masks must be bool \[K, "):
+        mm.losses(torch.zeros(1, 8, dtype=torch.long), torch.ones(1, 3, dtype=torch.bool))
+
+
+def test_unsupported_model_is_refused():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from probprune.models import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match="Llama, Mistral, Qwen2"):
+        MaskedCausalLM(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)))

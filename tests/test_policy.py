@@ -1,0 +1,89 @@
+"""The REINFORCE estimator, its baselines and the schedule, on objectives with known gradients."""
+import math
+
+import pytest
+import torch
+
+from probprune.policy import (Policy, PolicyConfig, PolicyState, advantages, cosine_lr,
+                              score_gradient)
+
+A = torch.tensor([1.0, -2.0, 0.5, 3.0, 0.0], dtype=torch.float64)
+PAIR = 4.0
+
+
+def toy_loss(m):
+    """L(m) = a.m + 4 m0 m1: E[L] = a.s + 4 s0 s1, so dE/ds = a + 4 (s1, s0, 0, 0, 0)."""
+    m = m.double()
+    return m @ A + PAIR * m[:, 0] * m[:, 1]
+
+
+def toy_gradient(s):
+    g = A.clone()
+    g[0] += PAIR * s[1]
+    g[1] += PAIR * s[0]
+    return g
+
+
+@pytest.mark.parametrize("baseline", ["leave-one-out", "moving-average"])
+def test_estimator_is_unbiased(baseline):
+    torch.manual_seed(0)
+    s = torch.tensor([0.3, 0.6, 0.5, 0.9, 0.2], dtype=torch.float64)
+    K, trials = 4, 40000
+    m = torch.rand(trials, K, 5, dtype=torch.float64) < s
+    L = toy_loss(m.view(-1, 5)).view(trials, K)
+    # A past moving average is a constant w.r.t. this step's samples: any value keeps it unbiased.
+    past = 2.5 if baseline == "moving-average" else None
+    grads = torch.stack([score_gradient(advantages(L[t], baseline, past), m[t], s)
+                         for t in range(trials)])
+    mean, sem = grads.mean(0), grads.std(0) / math.sqrt(trials)
+    assert torch.all((mean - toy_gradient(s)).abs() < 5 * sem + 1e-3), (mean, toy_gradient(s), sem)
+
+
+def test_preconditioned_step_is_the_gradient_times_sqrt_variance():
+    s = torch.tensor([0.2, 0.5, 0.7], dtype=torch.float64)
+    m = torch.tensor([[1, 0, 1], [0, 0, 1], [1, 1, 0]], dtype=torch.bool)
+    adv = torch.tensor([0.5, -1.0, 0.25], dtype=torch.float64)
+    unbiased = score_gradient(adv, m, s)
+    step = score_gradient(adv, m, s, eps=0.0)
+    torch.testing.assert_close(step, unbiased * torch.sqrt(s * (1 - s)))
+
+
+def test_gradient_is_zero_at_the_bounds():
+    s = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    m = torch.tensor([[False, True], [False, True]])
+    assert torch.equal(score_gradient(torch.tensor([1.0, -1.0]), m, s), torch.zeros(2, dtype=torch.float64))
+
+
+def test_leave_one_out_baseline():
+    L = torch.tensor([1.0, 2.0, 6.0])
+    torch.testing.assert_close(advantages(L, "leave-one-out", None), torch.tensor([-3.0, -1.5, 4.5]))
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        advantages(L[:1], "leave-one-out", None)
+
+
+def test_cosine_schedule():
+    assert cosine_lr(0, 100, 0.1) == pytest.approx(0.1)
+    assert cosine_lr(50, 100, 0.1) == pytest.approx(0.05)
+    assert cosine_lr(100, 100, 0.1, min_ratio=0.1) == pytest.approx(0.01)
+
+
+def test_nan_losses_are_skipped_and_counted():
+    probs = torch.full((4,), 0.5)
+    pol = Policy(PolicyConfig(lr=0.1, steps=10), PolicyState(probs))
+    masks = torch.tensor([[1, 0, 1, 0], [0, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    stats = pol.update(torch.tensor([1.0, float("nan"), 3.0]), masks, lambda p: p)
+    assert stats["valid"] == 2 and pol.state.nan_samples == 1 and pol.state.step == 1
+    assert torch.isfinite(pol.probs).all()
+    pol.update(torch.tensor([float("nan"), float("inf"), 1.0]), masks, lambda p: p)
+    assert pol.state.skipped_steps == 1 and pol.state.nan_samples == 3
+
+
+def test_descends_the_toy_objective():
+    torch.manual_seed(0)
+    probs = torch.full((5,), 0.5, dtype=torch.float64)
+    pol = Policy(PolicyConfig(lr=0.05, steps=300, baseline="leave-one-out"), PolicyState(probs))
+    for _ in range(300):
+        m = torch.rand(4, 5, dtype=torch.float64) < pol.probs
+        pol.update(toy_loss(m), m, lambda p: p.clamp(0, 1))
+    # Minimiser of a.s + 4 s0 s1 on the box: s = (0, 1, 0, 0, any).
+    assert pol.probs[1] > 0.9 and pol.probs[0] < 0.1 and pol.probs[2] < 0.1 and pol.probs[3] < 0.1

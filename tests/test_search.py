@@ -1,0 +1,104 @@
+"""A whole pruning run on a tiny model: outputs, resume, and the errors users hit first."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from probprune.cli import main
+from probprune.data import DataError
+from probprune.models import UnsupportedModelError
+from probprune.search import PruneSettings, prune
+from tests.tiny_models import CORPUS
+
+
+@pytest.fixture(scope="module")
+def calib_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text("\n".join(CORPUS * 60) + "\n")
+    return str(path)
+
+
+def settings(model_dir, calib, out, **kw):
+    base = dict(model=model_dir, sparsity=0.3, out=str(out), steps=8, k=3, batch_size=2,
+                seqlen=24, calib=calib, nsamples=12, val_windows=3, eval=calib,
+                max_eval_windows=6, eval_every=2, checkpoint_every=2, progress=False, seed=3)
+    base.update(kw)
+    return PruneSettings(**base)
+
+
+def test_run_writes_everything_and_reload_matches(tiny_model_dirs, calib_file, tmp_path):
+    report = prune(settings(tiny_model_dirs["qwen2"], calib_file, tmp_path / "run"))
+    out = tmp_path / "run"
+    for name in ("report.json", "masks.safetensors", "scores.safetensors", "model.safetensors",
+                 "config.json", "probprune.json", "modeling_probprune.py",
+                 "kept_per_layer.png", "score_histogram.png", "loss_curve.png"):
+        assert (out / name).exists(), name
+    ppl = report["perplexity"]
+    # The reloaded smaller model gives the masked evaluation's perplexity.
+    assert ppl["pruned"]["ppl"] == pytest.approx(ppl["pruned_masked"]["ppl"], rel=1e-4)
+    # The kept mask keeps no more than the budget, and never a worse held-out loss than init's.
+    params = report["params"]
+    assert params["kept_prunable"] <= params["target_prunable"]
+    assert report["val_loss"]["best"] <= report["val_loss"]["init"]
+    assert len(report["layers"]) == 3 and report["median_step_s"] > 0
+    assert json.load(open(out / "report.json"))["settings"]["k"] == 3
+
+
+def test_resume_reproduces_the_uninterrupted_run(tiny_model_dirs, calib_file, tmp_path):
+    model = tiny_model_dirs["llama"]
+    full = prune(settings(model, calib_file, tmp_path / "full"))
+    with pytest.raises(KeyboardInterrupt):
+        prune(settings(model, calib_file, tmp_path / "cut", stop_after=5))  # killed after step 5
+    # The checkpoint of step 4 is the last one; the resumed run replays step 5 identically.
+    resumed = prune(settings(model, calib_file, tmp_path / "cut", resume=True))
+    a = load_file(str(tmp_path / "full" / "scores.safetensors"))["probs"]
+    b = load_file(str(tmp_path / "cut" / "scores.safetensors"))["probs"]
+    assert torch.equal(a, b)
+    assert torch.equal(load_file(str(tmp_path / "full" / "masks.safetensors"))["mask"],
+                       load_file(str(tmp_path / "cut" / "masks.safetensors"))["mask"])
+    assert full["perplexity"]["pruned"] == resumed["perplexity"]["pruned"]
+    assert resumed["steps_timed"] == 8
+
+
+def test_resume_refuses_changed_settings(tiny_model_dirs, calib_file, tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        prune(settings(tiny_model_dirs["llama"], calib_file, tmp_path, stop_after=2))
+    with pytest.raises(ValueError, match=r"settings differ .* sparsity \(0.3 there, 0.5 now\)"):
+        prune(settings(tiny_model_dirs["llama"], calib_file, tmp_path, sparsity=0.5, resume=True))
+
+
+@pytest.mark.parametrize("kw,error,message", [
+    (dict(sparsity=1.2), ValueError, "strictly between 0 and 1"),
+    (dict(sparsity=0.0), ValueError, "strictly between 0 and 1"),
+    (dict(k=1), ValueError, "leave-one-out baseline needs --k 2"),
+    (dict(nsamples=5000), DataError, "5000 \\+ 3 windows of 24 need"),
+    (dict(protect_layers=[0, 1, 2]), ValueError, "budget cannot be met"),
+])
+def test_errors(tiny_model_dirs, calib_file, tmp_path, kw, error, message):
+    with pytest.raises(error, match=message):
+        prune(settings(tiny_model_dirs["llama"], calib_file, tmp_path, **kw))
+
+
+def test_unsupported_model(tmp_path, calib_file):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedModelError, match="Llama, Mistral, Qwen2"):
+        prune(settings(str(tmp_path), calib_file, tmp_path / "out"))
+
+
+def test_cli_prune_then_eval_the_pruned_directory(tiny_model_dirs, calib_file, tmp_path, capsys):
+    out = str(tmp_path / "cli")
+    args = ["prune", "--model", tiny_model_dirs["mistral"], "--sparsity", "0.4", "--out", out,
+            "--steps", "4", "--k", "2", "--batch-size", "2", "--seqlen", "24", "--calib",
+            calib_file, "--nsamples", "8", "--val-windows", "2", "--eval", calib_file,
+            "--max-windows", "4", "--device", "cpu", "--json", "--prune-layers"]
+    assert main(args) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["kept_prunable"] <= 0.6 * record["prunable"] + 1e-6
+    assert main(["eval", "--model", out, "--data", calib_file, "--seqlen", "24",
+                 "--max-windows", "4", "--json"]) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again["ppl"] == pytest.approx(record["pruned_ppl"], rel=1e-5)
