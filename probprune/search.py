@@ -37,8 +37,9 @@ log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
 # Settings that must match for a resumed run to continue the same search.
 RESUME_KEYS = ("model", "sparsity", "steps", "k", "batch_size", "seqlen", "calib", "nsamples",
-               "lr", "init", "budget", "scope", "attn_sparsity", "mlp_sparsity", "prune_layers",
-               "protect_layers", "baseline", "seed", "dtype", "val_windows")
+               "lr", "init", "init_temperature", "init_attn_sparsity", "init_windows", "budget", "scope",
+               "attn_sparsity", "mlp_sparsity", "prune_layers", "protect_layers", "baseline",
+               "seed", "dtype", "val_windows")
 
 
 @dataclass
@@ -61,6 +62,8 @@ class PruneSettings:
     min_lr_ratio: float = 0.0
     init: str = "wanda-sp"
     init_temperature: float = 0.5
+    init_attn_sparsity: float = 0.0  # attention share of the init (per-type budgets use theirs)
+    init_windows: int = 64        # calibration windows of the init's activation statistics
     budget: str = "global"
     scope: str = "global"
     attn_sparsity: Optional[float] = None
@@ -186,8 +189,12 @@ class Run:
         self.mask_gen = torch.Generator(device=self.device).manual_seed(s.seed + 7)
         if st is None:
             dense = perplexity(self.model, eval_ids, desc="dense perplexity", **ppl_kw)
-            probs = initial_probs(self.model, self.layout, self.budget, s.init, self.pool,
-                                  s.init_temperature, s.eval_batch_size, s.progress)
+            attn = s.init_attn_sparsity
+            if s.budget == "per-type":
+                attn = s.attn_sparsity if s.attn_sparsity is not None else s.sparsity
+            probs = initial_probs(self.model, self.layout, self.budget, s.init,
+                                  self.pool[: s.init_windows],
+                                  s.init_temperature, s.eval_batch_size, s.progress, attn)
             init_mask = self.budget.hard_mask(probs)
             init_ppl = masked_perplexity(self.mm, init_mask.to(self.device), eval_ids,
                                          desc="init perplexity", **ppl_kw)

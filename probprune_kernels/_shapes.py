@@ -190,7 +190,10 @@ def compact_shape(masks: torch.Tensor, capacity: Optional[int] = None):
 
 
 def sample_shape(probs: torch.Tensor, uniforms: torch.Tensor):
+    """probs [n], uniforms [K, n] (floating point) -> masks [K, n]."""
     check_rank("uniforms", uniforms, 2, "[K, n]")
+    check_float("uniforms", uniforms)
+    check_float("probs", probs)
     if probs.dim() != 1 or probs.shape[0] != uniforms.shape[1]:
         _fail(f"probs must have shape ({uniforms.shape[1]},), got {tuple(probs.shape)}")
     check_same([("probs", probs), ("uniforms", uniforms)], "device")

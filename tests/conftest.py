@@ -5,6 +5,11 @@ import random
 import pytest
 import torch
 
+# Triton runs on the CPU only under its interpreter, and the flag must be set before anything
+# (transformers included) imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # fp32 tight; low precision by dtype. Kernel results must match the reference within these.
 TOLERANCES = {
     torch.float32: dict(atol=1e-5, rtol=1e-5),

@@ -1,0 +1,373 @@
+// Torch bindings of the CUDA kernels: argument checks (flash-attention style, before any launch),
+// device guard, output allocation, then the plain launchers of csrc/kernels/*.cu.
+//
+// The ops live in the `probprune_cuda` namespace of the dispatcher (TORCH_LIBRARY schemas with a
+// CUDA implementation), so they are reached as torch.ops.probprune_cuda.<op>. The dispatching ops
+// of probprune_kernels.ops (namespace `probprune`) call them through probprune_kernels._cuda.
+// Full shape and value validation (index ranges, counts <= capacity) happens earlier, once, in
+// probprune_kernels/_shapes.py; the checks here keep the kernels memory-safe on their own.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <climits>
+#include <cmath>
+#include <optional>
+#include <tuple>
+
+#include "probprune/launchers.h"
+
+#ifndef PROBPRUNE_CUDA_ARCHS
+#define PROBPRUNE_CUDA_ARCHS "unknown"
+#endif
+
+namespace {
+
+using at::Tensor;
+using probprune::DType;
+
+#define PP_CHECK_CUDA(x) \
+  TORCH_CHECK((x).is_cuda(), "probprune_cuda: " #x " must be a CUDA tensor, got ", (x).device())
+#define PP_CHECK_DIM(x, d, layout)                                                   \
+  TORCH_CHECK((x).dim() == (d), "probprune_cuda: " #x " must have rank " #d " " layout \
+              ", got shape ", (x).sizes())
+#define PP_CHECK_SAME_DEVICE(a, b)                                                           \
+  TORCH_CHECK((a).device() == (b).device(), "probprune_cuda: " #a " is on ", (a).device(), \
+              " but " #b " is on ", (b).device())
+#define PP_CHECK_SAME_DTYPE(a, b)                                                          \
+  TORCH_CHECK((a).scalar_type() == (b).scalar_type(), "probprune_cuda: " #a " has dtype ", \
+              (a).scalar_type(), " but " #b " has dtype ", (b).scalar_type())
+#define PP_CHECK_INT32(x)                                                                   \
+  TORCH_CHECK((x).scalar_type() == at::kInt, "probprune_cuda: " #x " must be int32, got ", \
+              (x).scalar_type())
+
+int as_int(int64_t v, const char* what) {
+  TORCH_CHECK(v >= 0 && v <= INT_MAX, "probprune_cuda: ", what, " = ", v,
+              " is outside the 32-bit range of the CUDA kernels");
+  return static_cast<int>(v);
+}
+
+DType float_dtype(const Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return DType::F32;
+    case at::kHalf:
+      return DType::F16;
+    case at::kBFloat16:
+      return DType::BF16;
+    default:
+      TORCH_CHECK(false, "probprune_cuda: ", name, " must be float32, float16 or bfloat16, got ",
+                  t.scalar_type());
+  }
+  return DType::F32;  // unreachable
+}
+
+// Tensor cores (fp16 / bf16 WMMA) need sm_80+; the build targets sm_80 and sm_90 anyway.
+void check_arch(const Tensor& t) {
+  int major = 0, minor = 0;
+  const int dev = t.get_device();
+  TORCH_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+                  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess,
+              "probprune_cuda: cannot query the compute capability of device ", dev);
+  TORCH_CHECK(major >= 8, "probprune_cuda: the CUDA kernels need compute capability 8.0 or "
+              "newer (Ampere), this GPU is ", major, ".", minor,
+              "; use backend='triton' or 'reference'");
+}
+
+// The kernels reach rows of M up to gridDim.y * BM and masks (x batch) up to gridDim.z.
+void check_grid(int64_t K, int64_t M) {
+  TORCH_CHECK(K <= 65535, "probprune_cuda: at most 65535 masks (K) per launch, got ", K);
+  TORCH_CHECK(M <= 65535LL * 64, "probprune_cuda: at most ", 65535LL * 64,
+              " rows (M) per launch, got ", M);
+}
+
+Tensor contig(const Tensor& t) { return t.is_contiguous() ? t : t.contiguous(); }
+
+std::optional<Tensor> contig(const std::optional<Tensor>& t) {
+  if (!t.has_value()) return t;
+  return contig(*t);
+}
+
+cudaStream_t stream_of(const Tensor& t) {
+  return c10::cuda::getCurrentCUDAStream(t.get_device()).stream();
+}
+
+void check_launch(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, "probprune_cuda::", op, " launch failed: ",
+              cudaGetErrorString(err));
+}
+
+// probs and uniforms for the sampling kernels: compared in the uniforms' dtype as the reference
+// does; fp16 / bf16 values are compared exactly in fp32, float64 stays float64.
+std::tuple<Tensor, Tensor, DType> sampling_inputs(const Tensor& probs, const Tensor& uniforms) {
+  PP_CHECK_CUDA(probs);
+  PP_CHECK_CUDA(uniforms);
+  PP_CHECK_SAME_DEVICE(probs, uniforms);
+  PP_CHECK_DIM(uniforms, 2, "[K, n]");
+  TORCH_CHECK(probs.dim() == 1 && probs.size(0) == uniforms.size(1),
+              "probprune_cuda: probs must have shape (", uniforms.size(1), ",), got ",
+              probs.sizes());
+  TORCH_CHECK(at::isFloatingType(uniforms.scalar_type()),
+              "probprune_cuda: uniforms must be a floating tensor, got ", uniforms.scalar_type());
+  Tensor p = probs.to(uniforms.scalar_type());
+  if (uniforms.scalar_type() == at::kDouble) {
+    return {contig(p), contig(uniforms), DType::F64};
+  }
+  return {contig(p.to(at::kFloat)), contig(uniforms.to(at::kFloat)), DType::F32};
+}
+
+Tensor sample_masks(const Tensor& probs, const Tensor& uniforms) {
+  c10::cuda::CUDAGuard guard(uniforms.device());
+  auto [p, u, dt] = sampling_inputs(probs, uniforms);
+  const int K = as_int(uniforms.size(0), "K"), n = as_int(uniforms.size(1), "n");
+  Tensor masks = at::empty(uniforms.sizes(), uniforms.options().dtype(at::kBool));
+  check_launch(probprune::launch_sample_masks(dt, p.data_ptr(), u.data_ptr(),
+                                              masks.data_ptr<bool>(), K, n, stream_of(masks)),
+               "sample_masks");
+  return masks;
+}
+
+int capacity_of(std::optional<int64_t> capacity, int64_t n) {
+  const int64_t cap = capacity.value_or(n);
+  TORCH_CHECK(cap >= 0 && cap <= n, "probprune_cuda: capacity must lie in [0, ", n, "], got ", cap);
+  return static_cast<int>(cap);
+}
+
+std::tuple<Tensor, Tensor> compact_masks(const Tensor& masks, std::optional<int64_t> capacity) {
+  PP_CHECK_CUDA(masks);
+  PP_CHECK_DIM(masks, 2, "[K, n]");
+  TORCH_CHECK(masks.scalar_type() == at::kBool, "probprune_cuda: masks must be bool, got ",
+              masks.scalar_type());
+  c10::cuda::CUDAGuard guard(masks.device());
+  const int K = as_int(masks.size(0), "K"), n = as_int(masks.size(1), "n");
+  const int cap = capacity_of(capacity, n);
+  Tensor m = contig(masks);
+  Tensor idx = at::empty({K, cap}, masks.options().dtype(at::kInt));
+  Tensor counts = at::empty({K}, masks.options().dtype(at::kInt));
+  check_launch(probprune::launch_compact_masks(m.data_ptr<bool>(), K, n, cap, idx.data_ptr<int>(),
+                                               counts.data_ptr<int>(), stream_of(m)),
+               "compact_masks");
+  return {idx, counts};
+}
+
+std::tuple<Tensor, Tensor, Tensor> sample_and_compact(const Tensor& probs, const Tensor& uniforms,
+                                                  std::optional<int64_t> capacity) {
+  c10::cuda::CUDAGuard guard(uniforms.device());
+  auto [p, u, dt] = sampling_inputs(probs, uniforms);
+  const int K = as_int(uniforms.size(0), "K"), n = as_int(uniforms.size(1), "n");
+  const int cap = capacity_of(capacity, n);
+  Tensor masks = at::empty(uniforms.sizes(), uniforms.options().dtype(at::kBool));
+  Tensor idx = at::empty({K, cap}, uniforms.options().dtype(at::kInt));
+  Tensor counts = at::empty({K}, uniforms.options().dtype(at::kInt));
+  check_launch(probprune::launch_sample_compact(dt, p.data_ptr(), u.data_ptr(),
+                                                masks.data_ptr<bool>(), K, n, cap,
+                                                idx.data_ptr<int>(), counts.data_ptr<int>(),
+                                                stream_of(masks)),
+               "sample_and_compact");
+  return {masks, idx, counts};
+}
+
+// Shared checks of idx [K, cap] / counts [K] against K and the number of units.
+int check_compacted(const Tensor& idx, const Tensor& counts, int64_t K, int64_t n_units) {
+  PP_CHECK_DIM(idx, 2, "[K, n_cap]");
+  PP_CHECK_DIM(counts, 1, "[K]");
+  PP_CHECK_INT32(idx);
+  PP_CHECK_INT32(counts);
+  TORCH_CHECK(idx.size(0) == K && counts.size(0) == K, "probprune_cuda: idx ", idx.sizes(),
+              " and counts ", counts.sizes(), " must have K=", K, " rows");
+  TORCH_CHECK(idx.size(1) <= n_units, "probprune_cuda: idx capacity ", idx.size(1),
+              " exceeds the number of units ", n_units);
+  return as_int(idx.size(1), "capacity");
+}
+
+Tensor gather_rows_gemm(const Tensor& x, const Tensor& w, const Tensor& idx, const Tensor& counts,
+                        int64_t group, const std::optional<Tensor>& bias) {
+  PP_CHECK_CUDA(x);
+  PP_CHECK_SAME_DEVICE(x, w);
+  PP_CHECK_SAME_DEVICE(x, idx);
+  PP_CHECK_SAME_DEVICE(x, counts);
+  PP_CHECK_DIM(x, 3, "[K, M, in_features]");
+  PP_CHECK_DIM(w, 2, "[out_features, in_features]");
+  PP_CHECK_SAME_DTYPE(x, w);
+  const DType dt = float_dtype(x, "x");
+  TORCH_CHECK(group >= 1 && w.size(0) % group == 0, "probprune_cuda: w.shape[0] (", w.size(0),
+              ") must be a positive multiple of group (", group, ")");
+  TORCH_CHECK(w.size(1) == x.size(2), "probprune_cuda: x has in_features ", x.size(2),
+              " but w has shape ", w.sizes());
+  if (bias.has_value()) {
+    PP_CHECK_SAME_DEVICE(x, (*bias));
+    PP_CHECK_SAME_DTYPE(x, (*bias));
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == w.size(0), "probprune_cuda: bias must have "
+                "shape (", w.size(0), ",), got ", bias->sizes());
+  }
+  const int64_t K = x.size(0), M = x.size(1);
+  const int cap = check_compacted(idx, counts, K, w.size(0) / group);
+  check_grid(K, M);
+  c10::cuda::CUDAGuard guard(x.device());
+  check_arch(x);
+  const Tensor xc = contig(x), wc = contig(w), ic = contig(idx), cc = contig(counts);
+  const auto bc = contig(bias);
+  Tensor y = at::empty({K, M, static_cast<int64_t>(cap) * group}, x.options());
+  check_launch(probprune::launch_gather_rows_gemm(
+                   dt, xc.data_ptr(), wc.data_ptr(), ic.data_ptr<int>(), cc.data_ptr<int>(),
+                   bc.has_value() ? bc->data_ptr() : nullptr, y.data_ptr(), as_int(K, "K"),
+                   as_int(M, "M"), as_int(x.size(2), "in_features"), cap, as_int(group, "group"),
+                   stream_of(x)),
+               "gather_rows_gemm");
+  return y;
+}
+
+Tensor gather_rows_swiglu(const Tensor& x, const Tensor& w_gate, const Tensor& w_up,
+                          const Tensor& idx, const Tensor& counts) {
+  PP_CHECK_CUDA(x);
+  PP_CHECK_SAME_DEVICE(x, w_gate);
+  PP_CHECK_SAME_DEVICE(x, w_up);
+  PP_CHECK_SAME_DEVICE(x, idx);
+  PP_CHECK_SAME_DEVICE(x, counts);
+  PP_CHECK_DIM(x, 3, "[K, M, in_features]");
+  PP_CHECK_DIM(w_gate, 2, "[F, in_features]");
+  PP_CHECK_SAME_DTYPE(x, w_gate);
+  PP_CHECK_SAME_DTYPE(x, w_up);
+  const DType dt = float_dtype(x, "x");
+  TORCH_CHECK(w_gate.sizes() == w_up.sizes(), "probprune_cuda: w_gate ", w_gate.sizes(),
+              " and w_up ", w_up.sizes(), " must have one shape");
+  TORCH_CHECK(w_gate.size(1) == x.size(2), "probprune_cuda: x has in_features ", x.size(2),
+              " but w_gate has shape ", w_gate.sizes());
+  const int64_t K = x.size(0), M = x.size(1);
+  const int cap = check_compacted(idx, counts, K, w_gate.size(0));
+  check_grid(K, M);
+  c10::cuda::CUDAGuard guard(x.device());
+  check_arch(x);
+  const Tensor xc = contig(x), gc = contig(w_gate), uc = contig(w_up), ic = contig(idx),
+               cc = contig(counts);
+  Tensor y = at::empty({K, M, cap}, x.options());
+  check_launch(probprune::launch_gather_rows_swiglu(
+                   dt, xc.data_ptr(), gc.data_ptr(), uc.data_ptr(), ic.data_ptr<int>(),
+                   cc.data_ptr<int>(), y.data_ptr(), as_int(K, "K"), as_int(M, "M"),
+                   as_int(x.size(2), "in_features"), cap, stream_of(x)),
+               "gather_rows_swiglu");
+  return y;
+}
+
+Tensor gather_cols_gemm(const Tensor& h, const Tensor& w, const Tensor& idx, const Tensor& counts,
+                        int64_t group, const std::optional<Tensor>& residual) {
+  PP_CHECK_CUDA(h);
+  PP_CHECK_SAME_DEVICE(h, w);
+  PP_CHECK_SAME_DEVICE(h, idx);
+  PP_CHECK_SAME_DEVICE(h, counts);
+  PP_CHECK_DIM(h, 3, "[K, M, n_cap * group]");
+  PP_CHECK_DIM(w, 2, "[out_features, in_features]");
+  PP_CHECK_SAME_DTYPE(h, w);
+  const DType dt = float_dtype(h, "h");
+  TORCH_CHECK(group >= 1 && w.size(1) % group == 0, "probprune_cuda: w.shape[1] (", w.size(1),
+              ") must be a positive multiple of group (", group, ")");
+  const int64_t K = h.size(0), M = h.size(1), dout = w.size(0);
+  const int cap = check_compacted(idx, counts, K, w.size(1) / group);
+  TORCH_CHECK(h.size(2) == static_cast<int64_t>(cap) * group, "probprune_cuda: h has ", h.size(2),
+              " columns but idx capacity ", cap, " x group ", group, " = ",
+              static_cast<int64_t>(cap) * group);
+  if (residual.has_value()) {
+    PP_CHECK_SAME_DEVICE(h, (*residual));
+    PP_CHECK_SAME_DTYPE(h, (*residual));
+    TORCH_CHECK(residual->dim() == 3 && residual->size(0) == K && residual->size(1) == M &&
+                    residual->size(2) == dout,
+                "probprune_cuda: residual must have shape (", K, ", ", M, ", ", dout, "), got ",
+                residual->sizes());
+  }
+  check_grid(K, M);
+  c10::cuda::CUDAGuard guard(h.device());
+  check_arch(h);
+  const Tensor hc = contig(h), wc = contig(w), ic = contig(idx), cc = contig(counts);
+  const auto rc = contig(residual);
+  Tensor y = at::empty({K, M, dout}, h.options());
+  check_launch(probprune::launch_gather_cols_gemm(
+                   dt, hc.data_ptr(), wc.data_ptr(), ic.data_ptr<int>(), cc.data_ptr<int>(),
+                   rc.has_value() ? rc->data_ptr() : nullptr, y.data_ptr(), as_int(K, "K"),
+                   as_int(M, "M"), as_int(dout, "out_features"), as_int(w.size(1), "in_features"),
+                   cap, as_int(group, "group"), stream_of(h)),
+               "gather_cols_gemm");
+  return y;
+}
+
+Tensor masked_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& counts,
+                        std::optional<double> scale) {
+  PP_CHECK_CUDA(q);
+  PP_CHECK_SAME_DEVICE(q, k);
+  PP_CHECK_SAME_DEVICE(q, v);
+  PP_CHECK_SAME_DEVICE(q, counts);
+  PP_CHECK_DIM(q, 5, "[K, B, T, Hq, head_dim]");
+  PP_CHECK_DIM(k, 5, "[K, B, T, Hkv, head_dim]");
+  PP_CHECK_SAME_DTYPE(q, k);
+  PP_CHECK_SAME_DTYPE(q, v);
+  PP_CHECK_INT32(counts);
+  const DType dt = float_dtype(q, "q");
+  TORCH_CHECK(k.sizes() == v.sizes(), "probprune_cuda: k ", k.sizes(), " and v ", v.sizes(),
+              " must have one shape");
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(2) == q.size(2) &&
+                  k.size(4) == q.size(4),
+              "probprune_cuda: k/v ", k.sizes(), " do not match q ", q.sizes(),
+              " in K, B, T or head_dim");
+  const int64_t K = q.size(0), B = q.size(1), T = q.size(2), hq = q.size(3), hkv = k.size(3),
+                D = q.size(4);
+  TORCH_CHECK(hkv > 0 && hq % hkv == 0, "probprune_cuda: q heads (", hq,
+              ") must be a positive multiple of k/v heads (", hkv, ")");
+  TORCH_CHECK(counts.dim() == 1 && counts.size(0) == K, "probprune_cuda: counts must be [K=", K,
+              "], got ", counts.sizes());
+  TORCH_CHECK(D <= probprune::kMaxHeadDim, "probprune_cuda: masked_attention supports head_dim <= ",
+              probprune::kMaxHeadDim, " (tensor cores up to 128), got ", D);
+  TORCH_CHECK(K * B <= 65535 && hq <= 65535, "probprune_cuda: K * B (", K * B,
+              ") and query heads (", hq, ") must be at most 65535");
+  c10::cuda::CUDAGuard guard(q.device());
+  check_arch(q);
+  const Tensor qc = contig(q), kc = contig(k), vc = contig(v), cc = contig(counts);
+  Tensor o = at::empty(q.sizes(), q.options());
+  const double s = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(D > 0 ? D : 1));
+  check_launch(probprune::launch_masked_attention(
+                   dt, qc.data_ptr(), kc.data_ptr(), vc.data_ptr(), cc.data_ptr<int>(),
+                   o.data_ptr(), as_int(K, "K"), as_int(B, "B"), as_int(T, "T"),
+                   as_int(hq, "q heads"), as_int(hkv, "k/v heads"), as_int(D, "head_dim"),
+                   static_cast<float>(s), stream_of(q)),
+               "masked_attention");
+  return o;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(probprune_cuda, m) {
+  m.def("sample_masks(Tensor probs, Tensor uniforms) -> Tensor");
+  m.def("compact_masks(Tensor masks, int? capacity=None) -> (Tensor, Tensor)");
+  m.def("sample_and_compact(Tensor probs, Tensor uniforms, int? capacity=None) -> (Tensor, Tensor, Tensor)");
+  m.def("gather_rows_gemm(Tensor x, Tensor w, Tensor idx, Tensor counts, int group, "
+        "Tensor? bias=None) -> Tensor");
+  m.def("gather_rows_swiglu(Tensor x, Tensor w_gate, Tensor w_up, Tensor idx, Tensor counts) "
+        "-> Tensor");
+  m.def("gather_cols_gemm(Tensor h, Tensor w, Tensor idx, Tensor counts, int group, "
+        "Tensor? residual=None) -> Tensor");
+  m.def("masked_attention(Tensor q, Tensor k, Tensor v, Tensor counts, float? scale=None) "
+        "-> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(probprune_cuda, CUDA, m) {
+  m.impl("sample_masks", &sample_masks);
+  m.impl("compact_masks", &compact_masks);
+  m.impl("sample_and_compact", &sample_and_compact);
+  m.impl("gather_rows_gemm", &gather_rows_gemm);
+  m.impl("gather_rows_swiglu", &gather_rows_swiglu);
+  m.impl("gather_cols_gemm", &gather_cols_gemm);
+  m.impl("masked_attention", &masked_attention);
+}
+
+// A Python module too, so that `import probprune_kernels._C` loads the library (and registers the
+// ops above) and tells what it holds.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "probprune CUDA kernels; ops registered as torch.ops.probprune_cuda.<op>";
+  m.attr("NAMESPACE") = "probprune_cuda";
+  m.attr("OPS") = pybind11::make_tuple("sample_masks", "compact_masks", "sample_and_compact",
+                                       "gather_rows_gemm", "gather_rows_swiglu",
+                                       "gather_cols_gemm", "masked_attention");
+  m.attr("CUDA_ARCHS") = PROBPRUNE_CUDA_ARCHS;
+  m.attr("CUDART_VERSION") = CUDART_VERSION;
+  m.attr("MAX_HEAD_DIM") = probprune::kMaxHeadDim;
+}

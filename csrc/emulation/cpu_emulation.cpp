@@ -1,0 +1,853 @@
+// CPU build of the CUDA kernels' block logic, for tests without a GPU.
+//
+// Each function below replays one kernel of csrc/kernels/ block by block, thread by thread (or
+// warp by warp, fragment by fragment) on CPU tensors, calling the same __host__ __device__ header
+// functions as the kernel (csrc/probprune/*_logic.h) for every index, bound, early exit, scan step,
+// fragment offset and softmax update. Shared memory, registers and WMMA fragments are emulated
+// with float arrays; values stored in a 16-bit dtype are rounded where the kernel rounds them.
+// On top of the values, the emulation checks coverage: every shared-memory tile element is staged
+// exactly once per stage, every accumulator element belongs to exactly one fragment / thread, and
+// every output element is written exactly once over the whole grid (a std::runtime_error names the
+// first violation).
+//
+// Not part of probprune_kernels._C (setup.py skips csrc/emulation/); tests build it with
+// torch.utils.cpp_extension.load (g++ only, is_python_module=False) and call the ops registered
+// below as torch.ops.probprune_emu.<op>. Only light ATen headers are included, so the build takes
+// seconds rather than the half minute torch/extension.h costs.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <array>
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "probprune/attention_logic.h"
+#include "probprune/gemm_logic.h"
+#include "probprune/mask_logic.h"
+
+namespace {
+
+namespace pp = probprune;
+using at::Tensor;
+using pp::index_t;
+
+[[noreturn]] void fail(const std::string& msg) { throw std::runtime_error("emulation: " + msg); }
+
+float round_to(at::ScalarType st, float v) {
+  if (st == at::kHalf) return static_cast<float>(c10::Half(v));
+  if (st == at::kBFloat16) return static_cast<float>(c10::BFloat16(v));
+  return v;
+}
+
+std::vector<float> to_vec(const Tensor& t) {
+  Tensor f = t.to(at::kFloat).contiguous();
+  return std::vector<float>(f.data_ptr<float>(), f.data_ptr<float>() + f.numel());
+}
+
+std::vector<int> to_ivec(const Tensor& t) {
+  Tensor f = t.to(at::kInt).contiguous();
+  return std::vector<int>(f.data_ptr<int>(), f.data_ptr<int>() + f.numel());
+}
+
+// Output buffer that counts the writes to every element.
+struct Output {
+  std::vector<float> v;
+  std::vector<int> writes;
+  at::ScalarType dtype;
+  Output(index_t n, at::ScalarType dt) : v(n, 0.0f), writes(n, 0), dtype(dt) {}
+  void write(index_t i, float x) {
+    if (i < 0 || i >= static_cast<index_t>(v.size())) fail("write out of bounds at " + std::to_string(i));
+    v[i] = round_to(dtype, x);
+    ++writes[i];
+  }
+  Tensor finish(at::IntArrayRef shape) const {
+    for (size_t i = 0; i < writes.size(); ++i) {
+      if (writes[i] != 1)
+        fail("output element " + std::to_string(i) + " written " + std::to_string(writes[i]) +
+             " times (expected once)");
+    }
+    Tensor t = at::from_blob(const_cast<float*>(v.data()), shape,
+                             at::TensorOptions().dtype(at::kFloat)).clone();
+    return t.to(dtype);
+  }
+};
+
+// Shared-memory stage with write counting.
+struct Smem {
+  std::vector<float> v;
+  std::vector<int> writes;
+  explicit Smem(int n) : v(n, 0.0f), writes(n, 0) {}
+  void reset_counts() { std::fill(writes.begin(), writes.end(), 0); }
+  void store(int off, float x) {
+    if (off < 0 || off >= static_cast<int>(v.size())) fail("smem store out of bounds");
+    v[off] = x;
+    ++writes[off];
+  }
+  // every element (r, c) of a rows x cols tile with stride ld written exactly once
+  void expect_tile(int rows, int cols, int ld, const char* what) const {
+    for (int r = 0; r < rows; ++r)
+      for (int c = 0; c < cols; ++c)
+        if (writes[r * ld + c] != 1)
+          fail(std::string(what) + " smem element (" + std::to_string(r) + ", " + std::to_string(c) +
+               ") staged " + std::to_string(writes[r * ld + c]) + " times");
+  }
+};
+
+// ------------------------------------------------------------------------------------------------
+// GEMM engines (mirror csrc/kernels/gemm_engine.cuh)
+
+// load(op, tile_row, reduction_col) -> value of operand op (op -1: A)
+template <class Cfg, int NB>
+struct TcEmu {
+  static constexpr bool kTc = true;
+  // acc[op][tile_row * BN + tile_col]
+  template <class Load>
+  static void mainloop(int nk, const Load& load, std::vector<float>& acc) {
+    acc.assign(static_cast<size_t>(NB) * Cfg::BM * Cfg::BN, 0.0f);
+    // each accumulator element belongs to exactly one (warp, fi, fj) fragment
+    std::vector<int> owner(Cfg::BM * Cfg::BN, 0);
+    for (int warp = 0; warp < Cfg::WARPS; ++warp) {
+      int wm, wn;
+      pp::gemm::warp_coord<Cfg>(warp, wm, wn);
+      for (int fi = 0; fi < Cfg::FM; ++fi)
+        for (int fj = 0; fj < Cfg::FN; ++fj)
+          for (int r = 0; r < 16; ++r)
+            for (int c = 0; c < 16; ++c)
+              ++owner[(pp::gemm::frag_row0<Cfg>(wm, fi) + r) * Cfg::BN +
+                      pp::gemm::frag_col0<Cfg>(wn, fj) + c];
+    }
+    for (int e = 0; e < Cfg::BM * Cfg::BN; ++e)
+      if (owner[e] != 1) fail("accumulator element owned by " + std::to_string(owner[e]) + " fragments");
+    if (nk <= 0) return;
+    std::vector<Smem> As(2, Smem(Cfg::A_STAGE)), Bs(2 * NB, Smem(Cfg::B_STAGE));
+    auto stage = [&](int buf, int k0) {  // fetch + stash of every thread
+      As[buf].reset_counts();
+      for (int op = 0; op < NB; ++op) Bs[op * 2 + buf].reset_counts();
+      for (int tid = 0; tid < Cfg::THREADS; ++tid) {
+        for (int s = 0; s < Cfg::A_CHUNKS; ++s) {
+          int r, c;
+          pp::gemm::chunk_coord<Cfg>(tid, s, r, c);
+          for (int e = 0; e < Cfg::VEC; ++e)
+            As[buf].store(pp::gemm::smem_offset<Cfg>(r, c) + e, load(-1, r, k0 + c + e));
+        }
+        for (int op = 0; op < NB; ++op)
+          for (int s = 0; s < Cfg::B_CHUNKS; ++s) {
+            int r, c;
+            pp::gemm::chunk_coord<Cfg>(tid, s, r, c);
+            for (int e = 0; e < Cfg::VEC; ++e)
+              Bs[op * 2 + buf].store(pp::gemm::smem_offset<Cfg>(r, c) + e, load(op, r, k0 + c + e));
+          }
+      }
+      As[buf].expect_tile(Cfg::BM, Cfg::BK, Cfg::LDS, "A");
+      for (int op = 0; op < NB; ++op) Bs[op * 2 + buf].expect_tile(Cfg::BN, Cfg::BK, Cfg::LDS, "B");
+    };
+    stage(0, 0);
+    for (int kt = 0; kt < nk; ++kt) {
+      const int cur = kt & 1;
+      for (int warp = 0; warp < Cfg::WARPS; ++warp) {
+        int wm, wn;
+        pp::gemm::warp_coord<Cfg>(warp, wm, wn);
+        for (int kk = 0; kk < Cfg::BK / 16; ++kk)
+          for (int op = 0; op < NB; ++op)
+            for (int fi = 0; fi < Cfg::FM; ++fi)
+              for (int fj = 0; fj < Cfg::FN; ++fj) {
+                // wmma: A row-major (ld LDS), B col-major (ld LDS), 16x16x16
+                const float* a = As[cur].v.data() + pp::gemm::a_frag_offset<Cfg>(wm, fi, kk);
+                const float* b = Bs[op * 2 + cur].v.data() + pp::gemm::b_frag_offset<Cfg>(wn, fj, kk);
+                for (int r = 0; r < 16; ++r)
+                  for (int c = 0; c < 16; ++c) {
+                    float sum = 0.0f;
+                    for (int t = 0; t < 16; ++t) sum += a[r * Cfg::LDS + t] * b[c * Cfg::LDS + t];
+                    acc[static_cast<size_t>(op) * Cfg::BM * Cfg::BN +
+                        (pp::gemm::frag_row0<Cfg>(wm, fi) + r) * Cfg::BN +
+                        pp::gemm::frag_col0<Cfg>(wn, fj) + c] += sum;
+                  }
+              }
+      }
+      if (kt + 1 < nk) stage(cur ^ 1, (kt + 1) * Cfg::BK);
+    }
+  }
+
+  // epi(tile_row, tile_col, const float* v)
+  template <class Epi>
+  static void epilogue(const std::vector<float>& acc, const Epi& epi) {
+    for (int warp = 0; warp < Cfg::WARPS; ++warp) {
+      int wm, wn;
+      pp::gemm::warp_coord<Cfg>(warp, wm, wn);
+      for (int fi = 0; fi < Cfg::FM; ++fi)
+        for (int fj = 0; fj < Cfg::FN; ++fj) {
+          // store_matrix_sync into the warp scratch (row-major, ld 16)
+          float scratch[NB][16 * 16];
+          int seen[16 * 16] = {0};
+          for (int op = 0; op < NB; ++op)
+            for (int r = 0; r < 16; ++r)
+              for (int c = 0; c < 16; ++c)
+                scratch[op][r * 16 + c] =
+                    acc[static_cast<size_t>(op) * Cfg::BM * Cfg::BN +
+                        (pp::gemm::frag_row0<Cfg>(wm, fi) + r) * Cfg::BN +
+                        pp::gemm::frag_col0<Cfg>(wn, fj) + c];
+          for (int lane = 0; lane < 32; ++lane)
+            for (int e = 0; e < 8; ++e) {
+              int r, c;
+              pp::gemm::scratch_lane_coord(lane, e, r, c);
+              ++seen[r * 16 + c];
+              float v[NB];
+              for (int op = 0; op < NB; ++op) v[op] = scratch[op][r * 16 + c];
+              epi(pp::gemm::frag_row0<Cfg>(wm, fi) + r, pp::gemm::frag_col0<Cfg>(wn, fj) + c, v);
+            }
+          for (int e = 0; e < 256; ++e)
+            if (seen[e] != 1) fail("scratch element handled " + std::to_string(seen[e]) + " times");
+        }
+    }
+  }
+};
+
+template <class Cfg, int NB>
+struct FmaEmu {
+  static constexpr bool kTc = false;
+  // acc[op][tid][i][j]
+  template <class Load>
+  static void mainloop(int nk, const Load& load, std::vector<float>& acc) {
+    acc.assign(static_cast<size_t>(NB) * Cfg::THREADS * Cfg::TM * Cfg::TN, 0.0f);
+    std::vector<int> owner(Cfg::BM * Cfg::BN, 0);
+    for (int tid = 0; tid < Cfg::THREADS; ++tid)
+      for (int i = 0; i < Cfg::TM; ++i)
+        for (int j = 0; j < Cfg::TN; ++j)
+          ++owner[pp::gemm::fma_row<Cfg>(tid, i) * Cfg::BN + pp::gemm::fma_col<Cfg>(tid, j)];
+    for (int e = 0; e < Cfg::BM * Cfg::BN; ++e)
+      if (owner[e] != 1) fail("FMA output element owned by " + std::to_string(owner[e]) + " threads");
+    if (nk <= 0) return;
+    std::vector<Smem> As(2, Smem(Cfg::A_STAGE)), Bs(2 * NB, Smem(Cfg::B_STAGE));
+    auto stage = [&](int buf, int k0) {
+      As[buf].reset_counts();
+      for (int op = 0; op < NB; ++op) Bs[op * 2 + buf].reset_counts();
+      for (int tid = 0; tid < Cfg::THREADS; ++tid) {
+        for (int s = 0; s < Cfg::A_CHUNKS; ++s) {
+          int r, c;
+          pp::gemm::chunk_coord<Cfg>(tid, s, r, c);
+          for (int e = 0; e < Cfg::VEC; ++e)
+            As[buf].store(pp::gemm::smem_offset<Cfg>(r, c) + e, load(-1, r, k0 + c + e));
+        }
+        for (int op = 0; op < NB; ++op)
+          for (int s = 0; s < Cfg::B_CHUNKS; ++s) {
+            int r, c;
+            pp::gemm::chunk_coord<Cfg>(tid, s, r, c);
+            for (int e = 0; e < Cfg::VEC; ++e)
+              Bs[op * 2 + buf].store(pp::gemm::smem_offset<Cfg>(r, c) + e, load(op, r, k0 + c + e));
+          }
+      }
+      As[buf].expect_tile(Cfg::BM, Cfg::BK, Cfg::LDS, "A");
+      for (int op = 0; op < NB; ++op) Bs[op * 2 + buf].expect_tile(Cfg::BN, Cfg::BK, Cfg::LDS, "B");
+    };
+    stage(0, 0);
+    for (int kt = 0; kt < nk; ++kt) {
+      const int cur = kt & 1;
+      for (int tid = 0; tid < Cfg::THREADS; ++tid)
+        for (int kk = 0; kk < Cfg::BK; ++kk)
+          for (int op = 0; op < NB; ++op)
+            for (int i = 0; i < Cfg::TM; ++i)
+              for (int j = 0; j < Cfg::TN; ++j) {
+                const float a = As[cur].v[pp::gemm::fma_row<Cfg>(tid, i) * Cfg::LDS + kk];
+                const float b = Bs[op * 2 + cur].v[pp::gemm::fma_col<Cfg>(tid, j) * Cfg::LDS + kk];
+                float& d = acc[((static_cast<size_t>(op) * Cfg::THREADS + tid) * Cfg::TM + i) * Cfg::TN + j];
+                d = std::fma(a, b, d);
+              }
+      if (kt + 1 < nk) stage(cur ^ 1, (kt + 1) * Cfg::BK);
+    }
+  }
+
+  template <class Epi>
+  static void epilogue(const std::vector<float>& acc, const Epi& epi) {
+    for (int tid = 0; tid < Cfg::THREADS; ++tid)
+      for (int i = 0; i < Cfg::TM; ++i)
+        for (int j = 0; j < Cfg::TN; ++j) {
+          float v[NB];
+          for (int op = 0; op < NB; ++op)
+            v[op] = acc[((static_cast<size_t>(op) * Cfg::THREADS + tid) * Cfg::TM + i) * Cfg::TN + j];
+          epi(pp::gemm::fma_row<Cfg>(tid, i), pp::gemm::fma_col<Cfg>(tid, j), v);
+        }
+  }
+};
+
+// fill_tile of csrc/kernels/gemm_engine.cuh
+template <class Cfg, class Value>
+void fill_tile(Output& out, index_t base, int m0, int n0, int M, int N, const Value& value) {
+  for (int tid = 0; tid < Cfg::THREADS; ++tid)
+    for (int e = tid; e < Cfg::BM * Cfg::BN; e += Cfg::THREADS) {
+      int r, c;
+      pp::tile_elem_coord(e, Cfg::BN, r, c);
+      const int m = m0 + r, n = n0 + c;
+      if (m < M && n < N) out.write(base + static_cast<index_t>(m) * N + n, value(m, n));
+    }
+}
+
+bool use_tc(const std::string& engine, at::ScalarType dt) {  // "auto", "tc" or "fma"
+  if (engine == "tc") return true;
+  if (engine == "fma") return false;
+  if (engine == "auto") return dt == at::kHalf || dt == at::kBFloat16;  // as the launchers pick
+  fail("engine must be 'auto', 'tc' or 'fma', got " + engine);
+}
+
+// ------------------------------------------------------------------------------------------------
+// gather-rows GEMM (csrc/kernels/gather_rows.cu)
+
+template <class Cfg, class Engine>
+Tensor rows_impl(const Tensor& x, const Tensor& w, const Tensor& idx, const Tensor& counts,
+                 int group, const std::optional<Tensor>& bias) {
+  const int K = x.size(0), M = x.size(1), din = x.size(2), cap = idx.size(1);
+  const int n_out = cap * group;
+  const auto xv = to_vec(x), wv = to_vec(w);
+  const auto iv = to_ivec(idx), cv = to_ivec(counts);
+  std::vector<float> bv;
+  if (bias.has_value()) bv = to_vec(*bias);
+  Output out(static_cast<index_t>(K) * M * n_out, x.scalar_type());
+  for (int k = 0; k < K; ++k)
+    for (int by = 0; by < pp::ceil_div(M, Cfg::BM); ++by)
+      for (int bx = 0; bx < pp::ceil_div(n_out, Cfg::BN); ++bx) {
+        const int m0 = by * Cfg::BM, n0 = bx * Cfg::BN;
+        const int live = pp::gemm::live_extent(cv[k], group);
+        const index_t ybase = static_cast<index_t>(k) * M * n_out;
+        if (pp::gemm::tile_dead(n0, live)) {
+          fill_tile<Cfg>(out, ybase, m0, n0, M, n_out, [](int, int) { return 0.0f; });
+          continue;
+        }
+        const int* idx_k = iv.data() + static_cast<index_t>(k) * cap;
+        std::vector<int> rows_s(Cfg::BN);
+        for (int j = 0; j < Cfg::BN; ++j) rows_s[j] = pp::gemm::gathered_row(idx_k, n0 + j, live, group);
+        auto load = [&](int op, int r, int kk) -> float {
+          if (op < 0) {
+            return (m0 + r < M && kk < din) ? xv[(static_cast<index_t>(k) * M + m0 + r) * din + kk] : 0.0f;
+          }
+          return (rows_s[r] >= 0 && kk < din) ? wv[static_cast<index_t>(rows_s[r]) * din + kk] : 0.0f;
+        };
+        std::vector<float> acc;
+        Engine::mainloop(pp::gemm::num_k_tiles(din, Cfg::BK), load, acc);
+        Engine::epilogue(acc, [&](int r, int c, const float* v) {
+          const int m = m0 + r, j = n0 + c;
+          if (m >= M || j >= n_out) return;
+          float o = 0.0f;
+          if (j < live) {
+            o = v[0];
+            if (!bv.empty()) o += bv[rows_s[c]];
+          }
+          out.write(ybase + static_cast<index_t>(m) * n_out + j, o);
+        });
+      }
+  return out.finish({K, M, n_out});
+}
+
+Tensor emu_gather_rows_gemm(const Tensor& x, const Tensor& w, const Tensor& idx,
+                            const Tensor& counts, int64_t group, const std::optional<Tensor>& bias,
+                            c10::string_view engine_sv) {
+  using namespace pp::gemm;
+  const std::string engine(engine_sv);
+  if (use_tc(engine, x.scalar_type()))
+    return rows_impl<RowsTc, TcEmu<RowsTc, 1>>(x, w, idx, counts, group, bias);
+  return rows_impl<RowsFma, FmaEmu<RowsFma, 1>>(x, w, idx, counts, group, bias);
+}
+
+// ------------------------------------------------------------------------------------------------
+// fused SwiGLU (csrc/kernels/gather_swiglu.cu)
+
+template <class Cfg, class Engine>
+Tensor swiglu_impl(const Tensor& x, const Tensor& wg, const Tensor& wu, const Tensor& idx,
+                   const Tensor& counts) {
+  const int K = x.size(0), M = x.size(1), din = x.size(2), cap = idx.size(1);
+  const auto dt = x.scalar_type();
+  const auto xv = to_vec(x), gv = to_vec(wg), uv = to_vec(wu);
+  const auto iv = to_ivec(idx), cv = to_ivec(counts);
+  Output out(static_cast<index_t>(K) * M * cap, dt);
+  for (int k = 0; k < K; ++k)
+    for (int by = 0; by < pp::ceil_div(M, Cfg::BM); ++by)
+      for (int bx = 0; bx < pp::ceil_div(cap, Cfg::BN); ++bx) {
+        const int m0 = by * Cfg::BM, n0 = bx * Cfg::BN;
+        const int live = pp::gemm::live_extent(cv[k], 1);
+        const index_t ybase = static_cast<index_t>(k) * M * cap;
+        if (pp::gemm::tile_dead(n0, live)) {
+          fill_tile<Cfg>(out, ybase, m0, n0, M, cap, [](int, int) { return 0.0f; });
+          continue;
+        }
+        const int* idx_k = iv.data() + static_cast<index_t>(k) * cap;
+        std::vector<int> rows_s(Cfg::BN);
+        for (int j = 0; j < Cfg::BN; ++j) rows_s[j] = pp::gemm::gathered_row(idx_k, n0 + j, live, 1);
+        auto load = [&](int op, int r, int kk) -> float {
+          if (op < 0) {
+            return (m0 + r < M && kk < din) ? xv[(static_cast<index_t>(k) * M + m0 + r) * din + kk] : 0.0f;
+          }
+          const auto& wv = op == 0 ? gv : uv;
+          return (rows_s[r] >= 0 && kk < din) ? wv[static_cast<index_t>(rows_s[r]) * din + kk] : 0.0f;
+        };
+        std::vector<float> acc;
+        Engine::mainloop(pp::gemm::num_k_tiles(din, Cfg::BK), load, acc);
+        Engine::epilogue(acc, [&](int r, int c, const float* v) {
+          const int m = m0 + r, j = n0 + c;
+          if (m >= M || j >= cap) return;
+          const float o = j < live ? pp::gemm::silu_mul(round_to(dt, v[0]), round_to(dt, v[1])) : 0.0f;
+          out.write(ybase + static_cast<index_t>(m) * cap + j, o);
+        });
+      }
+  return out.finish({K, M, cap});
+}
+
+Tensor emu_gather_rows_swiglu(const Tensor& x, const Tensor& wg, const Tensor& wu, const Tensor& idx,
+                              const Tensor& counts, c10::string_view engine_sv) {
+  using namespace pp::gemm;
+  const std::string engine(engine_sv);
+  if (use_tc(engine, x.scalar_type()))
+    return swiglu_impl<SwigluTc, TcEmu<SwigluTc, 2>>(x, wg, wu, idx, counts);
+  return swiglu_impl<SwigluFma, FmaEmu<SwigluFma, 2>>(x, wg, wu, idx, counts);
+}
+
+// ------------------------------------------------------------------------------------------------
+// gather-cols GEMM (csrc/kernels/gather_cols.cu)
+
+template <class Cfg, class Engine>
+Tensor cols_impl(const Tensor& h, const Tensor& w, const Tensor& idx, const Tensor& counts,
+                 int group, const std::optional<Tensor>& residual) {
+  const int K = h.size(0), M = h.size(1), cap = idx.size(1), dout = w.size(0), din = w.size(1);
+  const index_t h_cols = static_cast<index_t>(cap) * group;
+  const auto hv = to_vec(h), wv = to_vec(w);
+  const auto iv = to_ivec(idx), cv = to_ivec(counts);
+  std::vector<float> rv;
+  if (residual.has_value()) rv = to_vec(*residual);
+  Output out(static_cast<index_t>(K) * M * dout, h.scalar_type());
+  for (int k = 0; k < K; ++k)
+    for (int by = 0; by < pp::ceil_div(M, Cfg::BM); ++by)
+      for (int bx = 0; bx < pp::ceil_div(dout, Cfg::BN); ++bx) {
+        const int m0 = by * Cfg::BM, n0 = bx * Cfg::BN;
+        const int live = pp::gemm::live_extent(cv[k], group);
+        const index_t ybase = static_cast<index_t>(k) * M * dout;
+        auto res = [&](int m, int n) {
+          return rv.empty() ? 0.0f : rv[ybase + static_cast<index_t>(m) * dout + n];
+        };
+        if (pp::gemm::tile_dead(0, live)) {
+          fill_tile<Cfg>(out, ybase, m0, n0, M, dout, res);
+          continue;
+        }
+        const int* idx_k = iv.data() + static_cast<index_t>(k) * cap;
+        auto load = [&](int op, int r, int kk) -> float {
+          if (op < 0) {
+            return (m0 + r < M && kk < live) ? hv[(static_cast<index_t>(k) * M + m0 + r) * h_cols + kk] : 0.0f;
+          }
+          if (n0 + r >= dout || kk >= live) return 0.0f;
+          const int col = pp::gemm::expand_index(idx_k, kk, group);
+          if (col < 0 || col >= din) fail("gathered column out of range");
+          return wv[static_cast<index_t>(n0 + r) * din + col];
+        };
+        std::vector<float> acc;
+        Engine::mainloop(pp::gemm::num_k_tiles(live, Cfg::BK), load, acc);
+        Engine::epilogue(acc, [&](int r, int c, const float* v) {
+          const int m = m0 + r, n = n0 + c;
+          if (m >= M || n >= dout) return;
+          out.write(ybase + static_cast<index_t>(m) * dout + n, v[0] + res(m, n));
+        });
+      }
+  return out.finish({K, M, dout});
+}
+
+Tensor emu_gather_cols_gemm(const Tensor& h, const Tensor& w, const Tensor& idx,
+                            const Tensor& counts, int64_t group,
+                            const std::optional<Tensor>& residual, c10::string_view engine_sv) {
+  using namespace pp::gemm;
+  const std::string engine(engine_sv);
+  if (use_tc(engine, h.scalar_type()))
+    return cols_impl<ColsTc, TcEmu<ColsTc, 1>>(h, w, idx, counts, group, residual);
+  return cols_impl<ColsFma, FmaEmu<ColsFma, 1>>(h, w, idx, counts, group, residual);
+}
+
+// ------------------------------------------------------------------------------------------------
+// masked attention, tensor-core path (csrc/kernels/attention_tc.cu)
+
+template <int DMAX>
+void attention_tc_block(int kb, int h, int qt, int B, int T, int Hq, int Hkv, int D, float scale_log2,
+                        const std::vector<float>& qv, const std::vector<float>& kv,
+                        const std::vector<float>& vv, const std::vector<int>& cv, at::ScalarType dt,
+                        Output& out) {
+  using Cfg = pp::attn::TcAttnConfig<DMAX>;
+  using namespace pp::attn;
+  const int q0 = qt * Cfg::BQ;
+  const int G = Hq / Hkv;
+  if (!head_active(h, cv[kb / B], G)) {
+    for (int tid = 0; tid < Cfg::THREADS; ++tid)
+      for (int e = tid; e < Cfg::BQ * D; e += Cfg::THREADS) {
+        int r, d;
+        pp::tile_elem_coord(e, D, r, d);
+        if (q0 + r < T) out.write(bthd_offset(kb, q0 + r, h, d, T, Hq, D), 0.0f);
+      }
+    return;
+  }
+  const int kvh = kv_head(h, G);
+  Smem Qs(Cfg::BQ * Cfg::LDQ), Ks(Cfg::BKV * Cfg::LDQ), Vs(Cfg::BKV * Cfg::LDQ);
+  std::vector<float> Ss(Cfg::BQ * Cfg::LDS, 0.0f), Ps(Cfg::BQ * Cfg::LDP, 0.0f), Os(Cfg::BQ * Cfg::LDO, 0.0f);
+  std::vector<float> Ls(Cfg::BQ, 0.0f);
+  auto stage = [&](Smem& s, const std::vector<float>& src, int t0, int head, int H, const char* what) {
+    s.reset_counts();
+    for (int tid = 0; tid < Cfg::THREADS; ++tid)
+      for (int c = tid; c < Cfg::BQ * Cfg::CHUNKS_PER_ROW; c += Cfg::THREADS) {
+        int r, col;
+        attn_chunk_coord<Cfg>(c, r, col);
+        for (int e = 0; e < Cfg::VEC; ++e) {
+          const int d = col + e;
+          const float x = (t0 + r < T && d < D) ? src[bthd_offset(kb, t0 + r, head, d, T, H, D)] : 0.0f;
+          s.store(r * Cfg::LDQ + d, x);
+        }
+      }
+    s.expect_tile(Cfg::BQ, Cfg::DMAX, Cfg::LDQ, what);
+  };
+  static_assert(Cfg::BQ == Cfg::BKV, "the emulation stages Q and K/V tiles with one loop");
+  stage(Qs, qv, q0, h, Hq, "Q");
+  float m_run[Cfg::WARPS][32], l_run[Cfg::WARPS][32];
+  for (int w = 0; w < Cfg::WARPS; ++w)
+    for (int l = 0; l < 32; ++l) m_run[w][l] = -INFINITY, l_run[w][l] = 0.0f;
+  const int n_kv = kv_end(q0, Cfg::BQ, T);
+  for (int kv0 = 0; kv0 < n_kv; kv0 += Cfg::BKV) {
+    stage(Ks, kv, kv0, kvh, Hkv, "K");
+    stage(Vs, vv, kv0, kvh, Hkv, "V");
+    for (int warp = 0; warp < Cfg::WARPS; ++warp) {
+      const int strip = warp * Cfg::ROWS_PER_WARP;
+      const int row_first = q0 + strip, row_last = row_first + Cfg::ROWS_PER_WARP - 1;
+      if (!rows_see_tile(row_first, row_last, kv0, T)) continue;
+      // S = Q K^T: Q fragments (row-major, ld LDQ), K as col-major B (ld LDQ)
+      for (int j = 0; j < Cfg::FKV; ++j)
+        for (int r = 0; r < 16; ++r)
+          for (int c = 0; c < 16; ++c) {
+            float s = 0.0f;
+            for (int dd = 0; dd < Cfg::FD; ++dd)
+              for (int t = 0; t < 16; ++t)
+                s += Qs.v[(strip + r) * Cfg::LDQ + dd * 16 + t] * Ks.v[(j * 16 + c) * Cfg::LDQ + dd * 16 + t];
+            Ss[(strip + r) * Cfg::LDS + j * 16 + c] = s;
+          }
+      // softmax lanes (pairs of lanes share a row: the shfl_xor(., 1) combines them)
+      float tmax[32], psum[32], alpha[32], mnew[32];
+      int srow[32], c0[32], d0[32];
+      std::vector<int> p_written(Cfg::ROWS_PER_WARP * Cfg::BKV, 0), o_scaled(Cfg::ROWS_PER_WARP * Cfg::DMAX, 0);
+      for (int lane = 0; lane < 32; ++lane) {
+        softmax_lane_coord<Cfg>(lane, srow[lane], c0[lane], d0[lane]);
+        tmax[lane] = -INFINITY;
+        const int qpos = row_first + srow[lane];
+        for (int c = 0; c < Cfg::BKV / 2; ++c) {
+          const int col = c0[lane] + c;
+          if (key_visible(qpos, kv0 + col, T))
+            tmax[lane] = std::fmax(tmax[lane], Ss[(strip + srow[lane]) * Cfg::LDS + col] * scale_log2);
+        }
+      }
+      for (int lane = 0; lane < 32; ++lane) {
+        const float t = std::fmax(tmax[lane], tmax[lane ^ 1]);
+        alpha[lane] = softmax_rescale(m_run[warp][lane], t, &mnew[lane]);
+      }
+      for (int lane = 0; lane < 32; ++lane) {
+        const int qpos = row_first + srow[lane];
+        psum[lane] = 0.0f;
+        for (int c = 0; c < Cfg::BKV / 2; ++c) {
+          const int col = c0[lane] + c;
+          const float p = softmax_prob(Ss[(strip + srow[lane]) * Cfg::LDS + col] * scale_log2, mnew[lane],
+                                       key_visible(qpos, kv0 + col, T));
+          psum[lane] += p;
+          Ps[(strip + srow[lane]) * Cfg::LDP + col] = round_to(dt, p);
+          ++p_written[srow[lane] * Cfg::BKV + col];
+        }
+      }
+      for (int lane = 0; lane < 32; ++lane) {
+        const float total = psum[lane] + psum[lane ^ 1];
+        l_run[warp][lane] = softmax_sum(l_run[warp][lane], alpha[lane], total);
+        m_run[warp][lane] = mnew[lane];
+        for (int d = 0; d < Cfg::DMAX / 2; ++d) {
+          Os[(strip + srow[lane]) * Cfg::LDO + d0[lane] + d] *= alpha[lane];
+          ++o_scaled[srow[lane] * Cfg::DMAX + d0[lane] + d];
+        }
+      }
+      for (size_t e = 0; e < p_written.size(); ++e)
+        if (p_written[e] != 1) fail("softmax: probability written " + std::to_string(p_written[e]) + " times");
+      for (size_t e = 0; e < o_scaled.size(); ++e)
+        if (o_scaled[e] != 1) fail("softmax: output column rescaled " + std::to_string(o_scaled[e]) + " times");
+      // O += P V: P row-major A (ld LDP), V row-major B (ld LDQ), O accumulator (ld LDO)
+      for (int f = 0; f < Cfg::FD; ++f)
+        for (int r = 0; r < 16; ++r)
+          for (int c = 0; c < 16; ++c) {
+            float acc = Os[(strip + r) * Cfg::LDO + f * 16 + c];
+            for (int kk = 0; kk < Cfg::FKV; ++kk)
+              for (int t = 0; t < 16; ++t)
+                acc += Ps[(strip + r) * Cfg::LDP + kk * 16 + t] * Vs.v[(kk * 16 + t) * Cfg::LDQ + f * 16 + c];
+            Os[(strip + r) * Cfg::LDO + f * 16 + c] = acc;
+          }
+    }
+  }
+  for (int warp = 0; warp < Cfg::WARPS; ++warp) {
+    const int strip = warp * Cfg::ROWS_PER_WARP;
+    for (int lane = 0; lane < 32; lane += 2) {
+      int sr, c0, d0;
+      softmax_lane_coord<Cfg>(lane, sr, c0, d0);
+      Ls[strip + sr] = softmax_finish(l_run[warp][lane]);
+    }
+    for (int r = 0; r < Cfg::ROWS_PER_WARP; ++r) {
+      const int t = q0 + strip + r;
+      if (t >= T) break;
+      for (int lane = 0; lane < 32; ++lane)
+        for (int d = lane; d < D; d += 32)
+          out.write(bthd_offset(kb, t, h, d, T, Hq, D), Os[(strip + r) * Cfg::LDO + d] * Ls[strip + r]);
+    }
+  }
+}
+
+// masked attention, FMA path (csrc/kernels/attention_fma.cu)
+void attention_fma_block(int kb, int h, int qt, int B, int T, int Hq, int Hkv, int D, float scale_log2,
+                         const std::vector<float>& qv, const std::vector<float>& kv,
+                         const std::vector<float>& vv, const std::vector<int>& cv, Output& out) {
+  using Cfg = pp::attn::FmaAttnConfig;
+  using namespace pp::attn;
+  const int q0 = qt * Cfg::BQ;
+  const int G = Hq / Hkv;
+  if (!head_active(h, cv[kb / B], G)) {
+    for (int tid = 0; tid < Cfg::THREADS; ++tid)
+      for (int e = tid; e < Cfg::BQ * D; e += Cfg::THREADS) {
+        int r, d;
+        pp::tile_elem_coord(e, D, r, d);
+        if (q0 + r < T) out.write(bthd_offset(kb, q0 + r, h, d, T, Hq, D), 0.0f);
+      }
+    return;
+  }
+  const int kvh = kv_head(h, G);
+  const int ld = fma_attn_ld(D);
+  if (fma_attn_smem_bytes(D) != (Cfg::BQ + 2 * Cfg::BKV) * ld * 4) fail("FMA attention smem size");
+  Smem Qs(Cfg::BQ * ld), Ks(Cfg::BKV * ld), Vs(Cfg::BKV * ld);
+  for (int tid = 0; tid < Cfg::THREADS; ++tid)
+    for (int e = tid; e < Cfg::BQ * D; e += Cfg::THREADS) {
+      int r, d;
+      pp::tile_elem_coord(e, D, r, d);
+      Qs.store(r * ld + d, q0 + r < T ? qv[bthd_offset(kb, q0 + r, h, d, T, Hq, D)] : 0.0f);
+    }
+  Qs.expect_tile(Cfg::BQ, D, ld, "Q");
+  // per warp, lane, row slot
+  std::vector<float> acc(Cfg::WARPS * 32 * Cfg::ROWS_PER_WARP * Cfg::DPL, 0.0f);
+  auto A = [&](int w, int lane, int rr, int i) -> float& {
+    return acc[((w * 32 + lane) * Cfg::ROWS_PER_WARP + rr) * Cfg::DPL + i];
+  };
+  float m_run[Cfg::WARPS][Cfg::ROWS_PER_WARP], l_run[Cfg::WARPS][Cfg::ROWS_PER_WARP];
+  for (int w = 0; w < Cfg::WARPS; ++w)
+    for (int rr = 0; rr < Cfg::ROWS_PER_WARP; ++rr) m_run[w][rr] = -INFINITY, l_run[w][rr] = 0.0f;
+  // every (warp, slot) row is a distinct tile row
+  std::vector<int> row_owner(Cfg::BQ, 0);
+  for (int w = 0; w < Cfg::WARPS; ++w)
+    for (int rr = 0; rr < Cfg::ROWS_PER_WARP; ++rr) ++row_owner[fma_attn_row(w, rr)];
+  for (int r = 0; r < Cfg::BQ; ++r)
+    if (row_owner[r] != 1) fail("FMA attention: query row owned " + std::to_string(row_owner[r]) + " times");
+  const int n_kv = kv_end(q0, Cfg::BQ, T);
+  for (int kv0 = 0; kv0 < n_kv; kv0 += Cfg::BKV) {
+    Ks.reset_counts();
+    Vs.reset_counts();
+    for (int tid = 0; tid < Cfg::THREADS; ++tid)
+      for (int e = tid; e < Cfg::BKV * D; e += Cfg::THREADS) {
+        int r, d;
+        pp::tile_elem_coord(e, D, r, d);
+        const bool in = kv0 + r < T;
+        const index_t off = in ? bthd_offset(kb, kv0 + r, kvh, d, T, Hkv, D) : 0;
+        Ks.store(r * ld + d, in ? kv[off] : 0.0f);
+        Vs.store(r * ld + d, in ? vv[off] : 0.0f);
+      }
+    Ks.expect_tile(Cfg::BKV, D, ld, "K");
+    Vs.expect_tile(Cfg::BKV, D, ld, "V");
+    for (int w = 0; w < Cfg::WARPS; ++w)
+      for (int rr = 0; rr < Cfg::ROWS_PER_WARP; ++rr) {
+        const int row = fma_attn_row(w, rr);
+        const int qpos = q0 + row;
+        if (!rows_see_tile(qpos, qpos, kv0, T)) continue;
+        float s[32], p[32];
+        bool vis[32];
+        float tmax = -INFINITY;
+        for (int lane = 0; lane < 32; ++lane) {
+          vis[lane] = key_visible(qpos, kv0 + lane, T);
+          float acc_s = 0.0f;
+          for (int d = 0; d < D; ++d) acc_s = std::fma(Qs.v[row * ld + d], Ks.v[lane * ld + d], acc_s);
+          s[lane] = acc_s * scale_log2;
+          tmax = std::fmax(tmax, vis[lane] ? s[lane] : -INFINITY);
+        }
+        float m_new;
+        const float alpha = softmax_rescale(m_run[w][rr], tmax, &m_new);
+        float total = 0.0f;
+        for (int lane = 0; lane < 32; ++lane) {
+          p[lane] = softmax_prob(s[lane], m_new, vis[lane]);
+          total += p[lane];
+        }
+        l_run[w][rr] = softmax_sum(l_run[w][rr], alpha, total);
+        m_run[w][rr] = m_new;
+        for (int lane = 0; lane < 32; ++lane)
+          for (int i = 0; i < Cfg::DPL; ++i) {
+            float& a = A(w, lane, rr, i);
+            a *= alpha;
+            const int d = fma_attn_dim(lane, i);
+            if (d < D)
+              for (int j = 0; j < Cfg::BKV; ++j) a = std::fma(p[j], Vs.v[j * ld + d], a);
+          }
+      }
+  }
+  for (int w = 0; w < Cfg::WARPS; ++w)
+    for (int rr = 0; rr < Cfg::ROWS_PER_WARP; ++rr) {
+      const int qpos = q0 + fma_attn_row(w, rr);
+      if (qpos >= T) continue;
+      const float inv = softmax_finish(l_run[w][rr]);
+      for (int lane = 0; lane < 32; ++lane)
+        for (int i = 0; i < Cfg::DPL; ++i) {
+          const int d = fma_attn_dim(lane, i);
+          if (d < D) out.write(bthd_offset(kb, qpos, h, d, T, Hq, D), A(w, lane, rr, i) * inv);
+        }
+    }
+}
+
+Tensor emu_masked_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& counts,
+                            std::optional<double> scale, c10::string_view engine_sv) {
+  const std::string engine(engine_sv);
+  const int K = q.size(0), B = q.size(1), T = q.size(2), Hq = q.size(3), Hkv = k.size(3), D = q.size(4);
+  if (D > 256) fail("head_dim above 256");
+  const double s = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(D > 0 ? D : 1));
+  const float scale_log2 = static_cast<float>(s) * pp::attn::kLog2e;
+  const auto qv = to_vec(q), kv = to_vec(k), vv = to_vec(v);
+  const auto cv = to_ivec(counts);
+  const auto dt = q.scalar_type();
+  Output out(q.numel(), dt);
+  const bool tc = use_tc(engine, dt) && D <= 128;  // as launch_masked_attention picks
+  for (int kb = 0; kb < K * B; ++kb)
+    for (int h = 0; h < Hq; ++h) {
+      if (tc) {
+        for (int qt = 0; qt < pp::ceil_div(T, 64); ++qt) {
+          if (D <= 64)
+            attention_tc_block<64>(kb, h, qt, B, T, Hq, Hkv, D, scale_log2, qv, kv, vv, cv, dt, out);
+          else
+            attention_tc_block<128>(kb, h, qt, B, T, Hq, Hkv, D, scale_log2, qv, kv, vv, cv, dt, out);
+        }
+      } else {
+        for (int qt = 0; qt < pp::ceil_div(T, pp::attn::FmaAttnConfig::BQ); ++qt)
+          attention_fma_block(kb, h, qt, B, T, Hq, Hkv, D, scale_log2, qv, kv, vv, cv, out);
+      }
+    }
+  return out.finish(q.sizes());
+}
+
+// ------------------------------------------------------------------------------------------------
+// mask sampling and compaction (csrc/kernels/mask_kernels.cu)
+
+Tensor emu_sample_masks(const Tensor& probs, const Tensor& uniforms) {
+  const int K = uniforms.size(0), n = uniforms.size(1);
+  // compared in the uniforms' dtype, as the bindings prepare it (exact in fp32 for 16-bit types)
+  const auto p = to_vec(probs.to(uniforms.scalar_type()));
+  const auto u = to_vec(uniforms);
+  Tensor masks = at::zeros({K, n}, at::TensorOptions().dtype(at::kBool));
+  bool* m = masks.data_ptr<bool>();
+  for (index_t e = 0; e < static_cast<index_t>(K) * n; ++e) m[e] = pp::mask::sample_bit(u[e], p[e % n]);
+  return masks;
+}
+
+// masks given: compaction; else sampling from probs / uniforms, fused. Returns (masks, idx, counts).
+std::tuple<Tensor, Tensor, Tensor> emu_compact(const std::optional<Tensor>& masks_in,
+                                               const std::optional<Tensor>& probs,
+                                               const std::optional<Tensor>& uniforms,
+                                               std::optional<int64_t> capacity) {
+  using namespace pp::mask;
+  const bool sampling = !masks_in.has_value();
+  const int K = sampling ? uniforms->size(0) : masks_in->size(0);
+  const int n = sampling ? uniforms->size(1) : masks_in->size(1);
+  const int cap = static_cast<int>(capacity.value_or(n));
+  std::vector<uint8_t> mv;
+  std::vector<float> pv, uv;
+  if (sampling) {
+    pv = to_vec(probs->to(uniforms->scalar_type()));
+    uv = to_vec(*uniforms);
+  } else {
+    Tensor mc = masks_in->to(at::kBool).contiguous();
+    mv.assign(mc.data_ptr<bool>(), mc.data_ptr<bool>() + mc.numel());
+  }
+  Tensor masks = at::zeros({K, n}, at::TensorOptions().dtype(at::kBool));
+  Tensor idx = at::full({K, cap}, -1, at::TensorOptions().dtype(at::kInt));
+  Tensor counts = at::full({K}, -1, at::TensorOptions().dtype(at::kInt));
+  bool* mo = masks.data_ptr<bool>();
+  int* io = idx.data_ptr<int>();
+  std::vector<int> idx_writes(static_cast<size_t>(K) * cap, 0);
+  for (int k = 0; k < K; ++k) {  // one block per mask
+    const index_t row = static_cast<index_t>(k) * n;
+    int* idx_row = io + static_cast<index_t>(k) * cap;
+    int running = 0;
+    for (int base = 0; base < n; base += kChunk) {
+      std::vector<int> buf0(kThreads), buf1(kThreads), local(kThreads);
+      std::vector<std::array<bool, kItems>> flag(kThreads);
+      for (int tid = 0; tid < kThreads; ++tid) {
+        local[tid] = 0;
+        for (int it = 0; it < kItems; ++it) {
+          const int u = chunk_unit(base, tid, it);
+          bool b = false;
+          if (u < n) {
+            b = sampling ? sample_bit(uv[row + u], pv[u]) : mv[row + u] != 0;
+            mo[row + u] = b;
+          }
+          flag[tid][it] = b;
+          local[tid] += b ? 1 : 0;
+        }
+        buf0[tid] = local[tid];
+      }
+      int* bufs[2] = {buf0.data(), buf1.data()};
+      int src = 0, steps = 0;
+      for (int offset = 1; offset < kThreads; offset <<= 1, ++steps) {
+        for (int tid = 0; tid < kThreads; ++tid) scan_step(bufs[src], bufs[src ^ 1], tid, offset);
+        src ^= 1;  // (the barrier between steps)
+      }
+      if (steps != kScanSteps || src != scan_result_buffer(steps)) fail("scan step count");
+      const int chunk_total = bufs[src][kThreads - 1];
+      for (int tid = 0; tid < kThreads; ++tid) {
+        int pos = first_position(running, bufs[src][tid], local[tid]);
+        for (int it = 0; it < kItems; ++it)
+          if (flag[tid][it]) {
+            if (pos < cap) ++idx_writes[static_cast<index_t>(k) * cap + pos];
+            emit_index(idx_row, cap, pos++, chunk_unit(base, tid, it));
+          }
+      }
+      running += chunk_total;
+    }
+    counts.data_ptr<int>()[k] = running;
+    for (int tid = 0; tid < kThreads; ++tid)
+      for (int p = tid; p < cap; p += kThreads)
+        if (is_padding(p, running)) {
+          idx_row[p] = 0;
+          ++idx_writes[static_cast<index_t>(k) * cap + p];
+        }
+  }
+  for (size_t e = 0; e < idx_writes.size(); ++e)
+    if (idx_writes[e] != 1) fail("idx element written " + std::to_string(idx_writes[e]) + " times");
+  return {masks, idx, counts};
+}
+
+// Tile sizes of the kernels, in the order of CONFIG_NAMES (tests read them to size their shapes).
+Tensor configs() {
+  using namespace pp::gemm;
+  const std::vector<int64_t> v = {
+      RowsTc::BM, RowsTc::BN, RowsTc::BK, SwigluTc::BM, SwigluTc::BN, SwigluTc::BK,
+      ColsTc::BM, ColsTc::BN, ColsTc::BK, RowsFma::BM, RowsFma::BN, RowsFma::BK,
+      SwigluFma::BM, SwigluFma::BN, SwigluFma::BK, ColsFma::BM, ColsFma::BN, ColsFma::BK,
+      pp::attn::TcAttnConfig<64>::BQ, pp::attn::FmaAttnConfig::BQ, pp::attn::FmaAttnConfig::BKV,
+      pp::mask::kChunk};
+  return at::from_blob(const_cast<int64_t*>(v.data()), {static_cast<int64_t>(v.size())},
+                       at::TensorOptions().dtype(at::kLong)).clone();
+}
+
+}  // namespace
+
+TORCH_LIBRARY(probprune_emu, m) {
+  m.def("sample_masks(Tensor probs, Tensor uniforms) -> Tensor", &emu_sample_masks);
+  m.def("compact(Tensor? masks, Tensor? probs, Tensor? uniforms, int? capacity) "
+        "-> (Tensor, Tensor, Tensor)", &emu_compact);
+  m.def("gather_rows_gemm(Tensor x, Tensor w, Tensor idx, Tensor counts, int group, Tensor? bias, "
+        "str engine) -> Tensor", &emu_gather_rows_gemm);
+  m.def("gather_rows_swiglu(Tensor x, Tensor w_gate, Tensor w_up, Tensor idx, Tensor counts, "
+        "str engine) -> Tensor", &emu_gather_rows_swiglu);
+  m.def("gather_cols_gemm(Tensor h, Tensor w, Tensor idx, Tensor counts, int group, "
+        "Tensor? residual, str engine) -> Tensor", &emu_gather_cols_gemm);
+  m.def("masked_attention(Tensor q, Tensor k, Tensor v, Tensor counts, float? scale, str engine) "
+        "-> Tensor", &emu_masked_attention);
+  m.def("configs() -> Tensor", &configs);
+}

@@ -1,0 +1,120 @@
+// Gather-cols GEMM: y[k] = h[k, :, :live] @ w[:, col(kk)]^T (+ residual[k]) with
+// col(kk) = idx_k[kk / group] * group + kk % group; the reduction runs over the live columns of
+// each mask only. All K masks in one launch, grid (output column tile, row tile, k).
+// Block logic: csrc/probprune/gemm_logic.h; engines: csrc/kernels/gemm_engine.cuh.
+#include "kernels/gemm_engine.cuh"
+#include "probprune/launchers.h"
+
+namespace probprune {
+namespace {
+
+using namespace gemm;
+using dev::from_f;
+using dev::to_f;
+
+// A: rows of h[k] up to the live extent; B: rows of w, columns gathered through idx.
+template <typename T, class Cfg>
+struct ColsLoader {
+  using Chunk = dev::Pack<T, Cfg::VEC>;
+  const T* a_src[Cfg::A_CHUNKS];
+  const T* b_row[Cfg::B_CHUNKS];
+  const int* idx_k;
+  int live, group;
+  bool vec_h, vec_w;
+  __device__ Chunk a(int s, int col) const {
+    return dev::load_row_chunk<T, Cfg::VEC>(a_src[s], col, live, vec_h);
+  }
+  __device__ Chunk b(int, int s, int col) const {
+    return dev::load_gathered_chunk<T, Cfg::VEC>(b_row[s], idx_k, col, live, group, vec_w);
+  }
+};
+
+template <typename T, class Cfg, class Engine>
+__global__ void __launch_bounds__(Cfg::THREADS, 2)
+    gather_cols_kernel(const T* __restrict__ h, const T* __restrict__ w,
+                       const int* __restrict__ idx, const int* __restrict__ counts,
+                       const T* __restrict__ residual, T* __restrict__ y, int M, int dout,
+                       int din, int capacity, int group, bool vec_h, bool vec_w) {
+  const int k = blockIdx.z;
+  const int m0 = blockIdx.y * Cfg::BM, n0 = blockIdx.x * Cfg::BN;
+  const int live = live_extent(counts[k], group);
+  T* yk = y + static_cast<index_t>(k) * M * dout;
+  const T* rk = residual != nullptr ? residual + static_cast<index_t>(k) * M * dout : nullptr;
+  if (tile_dead(0, live)) {  // no active unit: the residual (or zero) passes through
+    dev::fill_tile<Cfg>(yk, m0, n0, M, dout, [&](int m, int n) {
+      return rk != nullptr ? rk[static_cast<index_t>(m) * dout + n] : from_f<T>(0.0f);
+    });
+    return;
+  }
+  __shared__ __align__(128) unsigned char smem[Engine::SMEM_BYTES];
+  const index_t h_cols = static_cast<index_t>(capacity) * group;
+
+  ColsLoader<T, Cfg> ld;
+  ld.idx_k = idx + static_cast<index_t>(k) * capacity;
+  ld.live = live;
+  ld.group = group;
+  ld.vec_h = vec_h;
+  ld.vec_w = vec_w;
+#pragma unroll
+  for (int s = 0; s < Cfg::A_CHUNKS; ++s) {
+    int r, c;
+    chunk_coord<Cfg>(threadIdx.x, s, r, c);
+    ld.a_src[s] = m0 + r < M ? h + (static_cast<index_t>(k) * M + m0 + r) * h_cols : nullptr;
+  }
+#pragma unroll
+  for (int s = 0; s < Cfg::B_CHUNKS; ++s) {
+    int r, c;
+    chunk_coord<Cfg>(threadIdx.x, s, r, c);
+    ld.b_row[s] = n0 + r < dout ? w + static_cast<index_t>(n0 + r) * din : nullptr;
+  }
+  typename Engine::Acc acc;
+  Engine::zero(acc);
+  Engine::mainloop(smem, ld, num_k_tiles(live, Cfg::BK), acc);
+  Engine::epilogue(smem, acc, [&](int r, int c, const float* v) {
+    const int m = m0 + r, n = n0 + c;
+    if (m >= M || n >= dout) return;
+    const index_t o = static_cast<index_t>(m) * dout + n;
+    const float out = v[0] + (rk != nullptr ? to_f(rk[o]) : 0.0f);
+    yk[o] = from_f<T>(out);
+  });
+}
+
+template <typename T, class Cfg, class Engine>
+cudaError_t launch(const void* h, const void* w, const int* idx, const int* counts,
+                   const void* residual, void* y, int K, int M, int dout, int din, int capacity,
+                   int group, cudaStream_t stream) {
+  if (K == 0 || M == 0 || dout == 0) return cudaSuccess;
+  const dim3 grid(ceil_div(dout, Cfg::BN), ceil_div(M, Cfg::BM), K);
+  const bool vec_h =
+      dev::rows_vectorizable(h, static_cast<long long>(capacity) * group, sizeof(T));
+  const bool vec_w = group % Cfg::VEC == 0 && dev::rows_vectorizable(w, din, sizeof(T));
+  gather_cols_kernel<T, Cfg, Engine><<<grid, Cfg::THREADS, 0, stream>>>(
+      static_cast<const T*>(h), static_cast<const T*>(w), idx, counts,
+      static_cast<const T*>(residual), static_cast<T*>(y), M, dout, din, capacity, group, vec_h,
+      vec_w);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_gather_cols_gemm(DType dt, const void* h, const void* w, const int* idx,
+                                    const int* counts, const void* residual, void* y, int K,
+                                    int M, int dout, int din, int capacity, int group,
+                                    cudaStream_t stream) {
+  switch (dt) {
+    case DType::F32:
+      return launch<float, ColsFma, dev::FmaEngine<ColsFma, 1>>(h, w, idx, counts, residual, y, K,
+                                                                M, dout, din, capacity, group,
+                                                                stream);
+    case DType::F16:
+      return launch<__half, ColsTc, dev::TcEngine<__half, ColsTc, 1>>(
+          h, w, idx, counts, residual, y, K, M, dout, din, capacity, group, stream);
+    case DType::BF16:
+      return launch<__nv_bfloat16, ColsTc, dev::TcEngine<__nv_bfloat16, ColsTc, 1>>(
+          h, w, idx, counts, residual, y, K, M, dout, din, capacity, group, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace probprune

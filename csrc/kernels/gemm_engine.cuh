@@ -1,0 +1,289 @@
+// The two GEMM engines behind the gather kernels: one main loop (global -> registers -> smem,
+// double-buffered smem with register prefetch, one barrier per k tile) and one epilogue walk.
+//
+//   TcEngine<T, Cfg, NB>   fp16 / bf16 on tensor cores (WMMA 16x16x16, fp32 accumulators), sm_80+
+//   FmaEngine<Cfg, NB>     fp32 with plain FMA
+//
+// NB B operands share one A operand (NB = 2 for gate and up of the fused SwiGLU). A kernel gives
+// a Loader with
+//   Pack a(int slot, int col) const          A chunk of load slot `slot` at reduction column col
+//   Pack b(int op, int slot, int col) const  B chunk of operand op
+// (the tile row of each slot is fixed: gemm::chunk_coord), and an epilogue functor
+//   epi(int tile_row, int tile_col, const float* v)   v[op] = accumulated value of operand op.
+// All tile coordinates come from csrc/probprune/gemm_logic.h, shared with the CPU emulation.
+#pragma once
+
+#include <mma.h>
+
+#include "kernels/device_utils.cuh"
+#include "probprune/gemm_logic.h"
+
+namespace probprune {
+namespace dev {
+
+template <typename T, class Cfg, int NB>
+struct TcEngine {
+  using Chunk = Pack<T, Cfg::VEC>;
+  using FragA = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, T,
+                                       nvcuda::wmma::row_major>;
+  using FragB = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, T,
+                                       nvcuda::wmma::col_major>;
+  using FragC = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
+  struct Acc {
+    FragC f[NB][Cfg::FM][Cfg::FN];
+  };
+  static constexpr int TILE_BYTES =
+      (2 * Cfg::A_STAGE + 2 * NB * Cfg::B_STAGE) * static_cast<int>(sizeof(T));
+  static constexpr int SCRATCH_BYTES = Cfg::WARPS * NB * Cfg::SCRATCH * 4;
+  static constexpr int SMEM_BYTES = TILE_BYTES > SCRATCH_BYTES ? TILE_BYTES : SCRATCH_BYTES;
+  static_assert(SMEM_BYTES <= 46 * 1024, "static shared memory");
+
+  __device__ static void zero(Acc& acc) {
+#pragma unroll
+    for (int op = 0; op < NB; ++op)
+#pragma unroll
+      for (int fi = 0; fi < Cfg::FM; ++fi)
+#pragma unroll
+        for (int fj = 0; fj < Cfg::FN; ++fj) nvcuda::wmma::fill_fragment(acc.f[op][fi][fj], 0.0f);
+  }
+
+  template <class Loader>
+  __device__ static void mainloop(unsigned char* smem, const Loader& ld, int nk, Acc& acc) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+    __trap();  // the host only launches the tensor-core path on sm_80+
+#else
+    if (nk <= 0) return;
+    T* As = reinterpret_cast<T*>(smem);        // [2][A_STAGE]
+    T* Bs = As + 2 * Cfg::A_STAGE;             // [NB][2][B_STAGE]
+    const int tid = threadIdx.x;
+    int wm, wn;
+    gemm::warp_coord<Cfg>(tid / 32, wm, wn);
+    int a_off[Cfg::A_CHUNKS], a_col[Cfg::A_CHUNKS], b_off[Cfg::B_CHUNKS], b_col[Cfg::B_CHUNKS];
+#pragma unroll
+    for (int s = 0; s < Cfg::A_CHUNKS; ++s) {
+      int r, c;
+      gemm::chunk_coord<Cfg>(tid, s, r, c);
+      a_off[s] = gemm::smem_offset<Cfg>(r, c);
+      a_col[s] = c;
+    }
+#pragma unroll
+    for (int s = 0; s < Cfg::B_CHUNKS; ++s) {
+      int r, c;
+      gemm::chunk_coord<Cfg>(tid, s, r, c);
+      b_off[s] = gemm::smem_offset<Cfg>(r, c);
+      b_col[s] = c;
+    }
+    Chunk ra[Cfg::A_CHUNKS];
+    Chunk rb[NB][Cfg::B_CHUNKS];
+    auto fetch = [&](int k0) {
+#pragma unroll
+      for (int s = 0; s < Cfg::A_CHUNKS; ++s) ra[s] = ld.a(s, k0 + a_col[s]);
+#pragma unroll
+      for (int op = 0; op < NB; ++op)
+#pragma unroll
+        for (int s = 0; s < Cfg::B_CHUNKS; ++s) rb[op][s] = ld.b(op, s, k0 + b_col[s]);
+    };
+    auto stash = [&](int buf) {
+#pragma unroll
+      for (int s = 0; s < Cfg::A_CHUNKS; ++s)
+        store_chunk<T, Cfg::VEC, true>(As + buf * Cfg::A_STAGE + a_off[s], ra[s]);
+#pragma unroll
+      for (int op = 0; op < NB; ++op)
+#pragma unroll
+        for (int s = 0; s < Cfg::B_CHUNKS; ++s)
+          store_chunk<T, Cfg::VEC, true>(Bs + (op * 2 + buf) * Cfg::B_STAGE + b_off[s], rb[op][s]);
+    };
+    fetch(0);
+    stash(0);
+    __syncthreads();
+    for (int kt = 0; kt < nk; ++kt) {
+      const int cur = kt & 1;
+      const bool more = kt + 1 < nk;
+      if (more) fetch((kt + 1) * Cfg::BK);  // in flight while the tensor cores work
+      const T* Ac = As + cur * Cfg::A_STAGE;
+#pragma unroll
+      for (int kk = 0; kk < Cfg::BK / 16; ++kk) {
+        FragA a[Cfg::FM];
+#pragma unroll
+        for (int fi = 0; fi < Cfg::FM; ++fi)
+          nvcuda::wmma::load_matrix_sync(a[fi], Ac + gemm::a_frag_offset<Cfg>(wm, fi, kk), Cfg::LDS);
+#pragma unroll
+        for (int op = 0; op < NB; ++op) {
+          const T* Bc = Bs + (op * 2 + cur) * Cfg::B_STAGE;
+          FragB b[Cfg::FN];
+#pragma unroll
+          for (int fj = 0; fj < Cfg::FN; ++fj)
+            nvcuda::wmma::load_matrix_sync(b[fj], Bc + gemm::b_frag_offset<Cfg>(wn, fj, kk),
+                                           Cfg::LDS);
+#pragma unroll
+          for (int fi = 0; fi < Cfg::FM; ++fi)
+#pragma unroll
+            for (int fj = 0; fj < Cfg::FN; ++fj)
+              nvcuda::wmma::mma_sync(acc.f[op][fi][fj], a[fi], b[fj], acc.f[op][fi][fj]);
+        }
+      }
+      if (more) stash(cur ^ 1);  // the other stage: nobody reads it until the barrier below
+      __syncthreads();
+    }
+#endif
+  }
+
+  // Fragments go through a per-warp fp32 scratch that overlays the (finished) tile buffers.
+  template <class Epi>
+  __device__ static void epilogue(unsigned char* smem, Acc& acc, const Epi& epi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+    __trap();
+#else
+    const int tid = threadIdx.x, lane = tid % 32;
+    int wm, wn;
+    gemm::warp_coord<Cfg>(tid / 32, wm, wn);
+    float* scratch = reinterpret_cast<float*>(smem) + (tid / 32) * NB * Cfg::SCRATCH;
+#pragma unroll
+    for (int fi = 0; fi < Cfg::FM; ++fi) {
+#pragma unroll
+      for (int fj = 0; fj < Cfg::FN; ++fj) {
+#pragma unroll
+        for (int op = 0; op < NB; ++op)
+          nvcuda::wmma::store_matrix_sync(scratch + op * Cfg::SCRATCH, acc.f[op][fi][fj], 16,
+                                          nvcuda::wmma::mem_row_major);
+        __syncwarp();
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          int r, c;
+          gemm::scratch_lane_coord(lane, e, r, c);
+          float v[NB];
+#pragma unroll
+          for (int op = 0; op < NB; ++op) v[op] = scratch[op * Cfg::SCRATCH + r * 16 + c];
+          epi(gemm::frag_row0<Cfg>(wm, fi) + r, gemm::frag_col0<Cfg>(wn, fj) + c, v);
+        }
+        __syncwarp();  // the scratch is rewritten by the next fragment
+      }
+    }
+#endif
+  }
+};
+
+template <class Cfg, int NB>
+struct FmaEngine {
+  using Chunk = Pack<float, Cfg::VEC>;
+  struct Acc {
+    float v[NB][Cfg::TM][Cfg::TN];
+  };
+  static constexpr int SMEM_BYTES = (2 * Cfg::A_STAGE + 2 * NB * Cfg::B_STAGE) * 4;
+  static_assert(SMEM_BYTES <= 46 * 1024, "static shared memory");
+
+  __device__ static void zero(Acc& acc) {
+#pragma unroll
+    for (int op = 0; op < NB; ++op)
+#pragma unroll
+      for (int i = 0; i < Cfg::TM; ++i)
+#pragma unroll
+        for (int j = 0; j < Cfg::TN; ++j) acc.v[op][i][j] = 0.0f;
+  }
+
+  template <class Loader>
+  __device__ static void mainloop(unsigned char* smem, const Loader& ld, int nk, Acc& acc) {
+    if (nk <= 0) return;
+    float* As = reinterpret_cast<float*>(smem);  // [2][A_STAGE]
+    float* Bs = As + 2 * Cfg::A_STAGE;           // [NB][2][B_STAGE]
+    const int tid = threadIdx.x;
+    int a_off[Cfg::A_CHUNKS], a_col[Cfg::A_CHUNKS], b_off[Cfg::B_CHUNKS], b_col[Cfg::B_CHUNKS];
+#pragma unroll
+    for (int s = 0; s < Cfg::A_CHUNKS; ++s) {
+      int r, c;
+      gemm::chunk_coord<Cfg>(tid, s, r, c);
+      a_off[s] = gemm::smem_offset<Cfg>(r, c);
+      a_col[s] = c;
+    }
+#pragma unroll
+    for (int s = 0; s < Cfg::B_CHUNKS; ++s) {
+      int r, c;
+      gemm::chunk_coord<Cfg>(tid, s, r, c);
+      b_off[s] = gemm::smem_offset<Cfg>(r, c);
+      b_col[s] = c;
+    }
+    int rows[Cfg::TM], cols[Cfg::TN];
+#pragma unroll
+    for (int i = 0; i < Cfg::TM; ++i) rows[i] = gemm::fma_row<Cfg>(tid, i) * Cfg::LDS;
+#pragma unroll
+    for (int j = 0; j < Cfg::TN; ++j) cols[j] = gemm::fma_col<Cfg>(tid, j) * Cfg::LDS;
+    Chunk ra[Cfg::A_CHUNKS];
+    Chunk rb[NB][Cfg::B_CHUNKS];
+    auto fetch = [&](int k0) {
+#pragma unroll
+      for (int s = 0; s < Cfg::A_CHUNKS; ++s) ra[s] = ld.a(s, k0 + a_col[s]);
+#pragma unroll
+      for (int op = 0; op < NB; ++op)
+#pragma unroll
+        for (int s = 0; s < Cfg::B_CHUNKS; ++s) rb[op][s] = ld.b(op, s, k0 + b_col[s]);
+    };
+    auto stash = [&](int buf) {
+#pragma unroll
+      for (int s = 0; s < Cfg::A_CHUNKS; ++s)
+        store_chunk<float, Cfg::VEC, false>(As + buf * Cfg::A_STAGE + a_off[s], ra[s]);
+#pragma unroll
+      for (int op = 0; op < NB; ++op)
+#pragma unroll
+        for (int s = 0; s < Cfg::B_CHUNKS; ++s)
+          store_chunk<float, Cfg::VEC, false>(Bs + (op * 2 + buf) * Cfg::B_STAGE + b_off[s],
+                                              rb[op][s]);
+    };
+    fetch(0);
+    stash(0);
+    __syncthreads();
+    for (int kt = 0; kt < nk; ++kt) {
+      const int cur = kt & 1;
+      const bool more = kt + 1 < nk;
+      if (more) fetch((kt + 1) * Cfg::BK);
+      const float* Ac = As + cur * Cfg::A_STAGE;
+#pragma unroll 4
+      for (int kk = 0; kk < Cfg::BK; ++kk) {
+        float a[Cfg::TM];
+#pragma unroll
+        for (int i = 0; i < Cfg::TM; ++i) a[i] = Ac[rows[i] + kk];
+#pragma unroll
+        for (int op = 0; op < NB; ++op) {
+          const float* Bc = Bs + (op * 2 + cur) * Cfg::B_STAGE;
+          float b[Cfg::TN];
+#pragma unroll
+          for (int j = 0; j < Cfg::TN; ++j) b[j] = Bc[cols[j] + kk];
+#pragma unroll
+          for (int i = 0; i < Cfg::TM; ++i)
+#pragma unroll
+            for (int j = 0; j < Cfg::TN; ++j) acc.v[op][i][j] = fmaf(a[i], b[j], acc.v[op][i][j]);
+        }
+      }
+      if (more) stash(cur ^ 1);
+      __syncthreads();
+    }
+  }
+
+  template <class Epi>
+  __device__ static void epilogue(unsigned char*, Acc& acc, const Epi& epi) {
+    const int tid = threadIdx.x;
+#pragma unroll
+    for (int i = 0; i < Cfg::TM; ++i) {
+#pragma unroll
+      for (int j = 0; j < Cfg::TN; ++j) {
+        float v[NB];
+#pragma unroll
+        for (int op = 0; op < NB; ++op) v[op] = acc.v[op][i][j];
+        epi(gemm::fma_row<Cfg>(tid, i), gemm::fma_col<Cfg>(tid, j), v);
+      }
+    }
+  }
+};
+
+// Fills the part of tile (m0, n0) of a [M, N] matrix that lies inside it with value(m, n).
+template <class Cfg, typename T, class Value>
+__device__ __forceinline__ void fill_tile(T* out, int m0, int n0, int M, int N, const Value& value) {
+  for (int e = threadIdx.x; e < Cfg::BM * Cfg::BN; e += Cfg::THREADS) {
+    int r, c;
+    tile_elem_coord(e, Cfg::BN, r, c);
+    const int m = m0 + r, n = n0 + c;
+    if (m < M && n < N) out[static_cast<index_t>(m) * N + n] = value(m, n);
+  }
+}
+
+}  // namespace dev
+}  // namespace probprune

@@ -1,0 +1,50 @@
+// Plain C++ launchers of the CUDA kernels: raw pointers, sizes and a stream; no torch here.
+// Inputs are contiguous (the bindings in csrc/bindings.cpp make them so) and already validated
+// (shapes, dtypes, index ranges: probprune_kernels/_shapes.py). Every launcher enqueues one
+// kernel for all K masks and returns cudaGetLastError() (cudaSuccess for empty problems).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+namespace probprune {
+
+enum class DType : int { F32 = 0, F16 = 1, BF16 = 2, F64 = 3 };
+
+// Largest head_dim of masked_attention (tensor cores up to 128, FMA path up to 256).
+constexpr int kMaxHeadDim = 256;
+
+// masks[k, i] = uniforms[k, i] < probs[i]; dt is F32 or F64 (probs already in that dtype).
+cudaError_t launch_sample_masks(DType dt, const void* probs, const void* uniforms, bool* masks,
+                                int K, int n, cudaStream_t stream);
+
+// bool masks [K, n] -> idx [K, capacity] (ascending kept ids, zero padded), counts [K].
+cudaError_t launch_compact_masks(const bool* masks, int K, int n, int capacity, int* idx,
+                                 int* counts, cudaStream_t stream);
+
+// Sampling and compaction in one launch; masks may be null (not written).
+cudaError_t launch_sample_compact(DType dt, const void* probs, const void* uniforms, bool* masks,
+                                  int K, int n, int capacity, int* idx, int* counts,
+                                  cudaStream_t stream);
+
+// x [K, M, Din], w [Dout, Din], bias [Dout] or null -> y [K, M, capacity * group].
+cudaError_t launch_gather_rows_gemm(DType dt, const void* x, const void* w, const int* idx,
+                                    const int* counts, const void* bias, void* y, int K, int M,
+                                    int Din, int capacity, int group, cudaStream_t stream);
+
+// x [K, M, Din], w_gate / w_up [F, Din] -> y [K, M, capacity].
+cudaError_t launch_gather_rows_swiglu(DType dt, const void* x, const void* w_gate,
+                                      const void* w_up, const int* idx, const int* counts, void* y,
+                                      int K, int M, int Din, int capacity, cudaStream_t stream);
+
+// h [K, M, capacity * group], w [Dout, Din], residual [K, M, Dout] or null -> y [K, M, Dout].
+cudaError_t launch_gather_cols_gemm(DType dt, const void* h, const void* w, const int* idx,
+                                    const int* counts, const void* residual, void* y, int K,
+                                    int M, int Dout, int Din, int capacity, int group,
+                                    cudaStream_t stream);
+
+// q [K, B, T, Hq, D], k / v [K, B, T, Hkv, D], counts [K] active KV heads -> o [K, B, T, Hq, D].
+cudaError_t launch_masked_attention(DType dt, const void* q, const void* k, const void* v,
+                                    const int* counts, void* o, int K, int B, int T, int Hq,
+                                    int Hkv, int D, float scale, cudaStream_t stream);
+
+}  // namespace probprune

@@ -1,0 +1,213 @@
+"""The CUDA backend: kernels of ``csrc/`` compiled into ``probprune_kernels._C``.
+
+``_C`` registers its ops with the dispatcher as ``torch.ops.probprune_cuda.<op>`` (CUDA
+implementations, argument checks in ``csrc/bindings.cpp``); this module loads it lazily, adds fake
+(meta) implementations whose shapes come from ``_shapes``, and exposes each op with the positional
+signature of ``reference.<op>`` for the dispatch in ``backends``/``ops``:
+
+* ``available(op)`` is True only when ``_C`` imported, holds ``op``, ``torch.cuda.is_available()``
+  and the GPU is sm_80 or newer (the build targets sm_80 / sm_90 with PTX for newer GPUs);
+* a missing ``_C`` (not built: ``PROBPRUNE_SKIP_CUDA_BUILD=1``, no nvcc) is quiet; a broken one
+  (built against another torch, missing libraries) gives one ``RuntimeWarning`` and the cuda
+  backend is off, everything else keeps working (torchao style).
+
+``PROBPRUNE_DISABLE_CUDA_EXT=1`` turns the extension off without rebuilding.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import logging
+import os
+import warnings
+from typing import Optional
+
+import torch
+
+from . import _shapes
+
+log = logging.getLogger("probprune_kernels")
+
+NAMESPACE = "probprune_cuda"
+OPS = ("sample_masks", "compact_masks", "sample_and_compact", "gather_rows_gemm",
+       "gather_rows_swiglu", "gather_cols_gemm", "masked_attention")
+MIN_CAPABILITY = (8, 0)
+
+_state = {"tried": False, "module": None, "error": None}
+
+
+def _load():
+    """``probprune_kernels._C`` or None (the reason is kept in ``load_error()``)."""
+    if _state["tried"]:
+        return _state["module"]
+    _state["tried"] = True
+    if os.environ.get("PROBPRUNE_DISABLE_CUDA_EXT", "0") == "1":
+        _state["error"] = "disabled by PROBPRUNE_DISABLE_CUDA_EXT=1"
+        log.debug("probprune_kernels._C: %s", _state["error"])
+        return None
+    try:
+        spec = importlib.util.find_spec("probprune_kernels._C")
+    except (ImportError, ValueError) as exc:
+        spec, _state["error"] = None, f"cannot look up probprune_kernels._C: {exc}"
+    if spec is None:
+        _state["error"] = _state["error"] or (
+            "probprune_kernels._C is not built (PROBPRUNE_SKIP_CUDA_BUILD=1, no nvcc or a CPU-only "
+            "torch at install time); build it with `pip install -e . --no-build-isolation`")
+        log.debug("%s", _state["error"])
+        return None
+    try:
+        mod = importlib.import_module("probprune_kernels._C")
+    except Exception as exc:  # built against another torch, missing CUDA runtime...
+        _state["error"] = f"probprune_kernels._C failed to load ({type(exc).__name__}: {exc})"
+        warnings.warn(f"{_state['error']}; the cuda backend is disabled, triton and reference "
+                      f"still work. Rebuild with `pip install -e . --no-build-isolation`.",
+                      RuntimeWarning, stacklevel=3)
+        return None
+    _register_fakes()
+    _state["module"] = mod
+    return mod
+
+
+def load_error() -> Optional[str]:
+    """Why the extension is not loaded (None when it is, or was not tried yet)."""
+    _load()
+    return _state["error"]
+
+
+def is_built() -> bool:
+    """True when ``probprune_kernels._C`` imported."""
+    return _load() is not None
+
+
+def compiled_ops() -> tuple:
+    """The ops the loaded extension holds (empty when it is not loaded)."""
+    mod = _load()
+    return tuple(getattr(mod, "OPS", ())) if mod is not None else ()
+
+
+@functools.lru_cache(maxsize=None)
+def _device_ok(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= MIN_CAPABILITY
+
+
+def available(op: str) -> bool:
+    """True when ``op`` can run on the CUDA backend here (see the module docstring)."""
+    if op not in OPS or op not in compiled_ops():
+        return False
+    if not torch.cuda.is_available():
+        return False
+    try:
+        return _device_ok(torch.cuda.current_device())
+    except Exception as exc:  # a driver problem must not break dispatch
+        log.debug("probprune_kernels._cuda: capability query failed: %s", exc)
+        return False
+
+
+def info() -> dict:
+    """What the extension holds, for bug reports and bench/gpu_check.sh."""
+    mod = _load()
+    out = {"built": mod is not None, "error": _state["error"], "ops": list(compiled_ops()),
+           "cuda_available": torch.cuda.is_available()}
+    if mod is not None:
+        out["cuda_archs"] = getattr(mod, "CUDA_ARCHS", None)
+        out["cudart_version"] = getattr(mod, "CUDART_VERSION", None)
+        out["max_head_dim"] = getattr(mod, "MAX_HEAD_DIM", None)
+    out["available"] = {op: available(op) for op in OPS}
+    return out
+
+
+def _ops():
+    if _load() is None:
+        raise RuntimeError(f"the probprune CUDA extension is unavailable: {_state['error']}")
+    return getattr(torch.ops, NAMESPACE)
+
+
+# ----------------------------------------------------------------------------------------------
+# ops, positional signature of reference.<op>
+
+def sample_masks(probs, uniforms):
+    return _ops().sample_masks(probs, uniforms)
+
+
+def compact_masks(masks, capacity=None):
+    return tuple(_ops().compact_masks(masks, capacity))
+
+
+def sample_and_compact(probs, uniforms, capacity=None):
+    return tuple(_ops().sample_and_compact(probs, uniforms, capacity))
+
+
+def gather_rows_gemm(x, w, idx, counts, group=1, bias=None):
+    return _ops().gather_rows_gemm(x, w, idx, counts, group, bias)
+
+
+def gather_rows_swiglu(x, w_gate, w_up, idx, counts):
+    return _ops().gather_rows_swiglu(x, w_gate, w_up, idx, counts)
+
+
+def gather_cols_gemm(h, w, idx, counts, group=1, residual=None):
+    return _ops().gather_cols_gemm(h, w, idx, counts, group, residual)
+
+
+def masked_attention(q, k, v, counts, scale=None):
+    return _ops().masked_attention(q, k, v, counts, scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# fake (meta) implementations of torch.ops.probprune_cuda.*: shapes from _shapes, once
+
+_FAKES_DONE = []
+
+
+def _register_fakes():
+    if _FAKES_DONE:
+        return
+    _FAKES_DONE.append(True)
+    lib = f"{NAMESPACE}::"
+
+    def fake(name):
+        def deco(fn):
+            try:
+                torch.library.register_fake(lib + name)(fn)
+            except RuntimeError as exc:  # already registered (module reloaded)
+                log.debug("register_fake %s: %s", name, exc)
+            return fn
+        return deco
+
+    @fake("sample_masks")
+    def _(probs, uniforms):
+        return uniforms.new_empty(_shapes.sample_shape(probs, uniforms), dtype=torch.bool)
+
+    def _compact(like, K, cap):
+        return (like.new_empty((K, cap), dtype=torch.int32),
+                like.new_empty((K,), dtype=torch.int32))
+
+    @fake("compact_masks")
+    def _(masks, capacity=None):
+        return _compact(masks, *_shapes.compact_shape(masks, capacity))
+
+    @fake("sample_and_compact")
+    def _(probs, uniforms, capacity=None):
+        K, n = _shapes.sample_shape(probs, uniforms)
+        cap = n if capacity is None else capacity
+        return (uniforms.new_empty((K, n), dtype=torch.bool),) + _compact(uniforms, K, cap)
+
+    @fake("gather_rows_gemm")
+    def _(x, w, idx, counts, group, bias=None):
+        return x.new_empty(_shapes.gather_rows_shape(x, w, idx, counts, group, bias,
+                                                     validate_values=False))
+
+    @fake("gather_rows_swiglu")
+    def _(x, w_gate, w_up, idx, counts):
+        return x.new_empty(_shapes.gather_rows_swiglu_shape(x, w_gate, w_up, idx, counts,
+                                                            validate_values=False))
+
+    @fake("gather_cols_gemm")
+    def _(h, w, idx, counts, group, residual=None):
+        return h.new_empty(_shapes.gather_cols_shape(h, w, idx, counts, group, residual,
+                                                     validate_values=False))
+
+    @fake("masked_attention")
+    def _(q, k, v, counts, scale=None):
+        return q.new_empty(_shapes.masked_attention_shape(q, k, v, counts, validate_values=False))

@@ -1,0 +1,261 @@
+"""Drop-in masked layers built on :mod:`probprune_kernels.ops`: they share the dense module's
+weights (no copy) and compute only the units a mask keeps.
+
+Masks: a bool tensor ``[n_units]`` for one mask (input ``[..., features]``) or ``[K, n_units]`` for
+K masks at once (input ``[K, ..., features]``, one leading mask dimension). Every forward equals the
+dense module with the pruned units zeroed, and returns the dense module's full output width:
+
+* :class:`MaskedLinear` ``side="out"``: output features of pruned units are exactly 0 (their bias
+  too); the kept features are computed compactly and scattered back. ``forward_compact`` returns
+  the compact ``[K, M, n_cap * group]`` result instead, for chaining into a ``side="in"`` layer.
+* :class:`MaskedLinear` ``side="in"``: input features of pruned units are ignored (as if zeroed);
+  the bias is added to every output.
+* :class:`MaskedSwiGLUMLP`: ``down(silu(gate(x)) * up(x) * mask)`` over kept channels.
+* :class:`MaskedLlamaAttention`: attention with whole KV groups (a KV head and its query heads)
+  removed, i.e. the dense attention whose pruned heads are zeroed before ``o_proj``.
+
+The layers are for inference/search (forward only; the ops have no autograd formula).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from . import ops
+
+
+def _as_masks(mask: Tensor, n_units: int, x: Tensor, in_features: int, name: str = "mask"):
+    """Checks ``mask``/``x`` and returns (masks [K, n], x3 [K, M, in], lead shape, squeezed)."""
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{name} must be bool, got {mask.dtype}")
+    if mask.dim() not in (1, 2) or mask.shape[-1] != n_units:
+        raise ValueError(f"{name} must have shape ({n_units},) or (K, {n_units}), "
+                         f"got {tuple(mask.shape)}")
+    if x.shape[-1] != in_features:
+        raise ValueError(f"input has {x.shape[-1]} features, the layer expects {in_features}")
+    if mask.dim() == 1:
+        lead = x.shape[:-1]
+        return mask[None], x.reshape(1, -1, in_features).contiguous(), lead, True
+    K = mask.shape[0]
+    if x.dim() < 2 or x.shape[0] != K:
+        raise ValueError(f"with K={K} masks the input must be [K, ..., {in_features}], "
+                         f"got {tuple(x.shape)}")
+    return mask, x.reshape(K, -1, in_features).contiguous(), x.shape[:-1], False
+
+
+def _unit_columns(idx: Tensor, group: int) -> Tensor:
+    """idx [K, cap] -> feature ids [K, cap*group] (row ``idx*group + g``)."""
+    g = torch.arange(group, device=idx.device, dtype=torch.int64)
+    return (idx.long()[:, :, None] * group + g).reshape(idx.shape[0], -1)
+
+
+def scatter_units(y_compact: Tensor, idx: Tensor, group: int, width: int) -> Tensor:
+    """Compact [K, M, cap*group] (zero beyond counts) -> full [K, M, width], zero at pruned units.
+
+    ``scatter_add`` on zeros: padding entries of ``idx`` point at unit 0 but carry zeros, so they
+    leave it unchanged, and no host sync is needed to know the counts.
+    """
+    K, M, _ = y_compact.shape
+    out = y_compact.new_zeros(K, M, width)
+    cols = _unit_columns(idx, group)[:, None, :].expand(K, M, -1)
+    return out.scatter_add_(2, cols, y_compact)
+
+
+def gather_units(x: Tensor, idx: Tensor, group: int) -> Tensor:
+    """Full [K, M, width] -> compact [K, M, cap*group] (entries beyond counts are don't-care)."""
+    K, M, _ = x.shape
+    cols = _unit_columns(idx, group)[:, None, :].expand(K, M, -1)
+    return torch.gather(x, 2, cols)
+
+
+class MaskedLinear(nn.Module):
+    """``nn.Linear`` whose output (``side="out"``) or input (``side="in"``) units can be masked.
+
+    A unit is ``group`` consecutive features (e.g. one attention head = ``head_dim`` rows).
+    Build it with :meth:`from_linear`, which shares the linear's weight and bias (no copy).
+    """
+
+    def __init__(self, weight: nn.Parameter, bias: Optional[nn.Parameter] = None, side: str = "out",
+                 group: int = 1, backend: Optional[str] = None):
+        super().__init__()
+        if side not in ("out", "in"):
+            raise ValueError(f"side must be 'out' or 'in', got {side!r}")
+        self.weight = weight
+        self.bias = bias
+        self.side, self.group, self.backend = side, group, backend
+        self.out_features, self.in_features = weight.shape
+        width = self.out_features if side == "out" else self.in_features
+        if group < 1 or width % group:
+            raise ValueError(f"{'out' if side == 'out' else 'in'}_features ({width}) must be a "
+                             f"multiple of group ({group})")
+        self.n_units = width // group
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, side: str = "out", group: int = 1,
+                    backend: Optional[str] = None) -> "MaskedLinear":
+        """Wraps ``linear``: the weight/bias Parameters are the same objects (no copy)."""
+        return cls(linear.weight, linear.bias, side=side, group=group, backend=backend)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"side={self.side!r}, group={self.group}, n_units={self.n_units}, "
+                f"bias={self.bias is not None}")
+
+    def forward_compact(self, x3: Tensor, idx: Tensor, counts: Tensor) -> Tensor:
+        """Lower level: x3 [K, M, in] -> the op's output, with precomputed ``compact_masks``.
+
+        side="out": compact [K, M, n_cap*group] (zero beyond counts). side="in": x3 must already be
+        compact [K, M, n_cap*group]; returns [K, M, out] (bias added).
+        """
+        if self.side == "out":
+            return ops.gather_rows_gemm(x3, self.weight, idx, counts, self.group, self.bias,
+                                        backend=self.backend, validate=False)
+        y = ops.gather_cols_gemm(x3, self.weight, idx, counts, self.group, None,
+                                 backend=self.backend, validate=False)
+        return y if self.bias is None else y + self.bias
+
+    def forward(self, x: Tensor, mask: Tensor, capacity: Optional[int] = None) -> Tensor:
+        """x [..., in] with mask [n_units], or x [K, ..., in] with mask [K, n_units] -> the dense
+        output shape ``[..., out]`` / ``[K, ..., out]`` (pruned output features are 0 for
+        side="out"; pruned input features are ignored for side="in")."""
+        masks, x3, lead, _ = _as_masks(mask, self.n_units, x, self.in_features)
+        idx, counts = ops.compact_masks(masks, capacity, backend=self.backend)
+        if self.side == "out":
+            yc = self.forward_compact(x3, idx, counts)
+            y = scatter_units(yc, idx, self.group, self.out_features)
+        else:
+            y = self.forward_compact(gather_units(x3, idx, self.group), idx, counts)
+        return y.reshape(*lead, self.out_features)
+
+
+def _check_silu(mlp: nn.Module) -> None:
+    act = getattr(mlp, "act_fn", None)
+    if act is not None and not (isinstance(act, nn.SiLU) or "silu" in type(act).__name__.lower()):
+        raise ValueError(f"MaskedSwiGLUMLP needs a SiLU gate activation, got {type(act).__name__}")
+
+
+class MaskedSwiGLUMLP(nn.Module):
+    """LLaMA-style MLP ``down(silu(gate(x)) * up(x))`` with a mask over its intermediate channels.
+
+    gate/up rows and down columns of kept channels only are read: one fused gather-rows SwiGLU
+    launch for gate+up, one gather-cols launch for down.
+    """
+
+    def __init__(self, gate_proj: nn.Linear, up_proj: nn.Linear, down_proj: nn.Linear,
+                 backend: Optional[str] = None):
+        super().__init__()
+        for name, lin in (("gate_proj", gate_proj), ("up_proj", up_proj)):
+            if lin.bias is not None:
+                raise ValueError(f"{name} has a bias; the fused SwiGLU op supports bias-free "
+                                 f"gate/up projections only (LLaMA-style, mlp_bias=False)")
+        self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
+        self.backend = backend
+        self.hidden_size = gate_proj.in_features
+        self.n_units = gate_proj.out_features
+
+    @classmethod
+    def from_mlp(cls, mlp: nn.Module, backend: Optional[str] = None) -> "MaskedSwiGLUMLP":
+        """From an HF-style MLP with ``gate_proj``/``up_proj``/``down_proj`` (shared weights)."""
+        _check_silu(mlp)
+        return cls(mlp.gate_proj, mlp.up_proj, mlp.down_proj, backend=backend)
+
+    def forward_compact(self, x3: Tensor, idx: Tensor, counts: Tensor,
+                        residual: Optional[Tensor] = None) -> Tensor:
+        """x3 [K, M, d] with precomputed idx/counts -> [K, M, d] (+ residual, fused)."""
+        h = ops.gather_rows_swiglu(x3, self.gate_proj.weight, self.up_proj.weight, idx, counts,
+                                   backend=self.backend, validate=False)
+        y = ops.gather_cols_gemm(h, self.down_proj.weight, idx, counts, 1, residual,
+                                 backend=self.backend, validate=False)
+        return y if self.down_proj.bias is None else y + self.down_proj.bias
+
+    def forward(self, x: Tensor, mask: Tensor, capacity: Optional[int] = None) -> Tensor:
+        """x [..., d] with mask [F], or x [K, ..., d] with mask [K, F] -> same shape as x."""
+        masks, x3, lead, _ = _as_masks(mask, self.n_units, x, self.hidden_size)
+        idx, counts = ops.compact_masks(masks, capacity, backend=self.backend)
+        return self.forward_compact(x3, idx, counts).reshape(*lead, self.hidden_size)
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """HF-style RoPE on x [K, B, T, H, D]; cos/sin [T, D] or [B, T, D] (``cat(f, f)`` layout)."""
+    if cos.dim() == 2:
+        cos, sin = cos[None], sin[None]
+    cos, sin = cos[None, :, :, None, :].to(x.dtype), sin[None, :, :, None, :].to(x.dtype)
+    return x * cos + _rotate_half(x) * sin
+
+
+class MaskedLlamaAttention(nn.Module):
+    """LLaMA/GQA self-attention with a mask over KV groups (a KV head and its Hq/Hkv query heads).
+
+    q/k/v are gather-rows GEMMs over the kept groups (a unit = ``G*head_dim`` rows of q_proj,
+    ``head_dim`` rows of k_proj/v_proj), RoPE with caller-supplied cos/sin, causal attention over
+    the kept heads only, and a gather-cols GEMM for o_proj.
+    """
+
+    def __init__(self, q_proj: nn.Linear, k_proj: nn.Linear, v_proj: nn.Linear, o_proj: nn.Linear,
+                 num_heads: int, num_kv_heads: int, head_dim: int, scale: Optional[float] = None,
+                 backend: Optional[str] = None):
+        super().__init__()
+        if num_kv_heads < 1 or num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads "
+                             f"({num_kv_heads})")
+        for name, lin, rows in (("q_proj", q_proj, num_heads * head_dim),
+                                ("k_proj", k_proj, num_kv_heads * head_dim),
+                                ("v_proj", v_proj, num_kv_heads * head_dim)):
+            if lin.out_features != rows:
+                raise ValueError(f"{name} has {lin.out_features} outputs, expected {rows}")
+        if o_proj.in_features != num_heads * head_dim:
+            raise ValueError(f"o_proj has {o_proj.in_features} inputs, expected "
+                             f"{num_heads * head_dim}")
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = q_proj, k_proj, v_proj, o_proj
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.G = num_heads // num_kv_heads
+        self.scale, self.backend = scale, backend
+        self.hidden_size = q_proj.in_features
+        self.n_units = num_kv_heads
+
+    @classmethod
+    def from_hf(cls, attn: nn.Module, config=None, backend: Optional[str] = None):
+        """From an HF ``LlamaAttention``-like module (sizes from ``config`` or the module)."""
+        config = config if config is not None else getattr(attn, "config", None)
+        num_heads = getattr(config, "num_attention_heads", None) or attn.num_heads
+        num_kv = getattr(config, "num_key_value_heads", None) or num_heads
+        head_dim = getattr(attn, "head_dim", None) or attn.q_proj.out_features // num_heads
+        scale = getattr(attn, "scaling", None)
+        return cls(attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, num_heads, num_kv,
+                   head_dim, scale=scale, backend=backend)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor,
+                capacity: Optional[int] = None) -> Tensor:
+        """x [B, T, d] with mask [Hkv], or x [K, B, T, d] with mask [K, Hkv]; cos/sin [T, D] or
+        [B, T, D] (position embeddings, shared by the K masks) -> same shape as x."""
+        if x.dim() != (4 if mask.dim() == 2 else 3):
+            raise ValueError(f"x must be [B, T, d] (one mask) or [K, B, T, d] (K masks), got "
+                             f"{tuple(x.shape)} with mask {tuple(mask.shape)}")
+        masks, x3, lead, _ = _as_masks(mask, self.n_units, x, self.hidden_size)
+        K = masks.shape[0]
+        B, T = lead[-2], lead[-1]
+        D, G, be = self.head_dim, self.G, self.backend
+        idx, counts = ops.compact_masks(masks, capacity, backend=be)
+        cap = idx.shape[1]
+        q = ops.gather_rows_gemm(x3, self.q_proj.weight, idx, counts, G * D, self.q_proj.bias,
+                                 backend=be, validate=False).view(K, B, T, cap * G, D)
+        k = ops.gather_rows_gemm(x3, self.k_proj.weight, idx, counts, D, self.k_proj.bias,
+                                 backend=be, validate=False).view(K, B, T, cap, D)
+        v = ops.gather_rows_gemm(x3, self.v_proj.weight, idx, counts, D, self.v_proj.bias,
+                                 backend=be, validate=False).view(K, B, T, cap, D)
+        # RoPE of the zero padding heads stays zero, so the compact layout needs no special case.
+        q = apply_rotary(q, cos, sin).contiguous()
+        k = apply_rotary(k, cos, sin).contiguous()
+        o = ops.masked_attention(q, k, v, counts, self.scale, backend=be, validate=False)
+        y = ops.gather_cols_gemm(o.reshape(K, B * T, cap * G * D), self.o_proj.weight, idx, counts,
+                                 G * D, None, backend=be, validate=False)
+        if self.o_proj.bias is not None:
+            y = y + self.o_proj.bias
+        return y.reshape(*lead, self.hidden_size)

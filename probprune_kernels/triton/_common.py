@@ -1,0 +1,56 @@
+"""Shared launcher helpers: autotune config lists, the dot precision, the M bucket.
+
+Under ``TRITON_INTERPRET=1`` every kernel gets a single small config: the interpreter runs each
+program in numpy, so autotuning (which times every config) would take minutes for nothing.
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# torch -> Triton element types for the kernels' output casts.
+TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def configs(gpu_configs, interpret_config):
+    """``gpu_configs`` (a list of (meta dict, num_warps, num_stages)) on a GPU, one config when
+    interpreting."""
+    if INTERPRET:
+        return [triton.Config(interpret_config, num_warps=1, num_stages=1)]
+    return [triton.Config(meta, num_warps=w, num_stages=s) for meta, w, s in gpu_configs]
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs follow torch's TF32 switch (off in tests: exact fp32 products); fp16/bf16 use
+    the tensor cores' native products with fp32 accumulation."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def bucket(m: int) -> int:
+    """Autotune key for the token dimension: power-of-two buckets, so a new batch size within the
+    same bucket reuses the tuned config (M is static per run; active counts never enter keys)."""
+    return triton.next_power_of_2(max(int(m), 1))
+
+
+def dot_upcast(dtype: torch.dtype) -> bool:
+    """True when tile operands must be cast to fp32 before ``tl.dot``: the interpreter stores
+    bf16 as raw uint16 and its numpy ``dot`` would multiply the bit patterns. bf16 x bf16 products
+    are exact in fp32 and the GPU accumulates in fp32 too, so the result is the same."""
+    return INTERPRET and dtype == torch.bfloat16
+
+
+def out_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the buffer a kernel stores into. The interpreter's fp32 -> bf16 cast truncates
+    (and its "rtne" mode mis-rounds carries), so when interpreting, bf16 results are stored in
+    fp32 and rounded by torch (round-to-nearest-even, like the GPU's cast). See ``finish``."""
+    return torch.float32 if INTERPRET and dtype == torch.bfloat16 else dtype
+
+
+def finish(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Casts a kernel's output buffer to the op's dtype (a no-op except when interpreting bf16)."""
+    return y if y.dtype == dtype else y.to(dtype)

@@ -1,0 +1,288 @@
+"""GPU tests: every CUDA op (``probprune_kernels._cuda`` and ``ops`` with ``backend="cuda"``) and
+every Triton op (``ops`` with ``backend="triton"``) against the reference on the same GPU tensors.
+
+fp32 / fp16 / bf16, K in {1, 3}, ragged / zero / full counts, sizes that are not tile or vector
+multiples (and some that are, for the 16-byte load paths), GQA 1 and 3. GEMM tolerances are the
+project's per-dtype ones (tests/conftest.py); attention follows flash-attention's rule (error
+against an fp32 oracle at most twice the same-dtype reference's). Marked ``gpu``: skipped without
+one; run them with ``pytest -m gpu`` or bench/gpu_check.sh.
+"""
+import pytest
+import torch
+
+from probprune_kernels import _cuda, ops, reference
+from tests.conftest import TOLERANCES, assert_close
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+DEV = "cuda"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+BACKENDS = ["cuda", "triton"]
+
+
+def _run(backend, op, *args):
+    """op on `backend`: the CUDA functions directly (and through ops), Triton through ops."""
+    if backend == "cuda":
+        if not _cuda.available(op):
+            pytest.skip(f"CUDA op {op} unavailable: {_cuda.load_error() or 'GPU older than sm_80?'}")
+        out = getattr(_cuda, op)(*args)
+        via_ops = getattr(ops, op)(*args, backend="cuda")
+        for a, b in zip(out if isinstance(out, tuple) else (out,),
+                        via_ops if isinstance(via_ops, tuple) else (via_ops,)):
+            assert torch.equal(a, b), f"{op}: _cuda and ops(backend='cuda') disagree"
+        return out
+    return getattr(ops, op)(*args, backend=backend)
+
+
+def _triton_subset(backend, case, dtype, cases):
+    """Triton autotunes every new shape key (several compiles each), so the Triton backend runs
+    a subset that still covers every dtype, K 1 and 3, ragged / zero / full counts, odd and
+    vector-aligned sizes: all dtypes on the first case, one dtype on each of the others."""
+    if backend != "triton":
+        return
+    i = cases.index(case)
+    if i > 0 and dtype != DTYPES[1 + i % 2]:
+        pytest.skip("triton: subset of the CUDA grid (autotuning cost), see _triton_subset")
+
+
+def _counts(kind, K, cap):
+    if kind == "ragged":
+        c = [cap, 0, max(1, (2 * cap) // 3)][:K] if K > 1 else [max(1, (2 * cap) // 3)]
+    elif kind == "zero":
+        c = [0] * K
+    else:
+        c = [cap] * K
+    return c
+
+
+def _compact(K, n, counts, cap=None):
+    cap = n if cap is None else cap
+    idx = torch.zeros(K, cap, dtype=torch.int32)
+    for k, c in enumerate(counts):
+        idx[k, :c] = torch.randperm(n)[:c].sort().values.to(torch.int32)
+    return idx.to(DEV), torch.tensor(counts, dtype=torch.int32, device=DEV)
+
+
+def _rand(*shape, dtype, scale=1.0):
+    return (torch.randn(*shape, device=DEV) * scale).to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# masks
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("K,n,cap", [(1, 7, None), (3, 2500, None), (3, 11008, 6000), (2, 5, 0)])
+def test_sample_compact(backend, dtype, K, n, cap):
+    probs = torch.rand(n, device=DEV).to(dtype)
+    probs[: n // 10] = 0.0
+    probs[n // 10: n // 5] = 1.0
+    uniforms = torch.rand(K, n, device=DEV).to(dtype)
+    ref_masks = reference.sample_masks(probs, uniforms)
+    if K >= 3:
+        ref_masks[1] = False
+        ref_masks[2] = True
+    ref_idx, ref_counts = reference.compact_masks(ref_masks, cap)
+    assert torch.equal(_run(backend, "sample_masks", probs, uniforms),
+                       reference.sample_masks(probs, uniforms))
+    idx, counts = _run(backend, "compact_masks", ref_masks, cap)
+    assert torch.equal(idx, ref_idx) and torch.equal(counts, ref_counts)
+    masks, idx, counts = _run(backend, "sample_and_compact", probs, uniforms, cap)
+    r_masks = reference.sample_masks(probs, uniforms)
+    r_idx, r_counts = reference.compact_masks(r_masks, cap)
+    assert torch.equal(masks, r_masks) and torch.equal(idx, r_idx) and torch.equal(counts, r_counts)
+
+
+# ----------------------------------------------------------------------------------------------
+# GEMMs
+
+GEMM_CASES = [  # K, M, Din, units, group, counts, capacity
+    (3, 150, 70, 50, 3, "ragged", None),
+    (1, 37, 45, 19, 1, "ragged", None),
+    (3, 300, 256, 8, 64, "full", None),       # 16-byte vector loads, head-sized groups
+    (3, 20, 33, 30, 1, "zero", None),
+    (3, 140, 128, 300, 1, "ragged", 170),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", GEMM_CASES)
+def test_gather_rows_gemm(backend, case, dtype):
+    _triton_subset(backend, case, dtype, GEMM_CASES)
+    K, M, din, n, group, kind, cap = case
+    x = _rand(K, M, din, dtype=dtype)
+    w = _rand(n * group, din, dtype=dtype, scale=din ** -0.5)
+    bias = _rand(n * group, dtype=dtype)
+    idx, counts = _compact(K, n, _counts(kind, K, n if cap is None else cap), cap)
+    for b in (None, bias) if backend == "cuda" or case == GEMM_CASES[0] else (bias,):
+        got = _run(backend, "gather_rows_gemm", x, w, idx, counts, group, b)
+        ref = reference.gather_rows_gemm(x, w, idx, counts, group, b)
+        assert_close(got, ref, dtype, msg=f"{backend} gather_rows {case} bias={b is not None}")
+
+
+SWIGLU_CASES = [(3, 150, 70, 90, "ragged", None), (1, 29, 24, 70, "full", None),
+                (3, 33, 20, 64, "zero", None), (3, 260, 256, 600, "ragged", 400)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", SWIGLU_CASES)
+def test_gather_rows_swiglu(backend, case, dtype):
+    _triton_subset(backend, case, dtype, SWIGLU_CASES)
+    K, M, din, F, kind, cap = case
+    x = _rand(K, M, din, dtype=dtype)
+    wg = _rand(F, din, dtype=dtype, scale=din ** -0.5)
+    wu = _rand(F, din, dtype=dtype, scale=din ** -0.5)
+    idx, counts = _compact(K, F, _counts(kind, K, F if cap is None else cap), cap)
+    got = _run(backend, "gather_rows_swiglu", x, wg, wu, idx, counts)
+    ref = reference.gather_rows_swiglu(x, wg, wu, idx, counts)
+    assert_close(got, ref, dtype, msg=f"{backend} swiglu {case}")
+
+
+COLS_CASES = [
+    (3, 150, 140, 50, 3, "ragged", None),
+    (1, 37, 45, 19, 1, "ragged", None),
+    (3, 300, 256, 8, 64, "full", None),       # vector path on the gathered columns
+    (3, 20, 33, 30, 1, "zero", None),
+    (3, 66, 130, 300, 1, "ragged", 170),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", COLS_CASES)
+def test_gather_cols_gemm(backend, case, dtype):
+    _triton_subset(backend, case, dtype, COLS_CASES)
+    K, M, dout, n, group, kind, cap = case
+    cap_ = n if cap is None else cap
+    w = _rand(dout, n * group, dtype=dtype, scale=(n * group) ** -0.5)
+    idx, counts = _compact(K, n, _counts(kind, K, cap_), cap)
+    h = _rand(K, M, cap_ * group, dtype=dtype)
+    for k, c in enumerate(counts.tolist()):
+        h[k, :, c * group:] = float("nan")   # never read
+    residual = _rand(K, M, dout, dtype=dtype)
+    for r in (None, residual) if backend == "cuda" or case == COLS_CASES[0] else (residual,):
+        got = _run(backend, "gather_cols_gemm", h, w, idx, counts, group, r)
+        ref = reference.gather_cols_gemm(h.nan_to_num(0.0), w, idx, counts, group, r)
+        assert_close(got, ref, dtype, msg=f"{backend} gather_cols {case} residual={r is not None}")
+
+
+# ----------------------------------------------------------------------------------------------
+# attention
+
+def _check_attention(got, q, k, v, counts, scale, dtype, msg):
+    ref32 = reference.masked_attention(q.float(), k.float(), v.float(), counts, scale)
+    if dtype == torch.float32:
+        assert_close(got, ref32, dtype, msg=msg, atol=1e-4, rtol=1e-4)
+        return
+    ref_low = reference.masked_attention(q, k, v, counts, scale)
+    err = (got.float() - ref32).abs().max().item()
+    ref_err = (ref_low.float() - ref32).abs().max().item()
+    assert err <= 2 * ref_err + TOLERANCES[dtype]["atol"], \
+        f"{msg}: max error {err:.3g}, same-dtype reference {ref_err:.3g}"
+
+
+ATTN_SHAPES = [(70, 24), (203, 64), (129, 128)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("G", [1, 3])
+@pytest.mark.parametrize("K,kind", [(1, "ragged"), (3, "ragged"), (3, "full"), (2, "zero")])
+@pytest.mark.parametrize("T,D", ATTN_SHAPES)
+def test_masked_attention(backend, K, kind, G, dtype, T, D):
+    _triton_subset(backend, (T, D), dtype, ATTN_SHAPES)
+    B, hkv = 2, 3
+    q = _rand(K, B, T, hkv * G, D, dtype=dtype)
+    k = _rand(K, B, T, hkv, D, dtype=dtype)
+    v = _rand(K, B, T, hkv, D, dtype=dtype)
+    counts = torch.tensor(_counts(kind, K, hkv), dtype=torch.int32, device=DEV)
+    got = _run(backend, "masked_attention", q, k, v, counts, None)
+    _check_attention(got, q, k, v, counts, None, dtype, f"{backend} attention T={T} D={D}")
+    for i, c in enumerate(counts.tolist()):
+        assert (got[i, :, :, c * G:] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_masked_attention_wide_heads_cuda(dtype):
+    """head_dim above 128: the FMA path for every dtype (up to 256), explicit scale."""
+    K, B, T, hkv, G, D = 2, 1, 45, 2, 2, 160
+    q = _rand(K, B, T, hkv * G, D, dtype=dtype)
+    k = _rand(K, B, T, hkv, D, dtype=dtype)
+    v = _rand(K, B, T, hkv, D, dtype=dtype)
+    counts = torch.tensor([2, 1], dtype=torch.int32, device=DEV)
+    got = _run("cuda", "masked_attention", q, k, v, counts, 0.3)
+    _check_attention(got, q, k, v, counts, 0.3, dtype, "cuda attention D=160")
+
+
+# ----------------------------------------------------------------------------------------------
+# launch properties
+
+def test_cuda_ops_do_not_sync():
+    """counts stay on the device: no host synchronisation inside the CUDA ops."""
+    if not _cuda.available("gather_rows_gemm"):
+        pytest.skip("CUDA ops unavailable")
+    K, M, din, n, group = 3, 64, 128, 16, 8
+    x = _rand(K, M, din, dtype=torch.float16)
+    w = _rand(n * group, din, dtype=torch.float16)
+    idx, counts = _compact(K, n, [16, 0, 5])
+    h = _rand(K, M, n * group, dtype=torch.float16)
+    q = _rand(K, 1, 33, 4, 64, dtype=torch.float16)
+    kv = _rand(K, 1, 33, 2, 64, dtype=torch.float16)
+    hc = torch.tensor([2, 0, 1], dtype=torch.int32, device=DEV)
+    masks = torch.rand(K, n, device=DEV) < 0.5
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _cuda.gather_rows_gemm(x, w, idx, counts, group, None)
+        _cuda.gather_rows_swiglu(x, w, w, idx, counts)
+        _cuda.gather_cols_gemm(h, w.t().contiguous(), idx, counts, group, None)
+        _cuda.masked_attention(q, kv, kv, hc, None)
+        _cuda.compact_masks(masks, None)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
+def test_cuda_ops_pass_opcheck():
+    """The raw torch.ops.probprune_cuda ops: schema, fake tensors, AOT dispatch."""
+    if not _cuda.available("gather_rows_gemm"):
+        pytest.skip("CUDA ops unavailable")
+    K, M, din, n, group = 2, 19, 40, 6, 4
+    x = _rand(K, M, din, dtype=torch.bfloat16)
+    w = _rand(n * group, din, dtype=torch.bfloat16)
+    idx, counts = _compact(K, n, [6, 3])
+    h = _rand(K, M, n * group, dtype=torch.bfloat16)
+    q = _rand(K, 1, 21, 4, 32, dtype=torch.bfloat16)
+    kv = _rand(K, 1, 21, 2, 32, dtype=torch.bfloat16)
+    u = torch.rand(K, 50, device=DEV)
+    p = torch.rand(50, device=DEV)
+    cases = [
+        ("gather_rows_gemm", (x, w, idx, counts, group, None)),
+        ("gather_rows_swiglu", (x, w, w, idx, counts)),
+        ("gather_cols_gemm", (h, w.t().contiguous(), idx, counts, group, None)),
+        ("masked_attention", (q, kv, kv, torch.tensor([2, 1], dtype=torch.int32, device=DEV), None)),
+        ("compact_masks", (u < 0.5, 30)),
+        ("sample_masks", (p, u)),
+        ("sample_and_compact", (p, u, None)),
+    ]
+    for name, args in cases:
+        torch.library.opcheck(getattr(torch.ops.probprune_cuda, name).default, args,
+                              test_utils=("test_schema", "test_faketensor",
+                                          "test_aot_dispatch_dynamic"))
+
+
+def test_k_masks_in_one_launch_match_k_single_launches():
+    if not _cuda.available("gather_rows_gemm"):
+        pytest.skip("CUDA ops unavailable")
+    K, M, din, n, group = 4, 96, 128, 24, 8
+    x = _rand(K, M, din, dtype=torch.float16)
+    w = _rand(n * group, din, dtype=torch.float16)
+    idx, counts = _compact(K, n, [24, 0, 7, 13])
+    y = _cuda.gather_rows_gemm(x, w, idx, counts, group, None)
+    for k in range(K):
+        yk = _cuda.gather_rows_gemm(x[k:k + 1].contiguous(), w, idx[k:k + 1].contiguous(),
+                                    counts[k:k + 1].contiguous(), group, None)
+        assert torch.equal(y[k:k + 1], yk)

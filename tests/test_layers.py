@@ -1,0 +1,185 @@
+"""Drop-in layers against the dense modules with the pruned units zeroed (reference backend, and
+Triton under the interpreter / on a GPU)."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel is defined
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+import probprune_kernels  # noqa: E402
+from probprune_kernels import MaskedLinear, MaskedLlamaAttention, MaskedSwiGLUMLP  # noqa: E402
+from tests.conftest import assert_close  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+HIDDEN = 48  # a multiple of every head count used below
+_TRITON_SKIP = probprune_kernels.backends.triton_unavailable_reason(device=DEVICE)
+BACKENDS = ["reference", pytest.param("triton", marks=pytest.mark.skipif(
+    _TRITON_SKIP is not None, reason=f"triton backend: {_TRITON_SKIP}"))]
+
+
+def _mask(shape, p=0.5):
+    m = torch.rand(shape) < p
+    if m.dim() == 2 and m.shape[0] >= 3:
+        m[0], m[1] = False, True  # an empty and a full mask among the K
+    return m
+
+
+# ---------------------------------------------------------------------------------- MaskedLinear
+
+def test_from_linear_shares_weight():
+    lin = nn.Linear(37, 45)
+    ml = MaskedLinear.from_linear(lin, side="out", group=3)
+    assert ml.weight is lin.weight and ml.bias is lin.bias
+    assert ml.weight.data_ptr() == lin.weight.data_ptr()
+    assert ml.bias.data_ptr() == lin.bias.data_ptr()
+    assert sum(p.numel() for p in ml.parameters()) == sum(p.numel() for p in lin.parameters())
+    assert ml.n_units == 15 and "side='out'" in repr(ml)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("side", ["out", "in"])
+@pytest.mark.parametrize("group", [1, 3])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("K", [None, 3])
+def test_masked_linear(backend, side, group, bias, K):
+    lin = nn.Linear(36, 45, bias=bias).to(DEVICE)
+    ml = MaskedLinear.from_linear(lin, side=side, group=group, backend=backend)
+    n = (45 if side == "out" else 36) // group
+    lead = (2, 5) if K is None else (K, 2, 5)
+    x = torch.randn(*lead, 36, device=DEVICE)
+    mask = _mask((n,) if K is None else (K, n)).to(DEVICE)
+    y = ml(x, mask)
+    feat = mask.repeat_interleave(group, dim=-1).to(x.dtype)  # [.., features]
+    if K is not None:
+        feat = feat[:, None, None, :]
+    with torch.no_grad():
+        dense = lin(x) * feat if side == "out" else lin(x * feat)
+    assert y.shape == dense.shape
+    assert_close(y, dense)
+    if side == "out":  # pruned outputs are exactly zero, bias included
+        assert torch.all(y[(feat.expand_as(y) == 0)] == 0)
+
+
+def test_masked_linear_compact_chain():
+    """forward_compact(out) feeds forward_compact(in) without scattering: x -> up -> down."""
+    up, down = nn.Linear(16, 24), nn.Linear(24, 16)
+    mu = MaskedLinear.from_linear(up, "out", group=4)
+    md = MaskedLinear.from_linear(down, "in", group=4)
+    masks = _mask((3, 6))
+    idx, counts = probprune_kernels.compact_masks(masks)
+    x = torch.randn(3, 7, 16)
+    y = md.forward_compact(mu.forward_compact(x, idx, counts), idx, counts)
+    with torch.no_grad():
+        dense = down(up(x) * masks.repeat_interleave(4, 1)[:, None, :].float())
+    assert_close(y, dense)
+
+
+def test_masked_linear_bad_mask():
+    ml = MaskedLinear.from_linear(nn.Linear(8, 6), group=2)
+    with pytest.raises(ValueError, match=r"mask must have shape \(3,\) or \(K, 3\)"):
+        ml(torch.randn(4, 8), torch.ones(6, dtype=torch.bool))
+    with pytest.raises(TypeError, match="mask must be bool"):
+        ml(torch.randn(4, 8), torch.ones(3))
+    with pytest.raises(ValueError, match="with K=2 masks the input must be"):
+        ml(torch.randn(3, 4, 8), torch.ones(2, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="multiple of group"):
+        MaskedLinear.from_linear(nn.Linear(8, 7), group=2)
+
+
+# -------------------------------------------------------------------------------- MaskedSwiGLUMLP
+
+def _llama_config(**kw):
+    transformers = pytest.importorskip("transformers")
+    cfg = dict(hidden_size=HIDDEN, intermediate_size=45, num_attention_heads=6,
+               num_key_value_heads=2,
+               head_dim=8, num_hidden_layers=1, vocab_size=64, attn_implementation="eager")
+    cfg.update(kw)
+    return transformers.LlamaConfig(**cfg)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("K", [None, 3])
+def test_masked_swiglu_mlp(backend, K):
+    from transformers.models.llama.modeling_llama import LlamaMLP
+    mlp = LlamaMLP(_llama_config()).to(DEVICE)
+    mm = MaskedSwiGLUMLP.from_mlp(mlp, backend=backend)
+    assert mm.gate_proj.weight.data_ptr() == mlp.gate_proj.weight.data_ptr()
+    lead = (2, 5) if K is None else (K, 2, 5)
+    x = torch.randn(*lead, HIDDEN, device=DEVICE)
+    mask = _mask((45,) if K is None else (K, 45)).to(DEVICE)
+    y = mm(x, mask)
+    ch = mask.float() if K is None else mask.float()[:, None, None, :]
+    with torch.no_grad():
+        dense = mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x) * ch)
+        assert_close(mm(x, torch.ones_like(mask)), mlp(x))  # all-ones mask = the HF module
+    assert_close(y, dense)
+
+
+def test_masked_swiglu_rejects_other_activation():
+    from transformers.models.llama.modeling_llama import LlamaMLP
+    with pytest.raises(ValueError, match="SiLU"):
+        MaskedSwiGLUMLP.from_mlp(LlamaMLP(_llama_config(hidden_act="gelu")))
+
+
+# --------------------------------------------------------------------------- MaskedLlamaAttention
+
+def _hf_attention(G):
+    from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
+    cfg = _llama_config(num_attention_heads=2 * G, num_key_value_heads=2)
+    attn = LlamaAttention(cfg, layer_idx=0).to(DEVICE).eval()
+    rope = LlamaRotaryEmbedding(cfg).to(DEVICE)
+    return cfg, attn, rope
+
+
+def _dense_masked(attn, x, cos, sin, head_mask, T):
+    """HF forward with the query heads of pruned KV groups zeroed before o_proj (hook)."""
+    hook = attn.o_proj.register_forward_pre_hook(
+        lambda mod, args: (args[0] * head_mask.repeat_interleave(attn.head_dim).to(args[0].dtype),))
+    try:
+        causal = torch.full((T, T), float("-inf"), device=x.device).triu(1)[None, None]
+        return attn(x, position_embeddings=(cos, sin), attention_mask=causal)[0]
+    finally:
+        hook.remove()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("G", [1, 3])
+@pytest.mark.parametrize("K", [None, 3])
+def test_masked_llama_attention(backend, G, K):
+    cfg, attn, rope = _hf_attention(G)
+    B, T = 2, 13
+    ma = MaskedLlamaAttention.from_hf(attn, cfg, backend=backend)
+    assert ma.q_proj.weight.data_ptr() == attn.q_proj.weight.data_ptr()
+    x = torch.randn(*((B, T) if K is None else (K, B, T)), HIDDEN, device=DEVICE)
+    pos = torch.arange(T, device=DEVICE)[None].expand(B, T)
+    cos, sin = rope(x, pos)
+    mask = (_mask((2,)) if K is None else torch.tensor([[False, False], [True, True],
+                                                        [False, True]])).to(DEVICE)
+    with torch.no_grad():
+        y = ma(x, cos, sin, mask)
+        if K is None:
+            dense = _dense_masked(attn, x, cos, sin, mask.repeat_interleave(G), T)
+            full = attn(x, position_embeddings=(cos, sin),
+                        attention_mask=torch.full((T, T), float("-inf"),
+                                                  device=DEVICE).triu(1)[None, None])[0]
+            assert_close(ma(x, cos, sin, torch.ones_like(mask)), full)
+        else:
+            dense = torch.stack([_dense_masked(attn, x[k], cos, sin,
+                                               mask[k].repeat_interleave(G), T) for k in range(K)])
+    assert y.shape == x.shape
+    assert_close(y, dense)
+
+
+def test_readme_kernel_library_example():
+    """The README "## Kernel library" Python example runs as written."""
+    import re
+    readme = os.path.join(os.path.dirname(__file__), "..", "README.md")
+    text = open(readme, encoding="utf-8").read()
+    section = text.split("## Kernel library", 1)[1].split("\n## ", 1)[0]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    exec(compile(code, "README.md#kernel-library", "exec"), {})

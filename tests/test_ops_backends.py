@@ -1,0 +1,154 @@
+"""Dispatch: backend= > PROBPRUNE_BACKEND > auto; loud when asked, quiet when guessing; the
+``_cuda`` interface (``available(op)`` and reference-positional calls)."""
+import logging
+import sys
+import types
+
+import pytest
+import torch
+
+import probprune_kernels
+from probprune_kernels import BackendUnavailableError, backends, ops
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+@pytest.fixture
+def no_env(monkeypatch):
+    monkeypatch.delenv("PROBPRUNE_BACKEND", raising=False)
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """A stand-in ``probprune_kernels._cuda`` recording calls; only gather_rows_gemm available."""
+    calls = []
+    mod = types.ModuleType("probprune_kernels._cuda")
+    mod.available = lambda op: op == "gather_rows_gemm"
+
+    def gather_rows_gemm(*args):
+        calls.append(args)
+        from probprune_kernels import reference
+        return reference.gather_rows_gemm(*args)
+
+    mod.gather_rows_gemm = gather_rows_gemm
+    monkeypatch.setitem(sys.modules, "probprune_kernels._cuda", mod)
+    monkeypatch.setattr(probprune_kernels, "_cuda", mod, raising=False)
+    backends._cuda_module.cache_clear()
+    yield calls
+    backends._cuda_module.cache_clear()
+
+
+def test_backends_lists_usable(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    listed = probprune_kernels.backends()
+    assert listed[0] == "reference" and set(listed) <= {"reference", "triton", "cuda"}
+    if not torch.cuda.is_available():
+        assert listed == ["reference"]  # no GPU, no interpreter: nothing else can run here
+
+
+def test_backends_lists_triton_when_usable(monkeypatch):
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available():
+        # Kernels are defined for the interpreter only when TRITON_INTERPRET=1 at import time;
+        # never flip it in a process whose kernels were imported for a GPU.
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    reason = backends.triton_unavailable_reason()
+    if reason is not None:
+        assert "triton" not in probprune_kernels.backends()
+        pytest.skip(reason)
+    assert "triton" in probprune_kernels.backends()
+
+
+def test_auto_on_cpu_is_reference(no_env, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # triton usable, but never chosen for CPU tensors
+    assert backends.resolve("gather_rows_gemm", CPU) == "reference"
+
+
+def test_explicit_unavailable_raises_naming_available(no_env):
+    with pytest.raises(BackendUnavailableError, match=r"'cuda'.*available here: \['reference'"):
+        backends.resolve("gather_rows_gemm", CPU, "cuda")
+
+
+def test_explicit_triton_on_cpu_without_interpreter_raises(no_env, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET=1|not installed"):
+        ops.compact_masks(torch.ones(2, 3, dtype=torch.bool), backend="triton")
+
+
+def test_unknown_backend(no_env):
+    with pytest.raises(ValueError, match="unknown backend 'tpu'"):
+        ops.compact_masks(torch.ones(2, 3, dtype=torch.bool), backend="tpu")
+
+
+def test_env_var_selects_and_argument_overrides(monkeypatch):
+    monkeypatch.setenv("PROBPRUNE_BACKEND", "reference")
+    assert backends.resolve("lm_head_ce", CPU) == "reference"
+    monkeypatch.setenv("PROBPRUNE_BACKEND", "cuda")
+    with pytest.raises(BackendUnavailableError, match="PROBPRUNE_BACKEND=cuda"):
+        ops.compact_masks(torch.ones(2, 3, dtype=torch.bool))
+    # the argument wins over the environment
+    idx, counts = ops.compact_masks(torch.ones(2, 3, dtype=torch.bool), backend="reference")
+    assert counts.tolist() == [3, 3]
+    monkeypatch.setenv("PROBPRUNE_BACKEND", "auto")
+    assert backends.resolve("lm_head_ce", CPU) == "reference"
+
+
+def test_auto_cuda_device_falls_back_quietly(no_env, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "probprune_kernels._cuda", None)  # import raises ImportError
+    backends._cuda_module.cache_clear()
+    try:
+        with caplog.at_level(logging.DEBUG, logger="probprune_kernels"):
+            assert backends.resolve("masked_attention", CUDA) in ("triton", "reference")
+            # and without Triton: reference, both skips logged at debug level
+            monkeypatch.setattr(backends, "_triton_installed", lambda: False)
+            assert backends.resolve("masked_attention", CUDA) == "reference"
+    finally:
+        backends._cuda_module.cache_clear()
+    assert "auto skips cuda" in caplog.text and "auto skips triton" in caplog.text
+
+
+def test_cuda_interface(no_env, fake_cuda):
+    """Auto on CUDA tensors picks cuda where _cuda.available(op); the op calls _cuda.<op> with the
+    reference's positional signature."""
+    assert backends.resolve("gather_rows_gemm", CUDA) == "cuda"
+    assert backends.resolve("lm_head_ce", CUDA) in ("triton", "reference")  # not available there
+    assert backends.resolve("gather_rows_gemm", CPU) == "reference"  # cuda only for CUDA tensors
+    with pytest.raises(BackendUnavailableError, match="reports 'lm_head_ce' unavailable"):
+        backends.resolve("lm_head_ce", CUDA, "cuda")
+    # Drive the registered op directly with backend "cuda" on CPU tensors (no GPU here).
+    x, w = torch.randn(2, 3, 4), torch.randn(6, 4)
+    idx, counts = ops.compact_masks(torch.tensor([[True, False, True], [False, True, False]]))
+    bias = torch.randn(6)
+    y = torch.ops.probprune.gather_rows_gemm(x, w, idx, counts, 2, bias, "cuda")
+    (args,) = fake_cuda
+    assert len(args) == 6 and args[4] == 2 and args[5] is bias and args[0] is x
+    assert torch.equal(y, ops.gather_rows_gemm(x, w, idx, counts, 2, bias, backend="reference"))
+
+
+def test_broken_cuda_module_warns_once(no_env, monkeypatch):
+    import importlib.abc
+    import importlib.machinery
+
+    class Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+        def find_spec(self, name, path, target=None):
+            if name == "probprune_kernels._cuda":
+                return importlib.machinery.ModuleSpec(name, self)
+            return None
+
+        def create_module(self, spec):
+            return None
+
+        def exec_module(self, module):
+            raise OSError("undefined symbol: fake")
+
+    monkeypatch.delitem(sys.modules, "probprune_kernels._cuda", raising=False)
+    monkeypatch.delattr(probprune_kernels, "_cuda", raising=False)  # a real one may be loaded
+    monkeypatch.setattr(sys, "meta_path", [Finder()] + sys.meta_path)
+    backends._cuda_module.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="undefined symbol"):
+            assert backends._cuda_module() is None
+        assert backends.resolve("gather_rows_gemm", CUDA) != "cuda"
+    finally:
+        backends._cuda_module.cache_clear()
+        sys.modules.pop("probprune_kernels._cuda", None)

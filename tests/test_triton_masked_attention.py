@@ -1,0 +1,69 @@
+"""Triton causal GQA attention over active heads against the reference.
+
+fp16/bf16 oracle: the reference in fp32 on the same inputs, then cast (the kernel keeps scores,
+softmax statistics and the accumulator in fp32).
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel is defined
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+from probprune_kernels import ops, reference  # noqa: E402
+from probprune_kernels.backends import triton_unavailable_reason  # noqa: E402
+from tests.conftest import assert_close  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# On CPU this needs TRITON_INTERPRET=1 before anything imports triton (see tests/conftest.py).
+SKIP_REASON = triton_unavailable_reason(device=DEVICE)
+pytestmark = pytest.mark.skipif(SKIP_REASON is not None,
+                                reason=f"triton backend: {SKIP_REASON}")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+HKV = 3
+# counts per mask: zero, full, ragged, and all three in one launch
+COUNTS = [[0], [HKV], [1], [0, HKV, 2]]
+
+
+def _setup(counts, G, T, D, dtype, B=2):
+    K = len(counts)
+    q = torch.randn(K, B, T, HKV * G, D).to(dtype)
+    k = torch.randn(K, B, T, HKV, D).to(dtype)
+    v = torch.randn(K, B, T, HKV, D).to(dtype)
+    c = torch.tensor(counts, dtype=torch.int32)
+    for i, n in enumerate(counts):  # pruned heads are NaN: the kernel must not read them
+        q[i, :, :, n * G:] = float("nan")
+        k[i, :, :, n:] = float("nan")
+        v[i, :, :, n:] = float("nan")
+    return q, k, v, c
+
+
+@pytest.mark.parametrize("counts", COUNTS, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("G", [1, 3])
+@pytest.mark.parametrize("T,D", [(13, 16), (20, 12)])  # T ragged / > one tile; D not a power of 2
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_masked_attention(counts, G, T, D, dtype):
+    q, k, v, c = _setup(counts, G, T, D, dtype)
+    o = ops.masked_attention(*(t.to(DEVICE) for t in (q, k, v, c)), backend="triton").cpu()
+    expected = reference.masked_attention(q.float(), k.float(), v.float(), c).to(dtype)
+    assert o.dtype == dtype and o.shape == q.shape
+    assert_close(o, expected, dtype)
+    for i, n in enumerate(counts):
+        assert torch.all(o[i, :, :, n * G:] == 0)
+
+
+def test_masked_attention_scale():
+    q, k, v, c = _setup([2, 1], 2, 13, 16, torch.float32)
+    o = ops.masked_attention(*(t.to(DEVICE) for t in (q, k, v, c)), 0.37, backend="triton")
+    assert_close(o.cpu(), reference.masked_attention(q, k, v, c, 0.37))
+
+
+def test_opcheck_masked_attention_triton():
+    q, k, v, c = _setup([0, HKV, 2], 2, 13, 16, torch.float32)
+    q, k, v = (torch.nan_to_num(t) for t in (q, k, v))
+    torch.library.opcheck(torch.ops.probprune.masked_attention.default,
+                          (*(t.to(DEVICE) for t in (q, k, v, c)), None, "triton"))
