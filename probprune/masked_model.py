@@ -14,7 +14,7 @@ import torch
 import probprune_kernels as pk
 
 from .models import check_supported
-from .units import UnitLayout, UnitMasks
+from .units import UnitLayout
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -111,9 +111,6 @@ class MaskedCausalLM:
 
     def all_ones(self, K: int = 1) -> torch.Tensor:
         return torch.ones(K, self.layout.n_units, dtype=torch.bool, device=self.device)
-
-    def split(self, masks: torch.Tensor) -> UnitMasks:
-        return self.layout.split(masks)
 
 
 def sizes_of(layout: UnitLayout, mask: torch.Tensor) -> List[dict]:

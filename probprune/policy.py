@@ -61,16 +61,17 @@ class PolicyState:
     past_means: List[float] = field(default_factory=list)
     nan_samples: int = 0
     skipped_steps: int = 0
+    adv_scale: Optional[float] = None  # running RMS of the advantages
 
     def state_dict(self):
         return {"probs": self.probs.detach().cpu(), "step": self.step,
                 "past_means": list(self.past_means), "nan_samples": self.nan_samples,
-                "skipped_steps": self.skipped_steps}
+                "skipped_steps": self.skipped_steps, "adv_scale": self.adv_scale}
 
     @classmethod
     def from_state_dict(cls, d, device):
         return cls(d["probs"].to(device), d["step"], list(d["past_means"]), d["nan_samples"],
-                   d["skipped_steps"])
+                   d["skipped_steps"], d["adv_scale"])
 
 
 @dataclass
@@ -81,7 +82,7 @@ class PolicyConfig:
     ma_window: int = 5
     min_lr_ratio: float = 0.0
     eps: float = 1e-2
-    normalize: bool = True  # divide advantages by their running scale: lr independent of loss units
+    normalize: bool = True  # advantages in units of their running RMS: lr independent of loss scale
 
 
 class Policy:
@@ -114,11 +115,16 @@ class Policy:
             return stats
         L, m = losses[finite].double(), masks[finite]
         adv = advantages(L, cfg.baseline, self.baseline_value())
-        if cfg.normalize and n_ok > 1:
-            # In units of this step's loss spread: one lr then works for any model and loss scale.
-            scale = L.std()
+        if cfg.normalize:
+            # In units of the running RMS advantage: one lr then fits any model and loss scale,
+            # while a step whose masks differ a lot still moves more than one whose masks tie
+            # (dividing by this step's own spread would make every K=2 step count the same).
+            # The scale uses past steps only, so it does not correlate with this step's masks.
+            rms = float(adv.pow(2).mean().sqrt())
+            scale = st.adv_scale if st.adv_scale is not None else rms
             if scale > 0:
                 adv = adv / scale
+            st.adv_scale = rms if st.adv_scale is None else 0.9 * st.adv_scale + 0.1 * rms
         grad = score_gradient(adv, m, st.probs, cfg.eps)
         st.probs = project((st.probs.double() - lr * grad).clamp(0, 1)).to(st.probs.dtype)
         st.past_means.append(float(L.mean()))
