@@ -96,6 +96,7 @@ def cmd_prune(args) -> int:
         val_windows=args.val_windows, eval=args.data, eval_file=args.data_file,
         max_eval_windows=args.max_windows, eval_batch_size=args.eval_batch_size, lr=args.lr,
         min_lr_ratio=args.min_lr_ratio, init=args.init, init_temperature=args.init_temperature,
+        init_attn_sparsity=args.init_attn_sparsity,
         budget=args.budget, scope=args.scope, attn_sparsity=args.attn_sparsity,
         mlp_sparsity=args.mlp_sparsity, prune_layers=args.prune_layers,
         protect_layers=args.protect_layers, baseline=args.baseline, eval_every=args.eval_every,
@@ -125,6 +126,12 @@ def cmd_prune(args) -> int:
     print(f"wrote {args.out}: pruned model (probprune.load_pruned or from_pretrained with "
           f"trust_remote_code=True), masks.safetensors, scores.safetensors, report.json, *.png")
     return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench.cli import cmd_bench as run
+
+    return run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wanda-sp, magnitude, constant, or a scores file of an earlier run")
     p.add_argument("--init-temperature", type=float, default=0.5,
                    help="temperature of the sigmoid that maps the init metric to probabilities")
+    p.add_argument("--init-attn-sparsity", type=float, default=0.0,
+                   help="fraction of attention the init removes under a global budget (the MLP "
+                        "takes the rest; the search then moves budget between them)")
     p.add_argument("--budget", default="global", choices=["global", "per-type"],
                    help="one parameter budget across all units, or separate attention/MLP ratios")
     p.add_argument("--scope", default="global", choices=["global", "layer"],
@@ -190,6 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
     p.add_argument("--json", action="store_true", help="print one JSON line with the results")
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("bench", help="benchmark the masked ops and one search step against the "
+                                     "dense-masked baseline and the pruned model; writes "
+                                     "bench.json, bench.md and plots")
+    from .bench.cli import add_bench_args
+    add_bench_args(p)
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

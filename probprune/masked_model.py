@@ -107,7 +107,11 @@ class MaskedCausalLM:
                                     backend=backend, validate=False)
         h = inner.norm(h.view(K, B, T, -1)[:, :, :-1]).reshape(K, B * (T - 1), -1)
         labels = ids[:, 1:].reshape(-1)
-        return pk.lm_head_ce(h, self.model.lm_head.weight, labels, backend=backend)
+        # Logit chunks of at most 2**24 fp32 values (64 MiB) over all K masks: the vocabulary is
+        # the largest activation of a small model and would otherwise grow with K.
+        w = self.model.lm_head.weight
+        chunk = max(1, (1 << 24) // (K * w.shape[0]))
+        return pk.lm_head_ce(h, w, labels, chunk_size=chunk, backend=backend)
 
     def all_ones(self, K: int = 1) -> torch.Tensor:
         return torch.ones(K, self.layout.n_units, dtype=torch.bool, device=self.device)
