@@ -168,7 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-windows", type=int, default=16,
                    help="held-out calibration windows that choose the best hard mask")
     add_eval_args(p, data_flag="--eval")
-    p.add_argument("--lr", type=float, default=0.05, help="peak learning rate (cosine schedule)")
+    p.add_argument("--lr", type=float, default=0.01,
+                   help="peak learning rate (cosine schedule); advantages are in units of their "
+                        "running RMS")
     p.add_argument("--min-lr-ratio", type=float, default=0.0,
                    help="final learning rate as a fraction of --lr")
     p.add_argument("--init", default="wanda-sp",

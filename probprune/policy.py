@@ -76,7 +76,7 @@ class PolicyState:
 
 @dataclass
 class PolicyConfig:
-    lr: float = 0.05
+    lr: float = 0.01
     steps: int = 200
     baseline: str = "leave-one-out"
     ma_window: int = 5

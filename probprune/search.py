@@ -58,7 +58,7 @@ class PruneSettings:
     eval_file: Optional[str] = None
     max_eval_windows: Optional[int] = None
     eval_batch_size: int = 8
-    lr: float = 0.05
+    lr: float = 0.01
     min_lr_ratio: float = 0.0
     init: str = "wanda-sp"
     init_temperature: float = 0.5
