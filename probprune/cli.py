@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
                         ".txt/.jsonl/.json file or folder")
     p.add_argument("--nsamples", type=int, default=256,
                    help="calibration windows the steps draw their batches from")
-    p.add_argument("--val-windows", type=int, default=16,
+    p.add_argument("--val-windows", type=int, default=64,
                    help="held-out calibration windows that choose the best hard mask")
     add_eval_args(p, data_flag="--eval")
     p.add_argument("--lr", type=float, default=0.01,

@@ -53,7 +53,7 @@ class PruneSettings:
     seqlen: int = 128
     calib: str = "wiki-summaries"
     nsamples: int = 256           # calibration windows the steps draw their batches from
-    val_windows: int = 16         # held-out calibration windows that pick the best hard mask
+    val_windows: int = 64         # held-out calibration windows that pick the best hard mask
     eval: str = "wikitext2"
     eval_file: Optional[str] = None
     max_eval_windows: Optional[int] = None
