@@ -9,7 +9,7 @@ bisection, with ``s_u <- clamp(s_u - v, lo_u, hi_u)`` and ``sum_u w_u s_u = B``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
 
@@ -100,14 +100,16 @@ class Budget:
         return budget
 
     # ------------------------------------------------------------------------------------------
-    def kept_by_group(self, values: torch.Tensor) -> torch.Tensor:
+    def kept_by_group(self, values: torch.Tensor,
+                      costs: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Kept parameters of each group under a hard mask, or expected under probabilities.
         With layer units (one global group) this is the exact product form, which is still
         non-increasing in the projection shift, so bisection applies."""
         values = values.double()
         if self.layout.include_layers:
             return self.layout.kept_params(values).reshape(1)
-        costs = self.layout.costs().to(values.device)
+        if costs is None:
+            costs = self.layout.costs().to(values.device)
         out = torch.zeros(len(self.targets), dtype=torch.float64, device=values.device)
         return out.scatter_add_(0, self.group_of.to(values.device), costs * values)
 
@@ -128,12 +130,13 @@ class Budget:
         lo, hi = self.lo.to(device), self.hi.to(device)
         gid = self.group_of.to(device)
         targets = self.targets.to(device)
+        costs = self.layout.costs().to(device)  # once, not in each of the bisection steps
         n = len(targets)
         v_lo = torch.full((n,), -1.0, dtype=torch.float64, device=device)  # f(v_lo) = max
         v_hi = torch.full((n,), 1.0, dtype=torch.float64, device=device)   # f(v_hi) = min
         for _ in range(BISECTION_STEPS):
             v = 0.5 * (v_lo + v_hi)
-            kept = self.kept_by_group(torch.clamp(s - v[gid], lo, hi))
+            kept = self.kept_by_group(torch.clamp(s - v[gid], lo, hi), costs)
             too_much = kept > targets
             v_lo = torch.where(too_much, v, v_lo)
             v_hi = torch.where(too_much, v_hi, v)
@@ -188,8 +191,3 @@ class Budget:
                         keep[u] = True
                         left -= cu
         return keep
-
-    def summary(self, mask: torch.Tensor) -> Dict[str, float]:
-        kept = self.kept_by_group(mask.double())
-        return {"kept_params": float(kept.sum()), "target_params": self.total_target,
-                "prunable_params": float(self.layout.prunable_params)}

@@ -54,3 +54,19 @@ def out_dtype(dtype: torch.dtype) -> torch.dtype:
 def finish(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Casts a kernel's output buffer to the op's dtype (a no-op except when interpreting bf16)."""
     return y if y.dtype == dtype else y.to(dtype)
+
+
+# The tile configs of both gather GEMMs: (meta, num_warps, num_stages) for large GPUs (A100/H100),
+# small-M ones for short batches; one tiny tile under the interpreter.
+GEMM_CONFIGS = configs(
+    [
+        (dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8), 8, 3),
+        (dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8), 4, 4),
+        (dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8), 4, 4),
+        (dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8), 4, 4),
+        (dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8), 4, 3),
+        (dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=64, GROUP_M=4), 4, 4),
+        (dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, GROUP_M=1), 4, 4),
+    ],
+    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2),
+)

@@ -16,23 +16,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import bucket, configs, dot_precision, dot_upcast, finish, out_dtype
-
-_CONFIGS = configs(
-    [
-        (dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8), 8, 3),
-        (dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8), 4, 4),
-        (dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8), 4, 4),
-        (dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8), 4, 4),
-        (dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8), 4, 3),
-        (dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=64, GROUP_M=4), 4, 4),
-        (dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, GROUP_M=1), 4, 4),
-    ],
-    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2),
-)
+from ._common import GEMM_CONFIGS, bucket, dot_precision, dot_upcast, finish, out_dtype
 
 
-@triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "N_IN", "DOUT", "GROUP"])
+@triton.autotune(configs=GEMM_CONFIGS, key=["M_BUCKET", "N_IN", "DOUT", "GROUP"])
 @triton.jit
 def _gather_cols_gemm_kernel(
     h_ptr, w_ptr, r_ptr, idx_ptr, cnt_ptr, y_ptr,

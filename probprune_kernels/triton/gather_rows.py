@@ -15,23 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import bucket, configs, dot_precision, dot_upcast, finish, out_dtype
-
-_CONFIGS = configs(
-    [  # (meta, num_warps, num_stages): large-GPU tiles (A100/H100), small-M ones for short batches
-        (dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8), 8, 3),
-        (dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8), 4, 4),
-        (dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8), 4, 4),
-        (dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8), 4, 4),
-        (dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8), 4, 3),
-        (dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=64, GROUP_M=4), 4, 4),
-        (dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, GROUP_M=1), 4, 4),
-    ],
-    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2),
-)
+from ._common import GEMM_CONFIGS, bucket, dot_precision, dot_upcast, finish, out_dtype
 
 
-@triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "DIN", "N_OUT", "GROUP"])
+@triton.autotune(configs=GEMM_CONFIGS, key=["M_BUCKET", "DIN", "N_OUT", "GROUP"])
 @triton.jit
 def _gather_rows_gemm_kernel(
     x_ptr, w_ptr, w2_ptr, b_ptr, idx_ptr, cnt_ptr, y_ptr,
