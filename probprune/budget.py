@@ -13,6 +13,7 @@ from typing import List, Optional
 
 import torch
 
+from .space import SearchSpace
 from .units import UnitLayout
 
 BISECTION_STEPS = 60
@@ -24,7 +25,7 @@ class BudgetError(ValueError):
 
 @dataclass
 class Budget:
-    layout: UnitLayout
+    space: SearchSpace       # the budget uses its structure only, never its channel order
     group_of: torch.Tensor   # [n_units] long, budget group of each unit
     targets: torch.Tensor    # [n_groups] float64, kept parameters asked of each group
     lo: torch.Tensor         # [n_units] lower bound of each probability (1 for protected units)
@@ -32,14 +33,21 @@ class Budget:
     names: List[str]
 
     @property
+    def layout(self) -> UnitLayout:
+        return self.space.layout
+
+    @property
     def total_target(self) -> float:
         return float(self.targets.sum())
 
     @classmethod
-    def build(cls, layout: UnitLayout, sparsity: Optional[float] = None, mode: str = "global",
+    def build(cls, space, sparsity: Optional[float] = None, mode: str = "global",
               scope: str = "global", attn_sparsity: Optional[float] = None,
               mlp_sparsity: Optional[float] = None, protect_layers=()) -> "Budget":
-        """``sparsity``: the fraction of prunable parameters to remove, in (0, 1)."""
+        """``space``: a :class:`SearchSpace` or a :class:`UnitLayout` (one search unit per model
+        unit). ``sparsity``: the fraction of prunable parameters to remove, in (0, 1)."""
+        space = SearchSpace.of(space)
+        layout = space.layout
         ratios = {"heads": attn_sparsity if attn_sparsity is not None else sparsity,
                   "channels": mlp_sparsity if mlp_sparsity is not None else sparsity,
                   "layers": sparsity}
@@ -61,10 +69,10 @@ class Budget:
                 raise BudgetError(f"protected layer {l} does not exist (model has "
                                   f"{layout.n_layers} layers)")
 
-        types = layout.type_slices()
-        unit_layer = layout.unit_layer()
-        costs = layout.costs()
-        type_of = torch.empty(layout.n_units, dtype=torch.long)
+        types = space.type_slices()
+        unit_layer = space.unit_layer()
+        costs = space.costs()
+        type_of = torch.empty(space.n_units, dtype=torch.long)
         for i, sl in enumerate(types.values()):
             type_of[sl] = i
         type_names = list(types)
@@ -76,8 +84,8 @@ class Budget:
             key = key * layout.n_layers + unit_layer
         uniq, group_of = torch.unique(key, return_inverse=True)
 
-        lo = torch.zeros(layout.n_units, dtype=torch.float64)
-        hi = torch.ones(layout.n_units, dtype=torch.float64)
+        lo = torch.zeros(space.n_units, dtype=torch.float64)
+        hi = torch.ones(space.n_units, dtype=torch.float64)
         for l in protect_layers:
             lo[unit_layer == l] = 1.0
 
@@ -95,7 +103,7 @@ class Budget:
             ratio = sparsity if t == "all" else ratios[t]
             targets[g] = (1.0 - ratio) * full[g]
             names.append(f"{t}{layer}")
-        budget = cls(layout, group_of, targets, lo, hi, names)
+        budget = cls(space, group_of, targets, lo, hi, names)
         budget._check_feasible()
         return budget
 
@@ -106,10 +114,10 @@ class Budget:
         With layer units (one global group) this is the exact product form, which is still
         non-increasing in the projection shift, so bisection applies."""
         values = values.double()
-        if self.layout.include_layers:
-            return self.layout.kept_params(values).reshape(1)
+        if self.space.include_layers:
+            return self.space.kept_params(values).reshape(1)
         if costs is None:
-            costs = self.layout.costs().to(values.device)
+            costs = self.space.costs().to(values.device)
         out = torch.zeros(len(self.targets), dtype=torch.float64, device=values.device)
         return out.scatter_add_(0, self.group_of.to(values.device), costs * values)
 
@@ -130,7 +138,7 @@ class Budget:
         lo, hi = self.lo.to(device), self.hi.to(device)
         gid = self.group_of.to(device)
         targets = self.targets.to(device)
-        costs = self.layout.costs().to(device)  # once, not in each of the bisection steps
+        costs = self.space.costs().to(device)  # once, not in each of the bisection steps
         n = len(targets)
         v_lo = torch.full((n,), -1.0, dtype=torch.float64, device=device)  # f(v_lo) = max
         v_hi = torch.full((n,), 1.0, dtype=torch.float64, device=device)   # f(v_hi) = min
@@ -151,19 +159,19 @@ class Budget:
         With layer units, a layer is kept when its probability is at least 0.5 (or it is
         protected); its heads and channels then compete for what the kept layers leave.
         """
-        layout = self.layout
+        space, layout = self.space, self.layout
         s = probs.detach().double().cpu()
-        costs = layout.costs()
-        keep = torch.zeros(layout.n_units, dtype=torch.bool)
+        costs = space.costs()
+        keep = torch.zeros(space.n_units, dtype=torch.bool)
         keep |= self.lo >= 1.0
         budgets = self.targets.clone()
-        candidates = torch.ones(layout.n_units, dtype=torch.bool)
+        candidates = torch.ones(space.n_units, dtype=torch.bool)
         if layout.include_layers:
-            sl = layout.type_slices()["layers"]
+            sl = space.type_slices()["layers"]
             layer_keep = (s[sl] >= 0.5) | (self.lo[sl] >= 1.0)
             keep[sl] = layer_keep
             # Units of dropped layers cannot be kept; kept layers pay their fixed part first.
-            candidates &= layer_keep[layout.unit_layer()]
+            candidates &= layer_keep[space.unit_layer()]
             candidates[sl] = False
             budgets[0] -= layer_keep.double().sum() * layout.layer_fixed_cost
             costs[sl] = 0.0  # already paid above

@@ -96,7 +96,7 @@ def cmd_prune(args) -> int:
         val_windows=args.val_windows, eval=args.data, eval_file=args.data_file,
         max_eval_windows=args.max_windows, eval_batch_size=args.eval_batch_size, lr=args.lr,
         min_lr_ratio=args.min_lr_ratio, init=args.init, init_temperature=args.init_temperature,
-        init_attn_sparsity=args.init_attn_sparsity,
+        init_attn_sparsity=args.init_attn_sparsity, channel_block=args.channel_block,
         budget=args.budget, scope=args.scope, attn_sparsity=args.attn_sparsity,
         mlp_sparsity=args.mlp_sparsity, prune_layers=args.prune_layers,
         protect_layers=args.protect_layers, baseline=args.baseline, eval_every=args.eval_every,
@@ -175,11 +175,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="final learning rate as a fraction of --lr")
     p.add_argument("--init", default="wanda-sp",
                    help="wanda-sp, magnitude, constant, or a scores file of an earlier run")
-    p.add_argument("--init-temperature", type=float, default=0.5,
-                   help="temperature of the sigmoid that maps the init metric to probabilities")
+    p.add_argument("--init-temperature", type=float, default=0.1,
+                   help="temperature of the sigmoid that maps the init metric (z-scores inside "
+                        "each layer) to probabilities: lower keeps the sampled masks closer to "
+                        "the init's hard mask (default: 0.1)")
     p.add_argument("--init-attn-sparsity", type=float, default=0.0,
                    help="fraction of attention the init removes under a global budget (the MLP "
                         "takes the rest; the search then moves budget between them)")
+    p.add_argument("--channel-block", type=int, default=64,
+                   help="MLP channels per search unit: each layer's channels are ranked by the "
+                        "init metric and cut into blocks of this size, so the search learns how "
+                        "many channels each layer keeps, with far less noise per unit; 1 searches "
+                        "every channel on its own (default: 64)")
     p.add_argument("--budget", default="global", choices=["global", "per-type"],
                    help="one parameter budget across all units, or separate attention/MLP ratios")
     p.add_argument("--scope", default="global", choices=["global", "layer"],

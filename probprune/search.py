@@ -31,15 +31,16 @@ from .init import initial_probs
 from .masked_model import MaskedCausalLM, sizes_of
 from .models import load_model
 from .policy import Policy, PolicyConfig, PolicyState
+from .space import SearchSpace
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 # Settings that must match for a resumed run to continue the same search.
 RESUME_KEYS = ("model", "sparsity", "steps", "k", "batch_size", "seqlen", "calib", "nsamples",
-               "lr", "init", "init_temperature", "init_attn_sparsity", "init_windows", "budget", "scope",
-               "attn_sparsity", "mlp_sparsity", "prune_layers", "protect_layers", "baseline",
-               "seed", "dtype", "val_windows")
+               "lr", "init", "init_temperature", "init_attn_sparsity", "init_windows", "budget",
+               "scope", "attn_sparsity", "mlp_sparsity", "prune_layers", "protect_layers",
+               "baseline", "seed", "dtype", "val_windows", "channel_block")
 
 
 @dataclass
@@ -61,9 +62,10 @@ class PruneSettings:
     lr: float = 0.01
     min_lr_ratio: float = 0.0
     init: str = "wanda-sp"
-    init_temperature: float = 0.5
+    init_temperature: float = 0.1
     init_attn_sparsity: float = 0.0  # attention share of the init (per-type budgets use theirs)
     init_windows: int = 64        # calibration windows of the init's activation statistics
+    channel_block: int = 64       # MLP channels per search unit, ranked by the init metric
     budget: str = "global"
     scope: str = "global"
     attn_sparsity: Optional[float] = None
@@ -86,7 +88,7 @@ class PruneSettings:
         if not 0.0 < self.sparsity < 1.0:
             raise ValueError(f"--sparsity must lie strictly between 0 and 1, got {self.sparsity}")
         for name in ("steps", "k", "batch_size", "nsamples", "val_windows", "eval_every",
-                     "checkpoint_every"):
+                     "checkpoint_every", "channel_block"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, "
                                  f"got {getattr(self, name)}")
@@ -119,8 +121,14 @@ class Run:
         self.load_s = time.perf_counter() - t0
         self.mm = MaskedCausalLM(self.model, include_layers=s.prune_layers, backend=s.backend)
         self.layout = self.mm.layout
-        self.budget = Budget.build(self.layout, s.sparsity, s.budget, s.scope, s.attn_sparsity,
-                                   s.mlp_sparsity, s.protect_layers)
+        block = min(s.channel_block, self.layout.intermediate)
+        if block < s.channel_block:
+            log.warning("channel block %d exceeds the %d MLP channels of a layer; using %d",
+                        s.channel_block, self.layout.intermediate, block)
+        # Built before the init so that bad settings fail before any long work; the init then
+        # ranks the channels and sets the space's order (the budget does not depend on it).
+        self.budget = Budget.build(SearchSpace(self.layout, block), s.sparsity, s.budget, s.scope,
+                                   s.attn_sparsity, s.mlp_sparsity, s.protect_layers)
         self._load_calibration()
 
     # -- data -----------------------------------------------------------------------------------
@@ -142,13 +150,21 @@ class Run:
         text = eval_text(self.s.eval, self.s.eval_file)
         return text, tokenize_joined(self.tokenizer, [text.text])
 
+    @property
+    def space(self) -> SearchSpace:
+        return self.budget.space
+
+    def _set_space(self, space: SearchSpace) -> None:
+        self.budget = dataclasses.replace(self.budget, space=space)
+
     def val_loss(self, mask: torch.Tensor) -> float:
-        """Mean loss of a hard mask on the held-out calibration windows."""
+        """Mean loss of a hard search-unit mask on the held-out calibration windows."""
         total = 0.0
         bs = self.s.batch_size
+        unit_mask = self.space.expand(mask.to(self.device))[None]
         for start in range(0, len(self.val), bs):
             batch = self.val[start:start + bs]
-            total += float(self.mm.losses(batch, mask[None].to(self.device))[0]) * len(batch)
+            total += float(self.mm.losses(batch, unit_mask)[0]) * len(batch)
         return total / len(self.val)
 
     # -- checkpoint -----------------------------------------------------------------------------
@@ -192,20 +208,23 @@ class Run:
             attn = s.init_attn_sparsity
             if s.budget == "per-type":
                 attn = s.attn_sparsity if s.attn_sparsity is not None else s.sparsity
-            probs = initial_probs(self.model, self.layout, self.budget, s.init,
-                                  self.pool[: s.init_windows],
-                                  s.init_temperature, s.eval_batch_size, s.progress, attn)
+            space, probs = initial_probs(self.model, self.budget, s.init,
+                                         self.pool[: s.init_windows], s.init_temperature,
+                                         s.eval_batch_size, s.progress, attn)
+            self._set_space(space)
             init_mask = self.budget.hard_mask(probs)
-            init_ppl = masked_perplexity(self.mm, init_mask.to(self.device), eval_ids,
+            init_ppl = masked_perplexity(self.mm, space.expand(init_mask).to(self.device), eval_ids,
                                          desc="init perplexity", **ppl_kw)
             init_val = self.val_loss(init_mask)
             st = {"settings": self._settings_dict(), "dense": dense.as_dict(),
+                  "channel_order": space.channel_order,
                   "init": init_ppl.as_dict(), "init_probs": probs.clone(),
                   "init_mask": init_mask, "init_val_loss": init_val,
                   "best": {"mask": init_mask, "val_loss": init_val, "step": 0},
                   "history": [], "step_times": []}
             state = PolicyState(probs.to(self.device))
         else:
+            self._set_space(self.space.with_order(st["channel_order"]))
             state = PolicyState.from_state_dict(st["policy"], self.device)
             self.data_gen.set_state(st["data_rng"])
             self.mask_gen.set_state(st["mask_rng"])
@@ -219,20 +238,20 @@ class Run:
         s, state = self.s, self.policy.state
         bar = tqdm(total=s.steps, initial=state.step, desc="search", disable=not s.progress,
                    unit="step")
-        n = self.layout.n_units
+        space = self.space
         prunable = self.layout.prunable_params
         while state.step < s.steps:
             t0 = time.perf_counter()
             rows = torch.randint(0, len(self.pool), (s.batch_size,), generator=self.data_gen)
             batch = self.pool[rows]
-            u = torch.rand(s.k, n, generator=self.mask_gen, device=self.device)
+            u = torch.rand(s.k, space.n_units, generator=self.mask_gen, device=self.device)
             masks = pk.sample_masks(state.probs, u, backend=s.backend)
-            losses = self.mm.losses(batch, masks)
+            losses = self.mm.losses(batch, space.expand(masks))
             stats = self.policy.update(losses, masks, self.budget.project)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             st["step_times"].append(time.perf_counter() - t0)
-            kept = float(self.layout.kept_params(state.probs)) / prunable
+            kept = float(space.kept_params(state.probs)) / prunable
             record = {"step": state.step, "losses": losses.tolist(), "kept": kept, **stats}
             if state.step % s.eval_every == 0 or state.step == s.steps:
                 hard = self.budget.hard_mask(state.probs)
@@ -253,8 +272,12 @@ class Run:
 
     def _finish(self, st, eval_src, eval_ids, ppl_kw) -> dict:
         s = self.s
-        best, final_probs = st["best"], self.policy.probs.detach().float().cpu()
-        mask = best["mask"]
+        space = self.space
+        best = st["best"]
+        # Everything written out is per model unit: usable without knowing the search space.
+        final_probs = space.expand(self.policy.probs.detach().float().cpu())
+        init_probs = space.expand(st["init_probs"].float().cpu())
+        mask, init_mask = space.expand(best["mask"]), space.expand(st["init_mask"])
         search_ppl = masked_perplexity(self.mm, mask.to(self.device), eval_ids,
                                        desc="pruned perplexity (masked)", **ppl_kw)
         meta = {"settings": self._settings_dict(), "probprune_version": __version__,
@@ -262,10 +285,10 @@ class Run:
         export_pruned(self.model, self.tokenizer, self.layout, mask, s.out, meta)
         reloaded = load_pruned(s.out, dtype=s.dtype, device=s.device)
         pruned = perplexity(reloaded, eval_ids, desc="pruned perplexity (reloaded)", **ppl_kw)
-        save_file({"probs": final_probs.contiguous(), "init_probs": st["init_probs"].float().cpu()},
+        save_file({"probs": final_probs.contiguous(), "init_probs": init_probs.contiguous()},
                   os.path.join(s.out, "scores.safetensors"))
         save_file({"mask": mask.to(torch.uint8).contiguous(),
-                   "init_mask": st["init_mask"].to(torch.uint8).contiguous()},
+                   "init_mask": init_mask.to(torch.uint8).contiguous()},
                   os.path.join(s.out, "masks.safetensors"))
         lay = self.layout
         times = st["step_times"]
@@ -281,6 +304,9 @@ class Run:
                            "pruned_masked": search_ppl.as_dict()},
             "val_loss": {"init": st["init_val_loss"], "best": best["val_loss"],
                          "best_step": best["step"]},
+            "search_units": {"heads": space.n_heads, "channel_blocks": space.n_blocks,
+                             "channel_block": space.channel_block,
+                             "layers": space.n_layers if space.include_layers else 0},
             "layers": sizes_of(lay, mask),
             "median_step_s": statistics.median(times) if times else None,
             "steps_timed": len(times),

@@ -3,11 +3,15 @@ import pytest
 import torch
 
 from probprune.budget import Budget, BudgetError
+from probprune.space import SearchSpace
 from probprune.units import UnitLayout
 
 LAYOUT = UnitLayout(n_layers=3, n_kv_heads=2, q_per_kv=3, head_dim=4, hidden=12,
                     intermediate=10, attn_bias=True, o_bias=False, include_layers=False)
 WITH_LAYERS = UnitLayout(**{**LAYOUT.__dict__, "include_layers": True})
+# Channel blocks of 4, 4 and 2 channels: search units of unequal cost.
+BLOCKS = SearchSpace(LAYOUT, channel_block=4)
+BLOCKS_WITH_LAYERS = SearchSpace(WITH_LAYERS, channel_block=4)
 
 
 def test_costs_by_hand():
@@ -20,7 +24,9 @@ def test_costs_by_hand():
 
 @pytest.mark.parametrize("layout,mode,scope", [
     (LAYOUT, "global", "global"), (LAYOUT, "per-type", "global"),
-    (LAYOUT, "global", "layer"), (LAYOUT, "per-type", "layer"), (WITH_LAYERS, "global", "global")])
+    (LAYOUT, "global", "layer"), (LAYOUT, "per-type", "layer"), (WITH_LAYERS, "global", "global"),
+    (BLOCKS, "global", "global"), (BLOCKS, "per-type", "layer"),
+    (BLOCKS_WITH_LAYERS, "global", "global")])
 def test_projection_keeps_bounds_and_meets_budget(layout, mode, scope):
     budget = Budget.build(layout, 0.4, mode, scope, protect_layers=[2] if scope == "global" else [])
     torch.manual_seed(0)
@@ -38,14 +44,18 @@ def test_projection_keeps_bounds_and_meets_budget(layout, mode, scope):
 
 
 @pytest.mark.parametrize("layout,mode,scope", [
-    (LAYOUT, "global", "global"), (LAYOUT, "per-type", "layer"), (WITH_LAYERS, "global", "global")])
+    (LAYOUT, "global", "global"), (LAYOUT, "per-type", "layer"), (WITH_LAYERS, "global", "global"),
+    (BLOCKS, "global", "global"), (BLOCKS, "per-type", "layer"),
+    (BLOCKS_WITH_LAYERS, "global", "global")])
 def test_hard_mask_meets_budget_within_one_unit(layout, mode, scope):
     budget = Budget.build(layout, 0.35, mode, scope)
     torch.manual_seed(1)
     probs = budget.project(torch.rand(layout.n_units, dtype=torch.float64))
     mask = budget.hard_mask(probs)
     kept = budget.kept_by_group(mask.double())
-    biggest = float(layout.costs().max()) if not layout.include_layers else layout.head_cost
+    # the costliest unit that competes for the budget (layer units are decided first)
+    n_competing = layout.n_units - (layout.n_layers if layout.include_layers else 0)
+    biggest = float(layout.costs()[:n_competing].max())
     assert torch.all(kept <= budget.targets + 1e-6)
     assert torch.all(budget.targets - kept < biggest)
 

@@ -44,8 +44,9 @@ def test_initial_probs_are_on_the_budget(llama, method):
     model, layout = llama
     budget = Budget.build(layout, 0.3)
     windows = torch.randint(0, model.config.vocab_size, (4, 12))
-    probs = initial_probs(model, layout, budget, method, windows, progress=False)
-    assert probs.shape == (layout.n_units,) and probs.min() >= 0 and probs.max() <= 1
+    space, probs = initial_probs(model, budget, method, windows, progress=False)
+    assert probs.shape == (layout.n_units,) and space.n_units == layout.n_units
+    assert probs.min() >= 0 and probs.max() <= 1
     torch.testing.assert_close(budget.kept_by_group(probs), budget.targets, rtol=1e-5, atol=1)
     if method != "constant":  # informative: not all equal
         assert probs.std() > 0.05
@@ -56,10 +57,22 @@ def test_scores_file_round_trip_and_errors(llama, tmp_path):
     budget = Budget.build(layout, 0.3)
     probs = torch.rand(layout.n_units)
     save_file({"probs": probs}, str(tmp_path / "scores.safetensors"))
-    loaded = initial_probs(model, layout, budget, str(tmp_path / "scores.safetensors"))
-    torch.testing.assert_close(loaded, budget.project(probs.double()).float())
+    space, loaded = initial_probs(model, budget, str(tmp_path / "scores.safetensors"))
+    torch.testing.assert_close(space.expand(loaded), budget.project(probs.double()).float())
     save_file({"probs": torch.rand(5)}, str(tmp_path / "bad.safetensors"))
     with pytest.raises(ValueError, match=r"has shape \(5,\)"):
-        initial_probs(model, layout, budget, str(tmp_path / "bad.safetensors"))
+        initial_probs(model, budget, str(tmp_path / "bad.safetensors"))
     with pytest.raises(FileNotFoundError, match="wanda-sp, magnitude, constant"):
-        initial_probs(model, layout, budget, "wanda")
+        initial_probs(model, budget, "wanda")
+
+
+def test_sigmoid_around_ratio_by_hand():
+    from probprune.init import sigmoid_around_ratio
+
+    z = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
+    # Ratio 0.5: the threshold lies between the 2nd and 3rd value.
+    torch.testing.assert_close(sigmoid_around_ratio(z, 0.5, 0.5),
+                               torch.sigmoid((z - 1.5) / 0.5))
+    # Ratio 0: nothing is pruned, the least important unit starts at 0.99; ratio 1: at most 0.01.
+    assert float(sigmoid_around_ratio(z, 0.0, 0.1).min()) == pytest.approx(0.99)
+    assert float(sigmoid_around_ratio(z, 1.0, 0.1).max()) == pytest.approx(0.01)

@@ -46,13 +46,15 @@ def test_run_writes_everything_and_reload_matches(tiny_model_dirs, calib_file, t
     assert json.load(open(out / "report.json"))["settings"]["k"] == 3
 
 
-def test_resume_reproduces_the_uninterrupted_run(tiny_model_dirs, calib_file, tmp_path):
+@pytest.mark.parametrize("block", [1, 5])
+def test_resume_reproduces_the_uninterrupted_run(tiny_model_dirs, calib_file, tmp_path, block):
     model = tiny_model_dirs["llama"]
-    full = prune(settings(model, calib_file, tmp_path / "full"))
-    with pytest.raises(KeyboardInterrupt):
-        prune(settings(model, calib_file, tmp_path / "cut", stop_after=5))  # killed after step 5
+    full = prune(settings(model, calib_file, tmp_path / "full", channel_block=block))
+    with pytest.raises(KeyboardInterrupt):  # killed after step 5
+        prune(settings(model, calib_file, tmp_path / "cut", stop_after=5, channel_block=block))
     # The checkpoint of step 4 is the last one; the resumed run replays step 5 identically.
-    resumed = prune(settings(model, calib_file, tmp_path / "cut", resume=True))
+    resumed = prune(settings(model, calib_file, tmp_path / "cut", resume=True,
+                             channel_block=block))
     a = load_file(str(tmp_path / "full" / "scores.safetensors"))["probs"]
     b = load_file(str(tmp_path / "cut" / "scores.safetensors"))["probs"]
     assert torch.equal(a, b)
@@ -75,6 +77,7 @@ def test_resume_refuses_changed_settings(tiny_model_dirs, calib_file, tmp_path):
     (dict(k=1), ValueError, "leave-one-out baseline needs --k 2"),
     (dict(nsamples=5000), DataError, "5000 \\+ 3 windows of 24 need"),
     (dict(protect_layers=[0, 1, 2]), ValueError, "budget cannot be met"),
+    (dict(channel_block=0), ValueError, "--channel-block must be at least 1"),
 ])
 def test_errors(tiny_model_dirs, calib_file, tmp_path, kw, error, message):
     with pytest.raises(error, match=message):
