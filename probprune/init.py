@@ -139,7 +139,7 @@ def init_ratios(layout: UnitLayout, budget: Budget, attn_sparsity: float):
 
 
 def initial_probs(model, budget: Budget, method: str, windows: Optional[torch.Tensor] = None,
-                  temperature: float = 0.5, batch_size: int = 8, progress: bool = True,
+                  temperature: float = 0.1, batch_size: int = 8, progress: bool = True,
                   attn_sparsity: float = 0.0) -> Tuple[SearchSpace, torch.Tensor]:
     """The search space with its channels ranked by the init metric, and the initial
     keep-probabilities of its units [n_units] (float32, on the budget)."""
@@ -162,8 +162,9 @@ def initial_probs(model, budget: Budget, method: str, windows: Optional[torch.Te
         metric = unit_metric(model, layout, method, norms)
         space = space.with_order(rank_channels(layout, metric))
         # A block's metric is the sum over its channels, like a head group's over its columns.
-        padded = torch.cat([metric, torch.ones(layout.n_units - metric.numel(), dtype=metric.dtype)])
-        m = space.split(space.reduce(padded, mean=False))
+        # layer units, if any, take their init from the block influence below, not from this pad
+        layer_pad = torch.ones(layout.n_units - metric.numel(), dtype=metric.dtype)
+        m = space.split(space.reduce(torch.cat([metric, layer_pad]), mean=False))
         a, r = init_ratios(layout, budget, attn_sparsity)
         parts = [sigmoid_around_ratio(_standardize(m.heads), a, temperature).flatten(),
                  sigmoid_around_ratio(_standardize(m.channels), r, temperature).flatten()]

@@ -213,8 +213,8 @@ class Run:
                                          s.eval_batch_size, s.progress, attn)
             self._set_space(space)
             init_mask = self.budget.hard_mask(probs)
-            init_ppl = masked_perplexity(self.mm, space.expand(init_mask).to(self.device), eval_ids,
-                                         desc="init perplexity", **ppl_kw)
+            init_ppl = masked_perplexity(self.mm, space.expand(init_mask).to(self.device),
+                                         eval_ids, desc="init perplexity", **ppl_kw)
             init_val = self.val_loss(init_mask)
             st = {"settings": self._settings_dict(), "dense": dense.as_dict(),
                   "channel_order": space.channel_order,

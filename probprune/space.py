@@ -1,7 +1,7 @@
 """The search space: the units the policy learns one keep-probability for.
 
-A search unit is a KV-head group, a block of ``channel_block`` MLP channels of one layer, or (opt-in)
-a whole layer, in that order in the flat probability vector. The blocks follow a per-layer order of
+A search unit is a KV-head group, a block of ``channel_block`` MLP channels of one layer, or
+(opt-in) a whole layer, in that order in the flat probability vector. The blocks follow a per-layer order of
 the channels, most important first by the init metric: block b of a layer holds the channels ranked
 ``[b * cb, (b + 1) * cb)``, and when ``cb`` does not divide the intermediate size the last block is
 the smaller one. With ``cb = 1`` and no order this is the model's own unit layout.
@@ -32,7 +32,7 @@ from .units import UnitLayout, UnitMasks
 class SearchSpace:
     layout: UnitLayout
     channel_block: int = 1
-    channel_order: Optional[torch.Tensor] = None  # [L, F] long: channel of each rank; None = identity
+    channel_order: Optional[torch.Tensor] = None  # [L, F] long, channel of each rank; None: identity
 
     def __post_init__(self):
         lay = self.layout
@@ -46,7 +46,7 @@ class SearchSpace:
                                  f"({lay.n_layers}, {lay.intermediate})")
             expected = torch.arange(lay.intermediate).expand(lay.n_layers, -1)
             if not torch.equal(order.sort(-1).values.cpu(), expected):
-                raise ValueError("channel order must be a permutation of the channels of each layer")
+                raise ValueError("channel order must be a permutation of each layer's channels")
 
     @classmethod
     def of(cls, space_or_layout) -> "SearchSpace":
@@ -155,11 +155,23 @@ class SearchSpace:
             parts.append(self.n_heads + self.n_blocks + torch.arange(L))
         return torch.cat(parts)
 
+    @cached_property
+    def _index_by_device(self) -> dict:
+        return {}
+
+    def _of_unit_on(self, device) -> torch.Tensor:
+        """``of_unit`` on ``device``, copied there once: expand runs on every step."""
+        device = torch.device(device)
+        cache = self._index_by_device
+        if device not in cache:
+            cache[device] = self.of_unit.to(device)
+        return cache[device]
+
     def expand(self, values: torch.Tensor) -> torch.Tensor:
         """Search-unit values [..., n_units] -> model-unit values [..., layout.n_units]."""
         if values.shape[-1] != self.n_units:
             raise ValueError(f"expected {self.n_units} search-unit values, got {values.shape[-1]}")
-        return values[..., self.of_unit.to(values.device)]
+        return values[..., self._of_unit_on(values.device)]
 
     def reduce(self, unit_values: torch.Tensor, mean: bool = True) -> torch.Tensor:
         """Model-unit values [layout.n_units] -> the mean (or sum) over each search unit
@@ -167,9 +179,10 @@ class SearchSpace:
         if unit_values.shape[-1] != self.layout.n_units:
             raise ValueError(f"expected {self.layout.n_units} model-unit values, "
                              f"got {unit_values.shape[-1]}")
-        idx = self.of_unit.to(unit_values.device)
+        idx = self._of_unit_on(unit_values.device)
         v = unit_values.double()
-        total = torch.zeros(self.n_units, dtype=torch.float64, device=v.device).index_add_(0, idx, v)
+        total = torch.zeros(self.n_units, dtype=torch.float64, device=v.device)
+        total.index_add_(0, idx, v)
         if not mean:
             return total
         return total / torch.zeros_like(total).index_add_(0, idx, torch.ones_like(v))

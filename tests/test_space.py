@@ -63,7 +63,7 @@ def test_bad_spaces():
         SearchSpace(LAYOUT, 0)
     with pytest.raises(ValueError, match=r"shape \(1, 5\); the model needs \(2, 5\)"):
         SearchSpace(LAYOUT, 2, ORDER[:1])
-    with pytest.raises(ValueError, match="permutation"):
+    with pytest.raises(ValueError, match="permutation of each layer"):
         SearchSpace(LAYOUT, 2, torch.tensor([[0, 0, 1, 2, 3], [0, 1, 2, 3, 4]]))
     with pytest.raises(ValueError, match="expected 10 search-unit values, got 14"):
         SearchSpace(LAYOUT, 2).expand(torch.ones(14))
