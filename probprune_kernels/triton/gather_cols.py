@@ -16,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import GEMM_CONFIGS, bucket, dot_precision, dot_upcast, finish, out_dtype
+from ._common import (GEMM_CONFIGS, bucket, dot_precision, dot_upcast, finish, grouped_tile,
+                      out_dtype)
 
 
 @triton.autotune(configs=GEMM_CONFIGS, key=["M_BUCKET", "N_IN", "DOUT", "GROUP"])
@@ -40,14 +41,7 @@ def _gather_cols_gemm_kernel(
     """
     pid = tl.program_id(0)
     mask_id = tl.program_id(1).to(tl.int64)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(DOUT, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_tile(pid, M, DOUT, BLOCK_M, BLOCK_N, GROUP_M)
 
     n_active = tl.load(cnt_ptr + mask_id) * GROUP
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
