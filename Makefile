@@ -1,4 +1,4 @@
-# make demo | make test | make bench | make test-gpu | make checkstyle
+# make demo | make test | make bench | make test-gpu | make lint
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,7 +10,7 @@ export PROBPRUNE_WIKITEXT2 ?= $(WIKITEXT2)
 endif
 export CUDA_HOME ?= /usr/local/cuda
 
-.PHONY: install demo test test-gpu bench checkstyle clean
+.PHONY: install demo test test-gpu bench lint clean
 
 install: $(VENV)/.installed
 
@@ -31,18 +31,20 @@ demo: install
 		--batch-size 4 --seqlen 128 --calib wiki-summaries --eval wikitext2 --max-windows 128 \
 		--out runs/demo-smollm2-30
 
-test: install
+test: install lint
 	$(PY) -m pytest -q
 
 test-gpu: install
 	$(PY) -m pytest -q -m gpu
 
-# Benchmarks (see README "Benchmarks"): BENCH_ARGS=--quick for the reduced set.
+# Benchmarks (see README "Benchmarks"): BENCH_ARGS=--quick for the reduced set. The harness is
+# the checkout's bench/ package (not installed), run from this folder.
 bench: install
-	$(VENV)/bin/probprune-fast bench --out bench-results $(BENCH_ARGS)
+	$(PY) -m bench --out bench-results $(BENCH_ARGS)
 
-checkstyle:
-	$(PY) -m pyflakes probprune probprune_kernels tests bench 2>/dev/null || true
+# pyflakes' rules through ruff (a test dependency): an unused import or undefined name fails.
+lint: install
+	$(VENV)/bin/ruff check probprune probprune_kernels tests bench setup.py
 
 clean:
 	rm -rf build *.egg-info $(VENV)

@@ -4,22 +4,22 @@
     pytest bench/ --bench-plan quick --benchmark-json=quick.json    # the reduced set
     pytest bench/test_bench_ops.py --benchmark-group-by=group       # side-by-side tables
 
-Cases, shapes and providers come from ``probprune.bench`` (the same definitions the
-``probprune-fast bench`` command times); each record carries its settings in ``extra_info`` and
-the json gets a ``probprune`` section with the ratios of every group.
+Cases, shapes and providers come from ``bench.harness`` (the same definitions ``python -m bench``
+times); each record carries its settings in ``extra_info`` and the json gets a ``probprune``
+section with the ratios of every group.
 """
 import pytest
 import torch
 
-from probprune.bench import e2e, micro
-from probprune.bench.registry import make_plan
-from probprune.bench.run import default_dtype
-from probprune.bench.timing import ratio
+from bench.harness import micro
+from bench.harness.registry import DENSE_MASK, ENGINE, LIMIT, PLANS, engine_case, make_plan
+from bench.harness.run import default_dtype
+from bench.harness.timing import ratio
 
 
 def pytest_addoption(parser):
     group = parser.getgroup("probprune bench")
-    group.addoption("--bench-plan", default="full", choices=["full", "quick", "tiny"],
+    group.addoption("--bench-plan", default="full", choices=PLANS,
                     help="which registry plan to run (default: full)")
     group.addoption("--bench-device", default=None, help="cpu or cuda (default: cuda if available)")
     group.addoption("--bench-dtype", default=None, help="float32, float16, bfloat16")
@@ -46,8 +46,7 @@ def pytest_generate_tests(metafunc):
                              ids=[f"{c.group}-{p}" for c, p in params])
     if "step_case" in metafunc.fixturenames:
         device = bench_device(config)
-        names = [e2e.DENSE_MASK] + [e2e.engine_case(b) for b in e2e.engine_backends(device)] \
-            + [e2e.LIMIT]
+        names = [DENSE_MASK] + [engine_case(b) for b in micro.bench_backends(device)] + [LIMIT]
         params = [(s, n) for s in bench_plan(config).settings for n in names]
         metafunc.parametrize("step_case", params,
                              ids=[f"{s.label.replace(' ', '-')}-{n}" for s, n in params])
@@ -83,9 +82,9 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
         if kind == "micro":
             micro_ratios[name] = micro.group_ratios(medians)
             continue
-        a, c = medians.get(e2e.DENSE_MASK), medians.get(e2e.LIMIT)
-        steps[name] = {case[len("engine-"):]: {"vs_dense_mask": ratio(t, a), "vs_limit": ratio(t, c)}
-                       for case, t in medians.items() if case.startswith("engine-")}
+        a, c = medians.get(DENSE_MASK), medians.get(LIMIT)
+        steps[name] = {case[len(ENGINE):]: {"vs_dense_mask": ratio(t, a), "vs_limit": ratio(t, c)}
+                       for case, t in medians.items() if case.startswith(ENGINE)}
     output_json["probprune"] = {"micro_ratios": micro_ratios, "end_to_end_ratios": steps,
                                 "plan": config.getoption("--bench-plan"),
                                 "device": bench_device(config), "dtype": bench_dtype(config)}

@@ -5,12 +5,14 @@
 #   build        pip install -e . --no-build-isolation --no-deps (compiles probprune_kernels._C)
 #   import       imports probprune_kernels._C and records probprune_kernels._cuda.info()
 #   gpu_tests    pytest -m gpu $GPU_CHECK_TESTS (-n auto with pytest-xdist), junit in gpu_tests.xml
-#   micro_bench  bench/gpu_micro.py: kernel micro-benchmarks at LLaMA-7B layer shapes
+#   micro_bench  python -m bench --plan gpu-check: the kernel micro-benchmarks of the registry at
+#                LLaMA-7B layer shapes, every backend through the public ops, timed with
+#                triton.testing.do_bench (results in OUTDIR/micro_bench/bench.json and bench.md)
 # then writes OUTDIR/gpu_check.json and OUTDIR/gpu_check.md. A failing step is recorded and the
 # script goes on; it exits 1 if any step failed (or timed out), else 0.
 #
 # Without a GPU it says so and does a dry run of its plumbing: no build (unless GPU_CHECK_BUILD=1),
-# the GPU tests are collected and skip, gpu_micro.py records that it measured nothing; exit 0.
+# the GPU tests are collected and skip, the benchmark lists the cases it would time; exit 0.
 #
 # No network is needed; the environment must already hold torch, triton, pytest and ninja. Python:
 # the checkout's .venv/bin/python when present, else python3 (python) on the PATH.
@@ -18,7 +20,7 @@
 # Environment:
 #   GPU_CHECK_TESTS           pytest paths (default: tests)
 #   GPU_CHECK_BUILD=0|1       build the extension (default: 1 with a GPU, 0 without)
-#   GPU_CHECK_BENCH_BUDGET_S  gpu_micro.py's time budget in seconds (default 100)
+#   GPU_CHECK_BENCH_BUDGET_S  the micro-benchmarks' time budget in seconds (default 100)
 #   GPU_CHECK_DEADLINE_S      overall deadline in seconds (default 285: done within 5 minutes)
 #   CUDA_HOME                 the toolkit (default /usr/local/cuda when present)
 set -u -o pipefail
@@ -41,7 +43,7 @@ MIN_STEP=5        # a step is not started with less time than this left
 BUILD_CAP=170     # per-step caps (seconds), further limited by the deadline
 IMPORT_CAP=60
 TESTS_CAP=150
-BENCH_SLACK=40    # gpu_micro.py's start-up and last measurement beyond its budget
+BENCH_SLACK=40    # the benchmark's start-up and last measurement beyond its budget
 SECONDS=0
 
 if [ -x "$ROOT/.venv/bin/python" ]; then
@@ -61,7 +63,8 @@ export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # what this script writes; earlier results in OUTDIR must not be read as this run's
 rm -f "$OUT"/{env.json,env.log,steps.tsv,build.log,import.log,gpu_tests.log,gpu_tests.xml} \
-      "$OUT"/{micro_bench.log,gpu_micro.json,gpu_micro.md,gpu_check.json,gpu_check.md}
+      "$OUT"/{micro_bench.log,gpu_check.json,gpu_check.md}
+rm -rf "$OUT/micro_bench"
 : >"$OUT/steps.tsv"
 
 say() { echo "gpu_check: $*"; }
@@ -231,12 +234,15 @@ cap=$((TESTS_CAP < left ? TESTS_CAP : left))
 run_step gpu_tests "$cap" "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider "${XDIST[@]}" \
     --junitxml="$OUT/gpu_tests.xml" $TESTS
 
-# micro-benchmarks (gpu_micro.json / gpu_micro.md in OUTDIR)
+# micro-benchmarks (OUTDIR/micro_bench/bench.json and bench.md); without a GPU a dry run that
+# lists the cases a GPU run would time
 left=$((DEADLINE - SECONDS - RESERVE))
 budget=$(awk -v b="$BENCH_BUDGET" -v l="$((left - BENCH_SLACK))" \
     'BEGIN { x = (b < l) ? b : l; if (x < 1) x = 1; printf "%d", x }')
-run_step micro_bench "$((budget + BENCH_SLACK))" "$PY" bench/gpu_micro.py \
-    --out "$OUT/gpu_micro.json" --md "$OUT/gpu_micro.md" --budget-s "$budget"
+BENCH_DRY=()
+[ "$TORCH_GPU" = 1 ] || BENCH_DRY=(--dry-run)
+run_step micro_bench "$((budget + BENCH_SLACK))" "$PY" -m bench --plan gpu-check --device cuda \
+    --out "$OUT/micro_bench" --budget-s "$budget" --no-plots "${BENCH_DRY[@]}"
 
 # ---------------------------------------------------------------------------------------------
 # report: OUTDIR/gpu_check.json and OUTDIR/gpu_check.md; exit 1 when anything failed
@@ -302,7 +308,7 @@ if ran_tests and os.path.exists(path("gpu_tests.xml")):
     except Exception as exc:  # a junit file cut short by a timeout
         tests = {"error": f"cannot read gpu_tests.xml: {type(exc).__name__}: {exc}"}
 
-bench = load_json("gpu_micro.json") if "micro_bench" in by_name and \
+bench = load_json("micro_bench/bench.json") if "micro_bench" in by_name and \
     by_name["micro_bench"]["status"] != "skipped" else None
 
 # with a GPU, a green step that checked nothing is a failure
@@ -312,7 +318,7 @@ if not dry:
         s["status"] = "failed"
         s["log"] += " (a GPU is present but no GPU test passed)"
     s = by_name.get("micro_bench")
-    if s and s["status"] == "ok" and not (bench or {}).get("results"):
+    if s and s["status"] == "ok" and not (bench or {}).get("micro"):
         s["status"] = "failed"
         s["log"] += " (a GPU is present but nothing was measured)"
 
@@ -361,10 +367,11 @@ if tests is not None:
                 md.append(f"- ... and {len(tests['failed_cases']) - 40} more (gpu_tests.xml)")
 if bench is not None:
     try:
-        with open(path("gpu_micro.md")) as f:
-            micro = f.read().strip()
+        with open(path("micro_bench/bench.md")) as f:  # its headings one level down
+            micro = "\n".join("#" + line if line.startswith("#") else line
+                              for line in f.read().strip().splitlines())
     except OSError:
-        micro = "## Kernel micro-benchmarks\n\n(gpu_micro.md is missing; see gpu_micro.json)"
+        micro = "## Kernel micro-benchmarks\n\n(micro_bench/bench.md is missing; see bench.json)"
     md += ["", micro]
 tails = []
 for s in steps:

@@ -2,19 +2,19 @@
 the registry (LLaMA-7B/13B layers on a GPU, SmolLM2 layers on the CPU).
 
 Rounds and iterations follow the plan (``micro_repeats`` rounds, iterations so that a round lasts
-at least ``micro_min_time``), as in ``probprune-fast bench``: pytest-benchmark's own calibration
+at least ``micro_min_time``), as in ``python -m bench``: pytest-benchmark's own calibration
 took minutes per microsecond-scale case on a loaded CPU."""
 import math
 import time
 
-from probprune.bench import micro
-from probprune.bench.timing import synchronize
-from probprune.models import resolve_dtype
+from bench.harness import micro
+from bench.harness.registry import torch_dtype
+from bench.harness.timing import synchronize
 
 
 def test_op(benchmark, micro_case, device, dtype, plan):
     case, provider = micro_case
-    tdtype = resolve_dtype(dtype)
+    tdtype = torch_dtype(dtype)
     fn = micro.setup(case, [provider], device, tdtype)[provider]
 
     def run():

@@ -6,8 +6,8 @@ import tempfile
 
 import pytest
 
-from probprune.bench import e2e
-from probprune.bench.timing import synchronize
+from bench.harness import e2e, micro
+from bench.harness.timing import synchronize
 
 
 class _Models:
@@ -26,10 +26,10 @@ class _Models:
             self.name = setting.model
         if setting not in self.cases:
             self.cases.clear()
-            pruned = e2e.load_pruned(e2e.export_limit(self.model, setting, self.workdir.name),
-                                     dtype=self.dtype, device=self.device)
-            self.cases[setting] = e2e.step_cases(self.model, setting,
-                                                 e2e.engine_backends(self.device), pruned)
+            pruned_dir = e2e.export_limit(self.model, setting, self.workdir.name)
+            self.cases[setting] = e2e.setting_cases(self.model, setting,
+                                                    micro.bench_backends(self.device), pruned_dir,
+                                                    self.dtype)
         return self.cases[setting]
 
 

@@ -14,7 +14,10 @@
 
 #include <climits>
 #include <cmath>
+#include <initializer_list>
 #include <optional>
+#include <sstream>
+#include <string>
 #include <tuple>
 
 #include "probprune/launchers.h"
@@ -28,20 +31,42 @@ namespace {
 using at::Tensor;
 using probprune::DType;
 
-#define PP_CHECK_CUDA(x) \
-  TORCH_CHECK((x).is_cuda(), "probprune_cuda: " #x " must be a CUDA tensor, got ", (x).device())
-#define PP_CHECK_DIM(x, d, layout)                                                   \
-  TORCH_CHECK((x).dim() == (d), "probprune_cuda: " #x " must have rank " #d " " layout \
-              ", got shape ", (x).sizes())
-#define PP_CHECK_SAME_DEVICE(a, b)                                                           \
-  TORCH_CHECK((a).device() == (b).device(), "probprune_cuda: " #a " is on ", (a).device(), \
-              " but " #b " is on ", (b).device())
-#define PP_CHECK_SAME_DTYPE(a, b)                                                          \
-  TORCH_CHECK((a).scalar_type() == (b).scalar_type(), "probprune_cuda: " #a " has dtype ", \
-              (a).scalar_type(), " but " #b " has dtype ", (b).scalar_type())
-#define PP_CHECK_INT32(x)                                                                   \
-  TORCH_CHECK((x).scalar_type() == at::kInt, "probprune_cuda: " #x " must be int32, got ", \
-              (x).scalar_type())
+// A tensor argument and its name in the op's schema, for the messages.
+struct Arg {
+  const Tensor& t;
+  const char* name;
+};
+#define PP_ARG(x) Arg{(x), #x}
+
+void check_cuda(const Arg& a) {
+  TORCH_CHECK(a.t.is_cuda(), "probprune_cuda: ", a.name, " must be a CUDA tensor, got ",
+              a.t.device());
+}
+
+void check_rank(const Arg& a, int64_t rank, const char* layout) {
+  TORCH_CHECK(a.t.dim() == rank, "probprune_cuda: ", a.name, " must have rank ", rank, " ",
+              layout, ", got shape ", a.t.sizes());
+}
+
+void check_same_device(const Arg& a, const Arg& b) {
+  TORCH_CHECK(a.t.device() == b.t.device(), "probprune_cuda: ", a.name, " is on ", a.t.device(),
+              " but ", b.name, " is on ", b.t.device());
+}
+
+void check_same_dtype(const Arg& a, const Arg& b) {
+  TORCH_CHECK(a.t.scalar_type() == b.t.scalar_type(), "probprune_cuda: ", a.name, " has dtype ",
+              a.t.scalar_type(), " but ", b.name, " has dtype ", b.t.scalar_type());
+}
+
+void check_same_shape(const Arg& a, const Arg& b) {
+  TORCH_CHECK(a.t.sizes() == b.t.sizes(), "probprune_cuda: ", a.name, " ", a.t.sizes(), " and ",
+              b.name, " ", b.t.sizes(), " must have one shape");
+}
+
+void check_int32(const Arg& a) {
+  TORCH_CHECK(a.t.scalar_type() == at::kInt, "probprune_cuda: ", a.name, " must be int32, got ",
+              a.t.scalar_type());
+}
 
 int as_int(int64_t v, const char* what) {
   TORCH_CHECK(v >= 0 && v <= INT_MAX, "probprune_cuda: ", what, " = ", v,
@@ -62,6 +87,59 @@ DType float_dtype(const Tensor& t, const char* name) {
                   t.scalar_type());
   }
   return DType::F32;  // unreachable
+}
+
+// The tensors of one op: `first` a CUDA tensor and every other on its device; `first` and the
+// `floats` in one float dtype, which is returned (`others`: indices and counts, checked by the op).
+DType check_operands(const Arg& first, std::initializer_list<Arg> floats,
+                     std::initializer_list<Arg> others) {
+  check_cuda(first);
+  for (const Arg& a : floats) {
+    check_same_device(first, a);
+    check_same_dtype(first, a);
+  }
+  for (const Arg& a : others) check_same_device(first, a);
+  return float_dtype(first.t, first.name);
+}
+
+std::string tuple_str(at::IntArrayRef shape) {
+  std::ostringstream out;
+  out << "(";
+  for (size_t i = 0; i < shape.size(); ++i) out << (i ? ", " : "") << shape[i];
+  out << (shape.size() == 1 ? ",)" : ")");
+  return out.str();
+}
+
+// An optional operand (bias, residual): on the device and in the dtype of `like`, of `shape`.
+void check_optional(const std::optional<Tensor>& t, const char* name, const Arg& like,
+                    at::IntArrayRef shape) {
+  if (!t.has_value()) return;
+  const Arg a{*t, name};
+  check_same_device(like, a);
+  check_same_dtype(like, a);
+  TORCH_CHECK(t->sizes() == shape, "probprune_cuda: ", name, " must have shape ", tuple_str(shape),
+              ", got ", t->sizes());
+}
+
+// The operands of a gather GEMM: activations a [K, M, *] and one or two weights [*, *] in one
+// float dtype (returned), idx and counts on their device.
+DType check_gemm_operands(const Arg& a, const char* a_layout, std::initializer_list<Arg> weights,
+                          const char* w_layout, const Tensor& idx, const Tensor& counts) {
+  const DType dt = check_operands(a, weights, {PP_ARG(idx), PP_ARG(counts)});
+  check_rank(a, 3, a_layout);
+  for (const Arg& w : weights) check_rank(w, 2, w_layout);
+  return dt;
+}
+
+// Dimension `dim` of w holds whole units of `group` rows or columns.
+void check_group(const Tensor& w, int dim, int64_t group) {
+  TORCH_CHECK(group >= 1 && w.size(dim) % group == 0, "probprune_cuda: w.shape[", dim, "] (",
+              w.size(dim), ") must be a positive multiple of group (", group, ")");
+}
+
+void check_in_features(const Tensor& x, const Arg& w) {
+  TORCH_CHECK(w.t.size(1) == x.size(2), "probprune_cuda: x has in_features ", x.size(2), " but ",
+              w.name, " has shape ", w.t.sizes());
 }
 
 // Tensor cores (fp16 / bf16 WMMA) need sm_80+; the build targets sm_80 and sm_90 anyway.
@@ -102,10 +180,10 @@ void check_launch(cudaError_t err, const char* op) {
 // probs and uniforms for the sampling kernels: compared in the uniforms' dtype as the reference
 // does; fp16 / bf16 values are compared exactly in fp32, float64 stays float64.
 std::tuple<Tensor, Tensor, DType> sampling_inputs(const Tensor& probs, const Tensor& uniforms) {
-  PP_CHECK_CUDA(probs);
-  PP_CHECK_CUDA(uniforms);
-  PP_CHECK_SAME_DEVICE(probs, uniforms);
-  PP_CHECK_DIM(uniforms, 2, "[K, n]");
+  check_cuda(PP_ARG(probs));
+  check_cuda(PP_ARG(uniforms));
+  check_same_device(PP_ARG(probs), PP_ARG(uniforms));
+  check_rank(PP_ARG(uniforms), 2, "[K, n]");
   TORCH_CHECK(probs.dim() == 1 && probs.size(0) == uniforms.size(1),
               "probprune_cuda: probs must have shape (", uniforms.size(1), ",), got ",
               probs.sizes());
@@ -136,8 +214,8 @@ int capacity_of(std::optional<int64_t> capacity, int64_t n) {
 }
 
 std::tuple<Tensor, Tensor> compact_masks(const Tensor& masks, std::optional<int64_t> capacity) {
-  PP_CHECK_CUDA(masks);
-  PP_CHECK_DIM(masks, 2, "[K, n]");
+  check_cuda(PP_ARG(masks));
+  check_rank(PP_ARG(masks), 2, "[K, n]");
   TORCH_CHECK(masks.scalar_type() == at::kBool, "probprune_cuda: masks must be bool, got ",
               masks.scalar_type());
   c10::cuda::CUDAGuard guard(masks.device());
@@ -171,10 +249,10 @@ std::tuple<Tensor, Tensor, Tensor> sample_and_compact(const Tensor& probs, const
 
 // Shared checks of idx [K, cap] / counts [K] against K and the number of units.
 int check_compacted(const Tensor& idx, const Tensor& counts, int64_t K, int64_t n_units) {
-  PP_CHECK_DIM(idx, 2, "[K, n_cap]");
-  PP_CHECK_DIM(counts, 1, "[K]");
-  PP_CHECK_INT32(idx);
-  PP_CHECK_INT32(counts);
+  check_rank(PP_ARG(idx), 2, "[K, n_cap]");
+  check_rank(PP_ARG(counts), 1, "[K]");
+  check_int32(PP_ARG(idx));
+  check_int32(PP_ARG(counts));
   TORCH_CHECK(idx.size(0) == K && counts.size(0) == K, "probprune_cuda: idx ", idx.sizes(),
               " and counts ", counts.sizes(), " must have K=", K, " rows");
   TORCH_CHECK(idx.size(1) <= n_units, "probprune_cuda: idx capacity ", idx.size(1),
@@ -184,24 +262,11 @@ int check_compacted(const Tensor& idx, const Tensor& counts, int64_t K, int64_t 
 
 Tensor gather_rows_gemm(const Tensor& x, const Tensor& w, const Tensor& idx, const Tensor& counts,
                         int64_t group, const std::optional<Tensor>& bias) {
-  PP_CHECK_CUDA(x);
-  PP_CHECK_SAME_DEVICE(x, w);
-  PP_CHECK_SAME_DEVICE(x, idx);
-  PP_CHECK_SAME_DEVICE(x, counts);
-  PP_CHECK_DIM(x, 3, "[K, M, in_features]");
-  PP_CHECK_DIM(w, 2, "[out_features, in_features]");
-  PP_CHECK_SAME_DTYPE(x, w);
-  const DType dt = float_dtype(x, "x");
-  TORCH_CHECK(group >= 1 && w.size(0) % group == 0, "probprune_cuda: w.shape[0] (", w.size(0),
-              ") must be a positive multiple of group (", group, ")");
-  TORCH_CHECK(w.size(1) == x.size(2), "probprune_cuda: x has in_features ", x.size(2),
-              " but w has shape ", w.sizes());
-  if (bias.has_value()) {
-    PP_CHECK_SAME_DEVICE(x, (*bias));
-    PP_CHECK_SAME_DTYPE(x, (*bias));
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == w.size(0), "probprune_cuda: bias must have "
-                "shape (", w.size(0), ",), got ", bias->sizes());
-  }
+  const DType dt = check_gemm_operands(PP_ARG(x), "[K, M, in_features]", {PP_ARG(w)},
+                                       "[out_features, in_features]", idx, counts);
+  check_group(w, 0, group);
+  check_in_features(x, PP_ARG(w));
+  check_optional(bias, "bias", PP_ARG(x), {w.size(0)});
   const int64_t K = x.size(0), M = x.size(1);
   const int cap = check_compacted(idx, counts, K, w.size(0) / group);
   check_grid(K, M);
@@ -221,20 +286,11 @@ Tensor gather_rows_gemm(const Tensor& x, const Tensor& w, const Tensor& idx, con
 
 Tensor gather_rows_swiglu(const Tensor& x, const Tensor& w_gate, const Tensor& w_up,
                           const Tensor& idx, const Tensor& counts) {
-  PP_CHECK_CUDA(x);
-  PP_CHECK_SAME_DEVICE(x, w_gate);
-  PP_CHECK_SAME_DEVICE(x, w_up);
-  PP_CHECK_SAME_DEVICE(x, idx);
-  PP_CHECK_SAME_DEVICE(x, counts);
-  PP_CHECK_DIM(x, 3, "[K, M, in_features]");
-  PP_CHECK_DIM(w_gate, 2, "[F, in_features]");
-  PP_CHECK_SAME_DTYPE(x, w_gate);
-  PP_CHECK_SAME_DTYPE(x, w_up);
-  const DType dt = float_dtype(x, "x");
-  TORCH_CHECK(w_gate.sizes() == w_up.sizes(), "probprune_cuda: w_gate ", w_gate.sizes(),
-              " and w_up ", w_up.sizes(), " must have one shape");
-  TORCH_CHECK(w_gate.size(1) == x.size(2), "probprune_cuda: x has in_features ", x.size(2),
-              " but w_gate has shape ", w_gate.sizes());
+  const DType dt = check_gemm_operands(PP_ARG(x), "[K, M, in_features]",
+                                       {PP_ARG(w_gate), PP_ARG(w_up)}, "[F, in_features]", idx,
+                                       counts);
+  check_same_shape(PP_ARG(w_gate), PP_ARG(w_up));
+  check_in_features(x, PP_ARG(w_gate));
   const int64_t K = x.size(0), M = x.size(1);
   const int cap = check_compacted(idx, counts, K, w_gate.size(0));
   check_grid(K, M);
@@ -253,29 +309,15 @@ Tensor gather_rows_swiglu(const Tensor& x, const Tensor& w_gate, const Tensor& w
 
 Tensor gather_cols_gemm(const Tensor& h, const Tensor& w, const Tensor& idx, const Tensor& counts,
                         int64_t group, const std::optional<Tensor>& residual) {
-  PP_CHECK_CUDA(h);
-  PP_CHECK_SAME_DEVICE(h, w);
-  PP_CHECK_SAME_DEVICE(h, idx);
-  PP_CHECK_SAME_DEVICE(h, counts);
-  PP_CHECK_DIM(h, 3, "[K, M, n_cap * group]");
-  PP_CHECK_DIM(w, 2, "[out_features, in_features]");
-  PP_CHECK_SAME_DTYPE(h, w);
-  const DType dt = float_dtype(h, "h");
-  TORCH_CHECK(group >= 1 && w.size(1) % group == 0, "probprune_cuda: w.shape[1] (", w.size(1),
-              ") must be a positive multiple of group (", group, ")");
+  const DType dt = check_gemm_operands(PP_ARG(h), "[K, M, n_cap * group]", {PP_ARG(w)},
+                                       "[out_features, in_features]", idx, counts);
+  check_group(w, 1, group);
   const int64_t K = h.size(0), M = h.size(1), dout = w.size(0);
   const int cap = check_compacted(idx, counts, K, w.size(1) / group);
   TORCH_CHECK(h.size(2) == static_cast<int64_t>(cap) * group, "probprune_cuda: h has ", h.size(2),
               " columns but idx capacity ", cap, " x group ", group, " = ",
               static_cast<int64_t>(cap) * group);
-  if (residual.has_value()) {
-    PP_CHECK_SAME_DEVICE(h, (*residual));
-    PP_CHECK_SAME_DTYPE(h, (*residual));
-    TORCH_CHECK(residual->dim() == 3 && residual->size(0) == K && residual->size(1) == M &&
-                    residual->size(2) == dout,
-                "probprune_cuda: residual must have shape (", K, ", ", M, ", ", dout, "), got ",
-                residual->sizes());
-  }
+  check_optional(residual, "residual", PP_ARG(h), {K, M, dout});
   check_grid(K, M);
   c10::cuda::CUDAGuard guard(h.device());
   check_arch(h);
@@ -293,18 +335,11 @@ Tensor gather_cols_gemm(const Tensor& h, const Tensor& w, const Tensor& idx, con
 
 Tensor masked_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& counts,
                         std::optional<double> scale) {
-  PP_CHECK_CUDA(q);
-  PP_CHECK_SAME_DEVICE(q, k);
-  PP_CHECK_SAME_DEVICE(q, v);
-  PP_CHECK_SAME_DEVICE(q, counts);
-  PP_CHECK_DIM(q, 5, "[K, B, T, Hq, head_dim]");
-  PP_CHECK_DIM(k, 5, "[K, B, T, Hkv, head_dim]");
-  PP_CHECK_SAME_DTYPE(q, k);
-  PP_CHECK_SAME_DTYPE(q, v);
-  PP_CHECK_INT32(counts);
-  const DType dt = float_dtype(q, "q");
-  TORCH_CHECK(k.sizes() == v.sizes(), "probprune_cuda: k ", k.sizes(), " and v ", v.sizes(),
-              " must have one shape");
+  const DType dt = check_operands(PP_ARG(q), {PP_ARG(k), PP_ARG(v)}, {PP_ARG(counts)});
+  check_rank(PP_ARG(q), 5, "[K, B, T, Hq, head_dim]");
+  check_rank(PP_ARG(k), 5, "[K, B, T, Hkv, head_dim]");
+  check_int32(PP_ARG(counts));
+  check_same_shape(PP_ARG(k), PP_ARG(v));
   TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(2) == q.size(2) &&
                   k.size(4) == q.size(4),
               "probprune_cuda: k/v ", k.sizes(), " do not match q ", q.sizes(),

@@ -1,4 +1,4 @@
 """probprune: post-training structural pruning of LLaMA-family models by policy gradient."""
 __version__ = "0.1.0"
 
-from .export import load_pruned  # noqa: E402,F401  (a pruned directory reloads in one call)
+from .models import load_pruned  # noqa: E402,F401  (a pruned directory reloads in one call)

@@ -13,8 +13,7 @@ from typing import List, Optional
 
 import torch
 
-from .space import SearchSpace
-from .units import UnitLayout
+from .units import ModelShape, UnitSpace
 
 BISECTION_STEPS = 60
 
@@ -25,34 +24,34 @@ class BudgetError(ValueError):
 
 @dataclass
 class Budget:
-    space: SearchSpace       # the budget uses its structure only, never its channel order
+    space: UnitSpace         # the search units; the budget uses their structure, never their order
     group_of: torch.Tensor   # [n_units] long, budget group of each unit
     targets: torch.Tensor    # [n_groups] float64, kept parameters asked of each group
     lo: torch.Tensor         # [n_units] lower bound of each probability (1 for protected units)
     hi: torch.Tensor         # [n_units]
     names: List[str]
+    mode: str = "global"      # "global" or "per-type"
+    ratios: Optional[dict] = None  # sparsity asked of each unit type ("heads", "mlp", "layers")
 
     @property
-    def layout(self) -> UnitLayout:
-        return self.space.layout
+    def shape(self) -> ModelShape:
+        return self.space.shape
 
     @property
     def total_target(self) -> float:
         return float(self.targets.sum())
 
     @classmethod
-    def build(cls, space, sparsity: Optional[float] = None, mode: str = "global",
+    def build(cls, space: UnitSpace, sparsity: Optional[float] = None, mode: str = "global",
               scope: str = "global", attn_sparsity: Optional[float] = None,
               mlp_sparsity: Optional[float] = None, protect_layers=()) -> "Budget":
-        """``space``: a :class:`SearchSpace` or a :class:`UnitLayout` (one search unit per model
-        unit). ``sparsity``: the fraction of prunable parameters to remove, in (0, 1)."""
-        space = SearchSpace.of(space)
-        layout = space.layout
+        """``space``: the search units. ``sparsity``: the fraction of prunable parameters to
+        remove, in (0, 1)."""
         ratios = {"heads": attn_sparsity if attn_sparsity is not None else sparsity,
-                  "channels": mlp_sparsity if mlp_sparsity is not None else sparsity,
+                  "mlp": mlp_sparsity if mlp_sparsity is not None else sparsity,
                   "layers": sparsity}
         for name, r in ratios.items():
-            if r is None and (name != "layers" or layout.include_layers):
+            if r is None and (name != "layers" or space.include_layers):
                 raise BudgetError("a sparsity is required")
             if r is not None and not 0.0 < r < 1.0:
                 raise BudgetError(f"sparsity must lie strictly between 0 and 1, got {r}")
@@ -60,14 +59,14 @@ class Budget:
             raise BudgetError(f"budget must be 'global' or 'per-type', got {mode!r}")
         if scope not in ("global", "layer"):
             raise BudgetError(f"scope must be 'global' or 'layer', got {scope!r}")
-        if layout.include_layers and (mode != "global" or scope != "global"):
+        if space.include_layers and (mode != "global" or scope != "global"):
             raise BudgetError("pruning whole layers needs --budget global --scope global: a layer "
                               "unit removes its heads and channels too, so it cannot share a "
                               "per-type or per-layer budget")
         for l in protect_layers:
-            if not 0 <= l < layout.n_layers:
+            if not 0 <= l < space.n_layers:
                 raise BudgetError(f"protected layer {l} does not exist (model has "
-                                  f"{layout.n_layers} layers)")
+                                  f"{space.n_layers} layers)")
 
         types = space.type_slices()
         unit_layer = space.unit_layer()
@@ -81,7 +80,7 @@ class Budget:
         else:
             key = type_of
         if scope == "layer":
-            key = key * layout.n_layers + unit_layer
+            key = key * space.n_layers + unit_layer
         uniq, group_of = torch.unique(key, return_inverse=True)
 
         lo = torch.zeros(space.n_units, dtype=torch.float64)
@@ -91,19 +90,19 @@ class Budget:
 
         # Full size of each group (with every unit kept) and its ratio.
         full = torch.zeros(len(uniq), dtype=torch.float64)
-        if layout.include_layers:
-            full[0] = layout.prunable_params
+        if space.include_layers:
+            full[0] = space.prunable_params
         else:
             full.scatter_add_(0, group_of, costs)
         names, targets = [], torch.zeros_like(full)
         for g, k in enumerate(uniq.tolist()):
-            t = type_names[k % len(type_names) if scope == "global" else k // layout.n_layers] \
+            t = type_names[k % len(type_names) if scope == "global" else k // space.n_layers] \
                 if mode == "per-type" else "all"
-            layer = f" layer {k % layout.n_layers}" if scope == "layer" else ""
+            layer = f" layer {k % space.n_layers}" if scope == "layer" else ""
             ratio = sparsity if t == "all" else ratios[t]
             targets[g] = (1.0 - ratio) * full[g]
             names.append(f"{t}{layer}")
-        budget = cls(space, group_of, targets, lo, hi, names)
+        budget = cls(space, group_of, targets, lo, hi, names, mode, ratios)
         budget._check_feasible()
         return budget
 
@@ -159,21 +158,21 @@ class Budget:
         With layer units, a layer is kept when its probability is at least 0.5 (or it is
         protected); its heads and channels then compete for what the kept layers leave.
         """
-        space, layout = self.space, self.layout
+        space = self.space
         s = probs.detach().double().cpu()
         costs = space.costs()
         keep = torch.zeros(space.n_units, dtype=torch.bool)
         keep |= self.lo >= 1.0
         budgets = self.targets.clone()
         candidates = torch.ones(space.n_units, dtype=torch.bool)
-        if layout.include_layers:
+        if space.include_layers:
             sl = space.type_slices()["layers"]
             layer_keep = (s[sl] >= 0.5) | (self.lo[sl] >= 1.0)
             keep[sl] = layer_keep
             # Units of dropped layers cannot be kept; kept layers pay their fixed part first.
             candidates &= layer_keep[space.unit_layer()]
             candidates[sl] = False
-            budgets[0] -= layer_keep.double().sum() * layout.layer_fixed_cost
+            budgets[0] -= layer_keep.double().sum() * space.shape.layer_fixed_cost
             costs[sl] = 0.0  # already paid above
         candidates &= ~keep
         spent = torch.zeros_like(budgets).scatter_add_(0, self.group_of, costs * keep.double())

@@ -75,18 +75,44 @@ def _local_files(path: str) -> List[str]:
     return [path]
 
 
+def _read_local(f: str):
+    """One local file as a ``datasets`` table; a file the loader cannot parse becomes a
+    DataError naming the file and the parser's reason (not a generation-error traceback)."""
+    import datasets
+    from datasets.exceptions import DatasetGenerationError
+
+    kind = "text" if f.endswith((".txt", ".raw")) else "json"
+    if os.path.getsize(f) == 0:
+        raise DataError(f"data file {f!r} is empty")
+    # The JSON loader logs its parse errors before raising them; the DataError below says it once.
+    datasets_log = logging.getLogger("datasets")
+    level = datasets_log.level
+    datasets_log.setLevel(logging.CRITICAL)
+    try:
+        if kind == "text":
+            return datasets.load_dataset("text", data_files=f, split="train", keep_linebreaks=True)
+        return datasets.load_dataset("json", data_files=f, split="train")
+    except Exception as e:  # noqa: BLE001 - every parser failure means: this file is malformed
+        # datasets wraps the parser's error in a generic DatasetGenerationError: report the cause.
+        cause = (e.__cause__ or e) if isinstance(e, DatasetGenerationError) else e
+        what = "UTF-8 text" if kind == "text" else "JSON (a list of records or one record per line)"
+        reason = " ".join(f"{type(cause).__name__}: {cause}".split())
+        raise DataError(f"data file {f!r} is not valid {what}: {reason}") from e
+    finally:
+        datasets_log.setLevel(level)
+
+
 def local_texts(path: str) -> List[str]:
     """Lines of .txt/.raw files and the ``text`` field of .json/.jsonl records."""
-    import datasets
-
     texts: List[str] = []
     for f in _local_files(path):
-        if f.endswith((".txt", ".raw")):
-            ds = datasets.load_dataset("text", data_files=f, split="train", keep_linebreaks=True)
-        else:
-            ds = datasets.load_dataset("json", data_files=f, split="train")
-            if "text" not in ds.column_names:
-                raise DataError(f"{f!r} has no 'text' field (fields: {ds.column_names})")
+        ds = _read_local(f)
+        if "text" not in ds.column_names:
+            raise DataError(f"data file {f!r} has no 'text' field (fields: {ds.column_names})")
+        dtype = getattr(ds.features["text"], "dtype", None)
+        if dtype not in ("string", "large_string"):
+            raise DataError(f"data file {f!r}: the 'text' field must hold strings, found "
+                            f"{ds.features['text']}")
         texts.extend(t for t in ds["text"] if t and t.strip())
     if not texts:
         raise DataError(f"{path!r} contains no text")
@@ -117,6 +143,32 @@ def calibration_texts(source: str) -> List[str]:
         return local_texts(source)
     raise DataError(f"unknown calibration source {source!r}: use one of "
                     f"{', '.join(CALIBRATION_SOURCES)} or a path to a .txt/.jsonl/.json file or folder")
+
+
+def check_calibration_source(source: str) -> None:
+    """Raises DataError unless ``source`` can be read, without a model or tokenizer: a local
+    file or folder is read here (``datasets`` caches it, so the run's own read is quick), the
+    wiki summaries must be installed; hub sources are checked only when they are fetched."""
+    if source == "wiki-summaries":
+        _summaries_path()
+    elif source not in CALIBRATION_SOURCES:
+        calibration_texts(source)
+
+
+def _eval_file(source: str, data_file: Optional[str]) -> Optional[str]:
+    """The local file that stands for the evaluation source, if any."""
+    return data_file or (os.environ.get(WIKITEXT2_ENV) if source == "wikitext2" else None)
+
+
+def check_eval_source(source: str, data_file: Optional[str] = None) -> None:
+    """The check of :func:`check_calibration_source` for the arguments of :func:`eval_text`."""
+    data_file = _eval_file(source, data_file)
+    if data_file:
+        local_texts(data_file)
+    elif source == "wiki-summaries":
+        _summaries_path()
+    elif source != "wikitext2":
+        local_texts(source)
 
 
 def tokenize_joined(tokenizer, texts: List[str], sep: str = "\n\n") -> torch.Tensor:
@@ -163,7 +215,7 @@ def eval_text(source: str = "wikitext2", data_file: Optional[str] = None,
     neither can be had and ``allow_fallback``, the held-out Wikipedia summaries (and the returned
     name says so). Any other source: a local file or folder.
     """
-    data_file = data_file or (os.environ.get(WIKITEXT2_ENV) if source == "wikitext2" else None)
+    data_file = _eval_file(source, data_file)
     if data_file:
         rows = _wikitext2_local_rows(data_file) if source == "wikitext2" else local_texts(data_file)
         return EvalText("\n\n".join(rows), f"{source} (local file {data_file})")

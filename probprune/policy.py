@@ -8,38 +8,49 @@ unbiased whenever the baseline b_k does not depend on m_k: the moving average of
 losses (the paper's) or the leave-one-out mean of the other K-1 samples. The step divides by
 sqrt(s(1-s) + eps) instead of s(1-s) (DESIGN.md): the unbiased gradient times the positive
 preconditioner sqrt(s(1-s)), which keeps steps bounded near 0 and 1.
+
+The update never reads a value back to the host: every per-step quantity (baseline, advantage
+scale, counters) is a device tensor and a step with too few finite losses is undone by
+``torch.where``, so the search loop syncs once per step, for its progress bar.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import List, Optional
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 BASELINES = ("moving-average", "leave-one-out")
 
 
-def advantages(losses: torch.Tensor, baseline: str, past_mean: Optional[float]) -> torch.Tensor:
-    """L_k - b_k for finite losses [K]."""
+def advantages(losses: torch.Tensor, finite: torch.Tensor, baseline: str,
+               past_mean: torch.Tensor) -> torch.Tensor:
+    """L_k - b_k [K] for the finite losses (0 elsewhere). ``past_mean``: the moving average of
+    past mean losses, NaN before the first step (the mean of this step's losses is used then)."""
+    n_ok = finite.sum().double()
+    L = torch.where(finite, losses.double(), torch.zeros((), dtype=torch.float64,
+                                                         device=losses.device))
     if baseline == "leave-one-out":
-        K = losses.numel()
-        if K < 2:
+        if losses.numel() < 2:
             raise ValueError("the leave-one-out baseline needs at least 2 samples per step (--k)")
-        return losses - (losses.sum() - losses) / (K - 1)
-    if baseline == "moving-average":
-        b = losses.mean() if past_mean is None else torch.as_tensor(past_mean, dtype=losses.dtype)
-        return losses - b
-    raise ValueError(f"unknown baseline {baseline!r}; choose one of {BASELINES}")
+        adv = L - (L.sum() - L) / (n_ok - 1)
+    elif baseline == "moving-average":
+        adv = L - torch.where(torch.isnan(past_mean), L.sum() / n_ok, past_mean)
+    else:
+        raise ValueError(f"unknown baseline {baseline!r}; choose one of {BASELINES}")
+    return torch.where(finite, adv, torch.zeros_like(adv))
 
 
 def score_gradient(adv: torch.Tensor, masks: torch.Tensor, probs: torch.Tensor,
-                   eps: Optional[float] = None) -> torch.Tensor:
-    """1/K sum_k adv_k (m_k - s) / denom, denom = s(1-s) (eps None: the unbiased gradient) or
-    sqrt(s(1-s) + eps) (the preconditioned step direction). Zero where s is 0 or 1."""
+                   eps: Optional[float] = None, n_samples=None) -> torch.Tensor:
+    """1/n sum_k adv_k (m_k - s) / denom, denom = s(1-s) (eps None: the unbiased gradient) or
+    sqrt(s(1-s) + eps) (the preconditioned step direction). Zero where s is 0 or 1. ``n_samples``
+    (default K) counts the samples whose ``adv`` is not masked out to 0."""
     s = probs.double()
     diff = masks.double() - s
-    num = (adv.double()[:, None] * diff).mean(0)
+    prod = adv.double()[:, None] * diff
+    num = prod.mean(0) if n_samples is None else prod.sum(0) / n_samples
     var = s * (1 - s)
     if eps is None:
         return torch.where(var > 0, num / var.clamp_min(1e-300), torch.zeros_like(num))
@@ -53,25 +64,44 @@ def cosine_lr(step: int, total: int, lr: float, min_ratio: float = 0.0) -> float
     return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+def _scalar(value: float, device) -> torch.Tensor:
+    return torch.tensor(value, dtype=torch.float64, device=device)
+
+
 @dataclass
 class PolicyState:
-    """Everything the update needs across steps (saved in checkpoints)."""
+    """Everything the update needs across steps (saved in checkpoints); all but ``step`` are
+    device tensors."""
     probs: torch.Tensor
     step: int = 0
-    past_means: List[float] = field(default_factory=list)
-    nan_samples: int = 0
-    skipped_steps: int = 0
-    adv_scale: Optional[float] = None  # running RMS of the advantages
+    past_means: Optional[torch.Tensor] = None  # [ma_window] float64, oldest first, NaN = empty
+    nan_samples: Optional[torch.Tensor] = None    # int64 scalar
+    skipped_steps: Optional[torch.Tensor] = None  # int64 scalar
+    adv_scale: Optional[torch.Tensor] = None      # running RMS of the advantages, NaN = none yet
+
+    def __post_init__(self):
+        dev = self.probs.device
+        if self.nan_samples is None:
+            self.nan_samples = torch.zeros((), dtype=torch.int64, device=dev)
+        if self.skipped_steps is None:
+            self.skipped_steps = torch.zeros((), dtype=torch.int64, device=dev)
+        if self.adv_scale is None:
+            self.adv_scale = _scalar(float("nan"), dev)
 
     def state_dict(self):
         return {"probs": self.probs.detach().cpu(), "step": self.step,
-                "past_means": list(self.past_means), "nan_samples": self.nan_samples,
-                "skipped_steps": self.skipped_steps, "adv_scale": self.adv_scale}
+                "past_means": None if self.past_means is None else self.past_means.cpu(),
+                "nan_samples": int(self.nan_samples), "skipped_steps": int(self.skipped_steps),
+                "adv_scale": float(self.adv_scale)}
 
     @classmethod
     def from_state_dict(cls, d, device):
-        return cls(d["probs"].to(device), d["step"], list(d["past_means"]), d["nan_samples"],
-                   d["skipped_steps"], d["adv_scale"])
+        past = d["past_means"]
+        return cls(d["probs"].to(device), d["step"],
+                   None if past is None else past.to(device),
+                   torch.tensor(d["nan_samples"], device=device),
+                   torch.tensor(d["skipped_steps"], device=device),
+                   _scalar(d["adv_scale"], device))
 
 
 @dataclass
@@ -90,45 +120,52 @@ class Policy:
         if config.baseline not in BASELINES:
             raise ValueError(f"unknown baseline {config.baseline!r}; choose one of {BASELINES}")
         self.config, self.state = config, state
+        if state.past_means is None:
+            state.past_means = torch.full((config.ma_window,), float("nan"), dtype=torch.float64,
+                                          device=state.probs.device)
 
     @property
     def probs(self) -> torch.Tensor:
         return self.state.probs
 
-    def baseline_value(self) -> Optional[float]:
-        past = self.state.past_means[-self.config.ma_window:]
-        return sum(past) / len(past) if past else None
+    def baseline_value(self) -> torch.Tensor:
+        """Mean of the past mean losses in the window (NaN before the first step)."""
+        return torch.nanmean(self.state.past_means)
 
     def update(self, losses: torch.Tensor, masks: torch.Tensor, project) -> dict:
         """One REINFORCE step from K losses of K masks; ``project`` maps probabilities onto the
-        budget. Samples with a non-finite loss are dropped and counted."""
+        budget. Samples with a non-finite loss are dropped and counted; a step left with too few
+        samples (2 for leave-one-out, 1 otherwise) changes nothing but the counters.
+
+        Returns 0-dim device tensors: ``lr`` (a float), ``baseline`` (NaN when none yet),
+        ``valid`` (samples used) and ``mean_loss`` (NaN on a skipped step)."""
         cfg, st = self.config, self.state
         finite = torch.isfinite(losses)
-        n_ok = int(finite.sum())
-        st.nan_samples += losses.numel() - n_ok
-        lr = cosine_lr(st.step, cfg.steps, cfg.lr, cfg.min_lr_ratio)
-        stats = {"lr": lr, "baseline": self.baseline_value(), "valid": n_ok}
+        n_ok = finite.sum()
         need = 2 if cfg.baseline == "leave-one-out" else 1
-        if n_ok < need:
-            st.skipped_steps += 1
-            st.step += 1
-            return stats
-        L, m = losses[finite].double(), masks[finite]
-        adv = advantages(L, cfg.baseline, self.baseline_value())
+        ok = n_ok >= need
+        lr = cosine_lr(st.step, cfg.steps, cfg.lr, cfg.min_lr_ratio)
+        baseline = self.baseline_value()
+        adv = advantages(losses, finite, cfg.baseline, baseline)
+        n = n_ok.double()
+        mean_loss = torch.where(finite, losses.double(), 0.0).sum() / n
         if cfg.normalize:
             # In units of the running RMS advantage: one lr then fits any model and loss scale,
             # while a step whose masks differ a lot still moves more than one whose masks tie
             # (dividing by this step's own spread would make every K=2 step count the same).
             # The scale uses past steps only, so it does not correlate with this step's masks.
-            rms = float(adv.pow(2).mean().sqrt())
-            scale = st.adv_scale if st.adv_scale is not None else rms
-            if scale > 0:
-                adv = adv / scale
-            st.adv_scale = rms if st.adv_scale is None else 0.9 * st.adv_scale + 0.1 * rms
-        grad = score_gradient(adv, m, st.probs, cfg.eps)
-        st.probs = project((st.probs.double() - lr * grad).clamp(0, 1)).to(st.probs.dtype)
-        st.past_means.append(float(L.mean()))
-        st.past_means = st.past_means[-cfg.ma_window:]
+            rms = (adv.pow(2).sum() / n).sqrt()
+            scale = torch.where(torch.isnan(st.adv_scale), rms, st.adv_scale)
+            adv = torch.where(scale > 0, adv / scale, adv)
+            new_scale = torch.where(torch.isnan(st.adv_scale), rms, 0.9 * st.adv_scale + 0.1 * rms)
+            st.adv_scale = torch.where(ok, new_scale, st.adv_scale)
+        grad = score_gradient(adv, masks, st.probs, cfg.eps, n_samples=n)
+        stepped = project((st.probs.double() - lr * grad).clamp(0, 1)).to(st.probs.dtype)
+        st.probs = torch.where(ok, stepped, st.probs)
+        st.past_means = torch.where(ok, torch.cat([st.past_means[1:], mean_loss[None]]),
+                                    st.past_means)
+        st.nan_samples = st.nan_samples + (losses.numel() - n_ok)
+        st.skipped_steps = st.skipped_steps + (~ok).long()
         st.step += 1
-        stats["mean_loss"] = float(L.mean())
-        return stats
+        return {"lr": lr, "baseline": baseline, "valid": n_ok,
+                "mean_loss": torch.where(ok, mean_loss, float("nan"))}

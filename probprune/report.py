@@ -1,26 +1,85 @@
-"""PNG plots of a pruning run: kept fraction per layer, score histogram, loss curve."""
+"""What a run reports: ``report.json`` (settings, parameters, perplexities, search statistics,
+time and memory) and PNG plots (kept fraction per layer, score histogram, loss curve)."""
 from __future__ import annotations
 
+import json
 import os
+import resource
+import statistics
 from typing import List
 
 import torch
 
-from .units import UnitLayout
+import probprune_kernels as pk
+
+from .files import atomic_write_text
+from .units import UnitSpace
 
 
-def write_plots(out: str, layout: UnitLayout, mask: torch.Tensor, probs: torch.Tensor,
+def peak_memory_mib(device) -> float:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def layer_sizes(units: UnitSpace, mask: torch.Tensor) -> List[dict]:
+    """Per-layer kept KV groups and channels of a hard model-unit mask."""
+    m = units.split(mask.bool().cpu())
+    return [{"layer": l, "kept": bool(m.layers[l]), "kv_heads": int(m.heads[l].sum()),
+             "channels": int(m.mlp[l].sum())} for l in range(units.n_layers)]
+
+
+def build_report(cfg, *, model, reloaded, units: UnitSpace, space: UnitSpace, budget, mask,
+                 ckpt: dict, search, perplexities: dict, eval_data: str, load_s: float) -> dict:
+    st, policy_state = search.state, search.policy.state
+    times = st.step_times
+    device = torch.device(cfg.device)
+    return {
+        "settings": cfg.as_dict(),
+        "eval_data": eval_data,
+        "params": {"total": sum(p.numel() for p in model.parameters()),
+                   "prunable": units.prunable_params,
+                   "kept_prunable": float(units.kept_params(mask)),
+                   "target_prunable": budget.total_target,
+                   "pruned_model_total": sum(p.numel() for p in reloaded.parameters())},
+        "perplexity": {"dense": ckpt["dense"], "init": ckpt["init"], **perplexities},
+        "val_loss": {"init": st.init_val_loss, "best": st.best_val_loss,
+                     "best_step": st.best_step,
+                     "history": [{"step": h["step"], "val_loss": h["val_loss"]}
+                                 for h in st.history if "val_loss" in h]},
+        "search_units": {"heads": space.n_heads, "channel_blocks": space.n_mlp,
+                         "channel_block": space.channel_block,
+                         "layers": space.n_layers if space.include_layers else 0},
+        "layers": layer_sizes(units, mask),
+        "median_step_s": statistics.median(times) if times else None,
+        "steps_timed": len(times),
+        "peak_memory_mib": peak_memory_mib(device),
+        "peak_memory_kind": "cuda max allocated" if device.type == "cuda" else "process peak RSS",
+        "nan_samples": int(policy_state.nan_samples),
+        "skipped_steps": int(policy_state.skipped_steps),
+        "model_load_s": load_s,
+        "backend": cfg.backend or "auto",
+        "backends_available": pk.backends(),
+    }
+
+
+def write_report(out: str, report: dict) -> str:
+    return atomic_write_text(os.path.join(out, "report.json"), json.dumps(report, indent=1))
+
+
+def write_plots(out: str, units: UnitSpace, mask: torch.Tensor, probs: torch.Tensor,
                 history: List[dict]) -> List[str]:
+    """Plots of a hard model-unit mask and the final model-unit probabilities."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     paths = []
-    m = layout.split(mask.bool().cpu().float())
-    layers = torch.arange(layout.n_layers)
+    m = units.split(mask.bool().cpu().float())
+    layers = torch.arange(units.n_layers)
     heads = (m.heads.mean(-1) * m.layers).numpy()
-    chans = (m.channels.mean(-1) * m.layers).numpy()
+    chans = (m.mlp.mean(-1) * m.layers).numpy()
     fig, ax = plt.subplots(figsize=(8, 3.5))
     ax.bar(layers.numpy() - 0.2, heads, width=0.4, label="KV-head groups")
     ax.bar(layers.numpy() + 0.2, chans, width=0.4, label="MLP channels")
@@ -28,9 +87,9 @@ def write_plots(out: str, layout: UnitLayout, mask: torch.Tensor, probs: torch.T
     ax.legend()
     paths.append(_save(fig, out, "kept_per_layer.png"))
 
-    p = layout.split(probs.detach().cpu().float())
+    p = units.split(probs.detach().cpu().float())
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.hist([p.heads.flatten().numpy(), p.channels.flatten().numpy()], bins=40, range=(0, 1),
+    ax.hist([p.heads.flatten().numpy(), p.mlp.flatten().numpy()], bins=40, range=(0, 1),
             label=["KV-head groups", "MLP channels"], density=True)
     ax.set(xlabel="keep probability", ylabel="density", title="Final keep probabilities")
     ax.legend()

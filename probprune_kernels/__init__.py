@@ -1,18 +1,22 @@
 """probprune_kernels: masked GEMMs, masked attention and mask ops, K sampled masks in one launch.
 
 Layers (from the bottom): ``reference`` (pure torch, the oracle) and ``triton`` / ``_cuda`` kernels
--> ``ops`` (registered ``torch.ops.probprune.*`` ops with one dispatch point, ``backends``) ->
+-> ``ops`` (registered ``torch.ops.probprune.*`` ops; ``dispatch`` picks their backend) ->
 ``layers`` (``MaskedLinear``, ``MaskedSwiGLUMLP``, ``MaskedLlamaAttention``).
 
-``probprune_kernels.backends()`` lists the backends usable here. This package never imports
-``probprune`` (the engine).
+``probprune_kernels.backends()`` lists the backends usable here; ``set_default_backend`` sets the
+one used without ``backend=``. This package never imports ``probprune`` (the engine).
 """
-from . import backends, ops  # noqa: F401  (registers torch.ops.probprune.*)
-from .backends import BackendUnavailableError  # noqa: F401
-from .ops import (compact_masks, gather_cols_gemm, gather_rows_gemm,  # noqa: F401
-                  gather_rows_swiglu, lm_head_ce, masked_attention, sample_and_compact,
-                  sample_masks)
-from . import layers  # noqa: F401,E402
-from .layers import MaskedLinear, MaskedLlamaAttention, MaskedSwiGLUMLP  # noqa: F401,E402
+from . import dispatch, layers, ops
+from .dispatch import BackendUnavailableError, set_default_backend
+from .dispatch import available_backends as backends
+from .layers import MaskedLinear, MaskedLlamaAttention, MaskedSwiGLUMLP
+from .ops import (compact_masks, gather_cols_gemm, gather_rows_gemm, gather_rows_swiglu,
+                  lm_head_ce, masked_attention, sample_and_compact, sample_masks)
+
+__all__ = ["dispatch", "layers", "ops", "backends", "set_default_backend",
+           "BackendUnavailableError", "MaskedLinear", "MaskedLlamaAttention", "MaskedSwiGLUMLP",
+           "compact_masks", "gather_cols_gemm", "gather_rows_gemm", "gather_rows_swiglu",
+           "lm_head_ce", "masked_attention", "sample_and_compact", "sample_masks"]
 
 __version__ = "0.1.0"

@@ -1,9 +1,15 @@
 """The CUDA backend: kernels of ``csrc/`` compiled into ``probprune_kernels._C``.
 
 ``_C`` registers its ops with the dispatcher as ``torch.ops.probprune_cuda.<op>`` (CUDA
-implementations, argument checks in ``csrc/bindings.cpp``); this module loads it lazily, adds fake
-(meta) implementations whose shapes come from ``_shapes``, and exposes each op with the positional
-signature of ``reference.<op>`` for the dispatch in ``backends``/``ops``:
+implementations, argument checks in ``csrc/bindings.cpp``); this module loads it lazily and exposes
+each op with the positional signature of ``reference.<op>`` for ``dispatch``/``ops``.
+
+The public op is ``torch.ops.probprune.<op>`` (``ops``), one op for every backend. The
+``probprune_cuda`` schemas stay because the dispatcher is how ``_C`` hands its kernels to Python
+(it binds no Python functions), and they cannot be kernels of the ``probprune`` ops themselves: a
+CUDA kernel registered there would run for every CUDA tensor, whatever ``backend=`` asks (Triton
+included). They have no fake (meta) implementations: the ``probprune`` op is opaque, so fake
+tensors never reach them.
 
 * ``available(op)`` is True only when ``_C`` imported, holds ``op``, ``torch.cuda.is_available()``
   and the GPU is sm_80 or newer (the build targets sm_80 / sm_90 with PTX for newer GPUs);
@@ -24,8 +30,6 @@ import warnings
 from typing import Optional
 
 import torch
-
-from . import _shapes
 
 log = logging.getLogger("probprune_kernels")
 
@@ -64,7 +68,6 @@ def _load():
                       f"still work. Rebuild with `pip install -e . --no-build-isolation`.",
                       RuntimeWarning, stacklevel=3)
         return None
-    _register_fakes()
     _state["module"] = mod
     return mod
 
@@ -152,62 +155,3 @@ def gather_cols_gemm(h, w, idx, counts, group=1, residual=None):
 
 def masked_attention(q, k, v, counts, scale=None):
     return _ops().masked_attention(q, k, v, counts, scale)
-
-
-# ----------------------------------------------------------------------------------------------
-# fake (meta) implementations of torch.ops.probprune_cuda.*: shapes from _shapes, once
-
-_FAKES_DONE = []
-
-
-def _register_fakes():
-    if _FAKES_DONE:
-        return
-    _FAKES_DONE.append(True)
-    lib = f"{NAMESPACE}::"
-
-    def fake(name):
-        def deco(fn):
-            try:
-                torch.library.register_fake(lib + name)(fn)
-            except RuntimeError as exc:  # already registered (module reloaded)
-                log.debug("register_fake %s: %s", name, exc)
-            return fn
-        return deco
-
-    @fake("sample_masks")
-    def _(probs, uniforms):
-        return uniforms.new_empty(_shapes.sample_shape(probs, uniforms), dtype=torch.bool)
-
-    def _compact(like, K, cap):
-        return (like.new_empty((K, cap), dtype=torch.int32),
-                like.new_empty((K,), dtype=torch.int32))
-
-    @fake("compact_masks")
-    def _(masks, capacity=None):
-        return _compact(masks, *_shapes.compact_shape(masks, capacity))
-
-    @fake("sample_and_compact")
-    def _(probs, uniforms, capacity=None):
-        K, n = _shapes.sample_shape(probs, uniforms)
-        cap = n if capacity is None else capacity
-        return (uniforms.new_empty((K, n), dtype=torch.bool),) + _compact(uniforms, K, cap)
-
-    @fake("gather_rows_gemm")
-    def _(x, w, idx, counts, group, bias=None):
-        return x.new_empty(_shapes.gather_rows_shape(x, w, idx, counts, group, bias,
-                                                     validate_values=False))
-
-    @fake("gather_rows_swiglu")
-    def _(x, w_gate, w_up, idx, counts):
-        return x.new_empty(_shapes.gather_rows_swiglu_shape(x, w_gate, w_up, idx, counts,
-                                                            validate_values=False))
-
-    @fake("gather_cols_gemm")
-    def _(h, w, idx, counts, group, residual=None):
-        return h.new_empty(_shapes.gather_cols_shape(h, w, idx, counts, group, residual,
-                                                     validate_values=False))
-
-    @fake("masked_attention")
-    def _(q, k, v, counts, scale=None):
-        return q.new_empty(_shapes.masked_attention_shape(q, k, v, counts, validate_values=False))

@@ -1,8 +1,10 @@
-"""The one definition of every op's shapes, shared by the reference, the Triton and CUDA launchers,
-the fake (meta) registrations and the drop-in layers.
+"""The one definition of every op's shapes and input rules, shared by the public ops (checks before
+any launch) and their fake (meta) registrations; the launchers assume checked inputs.
 
-Each ``check_*`` function validates its arguments *before any launch* and returns the output
-shape. Errors are ``ValueError``/``TypeError`` whose text names the argument and the rule broken.
+Each ``*_shape`` function validates an op's arguments *before any launch* and returns its output
+shape; ``validate_values=False`` skips the checks that read tensor values (a host sync on a GPU).
+``check_kept`` checks a compaction's result. Errors are ``ValueError``/``TypeError`` whose text
+names the argument and the rule broken.
 
 Conventions (the kernel contract, see DESIGN.md):
 
@@ -161,8 +163,10 @@ def masked_attention_shape(q, k, v, counts, validate_values: bool = True):
     return tuple(q.shape)
 
 
-def lm_head_ce_shape(h, w, labels):
-    """h [K, M, d], w [V, d], labels [M] or [K, M] int64 -> loss [K] float32."""
+def lm_head_ce_shape(h, w, labels, ignore_index: int = -100, chunk_size: int = 4096,
+                     validate_values: bool = True):
+    """h [K, M, d], w [V, d], labels [M] or [K, M] int64 -> loss [K] float32. Value check: every
+    label lies in [0, V) or equals ``ignore_index``."""
     check_rank("h", h, 3, "[K, M, hidden]")
     check_rank("w", w, 2, "[vocab, hidden]")
     check_float("h", h)
@@ -175,26 +179,58 @@ def lm_head_ce_shape(h, w, labels):
         raise TypeError(f"labels must be int64, got {labels.dtype}")
     if tuple(labels.shape) not in ((M,), (K, M)):
         _fail(f"labels must have shape ({M},) or ({K}, {M}), got {tuple(labels.shape)}")
+    if chunk_size < 1:
+        _fail(f"chunk_size must be >= 1, got {chunk_size}")
+    if validate_values and labels.numel():
+        vocab = w.shape[0]
+        bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
+        if bool(bad.any()):
+            _fail(f"labels must lie in [0, vocab={vocab}) or equal ignore_index={ignore_index}; "
+                  f"got values in [{int(labels.min())}, {int(labels.max())}]")
     return (K,)
 
 
+def capacity_of(n: int, capacity: Optional[int]) -> int:
+    """The index capacity for ``n`` units: ``n`` when None, else ``capacity`` within [0, n]."""
+    cap = n if capacity is None else capacity
+    if not 0 <= cap <= n:
+        _fail(f"capacity must lie in [0, {n}], got {cap}")
+    return cap
+
+
+def check_kept(counts: torch.Tensor, capacity: Optional[int]) -> None:
+    """After compaction: every mask's kept count fits the capacity, else units would be dropped
+    from idx without a word (``counts`` are the true counts). One host sync."""
+    if capacity is None or counts.numel() == 0:
+        return
+    kept = int(counts.max())
+    if kept > capacity:
+        _fail(f"capacity={capacity} is below the kept count: mask {int(counts.argmax())} keeps "
+              f"{kept} units, which idx cannot hold; pass capacity >= {kept} (or None: all units)")
+
+
 def compact_shape(masks: torch.Tensor, capacity: Optional[int] = None):
+    """masks bool [K, n] -> idx [K, cap]."""
     check_rank("masks", masks, 2, "[K, n]")
     if masks.dtype != torch.bool:
         raise TypeError(f"masks must be bool, got {masks.dtype}")
     K, n = masks.shape
-    cap = n if capacity is None else capacity
-    if not 0 <= cap <= n:
-        _fail(f"capacity must lie in [0, {n}], got {cap}")
-    return (K, cap)
+    return (K, capacity_of(n, capacity))
 
 
-def sample_shape(probs: torch.Tensor, uniforms: torch.Tensor):
-    """probs [n], uniforms [K, n] (floating point) -> masks [K, n]."""
+def sample_shape(probs: torch.Tensor, uniforms: torch.Tensor, validate_values: bool = True):
+    """probs [n], uniforms [K, n] (floating point) -> masks [K, n]. Value check: probs are
+    probabilities (a NaN would prune its unit on every sample, a value above 1 keep it)."""
     check_rank("uniforms", uniforms, 2, "[K, n]")
     check_float("uniforms", uniforms)
     check_float("probs", probs)
     if probs.dim() != 1 or probs.shape[0] != uniforms.shape[1]:
         _fail(f"probs must have shape ({uniforms.shape[1]},), got {tuple(probs.shape)}")
     check_same([("probs", probs), ("uniforms", uniforms)], "device")
+    if validate_values and probs.numel():
+        bad = ~((probs >= 0) & (probs <= 1))  # NaN fails both comparisons
+        if bool(bad.any()):
+            first = int(bad.nonzero()[0])
+            _fail(f"probs must lie in [0, 1] (no NaN): probs[{first}] = {float(probs[first])}, "
+                  f"{int(bad.sum())} of {probs.numel()} values outside")
     return tuple(uniforms.shape)

@@ -13,6 +13,12 @@ dense module with the pruned units zeroed, and returns the dense module's full o
 * :class:`MaskedSwiGLUMLP`: ``down(silu(gate(x)) * up(x) * mask)`` over kept channels.
 * :class:`MaskedLlamaAttention`: attention with whole KV groups (a KV head and its query heads)
   removed, i.e. the dense attention whose pruned heads are zeroed before ``o_proj``.
+* :class:`MaskedDecoderLayer`: norms, masked attention and masked MLP with their residuals, the
+  block of the engine's K-mask forward.
+
+Each layer has ``forward`` (takes bool masks and compacts them) and ``forward_compact`` (takes the
+index lists and counts of :func:`~probprune_kernels.compact_masks`, so a caller that compacts
+all layers' masks in one launch, as the engine does, pays no per-layer compaction).
 
 The layers are for inference/search (forward only; the ops have no autograd formula).
 """
@@ -161,20 +167,35 @@ class MaskedSwiGLUMLP(nn.Module):
         _check_silu(mlp)
         return cls(mlp.gate_proj, mlp.up_proj, mlp.down_proj, backend=backend)
 
-    def forward_compact(self, x3: Tensor, idx: Tensor, counts: Tensor,
-                        residual: Optional[Tensor] = None) -> Tensor:
-        """x3 [K, M, d] with precomputed idx/counts -> [K, M, d] (+ residual, fused)."""
-        h = ops.gather_rows_swiglu(x3, self.gate_proj.weight, self.up_proj.weight, idx, counts,
-                                   backend=self.backend, validate=False)
-        y = ops.gather_cols_gemm(h, self.down_proj.weight, idx, counts, 1, residual,
+    def forward_compact(self, x: Tensor, idx: Tensor, counts: Tensor,
+                        residual: Optional[Tensor] = None,
+                        layer_keep: Optional[Tensor] = None) -> Tensor:
+        """x [K, ..., d] with precomputed ``compact_masks`` idx/counts -> [K, ..., d] (+ residual,
+        fused into the down GEMM). ``layer_keep`` [K] (0/1) marks masks that keep the layer at
+        all: a dropped layer has counts 0 and adds no bias, so the residual passes through."""
+        K = x.shape[0]
+        h = ops.gather_rows_swiglu(x.reshape(K, -1, self.hidden_size), self.gate_proj.weight,
+                                   self.up_proj.weight, idx, counts, backend=self.backend,
+                                   validate=False)
+        res = None if residual is None else residual.reshape(K, -1, self.hidden_size)
+        y = ops.gather_cols_gemm(h, self.down_proj.weight, idx, counts, 1, res,
                                  backend=self.backend, validate=False)
-        return y if self.down_proj.bias is None else y + self.down_proj.bias
+        return _add_bias(y, self.down_proj.bias, layer_keep).reshape(x.shape)
 
     def forward(self, x: Tensor, mask: Tensor, capacity: Optional[int] = None) -> Tensor:
         """x [..., d] with mask [F], or x [K, ..., d] with mask [K, F] -> same shape as x."""
         masks, x3, lead, _ = _as_masks(mask, self.n_units, x, self.hidden_size)
         idx, counts = ops.compact_masks(masks, capacity, backend=self.backend)
         return self.forward_compact(x3, idx, counts).reshape(*lead, self.hidden_size)
+
+
+def _add_bias(y: Tensor, bias: Optional[Tensor], layer_keep: Optional[Tensor]) -> Tensor:
+    """y [K, M, d] + bias, for the masks whose ``layer_keep`` [K] is 1 (all when None)."""
+    if bias is None:
+        return y
+    if layer_keep is None:
+        return y + bias
+    return y + bias * layer_keep.to(y.dtype)[:, None, None]
 
 
 def _rotate_half(x: Tensor) -> Tensor:
@@ -231,18 +252,16 @@ class MaskedLlamaAttention(nn.Module):
         return cls(attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, num_heads, num_kv,
                    head_dim, scale=scale, backend=backend)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor,
-                capacity: Optional[int] = None) -> Tensor:
-        """x [B, T, d] with mask [Hkv], or x [K, B, T, d] with mask [K, Hkv]; cos/sin [T, D] or
-        [B, T, D] (position embeddings, shared by the K masks) -> same shape as x."""
-        if x.dim() != (4 if mask.dim() == 2 else 3):
-            raise ValueError(f"x must be [B, T, d] (one mask) or [K, B, T, d] (K masks), got "
-                             f"{tuple(x.shape)} with mask {tuple(mask.shape)}")
-        masks, x3, lead, _ = _as_masks(mask, self.n_units, x, self.hidden_size)
-        K = masks.shape[0]
-        B, T = lead[-2], lead[-1]
+    def forward_compact(self, x: Tensor, cos: Tensor, sin: Tensor, idx: Tensor, counts: Tensor,
+                        residual: Optional[Tensor] = None,
+                        layer_keep: Optional[Tensor] = None) -> Tensor:
+        """x [K, B, T, d] with precomputed ``compact_masks`` idx/counts over KV groups ->
+        [K, B, T, d] (+ residual, fused into the o_proj GEMM). cos/sin [T, D] or [B, T, D].
+        ``layer_keep`` [K] (0/1): a mask that drops the layer has counts 0 and adds no o_proj
+        bias, so the residual passes through."""
+        K, B, T, d = x.shape
         D, G, be = self.head_dim, self.G, self.backend
-        idx, counts = ops.compact_masks(masks, capacity, backend=be)
+        x3 = x.reshape(K, B * T, d)
         cap = idx.shape[1]
         q = ops.gather_rows_gemm(x3, self.q_proj.weight, idx, counts, G * D, self.q_proj.bias,
                                  backend=be, validate=False).view(K, B, T, cap * G, D)
@@ -254,8 +273,66 @@ class MaskedLlamaAttention(nn.Module):
         q = apply_rotary(q, cos, sin).contiguous()
         k = apply_rotary(k, cos, sin).contiguous()
         o = ops.masked_attention(q, k, v, counts, self.scale, backend=be, validate=False)
+        res = None if residual is None else residual.reshape(K, B * T, d)
         y = ops.gather_cols_gemm(o.reshape(K, B * T, cap * G * D), self.o_proj.weight, idx, counts,
-                                 G * D, None, backend=be, validate=False)
-        if self.o_proj.bias is not None:
-            y = y + self.o_proj.bias
+                                 G * D, res, backend=be, validate=False)
+        return _add_bias(y, self.o_proj.bias, layer_keep).view(K, B, T, d)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor,
+                capacity: Optional[int] = None) -> Tensor:
+        """x [B, T, d] with mask [Hkv], or x [K, B, T, d] with mask [K, Hkv]; cos/sin [T, D] or
+        [B, T, D] (position embeddings, shared by the K masks) -> same shape as x."""
+        if x.dim() != (4 if mask.dim() == 2 else 3):
+            raise ValueError(f"x must be [B, T, d] (one mask) or [K, B, T, d] (K masks), got "
+                             f"{tuple(x.shape)} with mask {tuple(mask.shape)}")
+        masks, x3, lead, _ = _as_masks(mask, self.n_units, x, self.hidden_size)
+        idx, counts = ops.compact_masks(masks, capacity, backend=self.backend)
+        B, T = lead[-2], lead[-1]
+        y = self.forward_compact(x3.view(masks.shape[0], B, T, -1), cos, sin, idx, counts)
         return y.reshape(*lead, self.hidden_size)
+
+
+class MaskedDecoderLayer(nn.Module):
+    """A LLaMA decoder layer (pre-norm attention and SwiGLU MLP, each with its residual) whose KV
+    groups and MLP channels are masked: the block the engine's K-mask forward is made of.
+
+    Shares the Hugging Face layer's modules (norms, projections): no copy.
+    """
+
+    def __init__(self, input_layernorm: nn.Module, self_attn: MaskedLlamaAttention,
+                 post_attention_layernorm: nn.Module, mlp: MaskedSwiGLUMLP):
+        super().__init__()
+        self.input_layernorm, self.self_attn = input_layernorm, self_attn
+        self.post_attention_layernorm, self.mlp = post_attention_layernorm, mlp
+
+    @classmethod
+    def from_hf(cls, layer: nn.Module, config=None,
+                backend: Optional[str] = None) -> "MaskedDecoderLayer":
+        """From an HF ``LlamaDecoderLayer``-like module (Llama, Mistral, Qwen2)."""
+        return cls(layer.input_layernorm, MaskedLlamaAttention.from_hf(layer.self_attn, config,
+                                                                       backend),
+                   layer.post_attention_layernorm, MaskedSwiGLUMLP.from_mlp(layer.mlp, backend))
+
+    def forward_compact(self, h: Tensor, cos: Tensor, sin: Tensor, heads: Tuple[Tensor, Tensor],
+                        channels: Tuple[Tensor, Tensor],
+                        layer_keep: Optional[Tensor] = None) -> Tensor:
+        """h [K, B, T, d]; ``heads`` / ``channels``: (idx, counts) of ``compact_masks`` over the
+        KV groups / MLP channels; ``layer_keep`` [K] folds a dropped layer in (its counts must be
+        0 too) -> [K, B, T, d]."""
+        h = self.self_attn.forward_compact(self.input_layernorm(h), cos, sin, *heads, residual=h,
+                                           layer_keep=layer_keep)
+        return self.mlp.forward_compact(self.post_attention_layernorm(h), *channels, residual=h,
+                                        layer_keep=layer_keep)
+
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, head_mask: Tensor,
+                channel_mask: Tensor) -> Tensor:
+        """h [K, B, T, d] with head_mask [K, Hkv] and channel_mask [K, F] -> [K, B, T, d]."""
+        if h.dim() != 4 or head_mask.dim() != 2 or channel_mask.dim() != 2:
+            raise ValueError(f"h must be [K, B, T, d] with masks [K, Hkv] and [K, F], got "
+                             f"{tuple(h.shape)}, {tuple(head_mask.shape)}, "
+                             f"{tuple(channel_mask.shape)}")
+        _as_masks(head_mask, self.self_attn.n_units, h, self.self_attn.hidden_size, "head_mask")
+        _as_masks(channel_mask, self.mlp.n_units, h, self.mlp.hidden_size, "channel_mask")
+        be = self.mlp.backend
+        return self.forward_compact(h, cos, sin, ops.compact_masks(head_mask, backend=be),
+                                    ops.compact_masks(channel_mask, backend=be))

@@ -1,11 +1,12 @@
 """Public ops: each validates its inputs, picks a backend, and calls the registered custom op
 ``torch.ops.probprune.<name>``.
 
-Every op is registered once with :func:`torch.library.custom_op` (an opaque op: under
+Every op is registered once, here, with :func:`torch.library.custom_op` (an opaque op: under
 ``TRITON_INTERPRET=1``, ``triton_op``/``wrap_triton`` fails ``opcheck``'s fake-tensor test
 because it traces into the kernel) and a fake (meta) implementation whose shapes come from
-``_shapes``. The resolved backend name is an argument of the op, so ``torch.compile`` sees one op
-whatever the backend.
+``_shapes``. Its arguments are those of ``reference.<op>`` followed by the resolved backend's
+name, so ``torch.compile`` sees one op whatever the backend. Fake tensors stop at this opaque op,
+so the ``torch.ops.probprune_cuda.*`` ops the cuda backend calls (see ``_cuda``) need no fakes.
 
 Shapes (``K`` masks, ``n`` units, ``n_cap`` index capacity, ``group`` rows per unit):
 
@@ -22,10 +23,11 @@ masked_attention     q [K,B,T,Hq,D], k/v [K,B,T,Hkv,D], counts    [K, B, T, Hq, 
 lm_head_ce           h [K, M, d], w [V, d], labels [M] or [K, M]  float32 [K]
 ==================== ============================================ =================================
 
-Compact outputs are zero at and beyond ``counts[k] * group``. ``validate=True`` also checks values
-(index range, counts <= capacity), which reads the tensors (a host sync on a GPU);
-``validate=False`` keeps the cheap shape/dtype/device checks only, for hot paths that built
-idx/counts with :func:`compact_masks`.
+Compact outputs are zero at and beyond ``counts[k] * group``. ``validate=True`` (the default) also
+checks values, which reads the tensors (a host sync on a GPU): probabilities in [0, 1], kept
+counts <= capacity, index ranges and counts <= capacity of the gather ops, labels in range.
+``validate=False`` keeps the cheap shape/dtype/device checks only, for hot paths whose inputs are
+right by construction (idx/counts built by :func:`compact_masks`, probabilities from a sigmoid).
 """
 from __future__ import annotations
 
@@ -34,157 +36,134 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _shapes
-from . import backends as _backends
+from . import _shapes, dispatch
 
 __all__ = ["sample_masks", "compact_masks", "sample_and_compact", "gather_rows_gemm",
            "gather_rows_swiglu", "gather_cols_gemm", "masked_attention", "lm_head_ce"]
 
 
-def _impl(backend: str, op: str):
-    return _backends.implementation(backend, op)
-
-
-def _backend_for(op: str, device: torch.device, backend: Optional[str], tensors) -> str:
-    """Resolves the backend; kernels (triton, cuda) index raw memory and need contiguous inputs."""
-    name = _backends.resolve(op, device, backend)
-    if name != "reference":
-        for tname, t in tensors:
-            if t is not None:
-                _shapes.check_contiguous(tname, t)
-    return name
-
-
 # ----------------------------------------------------------------------------------------------
-# registered ops (opaque custom ops + fakes from _shapes)
+# registered ops: reference.<op>'s positional arguments, then the backend that runs them. Their
+# fakes take reference.<op>'s arguments and give empty outputs of the shapes _shapes computes.
 
-@torch.library.custom_op("probprune::sample_masks", mutates_args=())
-def _sample_masks_op(probs: Tensor, uniforms: Tensor, backend: str) -> Tensor:
-    return _impl(backend, "sample_masks")(probs, uniforms)
-
-
-@_sample_masks_op.register_fake
-def _(probs, uniforms, backend):
-    return uniforms.new_empty(_shapes.sample_shape(probs, uniforms), dtype=torch.bool)
+def _fake_sample_masks(probs, uniforms):
+    shape = _shapes.sample_shape(probs, uniforms, validate_values=False)
+    return uniforms.new_empty(shape, dtype=torch.bool)
 
 
-@torch.library.custom_op("probprune::compact_masks", mutates_args=())
-def _compact_masks_op(masks: Tensor, capacity: Optional[int],
-                      backend: str) -> Tuple[Tensor, Tensor]:
-    return tuple(_impl(backend, "compact_masks")(masks, capacity))
-
-
-@_compact_masks_op.register_fake
-def _(masks, capacity, backend):
+def _fake_compact_masks(masks, capacity):
     K, cap = _shapes.compact_shape(masks, capacity)
-    return (masks.new_empty((K, cap), dtype=torch.int32), masks.new_empty((K,), dtype=torch.int32))
+    return masks.new_empty((K, cap), dtype=torch.int32), masks.new_empty((K,), dtype=torch.int32)
 
 
-@torch.library.custom_op("probprune::sample_and_compact", mutates_args=())
-def _sample_and_compact_op(probs: Tensor, uniforms: Tensor, capacity: Optional[int],
-                           backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    return tuple(_impl(backend, "sample_and_compact")(probs, uniforms, capacity))
+def _fake_sample_and_compact(probs, uniforms, capacity):
+    masks = _fake_sample_masks(probs, uniforms)
+    return (masks, *_fake_compact_masks(masks, capacity))
 
 
-@_sample_and_compact_op.register_fake
-def _(probs, uniforms, capacity, backend):
-    shape = _shapes.sample_shape(probs, uniforms)
-    masks = uniforms.new_empty(shape, dtype=torch.bool)
-    K, cap = _shapes.compact_shape(masks, capacity)
-    return (masks, uniforms.new_empty((K, cap), dtype=torch.int32),
-            uniforms.new_empty((K,), dtype=torch.int32))
+def _fake_gather_rows_gemm(x, w, idx, counts, group, bias):
+    return x.new_empty(_shapes.gather_rows_shape(x, w, idx, counts, group, bias, False))
 
 
-@torch.library.custom_op("probprune::gather_rows_gemm", mutates_args=())
-def _gather_rows_gemm_op(x: Tensor, w: Tensor, idx: Tensor, counts: Tensor, group: int,
-                         bias: Optional[Tensor], backend: str) -> Tensor:
-    return _impl(backend, "gather_rows_gemm")(x, w, idx, counts, group, bias)
+def _fake_gather_rows_swiglu(x, w_gate, w_up, idx, counts):
+    return x.new_empty(_shapes.gather_rows_swiglu_shape(x, w_gate, w_up, idx, counts, False))
 
 
-@_gather_rows_gemm_op.register_fake
-def _(x, w, idx, counts, group, bias, backend):
-    return x.new_empty(_shapes.gather_rows_shape(x, w, idx, counts, group, bias,
-                                                 validate_values=False))
+def _fake_gather_cols_gemm(h, w, idx, counts, group, residual):
+    return h.new_empty(_shapes.gather_cols_shape(h, w, idx, counts, group, residual, False))
 
 
-@torch.library.custom_op("probprune::gather_rows_swiglu", mutates_args=())
-def _gather_rows_swiglu_op(x: Tensor, w_gate: Tensor, w_up: Tensor, idx: Tensor, counts: Tensor,
-                           backend: str) -> Tensor:
-    return _impl(backend, "gather_rows_swiglu")(x, w_gate, w_up, idx, counts)
+def _fake_masked_attention(q, k, v, counts, scale):
+    return q.new_empty(_shapes.masked_attention_shape(q, k, v, counts, False))
 
 
-@_gather_rows_swiglu_op.register_fake
-def _(x, w_gate, w_up, idx, counts, backend):
-    return x.new_empty(_shapes.gather_rows_swiglu_shape(x, w_gate, w_up, idx, counts,
-                                                        validate_values=False))
+def _fake_lm_head_ce(h, w, labels, ignore_index, chunk_size):
+    shape = _shapes.lm_head_ce_shape(h, w, labels, ignore_index, chunk_size, False)
+    return h.new_empty(shape, dtype=torch.float32)
 
 
-@torch.library.custom_op("probprune::gather_cols_gemm", mutates_args=())
-def _gather_cols_gemm_op(h: Tensor, w: Tensor, idx: Tensor, counts: Tensor, group: int,
-                         residual: Optional[Tensor], backend: str) -> Tensor:
-    return _impl(backend, "gather_cols_gemm")(h, w, idx, counts, group, residual)
+# op -> (schema, fake). These are the schemas torch.library.infer_schema gives annotated Python
+# functions; written out so that one generic body serves every op.
+_OPS = {
+    "sample_masks": ("(Tensor probs, Tensor uniforms, str backend) -> Tensor",
+                     _fake_sample_masks),
+    "compact_masks": ("(Tensor masks, SymInt? capacity, str backend) -> (Tensor, Tensor)",
+                      _fake_compact_masks),
+    "sample_and_compact": ("(Tensor probs, Tensor uniforms, SymInt? capacity, str backend) "
+                           "-> (Tensor, Tensor, Tensor)", _fake_sample_and_compact),
+    "gather_rows_gemm": ("(Tensor x, Tensor w, Tensor idx, Tensor counts, SymInt group, "
+                         "Tensor? bias, str backend) -> Tensor", _fake_gather_rows_gemm),
+    "gather_rows_swiglu": ("(Tensor x, Tensor w_gate, Tensor w_up, Tensor idx, Tensor counts, "
+                           "str backend) -> Tensor", _fake_gather_rows_swiglu),
+    "gather_cols_gemm": ("(Tensor h, Tensor w, Tensor idx, Tensor counts, SymInt group, "
+                         "Tensor? residual, str backend) -> Tensor", _fake_gather_cols_gemm),
+    "masked_attention": ("(Tensor q, Tensor k, Tensor v, Tensor counts, float? scale, "
+                         "str backend) -> Tensor", _fake_masked_attention),
+    "lm_head_ce": ("(Tensor h, Tensor w, Tensor labels, SymInt ignore_index, SymInt chunk_size, "
+                   "str backend) -> Tensor", _fake_lm_head_ce),
+}
 
 
-@_gather_cols_gemm_op.register_fake
-def _(h, w, idx, counts, group, residual, backend):
-    return h.new_empty(_shapes.gather_cols_shape(h, w, idx, counts, group, residual,
-                                                 validate_values=False))
+def _register(op: str, schema: str, fake) -> None:
+    def run(*args):
+        *inputs, backend = args
+        return dispatch.implementation(backend, op)(*inputs)
+
+    registered = torch.library.custom_op(f"probprune::{op}", run, mutates_args=(), schema=schema)
+    registered.register_fake(lambda *args: fake(*args[:-1]))
 
 
-@torch.library.custom_op("probprune::masked_attention", mutates_args=())
-def _masked_attention_op(q: Tensor, k: Tensor, v: Tensor, counts: Tensor, scale: Optional[float],
-                         backend: str) -> Tensor:
-    return _impl(backend, "masked_attention")(q, k, v, counts, scale)
+for _op, (_schema, _fake) in _OPS.items():
+    _register(_op, _schema, _fake)
 
 
-@_masked_attention_op.register_fake
-def _(q, k, v, counts, scale, backend):
-    return q.new_empty(_shapes.masked_attention_shape(q, k, v, counts, validate_values=False))
-
-
-@torch.library.custom_op("probprune::lm_head_ce", mutates_args=())
-def _lm_head_ce_op(h: Tensor, w: Tensor, labels: Tensor, ignore_index: int, chunk_size: int,
-                   backend: str) -> Tensor:
-    return _impl(backend, "lm_head_ce")(h, w, labels, ignore_index, chunk_size)
-
-
-@_lm_head_ce_op.register_fake
-def _(h, w, labels, ignore_index, chunk_size, backend):
-    return h.new_empty(_shapes.lm_head_ce_shape(h, w, labels), dtype=torch.float32)
+def _call(op: str, device: torch.device, backend: Optional[str], **args):
+    """``torch.ops.probprune.<op>(**args)`` on the backend resolved for ``device``; ``args`` are
+    named as in the schema. Kernels (triton, cuda) index raw memory: their tensors must be
+    contiguous."""
+    name = dispatch.resolve(op, device, backend)
+    if name != "reference":
+        for arg, t in args.items():
+            if isinstance(t, Tensor):
+                _shapes.check_contiguous(arg, t)
+    return getattr(torch.ops.probprune, op)(**args, backend=name)
 
 
 # ----------------------------------------------------------------------------------------------
 # public wrappers: validate -> resolve backend -> torch.ops.probprune.<name>
 
-def sample_masks(probs: Tensor, uniforms: Tensor, *, backend: Optional[str] = None) -> Tensor:
-    """Bernoulli masks ``uniforms < probs``: probs [n], uniforms [K, n] (the caller's generator,
-    so every backend draws the same masks) -> bool [K, n]."""
-    _shapes.sample_shape(probs, uniforms)
-    name = _backend_for("sample_masks", uniforms.device, backend,
-                        [("probs", probs), ("uniforms", uniforms)])
-    return torch.ops.probprune.sample_masks(probs, uniforms, name)
+def sample_masks(probs: Tensor, uniforms: Tensor, *, backend: Optional[str] = None,
+                 validate: bool = True) -> Tensor:
+    """Bernoulli masks ``uniforms < probs``: probs [n] in [0, 1], uniforms [K, n] (the caller's
+    generator, so every backend draws the same masks) -> bool [K, n]."""
+    _shapes.sample_shape(probs, uniforms, validate_values=validate)
+    return _call("sample_masks", uniforms.device, backend, probs=probs, uniforms=uniforms)
 
 
 def compact_masks(masks: Tensor, capacity: Optional[int] = None, *,
-                  backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
+                  backend: Optional[str] = None, validate: bool = True) -> Tuple[Tensor, Tensor]:
     """bool masks [K, n] -> (idx int32 [K, cap] kept unit ids ascending, zero-padded;
-    counts int32 [K]). ``cap`` defaults to ``n``; counts are the true counts, so choose
-    ``capacity >= counts.max()`` (the gather ops reject counts above capacity when validating)."""
+    counts int32 [K]). ``cap`` defaults to ``n``. A mask keeping more than ``capacity`` units
+    raises (with ``validate=False`` idx holds its first ``capacity`` ids and counts stay true)."""
     _shapes.compact_shape(masks, capacity)
-    name = _backend_for("compact_masks", masks.device, backend, [("masks", masks)])
-    return tuple(torch.ops.probprune.compact_masks(masks, capacity, name))
+    idx, counts = _call("compact_masks", masks.device, backend, masks=masks, capacity=capacity)
+    if validate:
+        _shapes.check_kept(counts, capacity)
+    return idx, counts
 
 
 def sample_and_compact(probs: Tensor, uniforms: Tensor, capacity: Optional[int] = None, *,
-                       backend: Optional[str] = None) -> Tuple[Tensor, Tensor, Tensor]:
+                       backend: Optional[str] = None,
+                       validate: bool = True) -> Tuple[Tensor, Tensor, Tensor]:
     """:func:`sample_masks` then :func:`compact_masks`, fused in one launch on triton/cuda.
     Returns (masks bool [K, n], idx int32 [K, cap], counts int32 [K])."""
-    shape = _shapes.sample_shape(probs, uniforms)
-    if capacity is not None and not 0 <= capacity <= shape[1]:
-        raise ValueError(f"capacity must lie in [0, {shape[1]}], got {capacity}")
-    name = _backend_for("sample_and_compact", uniforms.device, backend,
-                        [("probs", probs), ("uniforms", uniforms)])
-    return tuple(torch.ops.probprune.sample_and_compact(probs, uniforms, capacity, name))
+    _, n = _shapes.sample_shape(probs, uniforms, validate_values=validate)
+    _shapes.capacity_of(n, capacity)
+    masks, idx, counts = _call("sample_and_compact", uniforms.device, backend, probs=probs,
+                               uniforms=uniforms, capacity=capacity)
+    if validate:
+        _shapes.check_kept(counts, capacity)
+    return masks, idx, counts
 
 
 def gather_rows_gemm(x: Tensor, w: Tensor, idx: Tensor, counts: Tensor, group: int = 1,
@@ -196,9 +175,8 @@ def gather_rows_gemm(x: Tensor, w: Tensor, idx: Tensor, counts: Tensor, group: i
     bias [Dout] -> y [K, M, n_cap * group]. Only the active rows of ``w`` are read.
     """
     _shapes.gather_rows_shape(x, w, idx, counts, group, bias, validate_values=validate)
-    name = _backend_for("gather_rows_gemm", x.device, backend,
-                        [("x", x), ("w", w), ("idx", idx), ("counts", counts), ("bias", bias)])
-    return torch.ops.probprune.gather_rows_gemm(x, w, idx, counts, group, bias, name)
+    return _call("gather_rows_gemm", x.device, backend, x=x, w=w, idx=idx, counts=counts,
+                 group=group, bias=bias)
 
 
 def gather_rows_swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor, idx: Tensor, counts: Tensor, *,
@@ -208,10 +186,8 @@ def gather_rows_swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor, idx: Tensor, cou
     x [K, M, Din], w_gate/w_up [F, Din] -> y [K, M, n_cap], zero beyond counts[k].
     """
     _shapes.gather_rows_swiglu_shape(x, w_gate, w_up, idx, counts, validate_values=validate)
-    name = _backend_for("gather_rows_swiglu", x.device, backend,
-                        [("x", x), ("w_gate", w_gate), ("w_up", w_up), ("idx", idx),
-                         ("counts", counts)])
-    return torch.ops.probprune.gather_rows_swiglu(x, w_gate, w_up, idx, counts, name)
+    return _call("gather_rows_swiglu", x.device, backend, x=x, w_gate=w_gate, w_up=w_up, idx=idx,
+                 counts=counts)
 
 
 def gather_cols_gemm(h: Tensor, w: Tensor, idx: Tensor, counts: Tensor, group: int = 1,
@@ -220,10 +196,8 @@ def gather_cols_gemm(h: Tensor, w: Tensor, idx: Tensor, counts: Tensor, group: i
     """y[k] = h[k, :, :counts[k]*group] @ w[:, cols_k].T (+ residual[k]); cols_k the active columns
     ``idx[k, j]*group + g``. h [K, M, n_cap*group], w [Dout, Din] -> y [K, M, Dout]."""
     _shapes.gather_cols_shape(h, w, idx, counts, group, residual, validate_values=validate)
-    name = _backend_for("gather_cols_gemm", h.device, backend,
-                        [("h", h), ("w", w), ("idx", idx), ("counts", counts),
-                         ("residual", residual)])
-    return torch.ops.probprune.gather_cols_gemm(h, w, idx, counts, group, residual, name)
+    return _call("gather_cols_gemm", h.device, backend, h=h, w=w, idx=idx, counts=counts,
+                 group=group, residual=residual)
 
 
 def masked_attention(q: Tensor, k: Tensor, v: Tensor, counts: Tensor, scale: Optional[float] = None,
@@ -234,28 +208,18 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, counts: Tensor, scale: Opt
     head ``j``; heads at and beyond ``counts[i]*G`` are zero. ``scale`` defaults to 1/sqrt(D).
     """
     _shapes.masked_attention_shape(q, k, v, counts, validate_values=validate)
-    name = _backend_for("masked_attention", q.device, backend,
-                        [("q", q), ("k", k), ("v", v), ("counts", counts)])
-    return torch.ops.probprune.masked_attention(q, k, v, counts, scale, name)
+    return _call("masked_attention", q.device, backend, q=q, k=k, v=v, counts=counts, scale=scale)
 
 
 def lm_head_ce(h: Tensor, w: Tensor, labels: Tensor, ignore_index: int = -100,
-               chunk_size: int = 4096, *, backend: Optional[str] = None) -> Tensor:
+               chunk_size: int = 4096, *, backend: Optional[str] = None,
+               validate: bool = True) -> Tensor:
     """Mean next-token NLL per mask, fp32 [K]: loss[k] = mean_m CE(h[k, m] @ w.T, labels[m]).
 
     h [K, M, d], w [V, d], labels int64 [M] or [K, M] (``ignore_index`` rows do not count; a mask
-    with no counted row gives NaN). No [K*M, V] logits tensor is built. Labels are checked to lie in
-    [0, V) or equal ``ignore_index`` (one small host sync per call).
+    with no counted row gives NaN). No [K*M, V] logits tensor is built. ``validate`` checks that
+    labels lie in [0, V) or equal ``ignore_index``.
     """
-    _shapes.lm_head_ce_shape(h, w, labels)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if labels.numel():
-        bad = ((labels < 0) | (labels >= w.shape[0])) & (labels != ignore_index)
-        if bool(bad.any()):
-            raise ValueError(f"labels must lie in [0, vocab={w.shape[0]}) or equal ignore_index="
-                             f"{ignore_index}; got values in [{int(labels.min())}, "
-                             f"{int(labels.max())}]")
-    name = _backend_for("lm_head_ce", h.device, backend,
-                        [("h", h), ("w", w), ("labels", labels)])
-    return torch.ops.probprune.lm_head_ce(h, w, labels, ignore_index, chunk_size, name)
+    _shapes.lm_head_ce_shape(h, w, labels, ignore_index, chunk_size, validate_values=validate)
+    return _call("lm_head_ce", h.device, backend, h=h, w=w, labels=labels,
+                 ignore_index=ignore_index, chunk_size=chunk_size)

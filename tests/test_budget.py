@@ -3,23 +3,23 @@ import pytest
 import torch
 
 from probprune.budget import Budget, BudgetError
-from probprune.space import SearchSpace
-from probprune.units import UnitLayout
+from probprune.units import ModelShape, UnitSpace
 
-LAYOUT = UnitLayout(n_layers=3, n_kv_heads=2, q_per_kv=3, head_dim=4, hidden=12,
-                    intermediate=10, attn_bias=True, o_bias=False, include_layers=False)
-WITH_LAYERS = UnitLayout(**{**LAYOUT.__dict__, "include_layers": True})
+SHAPE = ModelShape(n_layers=3, n_kv_heads=2, q_per_kv=3, head_dim=4, hidden=12, intermediate=10,
+                   attn_bias=True, o_bias=False)
+LAYOUT = UnitSpace(SHAPE)
+WITH_LAYERS = UnitSpace(SHAPE, include_layers=True)
 # Channel blocks of 4, 4 and 2 channels: search units of unequal cost.
-BLOCKS = SearchSpace(LAYOUT, channel_block=4)
-BLOCKS_WITH_LAYERS = SearchSpace(WITH_LAYERS, channel_block=4)
+BLOCKS = UnitSpace(SHAPE, channel_block=4)
+BLOCKS_WITH_LAYERS = UnitSpace(SHAPE, include_layers=True, channel_block=4)
 
 
 def test_costs_by_hand():
     # A KV group: 3 query + 1 key + 1 value heads of 4 rows x 12, 3 heads of o_proj columns,
     # and q/k/v biases of 3*4 + 4 + 4; a channel: gate row + up row + down column.
-    assert LAYOUT.head_cost == (3 + 1 + 1 + 3) * 4 * 12 + (3 + 1 + 1) * 4
-    assert LAYOUT.channel_cost == 3 * 12
-    assert LAYOUT.prunable_params == 3 * (2 * LAYOUT.head_cost + 10 * LAYOUT.channel_cost)
+    assert SHAPE.head_cost == (3 + 1 + 1 + 3) * 4 * 12 + (3 + 1 + 1) * 4
+    assert SHAPE.channel_cost == 3 * 12
+    assert LAYOUT.prunable_params == 3 * (2 * SHAPE.head_cost + 10 * SHAPE.channel_cost)
 
 
 @pytest.mark.parametrize("layout,mode,scope", [

@@ -65,25 +65,30 @@ def test_cuda_signatures_follow_the_reference(C):
 
 
 def test_fake_implementations_give_reference_shapes(C):
+    """The probprune_cuda ops have no fake (meta) kernels: fake tensors stop at the opaque public
+    op torch.ops.probprune.<op>, whose fake gives the reference's shapes with backend="cuda"."""
     meta = torch.device("meta")
     x = torch.empty(3, 37, 45, device=meta, dtype=torch.float16)
     w = torch.empty(20 * 3, 45, device=meta, dtype=torch.float16)
     idx = torch.empty(3, 11, device=meta, dtype=torch.int32)
     counts = torch.empty(3, device=meta, dtype=torch.int32)
-    ops = torch.ops.probprune_cuda
-    assert ops.gather_rows_gemm(x, w, idx, counts, 3, None).shape == (3, 37, 33)
+    ops = torch.ops.probprune
+    assert ops.gather_rows_gemm(x, w, idx, counts, 3, None, "cuda").shape == (3, 37, 33)
     h = torch.empty(3, 37, 33, device=meta, dtype=torch.float16)
-    assert ops.gather_cols_gemm(h, w.t().contiguous(), idx, counts, 3, None).shape == (3, 37, 45)
-    assert ops.gather_rows_swiglu(x, w, w, idx, counts).shape == (3, 37, 11)
+    assert ops.gather_cols_gemm(h, w.t().contiguous(), idx, counts, 3, None,
+                                "cuda").shape == (3, 37, 45)
+    assert ops.gather_rows_swiglu(x, w, w, idx, counts, "cuda").shape == (3, 37, 11)
     q = torch.empty(2, 1, 9, 6, 16, device=meta)
     kv = torch.empty(2, 1, 9, 2, 16, device=meta)
-    assert ops.masked_attention(q, kv, kv, counts[:2], None).shape == q.shape
+    assert ops.masked_attention(q, kv, kv, counts[:2], None, "cuda").shape == q.shape
     masks = torch.empty(3, 50, device=meta, dtype=torch.bool)
-    i, c = ops.compact_masks(masks, 20)
+    i, c = ops.compact_masks(masks, 20, "cuda")
     assert i.shape == (3, 20) and i.dtype == torch.int32 and c.shape == (3,)
     u = torch.empty(3, 50, device=meta)
-    m, i, c = ops.sample_and_compact(u[0], u, None)
+    m, i, c = ops.sample_and_compact(u[0], u, None, "cuda")
     assert m.dtype == torch.bool and i.shape == (3, 50)
+    with pytest.raises(NotImplementedError):
+        torch.ops.probprune_cuda.gather_rows_gemm(x, w, idx, counts, 3, None)
 
 
 def test_available_needs_a_gpu():
@@ -122,10 +127,10 @@ sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f).lower(
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     import probprune_kernels
-    from probprune_kernels import _cuda, backends
+    from probprune_kernels import _cuda
     avail = [_cuda.available(op) for op in _cuda.OPS for _ in range(3)]
     info = _cuda.info()
-    be = backends.available_backends()
+    be = probprune_kernels.backends()
 print(json.dumps({"file": probprune_kernels.__file__, "any": any(avail), "error": info["error"],
                   "backends": be,
                   "warnings": [str(w.message) for w in caught

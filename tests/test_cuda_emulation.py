@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from probprune_kernels import reference
-from tests.conftest import TOLERANCES, assert_close
+from tests.conftest import assert_close
+from tests.kernel_cases import check_attention, compact_inputs, counts_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
@@ -65,26 +66,6 @@ def emu():
              extra_include_paths=[CSRC], extra_cflags=["-O2"], build_directory=build_dir,
              is_python_module=False, verbose=False)
     return _Emulation()
-
-
-def _counts(kind, K, n, cap=None):
-    cap = n if cap is None else cap
-    if kind == "ragged":
-        c = [cap, 0, max(1, (2 * cap) // 3)][:K] if K > 1 else [max(1, (2 * cap) // 3)]
-    elif kind == "zero":
-        c = [0] * K
-    else:  # full
-        c = [cap] * K
-    return c
-
-
-def _compact_inputs(K, n, counts, cap=None):
-    """idx [K, cap] ascending random subsets with the given counts, zero padded."""
-    cap = n if cap is None else cap
-    idx = torch.zeros(K, cap, dtype=torch.int32)
-    for k, c in enumerate(counts):
-        idx[k, :c] = torch.randperm(n)[:c].sort().values.to(torch.int32)
-    return idx, torch.tensor(counts, dtype=torch.int32)
 
 
 def _rand(*shape, dtype):
@@ -157,7 +138,7 @@ def test_gather_rows_emulation(emu, case, dtype, engine):
     x = _rand(K, M, din, dtype=dtype)
     w = _rand(n * group, din, dtype=dtype)
     bias = _rand(n * group, dtype=dtype)
-    idx, counts = _compact_inputs(K, n, _counts(kind, K, n, cap), cap)
+    idx, counts = compact_inputs(K, n, counts_for(kind, K, n if cap is None else cap), cap)
     for b in (None, bias):
         got = emu.gather_rows_gemm(x, w, idx, counts, group, b, _engine(engine, dtype))
         ref = reference.gather_rows_gemm(x, w, idx, counts, group, b)
@@ -173,7 +154,7 @@ def test_gather_rows_swiglu_emulation(emu, case, dtype, engine):
     K, M, din, F, kind, cap = case
     x = _rand(K, M, din, dtype=dtype)
     wg, wu = _rand(F, din, dtype=dtype), _rand(F, din, dtype=dtype)
-    idx, counts = _compact_inputs(K, F, _counts(kind, K, F, cap), cap)
+    idx, counts = compact_inputs(K, F, counts_for(kind, K, F if cap is None else cap), cap)
     got = emu.gather_rows_swiglu(x, wg, wu, idx, counts, _engine(engine, dtype))
     ref = reference.gather_rows_swiglu(x, wg, wu, idx, counts)
     # fp32: a product of two length-Din sums (|y| up to ~100) summed in another order
@@ -194,7 +175,7 @@ def test_gather_cols_emulation(emu, case, dtype, engine):
     K, M, dout, n, group, kind, cap = case
     cap_ = n if cap is None else cap
     w = _rand(dout, n * group, dtype=dtype)
-    idx, counts = _compact_inputs(K, n, _counts(kind, K, n, cap), cap)
+    idx, counts = compact_inputs(K, n, counts_for(kind, K, n if cap is None else cap), cap)
     h = _rand(K, M, cap_ * group, dtype=dtype)
     # entries beyond counts*group are never read: poison them
     for k, c in enumerate(counts.tolist()):
@@ -209,22 +190,6 @@ def test_gather_cols_emulation(emu, case, dtype, engine):
 # ----------------------------------------------------------------------------------------------
 # masked attention
 
-def _attention_ref_check(got, q, k, v, counts, scale, dtype, msg):
-    """fp32: the dtype tolerance. fp16/bf16 (flash-attention's rule): the error against the fp32
-    oracle is at most twice the error of the reference computed in the same dtype, plus a small
-    absolute floor."""
-    ref32 = reference.masked_attention(q.float(), k.float(), v.float(), counts, scale)
-    if dtype == torch.float32:
-        assert_close(got, ref32, dtype, msg=msg)
-        return
-    ref_low = reference.masked_attention(q, k, v, counts, scale)
-    err = (got.float() - ref32).abs().max().item()
-    ref_err = (ref_low.float() - ref32).abs().max().item()
-    floor = TOLERANCES[dtype]["atol"]
-    assert err <= 2 * ref_err + floor, f"{msg}: max error {err:.3g} vs reference's {ref_err:.3g}"
-    assert torch.isfinite(got).all(), msg
-
-
 @pytest.mark.parametrize("engine", ["auto", "fma"])  # fp32 is FMA either way; "fma" for 16-bit
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("G", [1, 3])
@@ -237,10 +202,10 @@ def test_masked_attention_emulation(emu, K, kind, G, dtype, engine):
     q = _rand(K, B, T, hq, D, dtype=dtype)
     k = _rand(K, B, T, hkv, D, dtype=dtype)
     v = _rand(K, B, T, hkv, D, dtype=dtype)
-    counts = torch.tensor(_counts(kind, K, hkv), dtype=torch.int32)
+    counts = torch.tensor(counts_for(kind, K, hkv), dtype=torch.int32)
     got = emu.masked_attention(q, k, v, counts, None, engine)
     assert got.shape == q.shape and got.dtype == dtype
-    _attention_ref_check(got, q, k, v, counts, None, dtype, f"attention K={K} {kind} G={G} {engine}")
+    check_attention(got, q, k, v, counts, None, dtype, f"attention K={K} {kind} G={G} {engine}")
     for i, c in enumerate(counts.tolist()):
         assert (got[i, :, :, c * G:] == 0).all()
 
@@ -256,7 +221,7 @@ def test_masked_attention_emulation_head_dims(emu, D, T, dtype):
     v = _rand(K, B, T, hkv, D, dtype=dtype)
     counts = torch.tensor([2, 1], dtype=torch.int32)
     got = emu.masked_attention(q, k, v, counts, 0.3, "auto")
-    _attention_ref_check(got, q, k, v, counts, 0.3, dtype, f"attention D={D} T={T}")
+    check_attention(got, q, k, v, counts, 0.3, dtype, f"attention D={D} T={T}")
 
 
 def test_emulation_configs_match_the_shapes_used_here(emu):

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from probprune_kernels import _cuda, ops, reference
-from tests.conftest import TOLERANCES, assert_close
+from tests.conftest import assert_close
+from tests.kernel_cases import check_attention, compact_inputs, counts_for
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -35,33 +36,29 @@ def _run(backend, op, *args):
     return getattr(ops, op)(*args, backend=backend)
 
 
-def _triton_subset(backend, case, dtype, cases):
-    """Triton autotunes every new shape key (several compiles each), so the Triton backend runs
-    a subset that still covers every dtype, K 1 and 3, ragged / zero / full counts, odd and
-    vector-aligned sizes: all dtypes on the first case, one dtype on each of the others."""
-    if backend != "triton":
-        return
-    i = cases.index(case)
-    if i > 0 and dtype != DTYPES[1 + i % 2]:
-        pytest.skip("triton: subset of the CUDA grid (autotuning cost), see _triton_subset")
+def _grid(cases):
+    """Parametrizes a test over (backend, dtype, case). Triton autotunes every new shape key
+    (several compiles each), so the Triton backend runs a subset that still covers every dtype,
+    K 1 and 3, ragged / zero / full counts, odd and vector-aligned sizes: all dtypes on the first
+    case, one dtype on each of the others."""
+    skip = pytest.mark.skip(reason="triton: subset of the CUDA grid (autotuning cost), see _grid")
+    params = []
+    for i, case in enumerate(cases):
+        for dtype in DTYPES:
+            for backend in BACKENDS:
+                full = backend != "triton" or i == 0 or dtype == DTYPES[1 + i % 2]
+                params.append(pytest.param(backend, dtype, case, marks=() if full else skip))
+    return pytest.mark.parametrize("backend,dtype,case", params)
 
 
-def _counts(kind, K, cap):
-    if kind == "ragged":
-        c = [cap, 0, max(1, (2 * cap) // 3)][:K] if K > 1 else [max(1, (2 * cap) // 3)]
-    elif kind == "zero":
-        c = [0] * K
-    else:
-        c = [cap] * K
-    return c
+def _with_and_without(operand, backend, case, cases):
+    """An optional operand's values to run: (None, operand), or only (operand,) for Triton past
+    the first case (the subset of _grid)."""
+    return (None, operand) if backend != "triton" or case == cases[0] else (operand,)
 
 
 def _compact(K, n, counts, cap=None):
-    cap = n if cap is None else cap
-    idx = torch.zeros(K, cap, dtype=torch.int32)
-    for k, c in enumerate(counts):
-        idx[k, :c] = torch.randperm(n)[:c].sort().values.to(torch.int32)
-    return idx.to(DEV), torch.tensor(counts, dtype=torch.int32, device=DEV)
+    return compact_inputs(K, n, counts, cap, device=DEV)
 
 
 def _rand(*shape, dtype, scale=1.0):
@@ -106,17 +103,14 @@ GEMM_CASES = [  # K, M, Din, units, group, counts, capacity
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", GEMM_CASES)
-def test_gather_rows_gemm(backend, case, dtype):
-    _triton_subset(backend, case, dtype, GEMM_CASES)
+@_grid(GEMM_CASES)
+def test_gather_rows_gemm(backend, dtype, case):
     K, M, din, n, group, kind, cap = case
     x = _rand(K, M, din, dtype=dtype)
     w = _rand(n * group, din, dtype=dtype, scale=din ** -0.5)
     bias = _rand(n * group, dtype=dtype)
-    idx, counts = _compact(K, n, _counts(kind, K, n if cap is None else cap), cap)
-    for b in (None, bias) if backend == "cuda" or case == GEMM_CASES[0] else (bias,):
+    idx, counts = _compact(K, n, counts_for(kind, K, n if cap is None else cap), cap)
+    for b in _with_and_without(bias, backend, case, GEMM_CASES):
         got = _run(backend, "gather_rows_gemm", x, w, idx, counts, group, b)
         ref = reference.gather_rows_gemm(x, w, idx, counts, group, b)
         assert_close(got, ref, dtype, msg=f"{backend} gather_rows {case} bias={b is not None}")
@@ -126,16 +120,13 @@ SWIGLU_CASES = [(3, 150, 70, 90, "ragged", None), (1, 29, 24, 70, "full", None),
                 (3, 33, 20, 64, "zero", None), (3, 260, 256, 600, "ragged", 400)]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", SWIGLU_CASES)
-def test_gather_rows_swiglu(backend, case, dtype):
-    _triton_subset(backend, case, dtype, SWIGLU_CASES)
+@_grid(SWIGLU_CASES)
+def test_gather_rows_swiglu(backend, dtype, case):
     K, M, din, F, kind, cap = case
     x = _rand(K, M, din, dtype=dtype)
     wg = _rand(F, din, dtype=dtype, scale=din ** -0.5)
     wu = _rand(F, din, dtype=dtype, scale=din ** -0.5)
-    idx, counts = _compact(K, F, _counts(kind, K, F if cap is None else cap), cap)
+    idx, counts = _compact(K, F, counts_for(kind, K, F if cap is None else cap), cap)
     got = _run(backend, "gather_rows_swiglu", x, wg, wu, idx, counts)
     ref = reference.gather_rows_swiglu(x, wg, wu, idx, counts)
     assert_close(got, ref, dtype, msg=f"{backend} swiglu {case}")
@@ -150,20 +141,17 @@ COLS_CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", COLS_CASES)
-def test_gather_cols_gemm(backend, case, dtype):
-    _triton_subset(backend, case, dtype, COLS_CASES)
+@_grid(COLS_CASES)
+def test_gather_cols_gemm(backend, dtype, case):
     K, M, dout, n, group, kind, cap = case
     cap_ = n if cap is None else cap
     w = _rand(dout, n * group, dtype=dtype, scale=(n * group) ** -0.5)
-    idx, counts = _compact(K, n, _counts(kind, K, cap_), cap)
+    idx, counts = _compact(K, n, counts_for(kind, K, cap_), cap)
     h = _rand(K, M, cap_ * group, dtype=dtype)
     for k, c in enumerate(counts.tolist()):
         h[k, :, c * group:] = float("nan")   # never read
     residual = _rand(K, M, dout, dtype=dtype)
-    for r in (None, residual) if backend == "cuda" or case == COLS_CASES[0] else (residual,):
+    for r in _with_and_without(residual, backend, case, COLS_CASES):
         got = _run(backend, "gather_cols_gemm", h, w, idx, counts, group, r)
         ref = reference.gather_cols_gemm(h.nan_to_num(0.0), w, idx, counts, group, r)
         assert_close(got, ref, dtype, msg=f"{backend} gather_cols {case} residual={r is not None}")
@@ -172,35 +160,22 @@ def test_gather_cols_gemm(backend, case, dtype):
 # ----------------------------------------------------------------------------------------------
 # attention
 
-def _check_attention(got, q, k, v, counts, scale, dtype, msg):
-    ref32 = reference.masked_attention(q.float(), k.float(), v.float(), counts, scale)
-    if dtype == torch.float32:
-        assert_close(got, ref32, dtype, msg=msg, atol=1e-4, rtol=1e-4)
-        return
-    ref_low = reference.masked_attention(q, k, v, counts, scale)
-    err = (got.float() - ref32).abs().max().item()
-    ref_err = (ref_low.float() - ref32).abs().max().item()
-    assert err <= 2 * ref_err + TOLERANCES[dtype]["atol"], \
-        f"{msg}: max error {err:.3g}, same-dtype reference {ref_err:.3g}"
-
-
 ATTN_SHAPES = [(70, 24), (203, 64), (129, 128)]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("G", [1, 3])
 @pytest.mark.parametrize("K,kind", [(1, "ragged"), (3, "ragged"), (3, "full"), (2, "zero")])
-@pytest.mark.parametrize("T,D", ATTN_SHAPES)
-def test_masked_attention(backend, K, kind, G, dtype, T, D):
-    _triton_subset(backend, (T, D), dtype, ATTN_SHAPES)
+@_grid(ATTN_SHAPES)
+def test_masked_attention(backend, dtype, case, K, kind, G):
+    T, D = case
     B, hkv = 2, 3
     q = _rand(K, B, T, hkv * G, D, dtype=dtype)
     k = _rand(K, B, T, hkv, D, dtype=dtype)
     v = _rand(K, B, T, hkv, D, dtype=dtype)
-    counts = torch.tensor(_counts(kind, K, hkv), dtype=torch.int32, device=DEV)
+    counts = torch.tensor(counts_for(kind, K, hkv), dtype=torch.int32, device=DEV)
     got = _run(backend, "masked_attention", q, k, v, counts, None)
-    _check_attention(got, q, k, v, counts, None, dtype, f"{backend} attention T={T} D={D}")
+    check_attention(got, q, k, v, counts, None, dtype, f"{backend} attention T={T} D={D}",
+                    fp32_tol=dict(atol=1e-4, rtol=1e-4))
     for i, c in enumerate(counts.tolist()):
         assert (got[i, :, :, c * G:] == 0).all()
 
@@ -214,64 +189,64 @@ def test_masked_attention_wide_heads_cuda(dtype):
     v = _rand(K, B, T, hkv, D, dtype=dtype)
     counts = torch.tensor([2, 1], dtype=torch.int32, device=DEV)
     got = _run("cuda", "masked_attention", q, k, v, counts, 0.3)
-    _check_attention(got, q, k, v, counts, 0.3, dtype, "cuda attention D=160")
+    check_attention(got, q, k, v, counts, 0.3, dtype, "cuda attention D=160",
+                    fp32_tol=dict(atol=1e-4, rtol=1e-4))
 
 
 # ----------------------------------------------------------------------------------------------
 # launch properties
 
+def _small_inputs(dtype, K, M, din, n, group, T, D):
+    """Inputs of every CUDA op for one small problem with ragged counts: {op: its arguments}."""
+    x = _rand(K, M, din, dtype=dtype)
+    w = _rand(n * group, din, dtype=dtype)
+    idx, counts = _compact(K, n, counts_for("ragged", K, n))
+    h = _rand(K, M, n * group, dtype=dtype)
+    q = _rand(K, 1, T, 4, D, dtype=dtype)
+    kv = _rand(K, 1, T, 2, D, dtype=dtype)
+    heads = torch.tensor(counts_for("ragged", K, 2), dtype=torch.int32, device=DEV)
+    u = torch.rand(K, 50, device=DEV)
+    p = torch.rand(50, device=DEV)
+    return {
+        "gather_rows_gemm": (x, w, idx, counts, group, None),
+        "gather_rows_swiglu": (x, w, w, idx, counts),
+        "gather_cols_gemm": (h, w.t().contiguous(), idx, counts, group, None),
+        "masked_attention": (q, kv, kv, heads, None),
+        "compact_masks": (u < 0.5, None),
+        "sample_masks": (p, u),
+        "sample_and_compact": (p, u, 30),   # a capacity below the number of units
+    }
+
+
 def test_cuda_ops_do_not_sync():
     """counts stay on the device: no host synchronisation inside the CUDA ops."""
     if not _cuda.available("gather_rows_gemm"):
         pytest.skip("CUDA ops unavailable")
-    K, M, din, n, group = 3, 64, 128, 16, 8
-    x = _rand(K, M, din, dtype=torch.float16)
-    w = _rand(n * group, din, dtype=torch.float16)
-    idx, counts = _compact(K, n, [16, 0, 5])
-    h = _rand(K, M, n * group, dtype=torch.float16)
-    q = _rand(K, 1, 33, 4, 64, dtype=torch.float16)
-    kv = _rand(K, 1, 33, 2, 64, dtype=torch.float16)
-    hc = torch.tensor([2, 0, 1], dtype=torch.int32, device=DEV)
-    masks = torch.rand(K, n, device=DEV) < 0.5
+    args = _small_inputs(torch.float16, K=3, M=64, din=128, n=16, group=8, T=33, D=64)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        _cuda.gather_rows_gemm(x, w, idx, counts, group, None)
-        _cuda.gather_rows_swiglu(x, w, w, idx, counts)
-        _cuda.gather_cols_gemm(h, w.t().contiguous(), idx, counts, group, None)
-        _cuda.masked_attention(q, kv, kv, hc, None)
-        _cuda.compact_masks(masks, None)
+        for op in ("gather_rows_gemm", "gather_rows_swiglu", "gather_cols_gemm",
+                   "masked_attention", "compact_masks"):
+            getattr(_cuda, op)(*args[op])
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
 
 
 def test_cuda_ops_pass_opcheck():
-    """The raw torch.ops.probprune_cuda ops: schema, fake tensors, AOT dispatch."""
+    """The public ops on the cuda backend: schema, fake tensors, AOT dispatch; the raw
+    torch.ops.probprune_cuda ops (no fakes: fake tensors stop at the public op): schema."""
     if not _cuda.available("gather_rows_gemm"):
         pytest.skip("CUDA ops unavailable")
-    K, M, din, n, group = 2, 19, 40, 6, 4
-    x = _rand(K, M, din, dtype=torch.bfloat16)
-    w = _rand(n * group, din, dtype=torch.bfloat16)
-    idx, counts = _compact(K, n, [6, 3])
-    h = _rand(K, M, n * group, dtype=torch.bfloat16)
-    q = _rand(K, 1, 21, 4, 32, dtype=torch.bfloat16)
-    kv = _rand(K, 1, 21, 2, 32, dtype=torch.bfloat16)
-    u = torch.rand(K, 50, device=DEV)
-    p = torch.rand(50, device=DEV)
-    cases = [
-        ("gather_rows_gemm", (x, w, idx, counts, group, None)),
-        ("gather_rows_swiglu", (x, w, w, idx, counts)),
-        ("gather_cols_gemm", (h, w.t().contiguous(), idx, counts, group, None)),
-        ("masked_attention", (q, kv, kv, torch.tensor([2, 1], dtype=torch.int32, device=DEV), None)),
-        ("compact_masks", (u < 0.5, 30)),
-        ("sample_masks", (p, u)),
-        ("sample_and_compact", (p, u, None)),
-    ]
-    for name, args in cases:
-        torch.library.opcheck(getattr(torch.ops.probprune_cuda, name).default, args,
+    args = _small_inputs(torch.bfloat16, K=2, M=19, din=40, n=6, group=4, T=21, D=32)
+    assert sorted(args) == sorted(_cuda.OPS)
+    for name, op_args in args.items():
+        torch.library.opcheck(getattr(torch.ops.probprune, name).default, (*op_args, "cuda"),
                               test_utils=("test_schema", "test_faketensor",
                                           "test_aot_dispatch_dynamic"))
+        torch.library.opcheck(getattr(torch.ops.probprune_cuda, name).default, op_args,
+                              test_utils=("test_schema",))
 
 
 def test_k_masks_in_one_launch_match_k_single_launches():

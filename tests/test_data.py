@@ -4,8 +4,10 @@ import os
 import pytest
 import torch
 
-from probprune.data import (DataError, calibration_texts, calibration_windows, eval_text,
-                            local_texts, random_windows, tokenize_joined, wiki_summaries)
+import probprune.data as data
+from probprune.data import (DataError, calibration_texts, calibration_windows,
+                            check_calibration_source, check_eval_source, eval_text, local_texts,
+                            random_windows, tokenize_joined, wiki_summaries)
 from tests.conftest import WIKITEXT_TEST
 from tests.tiny_models import make_tokenizer
 
@@ -40,6 +42,72 @@ def test_missing_file_empty_text_and_bad_json(tmp_path):
         local_texts(str(tmp_path / "sub"))
     with pytest.raises(DataError, match="unknown calibration source 'nonsense'"):
         calibration_texts("nonsense")
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("empty.txt", b"", "data file '{path}' is empty"),
+    ("empty.jsonl", b"", "data file '{path}' is empty"),
+    ("broken.jsonl", b'{"text": "fine"}\n{"text": broken\n',
+     "data file '{path}' is not valid JSON (a list of records or one record per line): "
+     "ArrowInvalid: JSON parse error"),
+    ("cut.json", b'[{"text": "a"', "data file '{path}' is not valid JSON"),
+    ("latin1.txt", "caf\xe9\n".encode("latin-1"),
+     "data file '{path}' is not valid UTF-8 text: UnicodeDecodeError"),
+    ("notext.json", json.dumps([{"body": "x"}]).encode(), "data file '{path}' has no 'text' field"),
+    ("ints.jsonl", b'{"text": 5}\n', "data file '{path}': the 'text' field must hold strings"),
+    ("lists.json", json.dumps({"text": ["a", "b"]}).encode(), "the 'text' field must hold strings"),
+])
+def test_malformed_file_is_a_data_error_naming_it(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataError) as e:
+        local_texts(str(path))
+    assert message.format(path=path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_malformed_file_in_a_folder_is_named(tmp_path):
+    (tmp_path / "a.txt").write_text("fine\n")
+    (tmp_path / "b.jsonl").write_text("{oops\n")
+    with pytest.raises(DataError, match=r"data file '.*b\.jsonl' is not valid JSON"):
+        local_texts(str(tmp_path))
+
+
+def test_check_sources_read_local_files_and_leave_hub_sources(tmp_path, monkeypatch):
+    good, bad = tmp_path / "good.txt", tmp_path / "bad.txt"
+    good.write_text("some words\n")
+    bad.write_text("")
+    monkeypatch.delenv("PROBPRUNE_WIKITEXT2", raising=False)
+    check_calibration_source(str(good))
+    check_eval_source(str(good))
+    check_eval_source("wikitext2", str(good))
+    with pytest.raises(DataError, match="is empty"):
+        check_calibration_source(str(bad))
+    with pytest.raises(DataError, match="is empty"):
+        check_eval_source(str(bad))
+    with pytest.raises(DataError, match="is empty"):
+        check_eval_source("wikitext2", str(bad))
+    with pytest.raises(DataError, match="unknown calibration source 'nonsense'"):
+        check_calibration_source("nonsense")
+
+    def offline(*a, **k):  # hub sources are fetched only when the run reads them
+        raise AssertionError("fetched a hub dataset")
+    monkeypatch.setattr(data, "_hub_texts", offline)
+    check_calibration_source("c4")
+    check_calibration_source("wikitext2")
+    check_eval_source("wikitext2")
+    monkeypatch.setenv("PROBPRUNE_WIKITEXT2", str(bad))
+    with pytest.raises(DataError, match="is empty"):
+        check_eval_source("wikitext2")
+
+
+def test_check_sources_need_the_summaries_package(monkeypatch):
+    check_calibration_source("wiki-summaries")
+    check_eval_source("wiki-summaries")
+    monkeypatch.setattr(data, "SUMMARIES", ("no_such_package_xyz", "data.json", "no-such-package"))
+    with pytest.raises(DataError, match="needs the package no-such-package"):
+        check_calibration_source("wiki-summaries")
+    with pytest.raises(DataError, match="needs the package no-such-package"):
+        check_eval_source("wiki-summaries")
 
 
 def test_too_few_tokens_for_windows(tmp_path, tok):

@@ -6,17 +6,18 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from probprune.export import export_pruned, load_pruned
-from probprune.masked_model import MaskedCausalLM
+from probprune.export import export_pruned
+from probprune.models import load_pruned
+from probprune.forward import MaskedCausalLM
 from probprune.models import load_model
-from tests.test_masked_model import _masks
+from tests.test_forward import _masks
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_parameter_accounting_and_remote_code_reload(tiny_model_dirs, tmp_path, arch):
     model, tok = load_model(tiny_model_dirs[arch])
     mm = MaskedCausalLM(model, include_layers=True)
-    lay = mm.layout
+    lay = mm.units
     mask = _masks(lay, 3, seed=3)[2]
     out = export_pruned(model, tok, lay, mask, str(tmp_path))
     total = sum(p.numel() for p in model.parameters())
@@ -36,8 +37,8 @@ def test_parameter_accounting_and_remote_code_reload(tiny_model_dirs, tmp_path, 
 def test_generate_through_a_layer_without_heads(tiny_model_dirs, tmp_path):
     model, tok = load_model(tiny_model_dirs["llama"])
     mm = MaskedCausalLM(model)
-    mask = _masks(mm.layout, 3, seed=0)[0]  # layer 0 keeps no heads
-    pruned, ptok = load_pruned(export_pruned(model, tok, mm.layout, mask, str(tmp_path)),
+    mask = _masks(mm.units, 3, seed=0)[0]  # layer 0 keeps no heads
+    pruned, ptok = load_pruned(export_pruned(model, tok, mm.units, mask, str(tmp_path)),
                                with_tokenizer=True)
     ids = ptok("The quick brown fox", return_tensors="pt").input_ids
     out = pruned.generate(ids, max_new_tokens=6, do_sample=False)

@@ -17,7 +17,7 @@ from tests.conftest import assert_close  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HIDDEN = 48  # a multiple of every head count used below
-_TRITON_SKIP = probprune_kernels.backends.triton_unavailable_reason(device=DEVICE)
+_TRITON_SKIP = probprune_kernels.dispatch.triton_unavailable_reason(device=DEVICE)
 BACKENDS = ["reference", pytest.param("triton", marks=pytest.mark.skipif(
     _TRITON_SKIP is not None, reason=f"triton backend: {_TRITON_SKIP}"))]
 
@@ -173,6 +173,47 @@ def test_masked_llama_attention(backend, G, K):
                                                mask[k].repeat_interleave(G), T) for k in range(K)])
     assert y.shape == x.shape
     assert_close(y, dense)
+
+
+# --------------------------------------------------------------------------- MaskedDecoderLayer
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_decoder_layer(backend):
+    """Against the HF decoder layer with pruned heads and channels zeroed by hooks, per mask; a
+    dropped layer (counts 0, layer_keep 0) passes its input through."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+    from probprune_kernels.layers import MaskedDecoderLayer
+    cfg = _llama_config(num_attention_heads=6, num_key_value_heads=2)
+    layer = LlamaDecoderLayer(cfg, layer_idx=0).to(DEVICE).eval()
+    block = MaskedDecoderLayer.from_hf(layer, cfg, backend=backend)
+    K, B, T = 3, 2, 9
+    h = torch.randn(K, B, T, HIDDEN, device=DEVICE)
+    cos, sin = LlamaRotaryEmbedding(cfg).to(DEVICE)(h[0], torch.arange(T, device=DEVICE)[None])
+    heads = torch.tensor([[True, False], [False, False], [True, True]], device=DEVICE)
+    chans = _mask((K, cfg.intermediate_size)).to(DEVICE)
+    causal = torch.full((T, T), float("-inf"), device=DEVICE).triu(1)[None, None]
+    expected = []
+    for k in range(K):
+        q_cols = heads[k].repeat_interleave(3 * layer.self_attn.head_dim).to(h.dtype)
+        hooks = [layer.self_attn.o_proj.register_forward_pre_hook(
+                     lambda m, a, c=q_cols: (a[0] * c,)),
+                 layer.mlp.down_proj.register_forward_pre_hook(
+                     lambda m, a, c=chans[k].to(h.dtype): (a[0] * c,))]
+        try:
+            with torch.no_grad():
+                out = layer(h[k], attention_mask=causal, position_embeddings=(cos, sin))
+        finally:
+            for hook in hooks:
+                hook.remove()
+        expected.append(out[0] if isinstance(out, tuple) else out)
+    with torch.no_grad():
+        assert_close(block(h, cos, sin, heads, chans), torch.stack(expected))
+        idx_h, cnt_h = probprune_kernels.compact_masks(heads)
+        idx_c, cnt_c = probprune_kernels.compact_masks(chans)
+        keep = torch.tensor([1, 0, 1], dtype=torch.int32, device=DEVICE)
+        y = block.forward_compact(h, cos, sin, (idx_h, cnt_h * keep), (idx_c, cnt_c * keep), keep)
+    assert torch.equal(y[1], h[1])
+    assert_close(y[[0, 2]], torch.stack(expected)[[0, 2]])
 
 
 def test_readme_kernel_library_example():

@@ -1,6 +1,5 @@
 import json
 import os
-import time
 
 import pytest
 import torch
@@ -63,3 +62,44 @@ def test_embedded_smollm2_converts_once_then_loads_from_cache(smollm2_cache, mon
         assert torch.equal(a, b), n
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     assert torch.isfinite(again(ids).logits).all()
+
+
+def test_hub_names_go_to_the_hub_not_to_a_missing_directory(monkeypatch):
+    """``org/name`` is a hub name: it reaches transformers (offline here), not our local check."""
+    import transformers
+
+    from probprune.models import load_model, looks_like_a_path
+
+    seen = []
+
+    def fake_config(name, *a, **kw):
+        seen.append(name)
+        raise OSError("offline")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", fake_config)
+    with pytest.raises(OSError, match="offline"):
+        load_model("HuggingFaceTB/SmolLM2-135M")
+    assert seen == ["HuggingFaceTB/SmolLM2-135M"]
+    assert looks_like_a_path("./runs/x") and looks_like_a_path("/abs") and looks_like_a_path("a/b/c")
+    assert not looks_like_a_path("meta-llama/Llama-3.1-8B") and not looks_like_a_path("gpt2")
+
+
+@pytest.mark.parametrize("pruned", [False, True])
+def test_corrupt_weights_name_the_directory(tiny_model_dirs, tmp_path, pruned):
+    import shutil
+
+    from probprune.export import export_pruned
+    from probprune.forward import MaskedCausalLM
+    from probprune.models import WeightsError, load_model
+
+    src = tiny_model_dirs["llama"]
+    if pruned:
+        model, tok = load_model(src)
+        engine = MaskedCausalLM(model)
+        export_pruned(model, tok, engine.units, engine.all_ones(1)[0], str(tmp_path / "m"))
+    else:
+        shutil.copytree(src, tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    with pytest.raises(WeightsError, match=f"cannot read the weights in '{tmp_path / 'm'}'"):
+        load_model(str(tmp_path / "m"))

@@ -1,5 +1,6 @@
-"""Dispatch: backend= > PROBPRUNE_BACKEND > auto; loud when asked, quiet when guessing; the
-``_cuda`` interface (``available(op)`` and reference-positional calls)."""
+"""Dispatch: backend= > default (set_default_backend, else PROBPRUNE_BACKEND) > auto; loud when
+asked, quiet when guessing; resolved once; the ``_cuda`` interface (``available(op)`` and
+reference-positional calls)."""
 import logging
 import sys
 import types
@@ -8,9 +9,19 @@ import pytest
 import torch
 
 import probprune_kernels
-from probprune_kernels import BackendUnavailableError, backends, ops
+from probprune_kernels import BackendUnavailableError, dispatch, ops
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+MASKS = torch.ones(2, 3, dtype=torch.bool)
+
+
+@pytest.fixture(autouse=True)
+def fresh_dispatch():
+    """Each test resolves afresh (and leaves no resolution behind): the environment the tests
+    change is read on the first op call after a reset."""
+    dispatch.reset()
+    yield
+    dispatch.reset()
 
 
 @pytest.fixture
@@ -33,12 +44,12 @@ def fake_cuda(monkeypatch):
     mod.gather_rows_gemm = gather_rows_gemm
     monkeypatch.setitem(sys.modules, "probprune_kernels._cuda", mod)
     monkeypatch.setattr(probprune_kernels, "_cuda", mod, raising=False)
-    backends._cuda_module.cache_clear()
+    dispatch.reset()
     yield calls
-    backends._cuda_module.cache_clear()
 
 
 def test_backends_lists_usable(monkeypatch):
+    assert isinstance(probprune_kernels.backends, types.FunctionType)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     listed = probprune_kernels.backends()
     assert listed[0] == "reference" and set(listed) <= {"reference", "triton", "cuda"}
@@ -52,7 +63,7 @@ def test_backends_lists_triton_when_usable(monkeypatch):
         # Kernels are defined for the interpreter only when TRITON_INTERPRET=1 at import time;
         # never flip it in a process whose kernels were imported for a GPU.
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-    reason = backends.triton_unavailable_reason()
+    reason = dispatch.triton_unavailable_reason()
     if reason is not None:
         assert "triton" not in probprune_kernels.backends()
         pytest.skip(reason)
@@ -61,60 +72,106 @@ def test_backends_lists_triton_when_usable(monkeypatch):
 
 def test_auto_on_cpu_is_reference(no_env, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # triton usable, but never chosen for CPU tensors
-    assert backends.resolve("gather_rows_gemm", CPU) == "reference"
+    assert dispatch.resolve("gather_rows_gemm", CPU) == "reference"
 
 
 def test_explicit_unavailable_raises_naming_available(no_env):
     with pytest.raises(BackendUnavailableError, match=r"'cuda'.*available here: \['reference'"):
-        backends.resolve("gather_rows_gemm", CPU, "cuda")
+        dispatch.resolve("gather_rows_gemm", CPU, "cuda")
 
 
 def test_explicit_triton_on_cpu_without_interpreter_raises(no_env, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET=1|not installed"):
-        ops.compact_masks(torch.ones(2, 3, dtype=torch.bool), backend="triton")
+        ops.compact_masks(MASKS, backend="triton")
 
 
 def test_unknown_backend(no_env):
     with pytest.raises(ValueError, match="unknown backend 'tpu'"):
-        ops.compact_masks(torch.ones(2, 3, dtype=torch.bool), backend="tpu")
+        ops.compact_masks(MASKS, backend="tpu")
 
 
-def test_env_var_selects_and_argument_overrides(monkeypatch):
-    monkeypatch.setenv("PROBPRUNE_BACKEND", "reference")
-    assert backends.resolve("lm_head_ce", CPU) == "reference"
+def test_env_var_read_once_and_argument_overrides(monkeypatch):
     monkeypatch.setenv("PROBPRUNE_BACKEND", "cuda")
     with pytest.raises(BackendUnavailableError, match="PROBPRUNE_BACKEND=cuda"):
-        ops.compact_masks(torch.ones(2, 3, dtype=torch.bool))
+        ops.compact_masks(MASKS)
     # the argument wins over the environment
-    idx, counts = ops.compact_masks(torch.ones(2, 3, dtype=torch.bool), backend="reference")
+    idx, counts = ops.compact_masks(MASKS, backend="reference")
     assert counts.tolist() == [3, 3]
+    # read once: a later change of the variable counts only after reset()
+    monkeypatch.setenv("PROBPRUNE_BACKEND", "reference")
+    with pytest.raises(BackendUnavailableError, match="PROBPRUNE_BACKEND=cuda"):
+        ops.compact_masks(MASKS)
+    dispatch.reset()
+    assert dispatch.resolve("lm_head_ce", CPU) == "reference"
     monkeypatch.setenv("PROBPRUNE_BACKEND", "auto")
-    assert backends.resolve("lm_head_ce", CPU) == "reference"
+    dispatch.reset()
+    assert dispatch.resolve("lm_head_ce", CPU) == "reference"
+    monkeypatch.setenv("PROBPRUNE_BACKEND", "tpu")
+    dispatch.reset()
+    with pytest.raises(ValueError, match=r"unknown backend 'tpu' \(PROBPRUNE_BACKEND=tpu\)"):
+        ops.compact_masks(MASKS)
+
+
+def test_set_default_backend(no_env):
+    assert probprune_kernels.set_default_backend is dispatch.set_default_backend
+    assert ops.compact_masks(MASKS)[1].tolist() == [3, 3]       # auto: reference on CPU
+    dispatch.set_default_backend("cuda")                        # replaces the resolved default
+    with pytest.raises(BackendUnavailableError, match=r"set_default_backend\('cuda'\)"):
+        ops.compact_masks(MASKS)
+    assert ops.compact_masks(MASKS, backend="reference")[1].tolist() == [3, 3]
+    with pytest.raises(ValueError, match="unknown backend 'tpu'"):
+        dispatch.set_default_backend("tpu")
+    with pytest.raises(BackendUnavailableError):                 # a bad name changes nothing
+        ops.compact_masks(MASKS)
+    dispatch.set_default_backend(None)                          # back to PROBPRUNE_BACKEND/auto
+    assert ops.compact_masks(MASKS)[1].tolist() == [3, 3]
+
+
+def test_hot_path_reads_no_environment_and_checks_nothing(no_env, monkeypatch):
+    """After the first call of an op, later calls find the backend and its function in a cache:
+    no environment lookup, no availability check, no implementation lookup."""
+    x, w = torch.randn(2, 3, 4), torch.randn(6, 4)
+    idx, counts = ops.compact_masks(MASKS)
+    expected = ops.gather_rows_gemm(x, w, idx, counts, 2, backend="reference")
+    ops.gather_rows_gemm(x, w, idx, counts, 2)
+
+    def boom(*args):
+        raise AssertionError("dispatch work on the hot path")
+
+    for name in ("_default_backend", "_why_unusable", "_implementation", "_resolve"):
+        monkeypatch.setattr(dispatch, name, boom)
+    monkeypatch.setenv("PROBPRUNE_BACKEND", "cuda")  # read now, the calls below would raise
+    for _ in range(3):
+        assert torch.equal(ops.compact_masks(MASKS)[1], counts)
+        assert torch.equal(ops.gather_rows_gemm(x, w, idx, counts, 2, validate=False), expected)
+        assert torch.equal(ops.gather_rows_gemm(x, w, idx, counts, 2, backend="reference"),
+                           expected)
+    dispatch.reset()  # the patches above are live: the next call must resolve, and fails
+    with pytest.raises(AssertionError, match="hot path"):
+        ops.compact_masks(MASKS)
 
 
 def test_auto_cuda_device_falls_back_quietly(no_env, monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "probprune_kernels._cuda", None)  # import raises ImportError
-    backends._cuda_module.cache_clear()
-    try:
-        with caplog.at_level(logging.DEBUG, logger="probprune_kernels"):
-            assert backends.resolve("masked_attention", CUDA) in ("triton", "reference")
-            # and without Triton: reference, both skips logged at debug level
-            monkeypatch.setattr(backends, "_triton_installed", lambda: False)
-            assert backends.resolve("masked_attention", CUDA) == "reference"
-    finally:
-        backends._cuda_module.cache_clear()
+    dispatch.reset()
+    with caplog.at_level(logging.DEBUG, logger="probprune_kernels"):
+        assert dispatch.resolve("masked_attention", CUDA) in ("triton", "reference")
+        # and without Triton: reference, both skips logged at debug level
+        monkeypatch.setattr(dispatch, "_triton_installed", lambda: False)
+        dispatch.reset()
+        assert dispatch.resolve("masked_attention", CUDA) == "reference"
     assert "auto skips cuda" in caplog.text and "auto skips triton" in caplog.text
 
 
 def test_cuda_interface(no_env, fake_cuda):
     """Auto on CUDA tensors picks cuda where _cuda.available(op); the op calls _cuda.<op> with the
     reference's positional signature."""
-    assert backends.resolve("gather_rows_gemm", CUDA) == "cuda"
-    assert backends.resolve("lm_head_ce", CUDA) in ("triton", "reference")  # not available there
-    assert backends.resolve("gather_rows_gemm", CPU) == "reference"  # cuda only for CUDA tensors
+    assert dispatch.resolve("gather_rows_gemm", CUDA) == "cuda"
+    assert dispatch.resolve("lm_head_ce", CUDA) in ("triton", "reference")  # not available there
+    assert dispatch.resolve("gather_rows_gemm", CPU) == "reference"  # cuda only for CUDA tensors
     with pytest.raises(BackendUnavailableError, match="reports 'lm_head_ce' unavailable"):
-        backends.resolve("lm_head_ce", CUDA, "cuda")
+        dispatch.resolve("lm_head_ce", CUDA, "cuda")
     # Drive the registered op directly with backend "cuda" on CPU tensors (no GPU here).
     x, w = torch.randn(2, 3, 4), torch.randn(6, 4)
     idx, counts = ops.compact_masks(torch.tensor([[True, False, True], [False, True, False]]))
@@ -144,11 +201,11 @@ def test_broken_cuda_module_warns_once(no_env, monkeypatch):
     monkeypatch.delitem(sys.modules, "probprune_kernels._cuda", raising=False)
     monkeypatch.delattr(probprune_kernels, "_cuda", raising=False)  # a real one may be loaded
     monkeypatch.setattr(sys, "meta_path", [Finder()] + sys.meta_path)
-    backends._cuda_module.cache_clear()
+    dispatch.reset()
     try:
         with pytest.warns(RuntimeWarning, match="undefined symbol"):
-            assert backends._cuda_module() is None
-        assert backends.resolve("gather_rows_gemm", CUDA) != "cuda"
+            assert dispatch._cuda_module() is None
+        assert dispatch.resolve("gather_rows_gemm", CUDA) != "cuda"
     finally:
-        backends._cuda_module.cache_clear()
+        dispatch.reset()
         sys.modules.pop("probprune_kernels._cuda", None)

@@ -3,6 +3,9 @@ import pytest
 import torch
 
 from probprune_kernels import ops
+from tests.triton_support import DEVICE, requires_triton
+
+BACKENDS = ["reference", pytest.param("triton", marks=requires_triton)]
 
 
 def _compact_loop(masks, cap):
@@ -57,6 +60,34 @@ def test_sample_and_compact_reference():
     assert torch.equal(masks, u < probs)
     eidx, ecounts = _compact_loop(masks, 30)
     assert torch.equal(idx, eidx) and torch.equal(counts, ecounts)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_capacity_below_kept_count_raises(backend):
+    """A capacity below a mask's kept count would drop its last units from idx: it raises."""
+    masks = torch.zeros(2, 37, dtype=torch.bool, device=DEVICE)
+    masks[1, 3:9] = True
+    with pytest.raises(ValueError, match=r"capacity=5 is below the kept count: mask 1 keeps 6 "
+                                         r"units.*capacity >= 6"):
+        ops.compact_masks(masks, 5, backend=backend)
+    idx, counts = ops.compact_masks(masks, 6, backend=backend)
+    assert counts.tolist() == [0, 6] and idx[1].tolist() == list(range(3, 9))
+
+    probs = torch.zeros(37, device=DEVICE)
+    probs[30:] = 1.0                                   # 7 units kept by every sample
+    u = torch.rand(2, 37, device=DEVICE)
+    with pytest.raises(ValueError, match=r"capacity=6 is below the kept count: mask 0 keeps 7"):
+        ops.sample_and_compact(probs, u, 6, backend=backend)
+    masks, idx, counts = ops.sample_and_compact(probs, u, 7, backend=backend)
+    assert counts.tolist() == [7, 7] and idx.tolist() == [list(range(30, 37))] * 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_validate_false_truncates_to_capacity(backend):
+    """Unchecked (hot path), idx holds the first ``capacity`` kept ids and counts stay true."""
+    masks = torch.ones(1, 9, dtype=torch.bool, device=DEVICE)
+    idx, counts = ops.compact_masks(masks, 4, backend=backend, validate=False)
+    assert counts.tolist() == [9] and idx.tolist() == [[0, 1, 2, 3]]
 
 
 @pytest.mark.parametrize("opname,args", [

@@ -32,8 +32,9 @@ def test_estimator_is_unbiased(baseline):
     m = torch.rand(trials, K, 5, dtype=torch.float64) < s
     L = toy_loss(m.view(-1, 5)).view(trials, K)
     # A past moving average is a constant w.r.t. this step's samples: any value keeps it unbiased.
-    past = 2.5 if baseline == "moving-average" else None
-    grads = torch.stack([score_gradient(advantages(L[t], baseline, past), m[t], s)
+    past = torch.tensor(2.5 if baseline == "moving-average" else float("nan"), dtype=torch.float64)
+    finite = torch.ones(K, dtype=torch.bool)
+    grads = torch.stack([score_gradient(advantages(L[t], finite, baseline, past), m[t], s)
                          for t in range(trials)])
     mean, sem = grads.mean(0), grads.std(0) / math.sqrt(trials)
     assert torch.all((mean - toy_gradient(s)).abs() < 5 * sem + 1e-3), (mean, toy_gradient(s), sem)
@@ -54,11 +55,38 @@ def test_gradient_is_zero_at_the_bounds():
     assert torch.equal(score_gradient(torch.tensor([1.0, -1.0]), m, s), torch.zeros(2, dtype=torch.float64))
 
 
+NO_PAST = torch.tensor(float("nan"), dtype=torch.float64)
+
+
 def test_leave_one_out_baseline():
     L = torch.tensor([1.0, 2.0, 6.0])
-    torch.testing.assert_close(advantages(L, "leave-one-out", None), torch.tensor([-3.0, -1.5, 4.5]))
+    every = torch.ones(3, dtype=torch.bool)
+    torch.testing.assert_close(advantages(L, every, "leave-one-out", NO_PAST),
+                               torch.tensor([-3.0, -1.5, 4.5], dtype=torch.float64))
+    # A non-finite sample is left out of the others' baselines and gets no advantage.
+    L = torch.tensor([1.0, float("nan"), 2.0, 6.0])
+    torch.testing.assert_close(advantages(L, torch.isfinite(L), "leave-one-out", NO_PAST),
+                               torch.tensor([-3.0, 0.0, -1.5, 4.5], dtype=torch.float64))
     with pytest.raises(ValueError, match="at least 2 samples"):
-        advantages(L[:1], "leave-one-out", None)
+        advantages(L[:1], every[:1], "leave-one-out", NO_PAST)
+
+
+def test_moving_average_baseline():
+    L = torch.tensor([1.0, 3.0])
+    every = torch.ones(2, dtype=torch.bool)
+    # No past yet: this step's mean; else the past mean.
+    torch.testing.assert_close(advantages(L, every, "moving-average", NO_PAST),
+                               torch.tensor([-1.0, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(advantages(L, every, "moving-average",
+                                          torch.tensor(0.5, dtype=torch.float64)),
+                               torch.tensor([0.5, 2.5], dtype=torch.float64))
+    pol = Policy(PolicyConfig(lr=0.1, steps=10, baseline="moving-average", ma_window=2),
+                 PolicyState(torch.full((2,), 0.5)))
+    masks = torch.tensor([[True, False], [False, True]])
+    for losses in ([1.0, 3.0], [5.0, 7.0], [9.0, 9.0]):
+        stats = pol.update(torch.tensor(losses), masks, lambda p: p)
+    # The baseline of the last step is the mean of the two step means before it: (2 + 6) / 2.
+    assert float(stats["baseline"]) == 4.0 and float(pol.baseline_value()) == (6.0 + 9.0) / 2
 
 
 def test_cosine_schedule():
@@ -73,9 +101,28 @@ def test_nan_losses_are_skipped_and_counted():
     masks = torch.tensor([[1, 0, 1, 0], [0, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
     stats = pol.update(torch.tensor([1.0, float("nan"), 3.0]), masks, lambda p: p)
     assert stats["valid"] == 2 and pol.state.nan_samples == 1 and pol.state.step == 1
-    assert torch.isfinite(pol.probs).all()
-    pol.update(torch.tensor([float("nan"), float("inf"), 1.0]), masks, lambda p: p)
+    assert float(stats["mean_loss"]) == 2.0
+    # The step equals the one taken on the two finite samples alone.
+    alone = Policy(PolicyConfig(lr=0.1, steps=10), PolicyState(torch.full((4,), 0.5)))
+    alone.update(torch.tensor([1.0, 3.0]), masks[[0, 2]], lambda p: p)
+    torch.testing.assert_close(pol.probs, alone.probs)
+    assert torch.isfinite(pol.probs).all() and not torch.equal(pol.probs, probs)
+    before = pol.probs.clone()
+    stats = pol.update(torch.tensor([float("nan"), float("inf"), 1.0]), masks, lambda p: p)
     assert pol.state.skipped_steps == 1 and pol.state.nan_samples == 3
+    assert torch.equal(pol.probs, before) and torch.isnan(stats["mean_loss"])
+
+
+def test_state_round_trips_through_a_checkpoint():
+    pol = Policy(PolicyConfig(lr=0.1, steps=10, baseline="moving-average"),
+                 PolicyState(torch.full((3,), 0.5)))
+    masks = torch.tensor([[True, False, True], [False, True, True]])
+    pol.update(torch.tensor([1.0, float("nan")]), masks, lambda p: p)
+    again = Policy(pol.config, PolicyState.from_state_dict(pol.state.state_dict(), "cpu"))
+    for p in (pol, again):
+        p.update(torch.tensor([2.0, 4.0]), masks, lambda p: p)
+    torch.testing.assert_close(again.probs, pol.probs)
+    assert int(again.state.nan_samples) == 1 and again.state.step == 2
 
 
 def test_descends_the_toy_objective():

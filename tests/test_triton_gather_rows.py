@@ -5,44 +5,21 @@ precision rounds intermediates (e.g. gate and up before silu); so the oracle is 
 computed in fp32 on the same (upcast) inputs, then cast, and the tolerance is the dtype's
 (tests/conftest.py TOLERANCES).
 """
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel is defined
+from probprune_kernels import ops, reference
+from tests.conftest import assert_close
+from tests.triton_support import (CASES, DTYPES, compacted, gemm_grid, on_device,
+                                  pattern_masks, requires_triton)
 
-import pytest  # noqa: E402
-
-pytest.importorskip("triton")
-
-from probprune_kernels import ops, reference  # noqa: E402
-from probprune_kernels.backends import triton_unavailable_reason  # noqa: E402
-from tests.conftest import assert_close  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# On CPU this needs TRITON_INTERPRET=1 before anything imports triton (see tests/conftest.py).
-SKIP_REASON = triton_unavailable_reason(device=DEVICE)
-pytestmark = pytest.mark.skipif(SKIP_REASON is not None,
-                                reason=f"triton backend: {SKIP_REASON}")
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-CASES = [(1, "zero"), (1, "full"), (1, "ragged"), (3, "mixed")]
+pytestmark = requires_triton
 M, DIN, DOUT = 13, 37, 45  # none a multiple of the 16-wide interpreter tiles
 
 
-def _masks(K, pattern, n):
-    if pattern == "mixed":  # one launch: an empty, a full and a ragged mask
-        m = torch.rand(K, n) < 0.5
-        m[0], m[1] = False, True
-        return m
-    return torch.rand(K, n) < {"zero": 0.0, "full": 1.1, "ragged": 0.5}[pattern]
-
-
 def _setup(K, pattern, group, dtype, cap):
-    n = DOUT // group
-    masks = _masks(K, pattern, n)
-    capacity = max(int(masks.sum(1).max()), 1) if cap == "tight" else None
-    idx, counts = reference.compact_masks(masks, capacity)
+    masks = pattern_masks(K, pattern, DOUT // group)
+    idx, counts = compacted(masks, cap)
     x = torch.randn(K, M, DIN).to(dtype)
     w = (torch.randn(DOUT, DIN) / DIN ** 0.5).to(dtype)
     # Units no mask keeps are NaN: a kernel that reads them (instead of skipping) fails.
@@ -56,15 +33,12 @@ def _check_zero_tail(y, counts, group):
         assert torch.all(y[k, :, c * group:] == 0), f"mask {k}: nonzero past counts*group"
 
 
-@pytest.mark.parametrize("K,pattern", CASES)
-@pytest.mark.parametrize("group", [1, 3])
+@gemm_grid
 @pytest.mark.parametrize("with_bias", [False, True])
-@pytest.mark.parametrize("cap", [None, "tight"])
-@pytest.mark.parametrize("dtype", DTYPES)
 def test_gather_rows_gemm(K, pattern, group, with_bias, cap, dtype):
     x, w, idx, counts = _setup(K, pattern, group, dtype, cap)
     bias = torch.randn(DOUT).to(dtype) if with_bias else None
-    dev = [t.to(DEVICE) if t is not None else None for t in (x, w, idx, counts, bias)]
+    dev = on_device(x, w, idx, counts, bias)
     y = ops.gather_rows_gemm(*dev[:4], group, dev[4], backend="triton").cpu()
     expected = reference.gather_rows_gemm(x.float(), w.float(), idx, counts, group,
                                           None if bias is None else bias.float()).to(dtype)
@@ -79,8 +53,7 @@ def test_gather_rows_gemm(K, pattern, group, with_bias, cap, dtype):
 def test_gather_rows_swiglu(K, pattern, cap, dtype):
     x, wg, idx, counts = _setup(K, pattern, 1, dtype, cap)
     wu = (torch.randn(DOUT, DIN) / DIN ** 0.5).to(dtype)
-    y = ops.gather_rows_swiglu(*(t.to(DEVICE) for t in (x, wg, wu, idx, counts)),
-                               backend="triton").cpu()
+    y = ops.gather_rows_swiglu(*on_device(x, wg, wu, idx, counts), backend="triton").cpu()
     expected = reference.gather_rows_swiglu(x.float(), wg.float(), wu.float(), idx,
                                             counts).to(dtype)
     assert_close(y, expected, dtype)
@@ -93,8 +66,7 @@ def test_gather_rows_gemm_large_unit_many_tiles():
     x, w = torch.randn(K, 5, DIN), torch.randn(n * group, DIN)
     masks = torch.tensor([[False, True, True], [True, False, False]])
     idx, counts = reference.compact_masks(masks)
-    y = ops.gather_rows_gemm(*(t.to(DEVICE) for t in (x, w, idx, counts)), group,
-                             backend="triton").cpu()
+    y = ops.gather_rows_gemm(*on_device(x, w, idx, counts), group, backend="triton").cpu()
     assert_close(y, reference.gather_rows_gemm(x, w, idx, counts, group))
 
 
@@ -103,7 +75,7 @@ def test_opcheck_gather_rows_gemm_triton(with_bias):
     x, w, idx, counts = _setup(3, "mixed", 3, torch.float32, None)
     w = torch.nan_to_num(w)
     bias = torch.randn(DOUT) if with_bias else None
-    args = [t.to(DEVICE) if t is not None else None for t in (x, w, idx, counts, bias)]
+    args = on_device(x, w, idx, counts, bias)
     torch.library.opcheck(torch.ops.probprune.gather_rows_gemm.default,
                           (*args[:4], 3, args[4], "triton"))
 
@@ -111,5 +83,5 @@ def test_opcheck_gather_rows_gemm_triton(with_bias):
 def test_opcheck_gather_rows_swiglu_triton():
     x, wg, idx, counts = _setup(3, "mixed", 1, torch.float32, None)
     wg = torch.nan_to_num(wg)
-    args = [t.to(DEVICE) for t in (x, wg, torch.randn_like(wg), idx, counts)]
+    args = on_device(x, wg, torch.randn_like(wg), idx, counts)
     torch.library.opcheck(torch.ops.probprune.gather_rows_swiglu.default, (*args, "triton"))

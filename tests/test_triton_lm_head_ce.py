@@ -5,27 +5,14 @@ so its oracle for every dtype is the reference on the upcast inputs, with the fp
 kernel that rounded logits to the input dtype would fail. The reference in the input dtype
 (logits rounded) is within the dtype's tolerance of it.
 """
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel is defined
+from probprune_kernels import ops, reference
+from tests.conftest import TOLERANCES, assert_close
+from tests.triton_support import DTYPES, on_device, requires_triton
 
-import pytest  # noqa: E402
-
-pytest.importorskip("triton")
-
-from probprune_kernels import ops, reference  # noqa: E402
-from probprune_kernels.backends import triton_unavailable_reason  # noqa: E402
-from tests.conftest import TOLERANCES, assert_close  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# On CPU this needs TRITON_INTERPRET=1 before anything imports triton (see tests/conftest.py).
-SKIP_REASON = triton_unavailable_reason(device=DEVICE)
-pytestmark = pytest.mark.skipif(SKIP_REASON is not None,
-                                reason=f"triton backend: {SKIP_REASON}")
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+pytestmark = requires_triton
 M, D, V = 13, 37, 45  # none a multiple of the interpreter's 16-wide tiles
 
 
@@ -37,7 +24,7 @@ def test_lm_head_ce(K, per_mask_labels, dtype):
     w = (torch.randn(V, D) / 3).to(dtype)
     labels = torch.randint(0, V, (K, M) if per_mask_labels else (M,))
     labels[..., 2] = -100
-    loss = ops.lm_head_ce(h.to(DEVICE), w.to(DEVICE), labels.to(DEVICE), backend="triton").cpu()
+    loss = ops.lm_head_ce(*on_device(h, w, labels), backend="triton").cpu()
     assert loss.dtype == torch.float32 and loss.shape == (K,)
     expected = reference.lm_head_ce(h.float(), w.float(), labels)
     assert_close(loss, expected, torch.float32, **{k: 2 * v for k, v in
@@ -50,8 +37,7 @@ def test_lm_head_ce_ignore_index_and_empty_mask():
     labels = torch.randint(0, V, (2, M))
     labels[1] = 7           # custom ignore_index: mask 1 has no counted row -> NaN
     labels[0, :4] = 7
-    loss = ops.lm_head_ce(h.to(DEVICE), w.to(DEVICE), labels.to(DEVICE), ignore_index=7,
-                          backend="triton").cpu()
+    loss = ops.lm_head_ce(*on_device(h, w, labels), ignore_index=7, backend="triton").cpu()
     expected = reference.lm_head_ce(h, w, labels, ignore_index=7)
     assert torch.isnan(loss[1]) and torch.isnan(expected[1])
     assert_close(loss[:1], expected[:1])
@@ -60,4 +46,4 @@ def test_lm_head_ce_ignore_index_and_empty_mask():
 def test_opcheck_lm_head_ce_triton():
     h, w, labels = torch.randn(3, M, D), torch.randn(V, D), torch.randint(0, V, (M,))
     torch.library.opcheck(torch.ops.probprune.lm_head_ce.default,
-                          (h.to(DEVICE), w.to(DEVICE), labels.to(DEVICE), -100, 4096, "triton"))
+                          (*on_device(h, w, labels), -100, 4096, "triton"))

@@ -3,27 +3,14 @@
 fp16/bf16 oracle: the reference in fp32 on the same inputs, then cast (the kernel keeps scores,
 softmax statistics and the accumulator in fp32).
 """
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel is defined
+from probprune_kernels import ops, reference
+from tests.conftest import assert_close
+from tests.triton_support import DTYPES, on_device, requires_triton
 
-import pytest  # noqa: E402
-
-pytest.importorskip("triton")
-
-from probprune_kernels import ops, reference  # noqa: E402
-from probprune_kernels.backends import triton_unavailable_reason  # noqa: E402
-from tests.conftest import assert_close  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# On CPU this needs TRITON_INTERPRET=1 before anything imports triton (see tests/conftest.py).
-SKIP_REASON = triton_unavailable_reason(device=DEVICE)
-pytestmark = pytest.mark.skipif(SKIP_REASON is not None,
-                                reason=f"triton backend: {SKIP_REASON}")
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+pytestmark = requires_triton
 HKV = 3
 # counts per mask: zero, full, ragged, and all three in one launch
 COUNTS = [[0], [HKV], [1], [0, HKV, 2]]
@@ -48,7 +35,7 @@ def _setup(counts, G, T, D, dtype, B=2):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_masked_attention(counts, G, T, D, dtype):
     q, k, v, c = _setup(counts, G, T, D, dtype)
-    o = ops.masked_attention(*(t.to(DEVICE) for t in (q, k, v, c)), backend="triton").cpu()
+    o = ops.masked_attention(*on_device(q, k, v, c), backend="triton").cpu()
     expected = reference.masked_attention(q.float(), k.float(), v.float(), c).to(dtype)
     assert o.dtype == dtype and o.shape == q.shape
     assert_close(o, expected, dtype)
@@ -58,7 +45,7 @@ def test_masked_attention(counts, G, T, D, dtype):
 
 def test_masked_attention_scale():
     q, k, v, c = _setup([2, 1], 2, 13, 16, torch.float32)
-    o = ops.masked_attention(*(t.to(DEVICE) for t in (q, k, v, c)), 0.37, backend="triton")
+    o = ops.masked_attention(*on_device(q, k, v, c), 0.37, backend="triton")
     assert_close(o.cpu(), reference.masked_attention(q, k, v, c, 0.37))
 
 
@@ -66,4 +53,4 @@ def test_opcheck_masked_attention_triton():
     q, k, v, c = _setup([0, HKV, 2], 2, 13, 16, torch.float32)
     q, k, v = (torch.nan_to_num(t) for t in (q, k, v))
     torch.library.opcheck(torch.ops.probprune.masked_attention.default,
-                          (*(t.to(DEVICE) for t in (q, k, v, c)), None, "triton"))
+                          (*on_device(q, k, v, c), None, "triton"))

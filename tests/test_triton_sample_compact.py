@@ -1,41 +1,19 @@
 """Triton sample/compact kernel against the reference (interpreter on CPU, native on a GPU)."""
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel is defined
+from probprune_kernels import ops, reference
+from tests.triton_support import CASES, DEVICE, DTYPES, pattern_masks, requires_triton
 
-import pytest  # noqa: E402
-
-pytest.importorskip("triton")
-
-from probprune_kernels import ops, reference  # noqa: E402
-from probprune_kernels.backends import triton_unavailable_reason  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# On CPU this needs TRITON_INTERPRET=1 before anything imports triton (see tests/conftest.py).
-SKIP_REASON = triton_unavailable_reason(device=DEVICE)
-pytestmark = pytest.mark.skipif(SKIP_REASON is not None,
-                                reason=f"triton backend: {SKIP_REASON}")
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# n = 37: several 16-wide blocks with a ragged tail under the interpreter's BLOCK_N.
-CASES = [(1, "zero"), (1, "full"), (1, "ragged"), (3, "mixed")]
+pytestmark = requires_triton
 
 
 def _probs(pattern, n=37):
+    """n = 37: several 16-wide blocks with a ragged tail under the interpreter's BLOCK_N."""
     p = torch.rand(n)
     if pattern in ("zero", "full"):
         p.fill_(0.0 if pattern == "zero" else 1.0)
     return p
-
-
-def _masks(K, pattern, n=37):
-    if pattern == "mixed":
-        m = torch.rand(K, n) < 0.5
-        m[0], m[1] = False, True
-        return m
-    return torch.rand(K, n) < {"zero": 0.0, "full": 1.1, "ragged": 0.5}[pattern]
 
 
 @pytest.mark.parametrize("K,pattern", CASES)
@@ -51,9 +29,11 @@ def test_sample_masks(K, pattern, dtype):
 @pytest.mark.parametrize("K,pattern", CASES)
 @pytest.mark.parametrize("cap", [None, "tight", 5])
 def test_compact_masks(K, pattern, cap):
-    masks = _masks(K, pattern)
+    """cap=5 is below most kept counts: unchecked, idx keeps the first 5 ids, counts stay true."""
+    masks = pattern_masks(K, pattern, 37)
     capacity = int(masks.sum(1).max()) if cap == "tight" else cap
-    idx, counts = ops.compact_masks(masks.to(DEVICE), capacity, backend="triton")
+    idx, counts = ops.compact_masks(masks.to(DEVICE), capacity, backend="triton",
+                                    validate=cap != 5)
     eidx, ecounts = reference.compact_masks(masks, capacity)
     assert idx.dtype == torch.int32 and counts.dtype == torch.int32
     assert torch.equal(idx.cpu(), eidx) and torch.equal(counts.cpu(), ecounts)

@@ -1,18 +1,10 @@
 """Bad input gets a clear error before any launch, for every op (DESIGN: kernel contract)."""
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel is defined
+from probprune_kernels import dispatch, ops
+from tests.triton_support import DEVICE, requires_triton
 
-import pytest  # noqa: E402
-
-import probprune_kernels  # noqa: E402
-from probprune_kernels import ops  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TRITON_SKIP = probprune_kernels.backends.triton_unavailable_reason(device=DEVICE)
 I32 = torch.int32
 
 
@@ -21,7 +13,7 @@ def no_launch(monkeypatch):
     """Any launch during these tests is a failure: validation must come first."""
     def boom(backend, op):
         raise AssertionError(f"{op} launched on {backend} despite invalid input")
-    monkeypatch.setattr(ops, "_impl", boom)
+    monkeypatch.setattr(dispatch, "implementation", boom)
 
 
 def _idx(K=2, cap=4, n=4):
@@ -195,13 +187,33 @@ def test_sample_compact_invalid(call, err, match):
         call()
 
 
+@pytest.mark.parametrize("value,shown", [(float("nan"), "nan"), (-0.5, "-0.5"), (1.25, "1.25")])
+@pytest.mark.parametrize("opname", ["sample_masks", "sample_and_compact"])
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=requires_triton)])
+def test_probabilities_outside_unit_interval(opname, value, shown, backend):
+    """A NaN probability would prune its unit on every sample, a negative one too, one above 1
+    keep it: all are rejected, naming the first bad entry."""
+    probs = torch.rand(6)
+    probs[2] = probs[5] = value
+    with pytest.raises(ValueError, match=rf"probs must lie in \[0, 1\] \(no NaN\): "
+                                         rf"probs\[2\] = {shown}, 2 of 6 values outside"):
+        getattr(ops, opname)(probs.to(DEVICE), torch.rand(3, 6, device=DEVICE), backend=backend)
+
+
+@pytest.mark.parametrize("opname", ["sample_masks", "sample_and_compact"])
+def test_validate_false_skips_the_probability_check(opname):
+    probs = torch.full((6,), float("nan"))
+    with pytest.raises(AssertionError, match="launched"):
+        getattr(ops, opname)(probs, torch.rand(3, 6), validate=False)
+
+
 # ------------------------------------------------------------------- contiguity (kernel backends)
 
 def _noncontig_cases():
     idx, counts = _idx(2, 4, 4)
     x, w = torch.randn(2, 5, 7), torch.randn(8, 7)
     h = torch.randn(2, 5, 8)
-    q, k = torch.randn(2, 1, 5, 6, 4), torch.randn(2, 1, 5, 2, 4)
+    k = torch.randn(2, 1, 5, 2, 4)
     return [
         ("x", lambda be: ops.gather_rows_gemm(torch.randn(2, 7, 5).transpose(1, 2), w, idx,
                                               counts, 2, backend=be)),
@@ -231,7 +243,7 @@ def _noncontig_cases():
     ]
 
 
-@pytest.mark.skipif(TRITON_SKIP is not None, reason=f"triton backend: {TRITON_SKIP}")
+@requires_triton
 @pytest.mark.parametrize("name,call", _noncontig_cases(), ids=lambda c: c if isinstance(c, str)
                          else "")
 def test_non_contiguous_rejected_for_kernels(name, call, monkeypatch):

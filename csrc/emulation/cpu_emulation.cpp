@@ -42,6 +42,15 @@ using pp::index_t;
 
 [[noreturn]] void fail(const std::string& msg) { throw std::runtime_error("emulation: " + msg); }
 
+// Coverage: every entry of `counts` (how often element e was written / owned / handled) is 1.
+template <class Counts>
+void expect_once(const Counts& counts, const std::string& what) {
+  for (size_t e = 0; e < std::size(counts); ++e)
+    if (counts[e] != 1)
+      fail(what + " " + std::to_string(e) + " handled " + std::to_string(counts[e]) +
+           " times (expected once)");
+}
+
 float round_to(at::ScalarType st, float v) {
   if (st == at::kHalf) return static_cast<float>(c10::Half(v));
   if (st == at::kBFloat16) return static_cast<float>(c10::BFloat16(v));
@@ -70,11 +79,7 @@ struct Output {
     ++writes[i];
   }
   Tensor finish(at::IntArrayRef shape) const {
-    for (size_t i = 0; i < writes.size(); ++i) {
-      if (writes[i] != 1)
-        fail("output element " + std::to_string(i) + " written " + std::to_string(writes[i]) +
-             " times (expected once)");
-    }
+    expect_once(writes, "output element");
     Tensor t = at::from_blob(const_cast<float*>(v.data()), shape,
                              at::TensorOptions().dtype(at::kFloat)).clone();
     return t.to(dtype);
@@ -104,12 +109,58 @@ struct Smem {
 
 // ------------------------------------------------------------------------------------------------
 // GEMM engines (mirror csrc/kernels/gemm_engine.cuh)
+//
+// load(op, tile_row, reduction_col) -> value of operand op (op -1: A).
 
-// load(op, tile_row, reduction_col) -> value of operand op (op -1: A)
+// The two smem stages of A and of each B operand, staged the way every thread's fetch + stash
+// does it (gemm::chunk_coord, gemm::smem_offset), each element once per stage.
+template <class Cfg, int NB>
+struct Stages {
+  std::vector<Smem> a, b;  // a[buf], b[op * 2 + buf]
+  Stages() : a(2, Smem(Cfg::A_STAGE)), b(2 * NB, Smem(Cfg::B_STAGE)) {}
+
+  template <class Load>
+  void stage(int buf, int k0, const Load& load) {
+    a[buf].reset_counts();
+    for (int op = 0; op < NB; ++op) b[op * 2 + buf].reset_counts();
+    for (int tid = 0; tid < Cfg::THREADS; ++tid)
+      for (int op = -1; op < NB; ++op) {
+        Smem& dst = op < 0 ? a[buf] : b[op * 2 + buf];
+        for (int s = 0; s < (op < 0 ? Cfg::A_CHUNKS : Cfg::B_CHUNKS); ++s) {
+          int r, c;
+          pp::gemm::chunk_coord<Cfg>(tid, s, r, c);
+          for (int e = 0; e < Cfg::VEC; ++e)
+            dst.store(pp::gemm::smem_offset<Cfg>(r, c) + e, load(op, r, k0 + c + e));
+        }
+      }
+    a[buf].expect_tile(Cfg::BM, Cfg::BK, Cfg::LDS, "A");
+    for (int op = 0; op < NB; ++op) b[op * 2 + buf].expect_tile(Cfg::BN, Cfg::BK, Cfg::LDS, "B");
+  }
+  const float* A(int buf) const { return a[buf].v.data(); }
+  const float* B(int op, int buf) const { return b[op * 2 + buf].v.data(); }
+};
+
+// pipelined_mainloop: stage 0, then per k tile compute(stages, cur) and the next tile staged
+// into the other buffer.
+template <class Cfg, int NB, class Load, class Compute>
+void pipelined_mainloop(int nk, const Load& load, const Compute& compute) {
+  if (nk <= 0) return;
+  Stages<Cfg, NB> st;
+  st.stage(0, 0, load);
+  for (int kt = 0; kt < nk; ++kt) {
+    const int cur = kt & 1;
+    compute(st, cur);
+    if (kt + 1 < nk) st.stage(cur ^ 1, (kt + 1) * Cfg::BK, load);
+  }
+}
+
 template <class Cfg, int NB>
 struct TcEmu {
-  static constexpr bool kTc = true;
   // acc[op][tile_row * BN + tile_col]
+  static float& at(std::vector<float>& acc, int op, int row, int col) {
+    return acc[static_cast<size_t>(op) * Cfg::BM * Cfg::BN + row * Cfg::BN + col];
+  }
+
   template <class Load>
   static void mainloop(int nk, const Load& load, std::vector<float>& acc) {
     acc.assign(static_cast<size_t>(NB) * Cfg::BM * Cfg::BN, 0.0f);
@@ -125,34 +176,8 @@ struct TcEmu {
               ++owner[(pp::gemm::frag_row0<Cfg>(wm, fi) + r) * Cfg::BN +
                       pp::gemm::frag_col0<Cfg>(wn, fj) + c];
     }
-    for (int e = 0; e < Cfg::BM * Cfg::BN; ++e)
-      if (owner[e] != 1) fail("accumulator element owned by " + std::to_string(owner[e]) + " fragments");
-    if (nk <= 0) return;
-    std::vector<Smem> As(2, Smem(Cfg::A_STAGE)), Bs(2 * NB, Smem(Cfg::B_STAGE));
-    auto stage = [&](int buf, int k0) {  // fetch + stash of every thread
-      As[buf].reset_counts();
-      for (int op = 0; op < NB; ++op) Bs[op * 2 + buf].reset_counts();
-      for (int tid = 0; tid < Cfg::THREADS; ++tid) {
-        for (int s = 0; s < Cfg::A_CHUNKS; ++s) {
-          int r, c;
-          pp::gemm::chunk_coord<Cfg>(tid, s, r, c);
-          for (int e = 0; e < Cfg::VEC; ++e)
-            As[buf].store(pp::gemm::smem_offset<Cfg>(r, c) + e, load(-1, r, k0 + c + e));
-        }
-        for (int op = 0; op < NB; ++op)
-          for (int s = 0; s < Cfg::B_CHUNKS; ++s) {
-            int r, c;
-            pp::gemm::chunk_coord<Cfg>(tid, s, r, c);
-            for (int e = 0; e < Cfg::VEC; ++e)
-              Bs[op * 2 + buf].store(pp::gemm::smem_offset<Cfg>(r, c) + e, load(op, r, k0 + c + e));
-          }
-      }
-      As[buf].expect_tile(Cfg::BM, Cfg::BK, Cfg::LDS, "A");
-      for (int op = 0; op < NB; ++op) Bs[op * 2 + buf].expect_tile(Cfg::BN, Cfg::BK, Cfg::LDS, "B");
-    };
-    stage(0, 0);
-    for (int kt = 0; kt < nk; ++kt) {
-      const int cur = kt & 1;
+    expect_once(owner, "accumulator element (fragments)");
+    pipelined_mainloop<Cfg, NB>(nk, load, [&](const Stages<Cfg, NB>& st, int cur) {
       for (int warp = 0; warp < Cfg::WARPS; ++warp) {
         int wm, wn;
         pp::gemm::warp_coord<Cfg>(warp, wm, wn);
@@ -161,40 +186,35 @@ struct TcEmu {
             for (int fi = 0; fi < Cfg::FM; ++fi)
               for (int fj = 0; fj < Cfg::FN; ++fj) {
                 // wmma: A row-major (ld LDS), B col-major (ld LDS), 16x16x16
-                const float* a = As[cur].v.data() + pp::gemm::a_frag_offset<Cfg>(wm, fi, kk);
-                const float* b = Bs[op * 2 + cur].v.data() + pp::gemm::b_frag_offset<Cfg>(wn, fj, kk);
+                const float* a = st.A(cur) + pp::gemm::a_frag_offset<Cfg>(wm, fi, kk);
+                const float* b = st.B(op, cur) + pp::gemm::b_frag_offset<Cfg>(wn, fj, kk);
                 for (int r = 0; r < 16; ++r)
                   for (int c = 0; c < 16; ++c) {
                     float sum = 0.0f;
                     for (int t = 0; t < 16; ++t) sum += a[r * Cfg::LDS + t] * b[c * Cfg::LDS + t];
-                    acc[static_cast<size_t>(op) * Cfg::BM * Cfg::BN +
-                        (pp::gemm::frag_row0<Cfg>(wm, fi) + r) * Cfg::BN +
-                        pp::gemm::frag_col0<Cfg>(wn, fj) + c] += sum;
+                    at(acc, op, pp::gemm::frag_row0<Cfg>(wm, fi) + r,
+                       pp::gemm::frag_col0<Cfg>(wn, fj) + c) += sum;
                   }
               }
       }
-      if (kt + 1 < nk) stage(cur ^ 1, (kt + 1) * Cfg::BK);
-    }
+    });
   }
 
   // epi(tile_row, tile_col, const float* v)
   template <class Epi>
-  static void epilogue(const std::vector<float>& acc, const Epi& epi) {
+  static void epilogue(std::vector<float>& acc, const Epi& epi) {
     for (int warp = 0; warp < Cfg::WARPS; ++warp) {
       int wm, wn;
       pp::gemm::warp_coord<Cfg>(warp, wm, wn);
       for (int fi = 0; fi < Cfg::FM; ++fi)
         for (int fj = 0; fj < Cfg::FN; ++fj) {
           // store_matrix_sync into the warp scratch (row-major, ld 16)
+          const int row0 = pp::gemm::frag_row0<Cfg>(wm, fi), col0 = pp::gemm::frag_col0<Cfg>(wn, fj);
           float scratch[NB][16 * 16];
           int seen[16 * 16] = {0};
           for (int op = 0; op < NB; ++op)
             for (int r = 0; r < 16; ++r)
-              for (int c = 0; c < 16; ++c)
-                scratch[op][r * 16 + c] =
-                    acc[static_cast<size_t>(op) * Cfg::BM * Cfg::BN +
-                        (pp::gemm::frag_row0<Cfg>(wm, fi) + r) * Cfg::BN +
-                        pp::gemm::frag_col0<Cfg>(wn, fj) + c];
+              for (int c = 0; c < 16; ++c) scratch[op][r * 16 + c] = at(acc, op, row0 + r, col0 + c);
           for (int lane = 0; lane < 32; ++lane)
             for (int e = 0; e < 8; ++e) {
               int r, c;
@@ -202,10 +222,9 @@ struct TcEmu {
               ++seen[r * 16 + c];
               float v[NB];
               for (int op = 0; op < NB; ++op) v[op] = scratch[op][r * 16 + c];
-              epi(pp::gemm::frag_row0<Cfg>(wm, fi) + r, pp::gemm::frag_col0<Cfg>(wn, fj) + c, v);
+              epi(row0 + r, col0 + c, v);
             }
-          for (int e = 0; e < 256; ++e)
-            if (seen[e] != 1) fail("scratch element handled " + std::to_string(seen[e]) + " times");
+          expect_once(seen, "scratch element");
         }
     }
   }
@@ -213,8 +232,11 @@ struct TcEmu {
 
 template <class Cfg, int NB>
 struct FmaEmu {
-  static constexpr bool kTc = false;
   // acc[op][tid][i][j]
+  static float& at(std::vector<float>& acc, int op, int tid, int i, int j) {
+    return acc[((static_cast<size_t>(op) * Cfg::THREADS + tid) * Cfg::TM + i) * Cfg::TN + j];
+  }
+
   template <class Load>
   static void mainloop(int nk, const Load& load, std::vector<float>& acc) {
     acc.assign(static_cast<size_t>(NB) * Cfg::THREADS * Cfg::TM * Cfg::TN, 0.0f);
@@ -223,60 +245,40 @@ struct FmaEmu {
       for (int i = 0; i < Cfg::TM; ++i)
         for (int j = 0; j < Cfg::TN; ++j)
           ++owner[pp::gemm::fma_row<Cfg>(tid, i) * Cfg::BN + pp::gemm::fma_col<Cfg>(tid, j)];
-    for (int e = 0; e < Cfg::BM * Cfg::BN; ++e)
-      if (owner[e] != 1) fail("FMA output element owned by " + std::to_string(owner[e]) + " threads");
-    if (nk <= 0) return;
-    std::vector<Smem> As(2, Smem(Cfg::A_STAGE)), Bs(2 * NB, Smem(Cfg::B_STAGE));
-    auto stage = [&](int buf, int k0) {
-      As[buf].reset_counts();
-      for (int op = 0; op < NB; ++op) Bs[op * 2 + buf].reset_counts();
-      for (int tid = 0; tid < Cfg::THREADS; ++tid) {
-        for (int s = 0; s < Cfg::A_CHUNKS; ++s) {
-          int r, c;
-          pp::gemm::chunk_coord<Cfg>(tid, s, r, c);
-          for (int e = 0; e < Cfg::VEC; ++e)
-            As[buf].store(pp::gemm::smem_offset<Cfg>(r, c) + e, load(-1, r, k0 + c + e));
-        }
-        for (int op = 0; op < NB; ++op)
-          for (int s = 0; s < Cfg::B_CHUNKS; ++s) {
-            int r, c;
-            pp::gemm::chunk_coord<Cfg>(tid, s, r, c);
-            for (int e = 0; e < Cfg::VEC; ++e)
-              Bs[op * 2 + buf].store(pp::gemm::smem_offset<Cfg>(r, c) + e, load(op, r, k0 + c + e));
-          }
-      }
-      As[buf].expect_tile(Cfg::BM, Cfg::BK, Cfg::LDS, "A");
-      for (int op = 0; op < NB; ++op) Bs[op * 2 + buf].expect_tile(Cfg::BN, Cfg::BK, Cfg::LDS, "B");
-    };
-    stage(0, 0);
-    for (int kt = 0; kt < nk; ++kt) {
-      const int cur = kt & 1;
+    expect_once(owner, "FMA output element (threads)");
+    pipelined_mainloop<Cfg, NB>(nk, load, [&](const Stages<Cfg, NB>& st, int cur) {
       for (int tid = 0; tid < Cfg::THREADS; ++tid)
         for (int kk = 0; kk < Cfg::BK; ++kk)
           for (int op = 0; op < NB; ++op)
             for (int i = 0; i < Cfg::TM; ++i)
               for (int j = 0; j < Cfg::TN; ++j) {
-                const float a = As[cur].v[pp::gemm::fma_row<Cfg>(tid, i) * Cfg::LDS + kk];
-                const float b = Bs[op * 2 + cur].v[pp::gemm::fma_col<Cfg>(tid, j) * Cfg::LDS + kk];
-                float& d = acc[((static_cast<size_t>(op) * Cfg::THREADS + tid) * Cfg::TM + i) * Cfg::TN + j];
+                const float a = st.A(cur)[pp::gemm::fma_row<Cfg>(tid, i) * Cfg::LDS + kk];
+                const float b = st.B(op, cur)[pp::gemm::fma_col<Cfg>(tid, j) * Cfg::LDS + kk];
+                float& d = at(acc, op, tid, i, j);
                 d = std::fma(a, b, d);
               }
-      if (kt + 1 < nk) stage(cur ^ 1, (kt + 1) * Cfg::BK);
-    }
+    });
   }
 
   template <class Epi>
-  static void epilogue(const std::vector<float>& acc, const Epi& epi) {
+  static void epilogue(std::vector<float>& acc, const Epi& epi) {
     for (int tid = 0; tid < Cfg::THREADS; ++tid)
       for (int i = 0; i < Cfg::TM; ++i)
         for (int j = 0; j < Cfg::TN; ++j) {
           float v[NB];
-          for (int op = 0; op < NB; ++op)
-            v[op] = acc[((static_cast<size_t>(op) * Cfg::THREADS + tid) * Cfg::TM + i) * Cfg::TN + j];
+          for (int op = 0; op < NB; ++op) v[op] = at(acc, op, tid, i, j);
           epi(pp::gemm::fma_row<Cfg>(tid, i), pp::gemm::fma_col<Cfg>(tid, j), v);
         }
   }
 };
+
+// gemm_tile of csrc/kernels/gemm_engine.cuh
+template <class Engine, class Load, class Epi>
+void gemm_tile(int nk, const Load& load, const Epi& epi) {
+  std::vector<float> acc;
+  Engine::mainloop(nk, load, acc);
+  Engine::epilogue(acc, epi);
+}
 
 // fill_tile of csrc/kernels/gemm_engine.cuh
 template <class Cfg, class Value>
@@ -290,6 +292,15 @@ void fill_tile(Output& out, index_t base, int m0, int n0, int M, int N, const Va
     }
 }
 
+// The grid of a gather GEMM kernel over an [M, N] output per mask: block(k, m0, n0) for every
+// (column tile, row tile, mask k).
+template <class Cfg, class Block>
+void for_each_block(int K, int M, int N, const Block& block) {
+  for (int k = 0; k < K; ++k)
+    for (int by = 0; by < pp::ceil_div(M, Cfg::BM); ++by)
+      for (int bx = 0; bx < pp::ceil_div(N, Cfg::BN); ++bx) block(k, by * Cfg::BM, bx * Cfg::BN);
+}
+
 bool use_tc(const std::string& engine, at::ScalarType dt) {  // "auto", "tc" or "fma"
   if (engine == "tc") return true;
   if (engine == "fma") return false;
@@ -298,50 +309,53 @@ bool use_tc(const std::string& engine, at::ScalarType dt) {  // "auto", "tc" or 
 }
 
 // ------------------------------------------------------------------------------------------------
-// gather-rows GEMM (csrc/kernels/gather_rows.cu)
+// gather-rows GEMMs (csrc/kernels/gather_rows.cu): NB = 1 weight with group and bias, NB = 2 the
+// fused SwiGLU (w = gate, up; group 1, no bias)
 
-template <class Cfg, class Engine>
-Tensor rows_impl(const Tensor& x, const Tensor& w, const Tensor& idx, const Tensor& counts,
-                 int group, const std::optional<Tensor>& bias) {
+template <class Cfg, class Engine, int NB>
+Tensor rows_impl(const Tensor& x, const std::array<Tensor, NB>& w, const Tensor& idx,
+                 const Tensor& counts, int group, const std::optional<Tensor>& bias) {
   const int K = x.size(0), M = x.size(1), din = x.size(2), cap = idx.size(1);
   const int n_out = cap * group;
-  const auto xv = to_vec(x), wv = to_vec(w);
+  const auto dt = x.scalar_type();
+  const auto xv = to_vec(x);
+  std::array<std::vector<float>, NB> wv;
+  for (int op = 0; op < NB; ++op) wv[op] = to_vec(w[op]);
   const auto iv = to_ivec(idx), cv = to_ivec(counts);
   std::vector<float> bv;
   if (bias.has_value()) bv = to_vec(*bias);
-  Output out(static_cast<index_t>(K) * M * n_out, x.scalar_type());
-  for (int k = 0; k < K; ++k)
-    for (int by = 0; by < pp::ceil_div(M, Cfg::BM); ++by)
-      for (int bx = 0; bx < pp::ceil_div(n_out, Cfg::BN); ++bx) {
-        const int m0 = by * Cfg::BM, n0 = bx * Cfg::BN;
-        const int live = pp::gemm::live_extent(cv[k], group);
-        const index_t ybase = static_cast<index_t>(k) * M * n_out;
-        if (pp::gemm::tile_dead(n0, live)) {
-          fill_tile<Cfg>(out, ybase, m0, n0, M, n_out, [](int, int) { return 0.0f; });
-          continue;
-        }
-        const int* idx_k = iv.data() + static_cast<index_t>(k) * cap;
-        std::vector<int> rows_s(Cfg::BN);
-        for (int j = 0; j < Cfg::BN; ++j) rows_s[j] = pp::gemm::gathered_row(idx_k, n0 + j, live, group);
-        auto load = [&](int op, int r, int kk) -> float {
-          if (op < 0) {
-            return (m0 + r < M && kk < din) ? xv[(static_cast<index_t>(k) * M + m0 + r) * din + kk] : 0.0f;
-          }
-          return (rows_s[r] >= 0 && kk < din) ? wv[static_cast<index_t>(rows_s[r]) * din + kk] : 0.0f;
-        };
-        std::vector<float> acc;
-        Engine::mainloop(pp::gemm::num_k_tiles(din, Cfg::BK), load, acc);
-        Engine::epilogue(acc, [&](int r, int c, const float* v) {
-          const int m = m0 + r, j = n0 + c;
-          if (m >= M || j >= n_out) return;
-          float o = 0.0f;
-          if (j < live) {
-            o = v[0];
-            if (!bv.empty()) o += bv[rows_s[c]];
-          }
-          out.write(ybase + static_cast<index_t>(m) * n_out + j, o);
-        });
+  Output out(static_cast<index_t>(K) * M * n_out, dt);
+  for_each_block<Cfg>(K, M, n_out, [&](int k, int m0, int n0) {
+    const int live = pp::gemm::live_extent(cv[k], group);
+    const index_t ybase = static_cast<index_t>(k) * M * n_out;
+    if (pp::gemm::tile_dead(n0, live)) {
+      fill_tile<Cfg>(out, ybase, m0, n0, M, n_out, [](int, int) { return 0.0f; });
+      return;
+    }
+    const int* idx_k = iv.data() + static_cast<index_t>(k) * cap;
+    std::vector<int> rows_s(Cfg::BN);
+    for (int j = 0; j < Cfg::BN; ++j) rows_s[j] = pp::gemm::gathered_row(idx_k, n0 + j, live, group);
+    auto load = [&](int op, int r, int kk) -> float {
+      if (op < 0) {
+        return (m0 + r < M && kk < din) ? xv[(static_cast<index_t>(k) * M + m0 + r) * din + kk] : 0.0f;
       }
+      return (rows_s[r] >= 0 && kk < din) ? wv[op][static_cast<index_t>(rows_s[r]) * din + kk] : 0.0f;
+    };
+    gemm_tile<Engine>(pp::gemm::num_k_tiles(din, Cfg::BK), load, [&](int r, int c, const float* v) {
+      const int m = m0 + r, j = n0 + c;
+      if (m >= M || j >= n_out) return;
+      float o = 0.0f;
+      if (j < live) {
+        if constexpr (NB == 2) {
+          o = pp::gemm::silu_mul(round_to(dt, v[0]), round_to(dt, v[1]));
+        } else {
+          o = v[0];
+          if (!bv.empty()) o += bv[rows_s[c]];
+        }
+      }
+      out.write(ybase + static_cast<index_t>(m) * n_out + j, o);
+    });
+  });
   return out.finish({K, M, n_out});
 }
 
@@ -351,51 +365,8 @@ Tensor emu_gather_rows_gemm(const Tensor& x, const Tensor& w, const Tensor& idx,
   using namespace pp::gemm;
   const std::string engine(engine_sv);
   if (use_tc(engine, x.scalar_type()))
-    return rows_impl<RowsTc, TcEmu<RowsTc, 1>>(x, w, idx, counts, group, bias);
-  return rows_impl<RowsFma, FmaEmu<RowsFma, 1>>(x, w, idx, counts, group, bias);
-}
-
-// ------------------------------------------------------------------------------------------------
-// fused SwiGLU (csrc/kernels/gather_swiglu.cu)
-
-template <class Cfg, class Engine>
-Tensor swiglu_impl(const Tensor& x, const Tensor& wg, const Tensor& wu, const Tensor& idx,
-                   const Tensor& counts) {
-  const int K = x.size(0), M = x.size(1), din = x.size(2), cap = idx.size(1);
-  const auto dt = x.scalar_type();
-  const auto xv = to_vec(x), gv = to_vec(wg), uv = to_vec(wu);
-  const auto iv = to_ivec(idx), cv = to_ivec(counts);
-  Output out(static_cast<index_t>(K) * M * cap, dt);
-  for (int k = 0; k < K; ++k)
-    for (int by = 0; by < pp::ceil_div(M, Cfg::BM); ++by)
-      for (int bx = 0; bx < pp::ceil_div(cap, Cfg::BN); ++bx) {
-        const int m0 = by * Cfg::BM, n0 = bx * Cfg::BN;
-        const int live = pp::gemm::live_extent(cv[k], 1);
-        const index_t ybase = static_cast<index_t>(k) * M * cap;
-        if (pp::gemm::tile_dead(n0, live)) {
-          fill_tile<Cfg>(out, ybase, m0, n0, M, cap, [](int, int) { return 0.0f; });
-          continue;
-        }
-        const int* idx_k = iv.data() + static_cast<index_t>(k) * cap;
-        std::vector<int> rows_s(Cfg::BN);
-        for (int j = 0; j < Cfg::BN; ++j) rows_s[j] = pp::gemm::gathered_row(idx_k, n0 + j, live, 1);
-        auto load = [&](int op, int r, int kk) -> float {
-          if (op < 0) {
-            return (m0 + r < M && kk < din) ? xv[(static_cast<index_t>(k) * M + m0 + r) * din + kk] : 0.0f;
-          }
-          const auto& wv = op == 0 ? gv : uv;
-          return (rows_s[r] >= 0 && kk < din) ? wv[static_cast<index_t>(rows_s[r]) * din + kk] : 0.0f;
-        };
-        std::vector<float> acc;
-        Engine::mainloop(pp::gemm::num_k_tiles(din, Cfg::BK), load, acc);
-        Engine::epilogue(acc, [&](int r, int c, const float* v) {
-          const int m = m0 + r, j = n0 + c;
-          if (m >= M || j >= cap) return;
-          const float o = j < live ? pp::gemm::silu_mul(round_to(dt, v[0]), round_to(dt, v[1])) : 0.0f;
-          out.write(ybase + static_cast<index_t>(m) * cap + j, o);
-        });
-      }
-  return out.finish({K, M, cap});
+    return rows_impl<RowsTc, TcEmu<RowsTc, 1>, 1>(x, {w}, idx, counts, group, bias);
+  return rows_impl<RowsFma, FmaEmu<RowsFma, 1>, 1>(x, {w}, idx, counts, group, bias);
 }
 
 Tensor emu_gather_rows_swiglu(const Tensor& x, const Tensor& wg, const Tensor& wu, const Tensor& idx,
@@ -403,8 +374,8 @@ Tensor emu_gather_rows_swiglu(const Tensor& x, const Tensor& wg, const Tensor& w
   using namespace pp::gemm;
   const std::string engine(engine_sv);
   if (use_tc(engine, x.scalar_type()))
-    return swiglu_impl<SwigluTc, TcEmu<SwigluTc, 2>>(x, wg, wu, idx, counts);
-  return swiglu_impl<SwigluFma, FmaEmu<SwigluFma, 2>>(x, wg, wu, idx, counts);
+    return rows_impl<SwigluTc, TcEmu<SwigluTc, 2>, 2>(x, {wg, wu}, idx, counts, 1, std::nullopt);
+  return rows_impl<SwigluFma, FmaEmu<SwigluFma, 2>, 2>(x, {wg, wu}, idx, counts, 1, std::nullopt);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -420,37 +391,32 @@ Tensor cols_impl(const Tensor& h, const Tensor& w, const Tensor& idx, const Tens
   std::vector<float> rv;
   if (residual.has_value()) rv = to_vec(*residual);
   Output out(static_cast<index_t>(K) * M * dout, h.scalar_type());
-  for (int k = 0; k < K; ++k)
-    for (int by = 0; by < pp::ceil_div(M, Cfg::BM); ++by)
-      for (int bx = 0; bx < pp::ceil_div(dout, Cfg::BN); ++bx) {
-        const int m0 = by * Cfg::BM, n0 = bx * Cfg::BN;
-        const int live = pp::gemm::live_extent(cv[k], group);
-        const index_t ybase = static_cast<index_t>(k) * M * dout;
-        auto res = [&](int m, int n) {
-          return rv.empty() ? 0.0f : rv[ybase + static_cast<index_t>(m) * dout + n];
-        };
-        if (pp::gemm::tile_dead(0, live)) {
-          fill_tile<Cfg>(out, ybase, m0, n0, M, dout, res);
-          continue;
-        }
-        const int* idx_k = iv.data() + static_cast<index_t>(k) * cap;
-        auto load = [&](int op, int r, int kk) -> float {
-          if (op < 0) {
-            return (m0 + r < M && kk < live) ? hv[(static_cast<index_t>(k) * M + m0 + r) * h_cols + kk] : 0.0f;
-          }
-          if (n0 + r >= dout || kk >= live) return 0.0f;
-          const int col = pp::gemm::expand_index(idx_k, kk, group);
-          if (col < 0 || col >= din) fail("gathered column out of range");
-          return wv[static_cast<index_t>(n0 + r) * din + col];
-        };
-        std::vector<float> acc;
-        Engine::mainloop(pp::gemm::num_k_tiles(live, Cfg::BK), load, acc);
-        Engine::epilogue(acc, [&](int r, int c, const float* v) {
-          const int m = m0 + r, n = n0 + c;
-          if (m >= M || n >= dout) return;
-          out.write(ybase + static_cast<index_t>(m) * dout + n, v[0] + res(m, n));
-        });
+  for_each_block<Cfg>(K, M, dout, [&](int k, int m0, int n0) {
+    const int live = pp::gemm::live_extent(cv[k], group);
+    const index_t ybase = static_cast<index_t>(k) * M * dout;
+    auto res = [&](int m, int n) {
+      return rv.empty() ? 0.0f : rv[ybase + static_cast<index_t>(m) * dout + n];
+    };
+    if (pp::gemm::tile_dead(0, live)) {
+      fill_tile<Cfg>(out, ybase, m0, n0, M, dout, res);
+      return;
+    }
+    const int* idx_k = iv.data() + static_cast<index_t>(k) * cap;
+    auto load = [&](int op, int r, int kk) -> float {
+      if (op < 0) {
+        return (m0 + r < M && kk < live) ? hv[(static_cast<index_t>(k) * M + m0 + r) * h_cols + kk] : 0.0f;
       }
+      if (n0 + r >= dout || kk >= live) return 0.0f;
+      const int col = pp::gemm::expand_index(idx_k, kk, group);
+      if (col < 0 || col >= din) fail("gathered column out of range");
+      return wv[static_cast<index_t>(n0 + r) * din + col];
+    };
+    gemm_tile<Engine>(pp::gemm::num_k_tiles(live, Cfg::BK), load, [&](int r, int c, const float* v) {
+      const int m = m0 + r, n = n0 + c;
+      if (m >= M || n >= dout) return;
+      out.write(ybase + static_cast<index_t>(m) * dout + n, v[0] + res(m, n));
+    });
+  });
   return out.finish({K, M, dout});
 }
 
@@ -465,7 +431,28 @@ Tensor emu_gather_cols_gemm(const Tensor& h, const Tensor& w, const Tensor& idx,
 }
 
 // ------------------------------------------------------------------------------------------------
-// masked attention, tensor-core path (csrc/kernels/attention_tc.cu)
+// masked attention
+
+// enter_query_tile of csrc/kernels/attention_impl.h: an inactive head's block writes its zeros
+// and gets false; otherwise kvh is the KV head its query head h reads.
+template <class Cfg>
+bool enter_query_tile(const std::vector<int>& cv, Output& out, int kb, int h, int q0, int B, int T,
+                      int Hq, int Hkv, int D, int& kvh) {
+  const int G = Hq / Hkv;
+  if (!pp::attn::head_active(h, cv[kb / B], G)) {
+    for (int tid = 0; tid < Cfg::THREADS; ++tid)
+      for (int e = tid; e < Cfg::BQ * D; e += Cfg::THREADS) {
+        int r, d;
+        pp::tile_elem_coord(e, D, r, d);
+        if (q0 + r < T) out.write(pp::attn::bthd_offset(kb, q0 + r, h, d, T, Hq, D), 0.0f);
+      }
+    return false;
+  }
+  kvh = pp::attn::kv_head(h, G);
+  return true;
+}
+
+// tensor-core path (csrc/kernels/attention_tc.cu)
 
 template <int DMAX>
 void attention_tc_block(int kb, int h, int qt, int B, int T, int Hq, int Hkv, int D, float scale_log2,
@@ -475,17 +462,8 @@ void attention_tc_block(int kb, int h, int qt, int B, int T, int Hq, int Hkv, in
   using Cfg = pp::attn::TcAttnConfig<DMAX>;
   using namespace pp::attn;
   const int q0 = qt * Cfg::BQ;
-  const int G = Hq / Hkv;
-  if (!head_active(h, cv[kb / B], G)) {
-    for (int tid = 0; tid < Cfg::THREADS; ++tid)
-      for (int e = tid; e < Cfg::BQ * D; e += Cfg::THREADS) {
-        int r, d;
-        pp::tile_elem_coord(e, D, r, d);
-        if (q0 + r < T) out.write(bthd_offset(kb, q0 + r, h, d, T, Hq, D), 0.0f);
-      }
-    return;
-  }
-  const int kvh = kv_head(h, G);
+  int kvh;
+  if (!enter_query_tile<Cfg>(cv, out, kb, h, q0, B, T, Hq, Hkv, D, kvh)) return;
   Smem Qs(Cfg::BQ * Cfg::LDQ), Ks(Cfg::BKV * Cfg::LDQ), Vs(Cfg::BKV * Cfg::LDQ);
   std::vector<float> Ss(Cfg::BQ * Cfg::LDS, 0.0f), Ps(Cfg::BQ * Cfg::LDP, 0.0f), Os(Cfg::BQ * Cfg::LDO, 0.0f);
   std::vector<float> Ls(Cfg::BQ, 0.0f);
@@ -565,10 +543,8 @@ void attention_tc_block(int kb, int h, int qt, int B, int T, int Hq, int Hkv, in
           ++o_scaled[srow[lane] * Cfg::DMAX + d0[lane] + d];
         }
       }
-      for (size_t e = 0; e < p_written.size(); ++e)
-        if (p_written[e] != 1) fail("softmax: probability written " + std::to_string(p_written[e]) + " times");
-      for (size_t e = 0; e < o_scaled.size(); ++e)
-        if (o_scaled[e] != 1) fail("softmax: output column rescaled " + std::to_string(o_scaled[e]) + " times");
+      expect_once(p_written, "softmax: probability");
+      expect_once(o_scaled, "softmax: rescaled output column");
       // O += P V: P row-major A (ld LDP), V row-major B (ld LDQ), O accumulator (ld LDO)
       for (int f = 0; f < Cfg::FD; ++f)
         for (int r = 0; r < 16; ++r)
@@ -598,24 +574,15 @@ void attention_tc_block(int kb, int h, int qt, int B, int T, int Hq, int Hkv, in
   }
 }
 
-// masked attention, FMA path (csrc/kernels/attention_fma.cu)
+// FMA path (csrc/kernels/attention_fma.cu)
 void attention_fma_block(int kb, int h, int qt, int B, int T, int Hq, int Hkv, int D, float scale_log2,
                          const std::vector<float>& qv, const std::vector<float>& kv,
                          const std::vector<float>& vv, const std::vector<int>& cv, Output& out) {
   using Cfg = pp::attn::FmaAttnConfig;
   using namespace pp::attn;
   const int q0 = qt * Cfg::BQ;
-  const int G = Hq / Hkv;
-  if (!head_active(h, cv[kb / B], G)) {
-    for (int tid = 0; tid < Cfg::THREADS; ++tid)
-      for (int e = tid; e < Cfg::BQ * D; e += Cfg::THREADS) {
-        int r, d;
-        pp::tile_elem_coord(e, D, r, d);
-        if (q0 + r < T) out.write(bthd_offset(kb, q0 + r, h, d, T, Hq, D), 0.0f);
-      }
-    return;
-  }
-  const int kvh = kv_head(h, G);
+  int kvh;
+  if (!enter_query_tile<Cfg>(cv, out, kb, h, q0, B, T, Hq, Hkv, D, kvh)) return;
   const int ld = fma_attn_ld(D);
   if (fma_attn_smem_bytes(D) != (Cfg::BQ + 2 * Cfg::BKV) * ld * 4) fail("FMA attention smem size");
   Smem Qs(Cfg::BQ * ld), Ks(Cfg::BKV * ld), Vs(Cfg::BKV * ld);
@@ -638,8 +605,7 @@ void attention_fma_block(int kb, int h, int qt, int B, int T, int Hq, int Hkv, i
   std::vector<int> row_owner(Cfg::BQ, 0);
   for (int w = 0; w < Cfg::WARPS; ++w)
     for (int rr = 0; rr < Cfg::ROWS_PER_WARP; ++rr) ++row_owner[fma_attn_row(w, rr)];
-  for (int r = 0; r < Cfg::BQ; ++r)
-    if (row_owner[r] != 1) fail("FMA attention: query row owned " + std::to_string(row_owner[r]) + " times");
+  expect_once(row_owner, "FMA attention: query row (warp slots)");
   const int n_kv = kv_end(q0, Cfg::BQ, T);
   for (int kv0 = 0; kv0 < n_kv; kv0 += Cfg::BKV) {
     Ks.reset_counts();
@@ -817,8 +783,7 @@ std::tuple<Tensor, Tensor, Tensor> emu_compact(const std::optional<Tensor>& mask
           ++idx_writes[static_cast<index_t>(k) * cap + p];
         }
   }
-  for (size_t e = 0; e < idx_writes.size(); ++e)
-    if (idx_writes[e] != 1) fail("idx element written " + std::to_string(idx_writes[e]) + " times");
+  expect_once(idx_writes, "idx element");
   return {masks, idx, counts};
 }
 

@@ -4,8 +4,6 @@
 // Also the entry point launch_masked_attention, which picks the path.
 // Block logic: csrc/probprune/attention_logic.h.
 #include "kernels/attention_impl.h"
-#include "kernels/device_utils.cuh"
-#include "probprune/attention_logic.h"
 
 namespace probprune {
 namespace {
@@ -22,19 +20,9 @@ __global__ void __launch_bounds__(FmaAttnConfig::THREADS)
                                 float scale_log2) {
   using Cfg = FmaAttnConfig;
   constexpr unsigned kFull = 0xffffffffu;
-  const int h = blockIdx.y, kb = blockIdx.z;
-  const int q0 = blockIdx.x * Cfg::BQ;
-  const int G = Hq / Hkv;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  if (!head_active(h, counts[kb / B], G)) {
-    for (int e = tid; e < Cfg::BQ * D; e += Cfg::THREADS) {
-      int r, d;
-      tile_elem_coord(e, D, r, d);
-      if (q0 + r < T_) o[bthd_offset(kb, q0 + r, h, d, T_, Hq, D)] = from_f<T>(0.0f);
-    }
-    return;
-  }
-  const int kvh = kv_head(h, G);
+  int h, kb, q0, kvh;
+  if (!detail::enter_query_tile<Cfg>(counts, o, B, T_, Hq, Hkv, D, h, kb, q0, kvh)) return;
   extern __shared__ float fsm[];
   const int ld = fma_attn_ld(D);
   float* Qs = fsm;
@@ -142,17 +130,10 @@ int max_dynamic_smem() {
 cudaError_t attention_fma(DType dt, const void* q, const void* k, const void* v,
                           const int* counts, void* o, int K, int B, int T, int Hq, int Hkv, int D,
                           float scale_log2, cudaStream_t stream) {
-  switch (dt) {
-    case DType::F32:
-      return launch_fma<float>(q, k, v, counts, o, K, B, T, Hq, Hkv, D, scale_log2, stream);
-    case DType::F16:
-      return launch_fma<__half>(q, k, v, counts, o, K, B, T, Hq, Hkv, D, scale_log2, stream);
-    case DType::BF16:
-      return launch_fma<__nv_bfloat16>(q, k, v, counts, o, K, B, T, Hq, Hkv, D, scale_log2,
-                                       stream);
-    default:
-      return cudaErrorInvalidValue;
-  }
+  return dev::with_float_type(dt, [&](auto t) {
+    return launch_fma<typename decltype(t)::type>(q, k, v, counts, o, K, B, T, Hq, Hkv, D,
+                                                  scale_log2, stream);
+  });
 }
 
 }  // namespace detail

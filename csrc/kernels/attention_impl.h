@@ -1,6 +1,9 @@
-// Internal entry points of the two attention paths (csrc/kernels/attention_*.cu).
+// What the two attention paths (csrc/kernels/attention_*.cu) share: their internal entry points
+// and the device code both run.
 #pragma once
 
+#include "kernels/device_utils.cuh"
+#include "probprune/attention_logic.h"
 #include "probprune/launchers.h"
 
 namespace probprune {
@@ -19,6 +22,30 @@ cudaError_t attention_fma(DType dt, const void* q, const void* k, const void* v,
 
 // Largest dynamic shared memory a block of the current device may opt in to.
 int max_dynamic_smem();
+
+// Where a block of either path works (grid: query tile, query head h, kb = k * B + b): sets h, kb,
+// the tile's first query q0 and the KV head kvh that h reads (GQA). A block whose head is
+// inactive for its mask writes zeros in its tile's rows of o (those inside the sequence), without
+// reading q, k or v, and gets false.
+template <class Cfg, typename T>
+__device__ __forceinline__ bool enter_query_tile(const int* counts, T* o, int B, int T_, int Hq,
+                                                 int Hkv, int D, int& h, int& kb, int& q0,
+                                                 int& kvh) {
+  h = blockIdx.y;
+  kb = blockIdx.z;
+  q0 = blockIdx.x * Cfg::BQ;
+  const int G = Hq / Hkv;
+  if (!attn::head_active(h, counts[kb / B], G)) {
+    for (int e = threadIdx.x; e < Cfg::BQ * D; e += Cfg::THREADS) {
+      int r, d;
+      tile_elem_coord(e, D, r, d);
+      if (q0 + r < T_) o[attn::bthd_offset(kb, q0 + r, h, d, T_, Hq, D)] = dev::from_f<T>(0.0f);
+    }
+    return false;
+  }
+  kvh = attn::kv_head(h, G);
+  return true;
+}
 
 }  // namespace detail
 }  // namespace probprune

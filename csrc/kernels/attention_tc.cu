@@ -5,8 +5,6 @@
 #include <mma.h>
 
 #include "kernels/attention_impl.h"
-#include "kernels/device_utils.cuh"
-#include "probprune/attention_logic.h"
 
 namespace probprune {
 namespace {
@@ -14,6 +12,20 @@ namespace {
 using namespace attn;
 using dev::from_f;
 namespace wmma = nvcuda::wmma;
+
+// acc += sum_kk a[kk] * B_kk for one 16 x 16 fragment of the warp's strip, where the B fragment
+// B_kk (layout of FragB) starts at b + kk * b_step (ld ldb): the inner loop of S = Q K^T (K as a
+// column-major B) and of O += P V (V row-major).
+template <class FragB, class FragC, class FragA, int KF, typename T>
+__device__ __forceinline__ void mma_accumulate(FragC& acc, const FragA (&a)[KF], const T* b,
+                                               int b_step, int ldb) {
+#pragma unroll
+  for (int kk = 0; kk < KF; ++kk) {
+    FragB bf;
+    wmma::load_matrix_sync(bf, b + kk * b_step, ldb);
+    wmma::mma_sync(acc, a[kk], bf, acc);
+  }
+}
 
 template <typename T, int DMAX>
 __global__ void __launch_bounds__(TcAttnConfig<DMAX>::THREADS)
@@ -31,19 +43,9 @@ __global__ void __launch_bounds__(TcAttnConfig<DMAX>::THREADS)
   using FragC = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
   constexpr unsigned kFull = 0xffffffffu;
 
-  const int h = blockIdx.y, kb = blockIdx.z;
-  const int q0 = blockIdx.x * Cfg::BQ;
-  const int G = Hq / Hkv;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  if (!head_active(h, counts[kb / B], G)) {  // inactive head: zeros, no reads of q, k, v
-    for (int e = tid; e < Cfg::BQ * D; e += Cfg::THREADS) {
-      int r, d;
-      tile_elem_coord(e, D, r, d);
-      if (q0 + r < T_) o[bthd_offset(kb, q0 + r, h, d, T_, Hq, D)] = from_f<T>(0.0f);
-    }
-    return;
-  }
-  const int kvh = kv_head(h, G);
+  int h, kb, q0, kvh;
+  if (!detail::enter_query_tile<Cfg>(counts, o, B, T_, Hq, Hkv, D, h, kb, q0, kvh)) return;
 
   extern __shared__ __align__(128) unsigned char smem[];
   T* Ks = reinterpret_cast<T*>(smem + Cfg::K_OFF);
@@ -98,12 +100,7 @@ __global__ void __launch_bounds__(TcAttnConfig<DMAX>::THREADS)
     for (int j = 0; j < Cfg::FKV; ++j) {
       FragC s;
       wmma::fill_fragment(s, 0.0f);
-#pragma unroll
-      for (int dd = 0; dd < Cfg::FD; ++dd) {
-        FragBc kf;
-        wmma::load_matrix_sync(kf, Ks + (j * 16) * Cfg::LDQ + dd * 16, Cfg::LDQ);
-        wmma::mma_sync(s, qf[dd], kf, s);
-      }
+      mma_accumulate<FragBc>(s, qf, Ks + (j * 16) * Cfg::LDQ, 16, Cfg::LDQ);
       wmma::store_matrix_sync(Ss + strip * Cfg::LDS + j * 16, s, Cfg::LDS, wmma::mem_row_major);
     }
     __syncwarp();
@@ -145,12 +142,7 @@ __global__ void __launch_bounds__(TcAttnConfig<DMAX>::THREADS)
     for (int f = 0; f < Cfg::FD; ++f) {
       FragC oc;
       wmma::load_matrix_sync(oc, Os + strip * Cfg::LDO + f * 16, Cfg::LDO, wmma::mem_row_major);
-#pragma unroll
-      for (int kk = 0; kk < Cfg::FKV; ++kk) {
-        FragBr vf;
-        wmma::load_matrix_sync(vf, Vs + (kk * 16) * Cfg::LDQ + f * 16, Cfg::LDQ);
-        wmma::mma_sync(oc, pf[kk], vf, oc);
-      }
+      mma_accumulate<FragBr>(oc, pf, Vs + f * 16, 16 * Cfg::LDQ, Cfg::LDQ);
       wmma::store_matrix_sync(Os + strip * Cfg::LDO + f * 16, oc, Cfg::LDO, wmma::mem_row_major);
     }
     __syncwarp();

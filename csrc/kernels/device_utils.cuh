@@ -1,5 +1,6 @@
-// Device-only helpers shared by the kernels: dtype conversion, 16-byte chunk loads with bounds,
-// warp reductions. The index logic itself lives in csrc/probprune/*_logic.h (host + device).
+// Device-only helpers shared by the kernels: dtype dispatch and conversion, 16-byte chunk loads
+// with bounds, warp reductions. The index logic itself lives in csrc/probprune/*_logic.h (host +
+// device).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -8,9 +9,31 @@
 
 #include "probprune/common.h"
 #include "probprune/gemm_logic.h"
+#include "probprune/launchers.h"
 
 namespace probprune {
 namespace dev {
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// f(TypeTag<T>{}) for the element type T of a float dtype (fp32, fp16, bf16): how a launcher
+// picks its kernel instance. Other dtypes give cudaErrorInvalidValue.
+template <class F>
+cudaError_t with_float_type(DType dt, const F& f) {
+  switch (dt) {
+    case DType::F32:
+      return f(TypeTag<float>{});
+    case DType::F16:
+      return f(TypeTag<__half>{});
+    case DType::BF16:
+      return f(TypeTag<__nv_bfloat16>{});
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
 
 __device__ __forceinline__ float to_f(float v) { return v; }
 __device__ __forceinline__ float to_f(__half v) { return __half2float(v); }

@@ -29,7 +29,7 @@ struct ColsLoader {
   }
 };
 
-template <typename T, class Cfg, class Engine>
+template <class Engine, typename T = typename Engine::Elem, class Cfg = typename Engine::Config>
 __global__ void __launch_bounds__(Cfg::THREADS, 2)
     gather_cols_kernel(const T* __restrict__ h, const T* __restrict__ w,
                        const int* __restrict__ idx, const int* __restrict__ counts,
@@ -55,22 +55,14 @@ __global__ void __launch_bounds__(Cfg::THREADS, 2)
   ld.group = group;
   ld.vec_h = vec_h;
   ld.vec_w = vec_w;
-#pragma unroll
-  for (int s = 0; s < Cfg::A_CHUNKS; ++s) {
-    int r, c;
-    chunk_coord<Cfg>(threadIdx.x, s, r, c);
-    ld.a_src[s] = m0 + r < M ? h + (static_cast<index_t>(k) * M + m0 + r) * h_cols : nullptr;
-  }
-#pragma unroll
-  for (int s = 0; s < Cfg::B_CHUNKS; ++s) {
-    int r, c;
-    chunk_coord<Cfg>(threadIdx.x, s, r, c);
-    ld.b_row[s] = n0 + r < dout ? w + static_cast<index_t>(n0 + r) * din : nullptr;
-  }
-  typename Engine::Acc acc;
-  Engine::zero(acc);
-  Engine::mainloop(smem, ld, num_k_tiles(live, Cfg::BK), acc);
-  Engine::epilogue(smem, acc, [&](int r, int c, const float* v) {
+  const T* hk = h + static_cast<index_t>(k) * M * h_cols;
+  dev::slot_rows<Cfg>(ld.a_src, [&](int r) {
+    return m0 + r < M ? hk + (m0 + r) * h_cols : nullptr;
+  });
+  dev::slot_rows<Cfg>(ld.b_row, [&](int r) {
+    return n0 + r < dout ? w + static_cast<index_t>(n0 + r) * din : nullptr;
+  });
+  dev::gemm_tile<Engine>(smem, ld, num_k_tiles(live, Cfg::BK), [&](int r, int c, const float* v) {
     const int m = m0 + r, n = n0 + c;
     if (m >= M || n >= dout) return;
     const index_t o = static_cast<index_t>(m) * dout + n;
@@ -79,16 +71,18 @@ __global__ void __launch_bounds__(Cfg::THREADS, 2)
   });
 }
 
-template <typename T, class Cfg, class Engine>
+template <typename T>
 cudaError_t launch(const void* h, const void* w, const int* idx, const int* counts,
                    const void* residual, void* y, int K, int M, int dout, int din, int capacity,
                    int group, cudaStream_t stream) {
+  using Engine = dev::EngineFor<T, ColsTc, ColsFma, 1>;
+  using Cfg = typename Engine::Config;
   if (K == 0 || M == 0 || dout == 0) return cudaSuccess;
   const dim3 grid(ceil_div(dout, Cfg::BN), ceil_div(M, Cfg::BM), K);
   const bool vec_h =
       dev::rows_vectorizable(h, static_cast<long long>(capacity) * group, sizeof(T));
   const bool vec_w = group % Cfg::VEC == 0 && dev::rows_vectorizable(w, din, sizeof(T));
-  gather_cols_kernel<T, Cfg, Engine><<<grid, Cfg::THREADS, 0, stream>>>(
+  gather_cols_kernel<Engine><<<grid, Cfg::THREADS, 0, stream>>>(
       static_cast<const T*>(h), static_cast<const T*>(w), idx, counts,
       static_cast<const T*>(residual), static_cast<T*>(y), M, dout, din, capacity, group, vec_h,
       vec_w);
@@ -101,20 +95,10 @@ cudaError_t launch_gather_cols_gemm(DType dt, const void* h, const void* w, cons
                                     const int* counts, const void* residual, void* y, int K,
                                     int M, int dout, int din, int capacity, int group,
                                     cudaStream_t stream) {
-  switch (dt) {
-    case DType::F32:
-      return launch<float, ColsFma, dev::FmaEngine<ColsFma, 1>>(h, w, idx, counts, residual, y, K,
-                                                                M, dout, din, capacity, group,
-                                                                stream);
-    case DType::F16:
-      return launch<__half, ColsTc, dev::TcEngine<__half, ColsTc, 1>>(
-          h, w, idx, counts, residual, y, K, M, dout, din, capacity, group, stream);
-    case DType::BF16:
-      return launch<__nv_bfloat16, ColsTc, dev::TcEngine<__nv_bfloat16, ColsTc, 1>>(
-          h, w, idx, counts, residual, y, K, M, dout, din, capacity, group, stream);
-    default:
-      return cudaErrorInvalidValue;
-  }
+  return dev::with_float_type(dt, [&](auto t) {
+    return launch<typename decltype(t)::type>(h, w, idx, counts, residual, y, K, M, dout, din,
+                                              capacity, group, stream);
+  });
 }
 
 }  // namespace probprune

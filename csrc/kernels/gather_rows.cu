@@ -1,5 +1,8 @@
-// Gather-rows GEMM: y[k, :, j] = x[k] @ w[row(j)] (+ bias[row(j)]) for the live columns of each
-// mask, zeros beyond; all K masks in one launch, grid (column tile, row tile, k).
+// Gather-rows GEMMs, one kernel for both ops (NB weight operands share the x tile):
+//   NB = 1  y[k, :, j] = x[k] @ w[row(j)] (+ bias[row(j)])                      gather_rows_gemm
+//   NB = 2  y[k, :, j] = silu(x[k] @ w_gate[idx_k[j]]) * (x[k] @ w_up[idx_k[j]])  gather_rows_swiglu
+// for the live columns of each mask, zeros beyond; all K masks in one launch, grid (column tile,
+// row tile, k). The fused SwiGLU has group 1 and no bias.
 // Block logic: csrc/probprune/gemm_logic.h; engines: csrc/kernels/gemm_engine.cuh.
 #include "kernels/gemm_engine.cuh"
 #include "probprune/launchers.h"
@@ -9,30 +12,35 @@ namespace {
 
 using namespace gemm;
 using dev::from_f;
+using dev::round_to;
 using dev::to_f;
 
-// A: rows of x[k] (fixed per slot), B: gathered weight rows (from the block's row table).
-template <typename T, class Cfg>
+// A: rows of x[k] (fixed per slot), B: gathered weight rows of each operand (from the block's
+// row table).
+template <typename T, class Cfg, int NB>
 struct RowsLoader {
   using Chunk = dev::Pack<T, Cfg::VEC>;
   const T* a_src[Cfg::A_CHUNKS];
-  const T* b_src[Cfg::B_CHUNKS];
+  const T* b_src[NB][Cfg::B_CHUNKS];
   int din;
   bool vec_x, vec_w;
   __device__ Chunk a(int s, int col) const {
     return dev::load_row_chunk<T, Cfg::VEC>(a_src[s], col, din, vec_x);
   }
-  __device__ Chunk b(int, int s, int col) const {
-    return dev::load_row_chunk<T, Cfg::VEC>(b_src[s], col, din, vec_w);
+  __device__ Chunk b(int op, int s, int col) const {
+    return dev::load_row_chunk<T, Cfg::VEC>(b_src[op][s], col, din, vec_w);
   }
 };
 
-template <typename T, class Cfg, class Engine>
+// w_up is read only when NB = 2 (the up projection; w is then the gate), bias only when NB = 1.
+template <class Engine, int NB, typename T = typename Engine::Elem,
+          class Cfg = typename Engine::Config>
 __global__ void __launch_bounds__(Cfg::THREADS, 2)
     gather_rows_kernel(const T* __restrict__ x, const T* __restrict__ w,
-                       const int* __restrict__ idx, const int* __restrict__ counts,
-                       const T* __restrict__ bias, T* __restrict__ y, int M, int din,
-                       int capacity, int group, bool vec_x, bool vec_w) {
+                       const T* __restrict__ w_up, const int* __restrict__ idx,
+                       const int* __restrict__ counts, const T* __restrict__ bias,
+                       T* __restrict__ y, int M, int din, int capacity, int group, bool vec_x,
+                       bool vec_w) {
   const int k = blockIdx.z;
   const int m0 = blockIdx.y * Cfg::BM, n0 = blockIdx.x * Cfg::BN;
   const int n_out = capacity * group;
@@ -49,49 +57,54 @@ __global__ void __launch_bounds__(Cfg::THREADS, 2)
     rows_s[j] = gathered_row(idx_k, n0 + j, live, group);
   __syncthreads();
 
-  RowsLoader<T, Cfg> ld;
+  RowsLoader<T, Cfg, NB> ld;
   ld.din = din;
   ld.vec_x = vec_x;
   ld.vec_w = vec_w;
+  const T* xk = x + static_cast<index_t>(k) * M * din;
+  dev::slot_rows<Cfg>(ld.a_src, [&](int r) {
+    return m0 + r < M ? xk + static_cast<index_t>(m0 + r) * din : nullptr;
+  });
+  const T* const weights[2] = {w, w_up};
 #pragma unroll
-  for (int s = 0; s < Cfg::A_CHUNKS; ++s) {
-    int r, c;
-    chunk_coord<Cfg>(threadIdx.x, s, r, c);
-    ld.a_src[s] = m0 + r < M ? x + (static_cast<index_t>(k) * M + m0 + r) * din : nullptr;
+  for (int op = 0; op < NB; ++op) {
+    dev::slot_rows<Cfg>(ld.b_src[op], [&](int r) {
+      return rows_s[r] >= 0 ? weights[op] + static_cast<index_t>(rows_s[r]) * din : nullptr;
+    });
   }
-#pragma unroll
-  for (int s = 0; s < Cfg::B_CHUNKS; ++s) {
-    int r, c;
-    chunk_coord<Cfg>(threadIdx.x, s, r, c);
-    ld.b_src[s] = rows_s[r] >= 0 ? w + static_cast<index_t>(rows_s[r]) * din : nullptr;
-  }
-  typename Engine::Acc acc;
-  Engine::zero(acc);
-  Engine::mainloop(smem, ld, num_k_tiles(din, Cfg::BK), acc);
-  Engine::epilogue(smem, acc, [&](int r, int c, const float* v) {
+  dev::gemm_tile<Engine>(smem, ld, num_k_tiles(din, Cfg::BK), [&](int r, int c, const float* v) {
     const int m = m0 + r, j = n0 + c;
     if (m >= M || j >= n_out) return;
     float out = 0.0f;
     if (j < live) {
-      out = v[0];
-      if (bias != nullptr) out += to_f(bias[rows_s[c]]);
+      if constexpr (NB == 2) {
+        // gate and up are rounded to the storage dtype first, as F.linear's outputs are
+        out = silu_mul(round_to<T>(v[0]), round_to<T>(v[1]));
+      } else {
+        out = v[0];
+        if (bias != nullptr) out += to_f(bias[rows_s[c]]);
+      }
     }
     yk[static_cast<index_t>(m) * n_out + j] = from_f<T>(out);
   });
 }
 
-template <typename T, class Cfg, class Engine>
-cudaError_t launch(const void* x, const void* w, const int* idx, const int* counts,
-                   const void* bias, void* y, int K, int M, int din, int capacity, int group,
-                   cudaStream_t stream) {
+template <int NB, typename T, class TcCfg, class FmaCfg>
+cudaError_t launch(const void* x, const void* w, const void* w_up, const int* idx,
+                   const int* counts, const void* bias, void* y, int K, int M, int din,
+                   int capacity, int group, cudaStream_t stream) {
+  using Engine = dev::EngineFor<T, TcCfg, FmaCfg, NB>;
+  using Cfg = typename Engine::Config;
   const int n_out = capacity * group;
   if (K == 0 || M == 0 || n_out == 0) return cudaSuccess;
   const dim3 grid(ceil_div(n_out, Cfg::BN), ceil_div(M, Cfg::BM), K);
   const bool vec_x = dev::rows_vectorizable(x, din, sizeof(T));
-  const bool vec_w = dev::rows_vectorizable(w, din, sizeof(T));
-  gather_rows_kernel<T, Cfg, Engine><<<grid, Cfg::THREADS, 0, stream>>>(
-      static_cast<const T*>(x), static_cast<const T*>(w), idx, counts,
-      static_cast<const T*>(bias), static_cast<T*>(y), M, din, capacity, group, vec_x, vec_w);
+  const bool vec_w = dev::rows_vectorizable(w, din, sizeof(T)) &&
+                     (NB == 1 || dev::rows_vectorizable(w_up, din, sizeof(T)));
+  gather_rows_kernel<Engine, NB><<<grid, Cfg::THREADS, 0, stream>>>(
+      static_cast<const T*>(x), static_cast<const T*>(w), static_cast<const T*>(w_up), idx,
+      counts, static_cast<const T*>(bias), static_cast<T*>(y), M, din, capacity, group, vec_x,
+      vec_w);
   return cudaGetLastError();
 }
 
@@ -100,19 +113,19 @@ cudaError_t launch(const void* x, const void* w, const int* idx, const int* coun
 cudaError_t launch_gather_rows_gemm(DType dt, const void* x, const void* w, const int* idx,
                                     const int* counts, const void* bias, void* y, int K, int M,
                                     int din, int capacity, int group, cudaStream_t stream) {
-  switch (dt) {
-    case DType::F32:
-      return launch<float, RowsFma, dev::FmaEngine<RowsFma, 1>>(x, w, idx, counts, bias, y, K, M,
-                                                                din, capacity, group, stream);
-    case DType::F16:
-      return launch<__half, RowsTc, dev::TcEngine<__half, RowsTc, 1>>(
-          x, w, idx, counts, bias, y, K, M, din, capacity, group, stream);
-    case DType::BF16:
-      return launch<__nv_bfloat16, RowsTc, dev::TcEngine<__nv_bfloat16, RowsTc, 1>>(
-          x, w, idx, counts, bias, y, K, M, din, capacity, group, stream);
-    default:
-      return cudaErrorInvalidValue;
-  }
+  return dev::with_float_type(dt, [&](auto t) {
+    return launch<1, typename decltype(t)::type, RowsTc, RowsFma>(
+        x, w, nullptr, idx, counts, bias, y, K, M, din, capacity, group, stream);
+  });
+}
+
+cudaError_t launch_gather_rows_swiglu(DType dt, const void* x, const void* w_gate,
+                                      const void* w_up, const int* idx, const int* counts, void* y,
+                                      int K, int M, int din, int capacity, cudaStream_t stream) {
+  return dev::with_float_type(dt, [&](auto t) {
+    return launch<2, typename decltype(t)::type, SwigluTc, SwigluFma>(
+        x, w_gate, w_up, idx, counts, nullptr, y, K, M, din, capacity, 1, stream);
+  });
 }
 
 }  // namespace probprune

@@ -1,5 +1,6 @@
-// The two GEMM engines behind the gather kernels: one main loop (global -> registers -> smem,
-// double-buffered smem with register prefetch, one barrier per k tile) and one epilogue walk.
+// The two GEMM engines behind the gather kernels, around one main loop (pipelined_mainloop:
+// global -> registers -> smem, double-buffered smem with register prefetch, one barrier per k
+// tile) and one epilogue walk each.
 //
 //   TcEngine<T, Cfg, NB>   fp16 / bf16 on tensor cores (WMMA 16x16x16, fp32 accumulators), sm_80+
 //   FmaEngine<Cfg, NB>     fp32 with plain FMA
@@ -15,15 +16,95 @@
 
 #include <mma.h>
 
+#include <type_traits>
+
 #include "kernels/device_utils.cuh"
 #include "probprune/gemm_logic.h"
 
 namespace probprune {
 namespace dev {
 
+// fn(s, row, col) for each load slot s < N of this thread: the tile row and first column of its
+// chunk (gemm::chunk_coord).
+template <class Cfg, int N, class Fn>
+__device__ __forceinline__ void for_each_slot(const Fn& fn) {
+#pragma unroll
+  for (int s = 0; s < N; ++s) {
+    int r, c;
+    gemm::chunk_coord<Cfg>(threadIdx.x, s, r, c);
+    fn(s, r, c);
+  }
+}
+
+// One source row per load slot of this thread: src[s] = row(tile row of slot s). The kernels
+// set the A rows and the B rows of their Loader with it.
+template <class Cfg, int N, typename P, class Row>
+__device__ __forceinline__ void slot_rows(P (&src)[N], const Row& row) {
+  for_each_slot<Cfg, N>([&](int s, int r, int) { src[s] = row(r); });
+}
+
+// The main loop both engines share: global -> registers -> smem, double-buffered smem with
+// register prefetch, one barrier per k tile. compute(Ac, Bc) runs on the current stage (A tile
+// Ac, B tile Bc[op] of operand op) while the next tile's loads are in flight. ALIGNED: smem rows
+// are 16-byte aligned, so chunks are stored in one access.
+template <typename T, class Cfg, int NB, bool ALIGNED, class Loader, class Compute>
+__device__ __forceinline__ void pipelined_mainloop(unsigned char* smem, const Loader& ld, int nk,
+                                                   const Compute& compute) {
+  using Chunk = Pack<T, Cfg::VEC>;
+  if (nk <= 0) return;
+  T* As = reinterpret_cast<T*>(smem);        // [2][A_STAGE]
+  T* Bs = As + 2 * Cfg::A_STAGE;             // [NB][2][B_STAGE]
+  // smem offset and reduction column of each load slot
+  int a_off[Cfg::A_CHUNKS], a_col[Cfg::A_CHUNKS], b_off[Cfg::B_CHUNKS], b_col[Cfg::B_CHUNKS];
+  for_each_slot<Cfg, Cfg::A_CHUNKS>([&](int s, int r, int c) {
+    a_off[s] = gemm::smem_offset<Cfg>(r, c);
+    a_col[s] = c;
+  });
+  for_each_slot<Cfg, Cfg::B_CHUNKS>([&](int s, int r, int c) {
+    b_off[s] = gemm::smem_offset<Cfg>(r, c);
+    b_col[s] = c;
+  });
+  Chunk ra[Cfg::A_CHUNKS];
+  Chunk rb[NB][Cfg::B_CHUNKS];
+  auto fetch = [&](int k0) {
+#pragma unroll
+    for (int s = 0; s < Cfg::A_CHUNKS; ++s) ra[s] = ld.a(s, k0 + a_col[s]);
+#pragma unroll
+    for (int op = 0; op < NB; ++op)
+#pragma unroll
+      for (int s = 0; s < Cfg::B_CHUNKS; ++s) rb[op][s] = ld.b(op, s, k0 + b_col[s]);
+  };
+  auto stash = [&](int buf) {
+#pragma unroll
+    for (int s = 0; s < Cfg::A_CHUNKS; ++s)
+      store_chunk<T, Cfg::VEC, ALIGNED>(As + buf * Cfg::A_STAGE + a_off[s], ra[s]);
+#pragma unroll
+    for (int op = 0; op < NB; ++op)
+#pragma unroll
+      for (int s = 0; s < Cfg::B_CHUNKS; ++s)
+        store_chunk<T, Cfg::VEC, ALIGNED>(Bs + (op * 2 + buf) * Cfg::B_STAGE + b_off[s],
+                                          rb[op][s]);
+  };
+  fetch(0);
+  stash(0);
+  __syncthreads();
+  for (int kt = 0; kt < nk; ++kt) {
+    const int cur = kt & 1;
+    const bool more = kt + 1 < nk;
+    if (more) fetch((kt + 1) * Cfg::BK);  // in flight while the current tile is computed
+    const T* Bc[NB];
+#pragma unroll
+    for (int op = 0; op < NB; ++op) Bc[op] = Bs + (op * 2 + cur) * Cfg::B_STAGE;
+    compute(As + cur * Cfg::A_STAGE, Bc);
+    if (more) stash(cur ^ 1);  // the other stage: nobody reads it until the barrier below
+    __syncthreads();
+  }
+}
+
 template <typename T, class Cfg, int NB>
 struct TcEngine {
-  using Chunk = Pack<T, Cfg::VEC>;
+  using Elem = T;
+  using Config = Cfg;
   using FragA = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, T,
                                        nvcuda::wmma::row_major>;
   using FragB = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, T,
@@ -52,55 +133,9 @@ struct TcEngine {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
     __trap();  // the host only launches the tensor-core path on sm_80+
 #else
-    if (nk <= 0) return;
-    T* As = reinterpret_cast<T*>(smem);        // [2][A_STAGE]
-    T* Bs = As + 2 * Cfg::A_STAGE;             // [NB][2][B_STAGE]
-    const int tid = threadIdx.x;
     int wm, wn;
-    gemm::warp_coord<Cfg>(tid / 32, wm, wn);
-    int a_off[Cfg::A_CHUNKS], a_col[Cfg::A_CHUNKS], b_off[Cfg::B_CHUNKS], b_col[Cfg::B_CHUNKS];
-#pragma unroll
-    for (int s = 0; s < Cfg::A_CHUNKS; ++s) {
-      int r, c;
-      gemm::chunk_coord<Cfg>(tid, s, r, c);
-      a_off[s] = gemm::smem_offset<Cfg>(r, c);
-      a_col[s] = c;
-    }
-#pragma unroll
-    for (int s = 0; s < Cfg::B_CHUNKS; ++s) {
-      int r, c;
-      gemm::chunk_coord<Cfg>(tid, s, r, c);
-      b_off[s] = gemm::smem_offset<Cfg>(r, c);
-      b_col[s] = c;
-    }
-    Chunk ra[Cfg::A_CHUNKS];
-    Chunk rb[NB][Cfg::B_CHUNKS];
-    auto fetch = [&](int k0) {
-#pragma unroll
-      for (int s = 0; s < Cfg::A_CHUNKS; ++s) ra[s] = ld.a(s, k0 + a_col[s]);
-#pragma unroll
-      for (int op = 0; op < NB; ++op)
-#pragma unroll
-        for (int s = 0; s < Cfg::B_CHUNKS; ++s) rb[op][s] = ld.b(op, s, k0 + b_col[s]);
-    };
-    auto stash = [&](int buf) {
-#pragma unroll
-      for (int s = 0; s < Cfg::A_CHUNKS; ++s)
-        store_chunk<T, Cfg::VEC, true>(As + buf * Cfg::A_STAGE + a_off[s], ra[s]);
-#pragma unroll
-      for (int op = 0; op < NB; ++op)
-#pragma unroll
-        for (int s = 0; s < Cfg::B_CHUNKS; ++s)
-          store_chunk<T, Cfg::VEC, true>(Bs + (op * 2 + buf) * Cfg::B_STAGE + b_off[s], rb[op][s]);
-    };
-    fetch(0);
-    stash(0);
-    __syncthreads();
-    for (int kt = 0; kt < nk; ++kt) {
-      const int cur = kt & 1;
-      const bool more = kt + 1 < nk;
-      if (more) fetch((kt + 1) * Cfg::BK);  // in flight while the tensor cores work
-      const T* Ac = As + cur * Cfg::A_STAGE;
+    gemm::warp_coord<Cfg>(threadIdx.x / 32, wm, wn);
+    pipelined_mainloop<T, Cfg, NB, true>(smem, ld, nk, [&](const T* Ac, const T* const* Bc) {
 #pragma unroll
       for (int kk = 0; kk < Cfg::BK / 16; ++kk) {
         FragA a[Cfg::FM];
@@ -109,11 +144,10 @@ struct TcEngine {
           nvcuda::wmma::load_matrix_sync(a[fi], Ac + gemm::a_frag_offset<Cfg>(wm, fi, kk), Cfg::LDS);
 #pragma unroll
         for (int op = 0; op < NB; ++op) {
-          const T* Bc = Bs + (op * 2 + cur) * Cfg::B_STAGE;
           FragB b[Cfg::FN];
 #pragma unroll
           for (int fj = 0; fj < Cfg::FN; ++fj)
-            nvcuda::wmma::load_matrix_sync(b[fj], Bc + gemm::b_frag_offset<Cfg>(wn, fj, kk),
+            nvcuda::wmma::load_matrix_sync(b[fj], Bc[op] + gemm::b_frag_offset<Cfg>(wn, fj, kk),
                                            Cfg::LDS);
 #pragma unroll
           for (int fi = 0; fi < Cfg::FM; ++fi)
@@ -122,9 +156,7 @@ struct TcEngine {
               nvcuda::wmma::mma_sync(acc.f[op][fi][fj], a[fi], b[fj], acc.f[op][fi][fj]);
         }
       }
-      if (more) stash(cur ^ 1);  // the other stage: nobody reads it until the barrier below
-      __syncthreads();
-    }
+    });
 #endif
   }
 
@@ -165,77 +197,27 @@ struct TcEngine {
 
 template <class Cfg, int NB>
 struct FmaEngine {
-  using Chunk = Pack<float, Cfg::VEC>;
+  using Elem = float;
+  using Config = Cfg;
   struct Acc {
     float v[NB][Cfg::TM][Cfg::TN];
   };
   static constexpr int SMEM_BYTES = (2 * Cfg::A_STAGE + 2 * NB * Cfg::B_STAGE) * 4;
   static_assert(SMEM_BYTES <= 46 * 1024, "static shared memory");
 
-  __device__ static void zero(Acc& acc) {
-#pragma unroll
-    for (int op = 0; op < NB; ++op)
-#pragma unroll
-      for (int i = 0; i < Cfg::TM; ++i)
-#pragma unroll
-        for (int j = 0; j < Cfg::TN; ++j) acc.v[op][i][j] = 0.0f;
-  }
+  __device__ static void zero(Acc& acc) { acc = Acc{}; }
 
   template <class Loader>
   __device__ static void mainloop(unsigned char* smem, const Loader& ld, int nk, Acc& acc) {
-    if (nk <= 0) return;
-    float* As = reinterpret_cast<float*>(smem);  // [2][A_STAGE]
-    float* Bs = As + 2 * Cfg::A_STAGE;           // [NB][2][B_STAGE]
     const int tid = threadIdx.x;
-    int a_off[Cfg::A_CHUNKS], a_col[Cfg::A_CHUNKS], b_off[Cfg::B_CHUNKS], b_col[Cfg::B_CHUNKS];
-#pragma unroll
-    for (int s = 0; s < Cfg::A_CHUNKS; ++s) {
-      int r, c;
-      gemm::chunk_coord<Cfg>(tid, s, r, c);
-      a_off[s] = gemm::smem_offset<Cfg>(r, c);
-      a_col[s] = c;
-    }
-#pragma unroll
-    for (int s = 0; s < Cfg::B_CHUNKS; ++s) {
-      int r, c;
-      gemm::chunk_coord<Cfg>(tid, s, r, c);
-      b_off[s] = gemm::smem_offset<Cfg>(r, c);
-      b_col[s] = c;
-    }
     int rows[Cfg::TM], cols[Cfg::TN];
 #pragma unroll
     for (int i = 0; i < Cfg::TM; ++i) rows[i] = gemm::fma_row<Cfg>(tid, i) * Cfg::LDS;
 #pragma unroll
     for (int j = 0; j < Cfg::TN; ++j) cols[j] = gemm::fma_col<Cfg>(tid, j) * Cfg::LDS;
-    Chunk ra[Cfg::A_CHUNKS];
-    Chunk rb[NB][Cfg::B_CHUNKS];
-    auto fetch = [&](int k0) {
-#pragma unroll
-      for (int s = 0; s < Cfg::A_CHUNKS; ++s) ra[s] = ld.a(s, k0 + a_col[s]);
-#pragma unroll
-      for (int op = 0; op < NB; ++op)
-#pragma unroll
-        for (int s = 0; s < Cfg::B_CHUNKS; ++s) rb[op][s] = ld.b(op, s, k0 + b_col[s]);
-    };
-    auto stash = [&](int buf) {
-#pragma unroll
-      for (int s = 0; s < Cfg::A_CHUNKS; ++s)
-        store_chunk<float, Cfg::VEC, false>(As + buf * Cfg::A_STAGE + a_off[s], ra[s]);
-#pragma unroll
-      for (int op = 0; op < NB; ++op)
-#pragma unroll
-        for (int s = 0; s < Cfg::B_CHUNKS; ++s)
-          store_chunk<float, Cfg::VEC, false>(Bs + (op * 2 + buf) * Cfg::B_STAGE + b_off[s],
-                                              rb[op][s]);
-    };
-    fetch(0);
-    stash(0);
-    __syncthreads();
-    for (int kt = 0; kt < nk; ++kt) {
-      const int cur = kt & 1;
-      const bool more = kt + 1 < nk;
-      if (more) fetch((kt + 1) * Cfg::BK);
-      const float* Ac = As + cur * Cfg::A_STAGE;
+    // odd row stride (no bank conflicts): rows are not 16-byte aligned
+    pipelined_mainloop<float, Cfg, NB, false>(smem, ld, nk, [&](const float* Ac,
+                                                                const float* const* Bc) {
 #pragma unroll 4
       for (int kk = 0; kk < Cfg::BK; ++kk) {
         float a[Cfg::TM];
@@ -243,19 +225,16 @@ struct FmaEngine {
         for (int i = 0; i < Cfg::TM; ++i) a[i] = Ac[rows[i] + kk];
 #pragma unroll
         for (int op = 0; op < NB; ++op) {
-          const float* Bc = Bs + (op * 2 + cur) * Cfg::B_STAGE;
           float b[Cfg::TN];
 #pragma unroll
-          for (int j = 0; j < Cfg::TN; ++j) b[j] = Bc[cols[j] + kk];
+          for (int j = 0; j < Cfg::TN; ++j) b[j] = Bc[op][cols[j] + kk];
 #pragma unroll
           for (int i = 0; i < Cfg::TM; ++i)
 #pragma unroll
             for (int j = 0; j < Cfg::TN; ++j) acc.v[op][i][j] = fmaf(a[i], b[j], acc.v[op][i][j]);
         }
       }
-      if (more) stash(cur ^ 1);
-      __syncthreads();
-    }
+    });
   }
 
   template <class Epi>
@@ -273,6 +252,21 @@ struct FmaEngine {
     }
   }
 };
+
+// The engine a dtype runs on: FMA for fp32, tensor cores for fp16 / bf16.
+template <typename T, class TcCfg, class FmaCfg, int NB>
+using EngineFor = std::conditional_t<std::is_same_v<T, float>, FmaEngine<FmaCfg, NB>,
+                                     TcEngine<T, TcCfg, NB>>;
+
+// A block's whole GEMM: zeroed accumulators, the main loop over nk k tiles, the epilogue.
+template <class Engine, class Loader, class Epi>
+__device__ __forceinline__ void gemm_tile(unsigned char* smem, const Loader& ld, int nk,
+                                          const Epi& epi) {
+  typename Engine::Acc acc;
+  Engine::zero(acc);
+  Engine::mainloop(smem, ld, nk, acc);
+  Engine::epilogue(smem, acc, epi);
+}
 
 // Fills the part of tile (m0, n0) of a [M, N] matrix that lies inside it with value(m, n).
 template <class Cfg, typename T, class Value>

@@ -16,9 +16,16 @@ TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16
 
 
 @triton.jit
-def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(row tile, column tile) of program ``pid`` in grouped order (Triton matmul tutorial):
-    GROUP_M row tiles share the same weight columns while they are hot in L2."""
+def gemm_tile(cnt_ptr, M, N, GROUP, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              GROUP_M: tl.constexpr):
+    """The output tile of a gather GEMM program: grid (tiles of [M, N], K masks).
+
+    Returns (mask id k as int64, column tile index, k's active width ``counts[k] * GROUP``, row
+    offsets, column offsets). Tiles go in grouped order (Triton matmul tutorial): GROUP_M row
+    tiles share the same weight columns while they are hot in L2.
+    """
+    pid = tl.program_id(0)
+    mask_id = tl.program_id(1).to(tl.int64)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_pid_in_group = GROUP_M * num_pid_n
@@ -26,7 +33,10 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
     group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
     pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
     pid_n = (pid % num_pid_in_group) // group_size_m
-    return pid_m, pid_n
+    n_active = tl.load(cnt_ptr + mask_id) * GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return mask_id, pid_n, n_active, offs_m, offs_n
 
 
 def configs(gpu_configs, interpret_config):

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (GEMM_CONFIGS, bucket, dot_precision, dot_upcast, finish, grouped_tile,
+from ._common import (GEMM_CONFIGS, bucket, dot_precision, dot_upcast, finish, gemm_tile,
                       out_dtype)
 
 
@@ -39,13 +39,8 @@ def _gather_cols_gemm_kernel(
     ``N_IN = n_cap * group`` is the compact input width (static); ``M_BUCKET`` is only an
     autotune key.
     """
-    pid = tl.program_id(0)
-    mask_id = tl.program_id(1).to(tl.int64)
-    pid_m, pid_n = grouped_tile(pid, M, DOUT, BLOCK_M, BLOCK_N, GROUP_M)
-
-    n_active = tl.load(cnt_ptr + mask_id) * GROUP
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_id, _, n_active, offs_m, offs_n = gemm_tile(cnt_ptr, M, DOUT, GROUP, BLOCK_M, BLOCK_N,
+                                                     GROUP_M)
     offs_j = tl.arange(0, BLOCK_K)
     m_ok = offs_m[:, None] < M
     n_ok = offs_n[None, :] < DOUT

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (GEMM_CONFIGS, bucket, dot_precision, dot_upcast, finish, grouped_tile,
+from ._common import (GEMM_CONFIGS, bucket, dot_precision, dot_upcast, finish, gemm_tile,
                       out_dtype)
 
 
@@ -38,13 +38,8 @@ def _gather_rows_gemm_kernel(
     is read here from device memory, so tiles past it store zeros and return without touching w.
     ``w2_ptr`` (SWIGLU only) is w_up, with w_gate's strides. ``M_BUCKET`` is only an autotune key.
     """
-    pid = tl.program_id(0)
-    mask_id = tl.program_id(1).to(tl.int64)
-    pid_m, pid_n = grouped_tile(pid, M, N_OUT, BLOCK_M, BLOCK_N, GROUP_M)
-
-    n_active = tl.load(cnt_ptr + mask_id) * GROUP
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_id, pid_n, n_active, offs_m, offs_n = gemm_tile(cnt_ptr, M, N_OUT, GROUP, BLOCK_M,
+                                                         BLOCK_N, GROUP_M)
     y_ptrs = y_ptr + mask_id * stride_yk + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
     y_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N_OUT)
     if pid_n * BLOCK_N >= n_active:

@@ -26,16 +26,16 @@ from typing import List
 import torch
 
 from .models import check_supported
-from .units import UnitLayout
+from .units import UnitSpace
 
 
 class DenseMaskedLM:
-    """``losses(input_ids [B, T], masks bool [K, layout.n_units]) -> [K]`` by K dense forwards."""
+    """``losses(input_ids [B, T], masks bool [K, units.n_units]) -> [K]`` by K dense forwards."""
 
     def __init__(self, model, include_layers: bool = False):
         check_supported(model.config)
         self.model = model
-        self.layout = UnitLayout.from_config(model.config, include_layers)
+        self.units = UnitSpace.of_model(model.config, include_layers)
 
     @property
     def device(self) -> torch.device:
@@ -43,17 +43,17 @@ class DenseMaskedLM:
 
     @torch.no_grad()
     def losses(self, input_ids: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        lay = self.layout
-        if masks.dim() != 2 or masks.shape[1] != lay.n_units or masks.dtype != torch.bool:
-            raise ValueError(f"masks must be bool [K, {lay.n_units}], got {masks.dtype} "
+        units, shape = self.units, self.units.shape
+        if masks.dim() != 2 or masks.shape[1] != units.n_units or masks.dtype != torch.bool:
+            raise ValueError(f"masks must be bool [K, {units.n_units}], got {masks.dtype} "
                              f"{tuple(masks.shape)}")
         ids = input_ids.to(self.device)
         dtype = self.model.lm_head.weight.dtype
-        m = lay.split(masks.to(self.device))
+        m = units.split(masks.to(self.device))
         # Column masks as the paper builds them: a KV group's mask repeated over its G query heads
         # and their head_dim columns; one factor per MLP channel.
-        o_cols = m.heads.repeat_interleave(lay.q_per_kv * lay.head_dim, dim=-1).to(dtype)  # [K,L,Hq*hd]
-        d_cols = m.channels.to(dtype)                                                  # [K, L, F]
+        o_cols = m.heads.repeat_interleave(shape.q_per_kv * shape.head_dim, dim=-1).to(dtype)  # [K,L,Hq*hd]
+        d_cols = m.mlp.to(dtype)                                                       # [K, L, F]
         layer_keep = m.layers.tolist()                                                  # [K][L]
         current = {"k": 0}
 
@@ -75,7 +75,7 @@ class DenseMaskedLM:
             for l, layer in enumerate(self.model.model.layers):
                 handles.append(layer.self_attn.o_proj.register_forward_pre_hook(scale_input(o_cols, l)))
                 handles.append(layer.mlp.down_proj.register_forward_pre_hook(scale_input(d_cols, l)))
-                if lay.include_layers:
+                if units.include_layers:
                     handles.append(layer.register_forward_hook(pass_through(l), with_kwargs=True))
             out = []
             for k in range(masks.shape[0]):
@@ -87,4 +87,4 @@ class DenseMaskedLM:
         return torch.stack(out)
 
     def all_ones(self, K: int = 1) -> torch.Tensor:
-        return torch.ones(K, self.layout.n_units, dtype=torch.bool, device=self.device)
+        return torch.ones(K, self.units.n_units, dtype=torch.bool, device=self.device)

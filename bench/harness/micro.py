@@ -1,16 +1,6 @@
 """Micro-benchmark cases: one definition of each (op, shape, K, keep ratio, provider), shared by
-``bench/test_bench_ops.py`` (pytest-benchmark) and ``probprune-fast bench`` (side-by-side loop).
-
-Providers of a masked GEMM at keep ratio r, K masks:
-
-* ``probprune-<backend>``: the op, all K masks in one launch;
-* ``k-launches-<backend>``: the same op called K times, one mask each;
-* ``torch-dense``: matmul on the full weight (what an unpruned layer costs);
-* ``torch-masked-dense``: full matmul with the mask multiplied into the activations (the paper
-  code's way);
-* ``torch-gather``: index the active rows/columns of the weight, then matmul (per mask);
-* ``torch-sliced``: matmul on weights sliced beforehand (the physical limit: what the pruned model
-  pays).
+``python -m bench`` (side-by-side timing, CPU and GPU) and ``bench/test_bench_ops.py``
+(pytest-benchmark). Provider names and their meaning: :mod:`.registry`.
 
 Shapes come from ``registry.MODEL_REGISTRY``: ``q_proj`` rows per KV group for
 ``gather_rows_gemm``, ``gate/up_proj`` for ``gather_rows_swiglu``, ``down_proj`` columns for
@@ -27,22 +17,9 @@ import torch.nn.functional as F
 
 import probprune_kernels as pk
 
-from .registry import Plan, model_shape
-
-GEMM_OPS = ("gather_rows_gemm", "gather_rows_swiglu", "gather_cols_gemm")
-OPS = GEMM_OPS + ("masked_attention", "lm_head_ce", "compact_masks", "sample_masks",
-                  "sample_and_compact")
-BASELINES = {
-    "gather_rows_gemm": ("torch-dense", "torch-masked-dense", "torch-gather", "torch-sliced"),
-    "gather_rows_swiglu": ("torch-dense", "torch-masked-dense", "torch-gather", "torch-sliced"),
-    "gather_cols_gemm": ("torch-dense", "torch-masked-dense", "torch-gather", "torch-sliced"),
-    "masked_attention": ("torch-dense", "torch-masked-dense", "torch-sliced"),
-    "lm_head_ce": ("torch-dense",),
-    "compact_masks": (),
-    "sample_masks": (),
-    "sample_and_compact": (),
-}
-KEEP_INDEPENDENT = ("lm_head_ce",)  # no mask: timed at keep 1.0 only
+from .registry import (BASELINES, GEMM_OPS, K_LAUNCHES, KEEP_INDEPENDENT, OPS, OURS, Plan,
+                       model_shape, provider_backend)
+from .timing import ratio
 
 
 @dataclass(frozen=True)
@@ -64,14 +41,13 @@ def bench_backends(device) -> List[str]:
     """Backends worth timing here: all available ones on a GPU; on the CPU only the reference
     (Triton on CPU tensors runs through its interpreter, orders of magnitude slower)."""
     device = torch.device(device)
-    names = pk.backends()
-    return [b for b in names if device.type == "cuda" or b == "reference"]
+    return [b for b in pk.backends() if device.type == "cuda" or b == "reference"]
 
 
 def providers_for(op: str, device) -> List[str]:
     out = []
     for b in bench_backends(device):
-        out += [f"probprune-{b}", f"k-launches-{b}"]
+        out += [OURS + b, K_LAUNCHES + b]
     return out + list(BASELINES[op])
 
 
@@ -122,7 +98,9 @@ class CaseData:
 
     def __init__(self, case: MicroCase, device, dtype: torch.dtype, seed: int = 0):
         self.case, self.device, self.dtype = case, torch.device(device), dtype
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator().manual_seed(seed)  # masks, labels, uniforms: small, made on the CPU
+        # big tensors on the device itself (LLaMA-7B activations take seconds to draw on a CPU)
+        gd = g if self.device.type == "cpu" else torch.Generator(self.device).manual_seed(seed)
         s = model_shape(case.shape)
         self.shape = s
         K, M = case.K, case.batch * case.seqlen
@@ -138,7 +116,8 @@ class CaseData:
         self.masks = masks.to(device)
 
         def rnd(*shape, scale=1.0):
-            return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+            x = torch.randn(*shape, generator=gd, device=gd.device) * scale
+            return x.to(device=device, dtype=dtype)
 
         op = case.op
         d = s["hidden_size"]
@@ -216,11 +195,9 @@ def _dense_attention(q, k, v, scale):
 def make_provider(case: MicroCase, provider: str, data: CaseData) -> Callable[[], object]:
     """A zero-argument callable running ``provider`` on ``data`` (pre-work done here, untimed)."""
     op, K, c, d = case.op, case.K, data.c, data
-    if provider.startswith(("probprune-", "k-launches-")):
-        backend = provider.split("-", 2)[-1] if provider.startswith("k-launches-") \
-            else provider.split("-", 1)[1]
-        fn = _op_call(op, d, backend)
-        if provider.startswith("probprune-"):
+    if provider.startswith((OURS, K_LAUNCHES)):
+        fn = _op_call(op, d, provider_backend(provider))
+        if provider.startswith(OURS):
             return lambda: fn(slice(None))
         slices = [slice(k, k + 1) for k in range(K)]
         return lambda: [fn(sl) for sl in slices]
@@ -296,13 +273,15 @@ def _op_call(op: str, d: CaseData, backend: str) -> Callable[[slice], object]:
         return lambda sl: pk.masked_attention(d.q[sl], d.k[sl], d.v[sl], d.counts[sl], d.scale,
                                               backend=backend, validate=False)
     if op == "lm_head_ce":
-        return lambda sl: pk.lm_head_ce(d.x[sl], d.w, d.labels, backend=backend)
+        return lambda sl: pk.lm_head_ce(d.x[sl], d.w, d.labels, backend=backend, validate=False)
     if op == "compact_masks":
-        return lambda sl: pk.compact_masks(d.masks[sl], backend=backend)
+        return lambda sl: pk.compact_masks(d.masks[sl], backend=backend, validate=False)
     if op == "sample_masks":
-        return lambda sl: pk.sample_masks(d.probs, d.uniforms[sl], backend=backend)
+        return lambda sl: pk.sample_masks(d.probs, d.uniforms[sl], backend=backend,
+                                          validate=False)
     if op == "sample_and_compact":
-        return lambda sl: pk.sample_and_compact(d.probs, d.uniforms[sl], backend=backend)
+        return lambda sl: pk.sample_and_compact(d.probs, d.uniforms[sl], backend=backend,
+                                                validate=False)
     raise ValueError(op)
 
 
@@ -316,14 +295,14 @@ def setup(case: MicroCase, providers: List[str], device, dtype: torch.dtype,
 def extra_info(case: MicroCase, provider: str, device, dtype: torch.dtype) -> dict:
     """What a pytest-benchmark record (or a bench.json row) needs to be read and compared."""
     info = {**asdict(case), "group": case.group, "provider": provider,
-            "backend": provider.split("-")[-1] if provider.startswith(("probprune-", "k-launches-"))
-            else "torch", "device": str(device), "dtype": str(dtype).replace("torch.", "")}
+            "backend": provider_backend(provider), "device": str(device),
+            "dtype": str(dtype).replace("torch.", "")}
     info.update(case_work(case, dtype))
     return info
 
 
 # ---------------------------------------------------------------------------------------------
-# ratios of one group (used by the CLI and by bench/conftest.py on the pytest-benchmark json)
+# ratios of one group (used by the runner and by bench/conftest.py on the pytest-benchmark json)
 
 def group_ratios(medians: Dict[str, float]) -> Dict[str, Dict[str, float]]:
     """For each ``probprune-<backend>`` provider: its time over each baseline's.
@@ -331,14 +310,12 @@ def group_ratios(medians: Dict[str, float]) -> Dict[str, Dict[str, float]]:
     ``vs_sliced`` (target <= 1.15), ``vs_k_launches`` (< 1: one launch beats K), ``vs_dense``,
     ``vs_masked_dense``, ``vs_gather``; plus ``sliced_vs_dense`` (what slicing saves at best).
     """
-    from .timing import ratio
-
     out = {}
     for p, t in medians.items():
-        if not p.startswith("probprune-"):
+        if not p.startswith(OURS):
             continue
-        b = p[len("probprune-"):]
-        r = {"vs_k_launches": ratio(t, medians.get(f"k-launches-{b}"))}
+        b = provider_backend(p)
+        r = {"vs_k_launches": ratio(t, medians.get(K_LAUNCHES + b))}
         for base, key in (("torch-sliced", "vs_sliced"), ("torch-dense", "vs_dense"),
                           ("torch-masked-dense", "vs_masked_dense"), ("torch-gather", "vs_gather")):
             if base in medians:
@@ -347,3 +324,28 @@ def group_ratios(medians: Dict[str, float]) -> Dict[str, Dict[str, float]]:
             r["sliced_vs_dense"] = ratio(medians["torch-sliced"], medians["torch-dense"])
         out[b] = r
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# output check of a backend against the reference backend (the GPU plan's sanity check)
+
+def active_part(op: str, out: torch.Tensor, data: CaseData) -> torch.Tensor:
+    """The part of an op's output that carries results: compact outputs are padded to capacity."""
+    if op in ("gather_rows_gemm", "gather_rows_swiglu"):
+        return out[:, :, : data.c * data.unit]
+    if op == "masked_attention":
+        return out[:, :, :, : data.c * data.unit]
+    return out
+
+
+def compare_outputs(op: str, out, ref, data: CaseData) -> dict:
+    """How far a backend's output is from the reference backend's on the same data."""
+    if isinstance(ref, tuple):  # (..., idx, counts): idx past each mask's count is padding
+        *rest, idx, counts = out
+        *rest_ref, idx_ref, counts_ref = ref
+        live = torch.arange(idx_ref.shape[-1], device=idx_ref.device) < counts_ref[..., None]
+        same = (torch.equal(counts, counts_ref) and torch.equal(idx[live], idx_ref[live])
+                and all(torch.equal(a, b) for a, b in zip(rest, rest_ref)))
+        return {"matches_reference": same}
+    diff = active_part(op, out, data).float() - active_part(op, ref, data).float()
+    return {"max_abs_diff_vs_reference": float(diff.abs().max())}

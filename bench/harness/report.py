@@ -14,10 +14,11 @@ import torch
 import probprune_kernels as pk
 
 from .micro import bench_backends
+from .registry import OURS
 
 COLUMNS_E2E = """\
 - **dense-mask (a)**: seconds for the K losses the paper code's way: K full dense forwards of the
-  Hugging Face model, masks multiplied into the activations (`probprune.dense_mask.DenseMaskedLM`);
+  Hugging Face model, masks multiplied into the activations (`probprune.baseline.DenseMaskedLM`);
 - **engine (b)**: seconds for the same K losses by the engine (`MaskedCausalLM`, one K-mask forward
   through `probprune_kernels` on the named backend);
 - **pruned ×K (c)**: seconds for K forwards (with labels) of the physically pruned model exported
@@ -96,10 +97,14 @@ def conditions(result: dict) -> str:
     load_txt = f"; load average {load[0]:.1f} at start" if load else ""
     end = m.get("loadavg_end")
     load_txt += f", {end[0]:.1f} at end" if end else ""
+    if s["device"].startswith("cuda"):
+        micro_txt = (f"triton.testing.do_bench, {s['gpu_warmup_ms']:g} ms warm-up + "
+                     f"{s['gpu_rep_ms']:g} ms, median (micro)")
+    else:
+        micro_txt = f"warm-up {s['micro_warmup']} + median of {s['micro_repeats']} (micro)"
     return (f"{dev}; torch {m['torch']} ({m['torch_threads']} threads), triton {m['triton']}, "
             f"transformers {m['transformers']}; {s['dtype']}; warm-up {s['warmup']} + median of "
-            f"{s['repeats']} (end to end), warm-up {s['micro_warmup']} + median of "
-            f"{s['micro_repeats']} (micro){load_txt}; plan `{result['plan']}`")
+            f"{s['repeats']} (end to end), {micro_txt}{load_txt}; plan `{result['plan']}`")
 
 
 def e2e_table(rows: List[dict]) -> str:
@@ -118,17 +123,26 @@ def e2e_table(rows: List[dict]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+def _check(r: dict) -> str:
+    """A backend's output against the reference backend's (plans with ``check_outputs``)."""
+    if "matches_reference" in r:
+        return "same" if r["matches_reference"] else "**differs**"
+    return _f(r.get("max_abs_diff_vs_reference"), "{:.1e}")
+
+
 def micro_table(rows: List[dict]) -> str:
+    checked = any("matches_reference" in r or "max_abs_diff_vs_reference" in r for r in rows)
     head = ("| op | shape | K | keep | backend | op ms | sliced ms | vs sliced | vs dense | "
-            "vs masked-dense | vs K launches | sliced/dense |\n"
-            "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|\n")
+            "vs masked-dense | vs K launches | sliced/dense |" + (" vs reference |" if checked else "")
+            + "\n|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"
+            + ("---:|" if checked else "") + "\n")
     by_group = defaultdict(dict)
     for r in rows:
         by_group[r["group"]][r["provider"]] = r
     lines = []
     for group, provs in by_group.items():
         for p, r in provs.items():
-            if not p.startswith("probprune-"):
+            if not p.startswith(OURS):
                 continue
             sliced = provs.get("torch-sliced", {}).get("median_s")
             lines.append(
@@ -137,7 +151,7 @@ def micro_table(rows: List[dict]) -> str:
                 f"{_f(None if sliced is None else sliced * 1e3, '{:.2f}')} | "
                 f"{_f(r.get('vs_sliced'), '{:.2f}')} | {_f(r.get('vs_dense'), '{:.2f}')} | "
                 f"{_f(r.get('vs_masked_dense'), '{:.2f}')} | {_f(r.get('vs_k_launches'), '{:.2f}')} | "
-                f"{_f(r.get('sliced_vs_dense'), '{:.2f}')} |")
+                f"{_f(r.get('sliced_vs_dense'), '{:.2f}')} |" + (f" {_check(r)} |" if checked else ""))
     return head + "\n".join(lines) + "\n"
 
 
@@ -149,8 +163,17 @@ def write_markdown(path: str, result: dict) -> None:
     if result["micro"]:
         parts += ["\n## Micro-benchmarks\n\n", micro_table(result["micro"]), "\n", COLUMNS_MICRO,
                   "\n"]
+    if result.get("dry_run"):
+        planned = result["planned"]
+        parts.append(f"\nDry run: nothing was timed. The plan has {len(planned['micro'])} "
+                     f"micro-benchmark and {len(planned['end_to_end'])} end-to-end cases "
+                     f"(listed in bench.json).\n")
     for msg in result.get("skipped", []):
         parts.append(f"\nSkipped: {msg}\n")
+    if result.get("errors"):
+        parts.append("\n## Errors\n\n" + "".join(
+            f"- {e['part']} {e['case']} `{e['provider']}`: {e['error']}\n"
+            for e in result["errors"]))
     if result.get("plots"):
         parts.append("\n" + "\n".join(f"![{os.path.basename(p)}]({os.path.basename(p)})"
                                       for p in result["plots"]) + "\n")
@@ -220,7 +243,7 @@ def write_plots(out: str, result: dict) -> List[str]:
         fig.text(0.01, 0.005, note, fontsize=5, wrap=True)
         paths.append(_save(fig, out, "e2e_scaling.png"))
 
-    mrows = [r for r in result["micro"] if r["provider"].startswith("probprune-")
+    mrows = [r for r in result["micro"] if r["provider"].startswith(OURS)
              and r.get("vs_sliced") is not None]
     if mrows:
         ops = sorted({r["op"] for r in mrows})

@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from probprune.dense_mask import DenseMaskedLM
-from probprune.masked_model import MaskedCausalLM
+from probprune.baseline import DenseMaskedLM
+from probprune.forward import MaskedCausalLM
 from probprune.models import load_model
-from tests.test_masked_model import _masks
+from tests.test_forward import _masks
 from tests.tiny_models import make_model_dir
 
 
@@ -20,10 +20,10 @@ def test_dense_mask_equals_the_engine(tiny_model_dirs, arch, include_layers):
     model, _ = load_model(tiny_model_dirs[arch])
     engine = MaskedCausalLM(model, include_layers=include_layers)
     dense = DenseMaskedLM(model, include_layers=include_layers)
-    assert dense.layout == engine.layout
+    assert dense.units.n_units == engine.units.n_units
     # Random masks; mask 0 has a layer without heads, mask 1 a layer without channels, mask 2
     # (with layer units) drops layer 1; mask 3 is all ones.
-    masks = torch.cat([_masks(engine.layout, 3, seed=4), engine.all_ones(1)])
+    masks = torch.cat([_masks(engine.units, 3, seed=4), engine.all_ones(1)])
     ids = torch.randint(0, model.config.vocab_size, (2, 15))
     expected = engine.losses(ids, masks)
     got = dense.losses(ids, masks)
@@ -44,7 +44,7 @@ def test_o_proj_bias_and_dropped_layer(tmp_path):
             layer.self_attn.o_proj.bias.normal_(0, 0.5)
     engine = MaskedCausalLM(model, include_layers=True)
     dense = DenseMaskedLM(model, include_layers=True)
-    masks = _masks(engine.layout, 3, seed=7)
+    masks = _masks(engine.units, 3, seed=7)
     ids = torch.randint(0, model.config.vocab_size, (2, 11))
     torch.testing.assert_close(dense.losses(ids, masks), engine.losses(ids, masks),
                                rtol=1e-5, atol=1e-6)

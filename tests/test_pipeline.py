@@ -1,15 +1,17 @@
 """A whole pruning run on a tiny model: outputs, resume, and the errors users hit first."""
 import json
-import os
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from probprune.cli import main
+from probprune.config import PruneConfig
 from probprune.data import DataError
-from probprune.models import UnsupportedModelError
-from probprune.search import PruneSettings, prune
+from probprune.evaluate import masked_nll
+from probprune.forward import MaskedCausalLM
+from probprune.models import load_model
+from probprune.pipeline import StopRequested, calibration, prune
 from tests.tiny_models import CORPUS
 
 
@@ -25,7 +27,7 @@ def settings(model_dir, calib, out, **kw):
                 seqlen=24, calib=calib, nsamples=12, val_windows=3, eval=calib,
                 max_eval_windows=6, eval_every=2, checkpoint_every=2, progress=False, seed=3)
     base.update(kw)
-    return PruneSettings(**base)
+    return PruneConfig(**base)
 
 
 def test_run_writes_everything_and_reload_matches(tiny_model_dirs, calib_file, tmp_path):
@@ -38,19 +40,35 @@ def test_run_writes_everything_and_reload_matches(tiny_model_dirs, calib_file, t
     ppl = report["perplexity"]
     # The reloaded smaller model gives the masked evaluation's perplexity.
     assert ppl["pruned"]["ppl"] == pytest.approx(ppl["pruned_masked"]["ppl"], rel=1e-4)
-    # The kept mask keeps no more than the budget, and never a worse held-out loss than init's.
     params = report["params"]
     assert params["kept_prunable"] <= params["target_prunable"]
-    assert report["val_loss"]["best"] <= report["val_loss"]["init"]
     assert len(report["layers"]) == 3 and report["median_step_s"] > 0
     assert json.load(open(out / "report.json"))["settings"]["k"] == 3
+
+
+def test_the_exported_mask_is_the_best_one_seen(tiny_model_dirs, calib_file, tmp_path):
+    """The mask written out is the one with the lowest held-out loss among the init's and those
+    scored during the search, and its loss recomputed from the files is the reported one."""
+    cfg = settings(tiny_model_dirs["llama"], calib_file, tmp_path / "run", steps=10, lr=0.5)
+    report = prune(cfg)
+    held_out = json.load(open(tmp_path / "run" / "report.json"))["val_loss"]
+    scored = [(0, held_out["init"])] + [(h["step"], h["val_loss"]) for h in held_out["history"]]
+    best_step, best = min(scored, key=lambda sv: sv[1])
+    assert len(scored) == 6 and len({v for _, v in scored}) > 1  # the search moved the mask
+    assert report["val_loss"]["best_step"] == best_step
+    assert report["val_loss"]["best"] == pytest.approx(best, rel=1e-12)
+    model, tok = load_model(cfg.model)
+    mask = load_file(str(tmp_path / "run" / "masks.safetensors"))["mask"].bool()
+    val = calibration(tok, cfg).val
+    recomputed = masked_nll(MaskedCausalLM(model), mask, val, cfg.batch_size)
+    assert recomputed == pytest.approx(best, rel=1e-6)
 
 
 @pytest.mark.parametrize("block", [1, 5])
 def test_resume_reproduces_the_uninterrupted_run(tiny_model_dirs, calib_file, tmp_path, block):
     model = tiny_model_dirs["llama"]
     full = prune(settings(model, calib_file, tmp_path / "full", channel_block=block))
-    with pytest.raises(KeyboardInterrupt):  # killed after step 5
+    with pytest.raises(StopRequested):  # killed after step 5
         prune(settings(model, calib_file, tmp_path / "cut", stop_after=5, channel_block=block))
     # The checkpoint of step 4 is the last one; the resumed run replays step 5 identically.
     resumed = prune(settings(model, calib_file, tmp_path / "cut", resume=True,
@@ -65,7 +83,7 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_model_dirs, calib_file, tm
 
 
 def test_resume_refuses_changed_settings(tiny_model_dirs, calib_file, tmp_path):
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(StopRequested):
         prune(settings(tiny_model_dirs["llama"], calib_file, tmp_path, stop_after=2))
     with pytest.raises(ValueError, match=r"settings differ .* sparsity \(0.3 there, 0.5 now\)"):
         prune(settings(tiny_model_dirs["llama"], calib_file, tmp_path, sparsity=0.5, resume=True))
@@ -88,7 +106,8 @@ def test_unsupported_model(tmp_path, calib_file):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(tmp_path)
-    with pytest.raises(UnsupportedModelError, match="Llama, Mistral, Qwen2"):
+    # Refused before any weight is read, by the settings check.
+    with pytest.raises(ValueError, match="Llama, Mistral, Qwen2"):
         prune(settings(str(tmp_path), calib_file, tmp_path / "out"))
 
 

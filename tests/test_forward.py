@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from probprune.export import export_pruned, load_pruned
-from probprune.masked_model import MaskedCausalLM
+from probprune.export import export_pruned
+from probprune.models import load_pruned
+from probprune.forward import MaskedCausalLM
 from probprune.models import load_model
 from tests.conftest import ARCHS
 
@@ -12,9 +13,9 @@ def _masks(layout, K, seed):
     g = torch.Generator().manual_seed(seed)
     masks = torch.rand(K, layout.n_units, generator=g) < 0.6
     sl = layout.type_slices()
-    masks[0, sl["heads"].start: sl["heads"].start + layout.n_kv_heads] = False  # layer 0: no heads
-    masks[1, sl["channels"].start + layout.intermediate: sl["channels"].start
-          + 2 * layout.intermediate] = False  # layer 1: no channels
+    hkv, F = layout.shape.n_kv_heads, layout.shape.intermediate
+    masks[0, sl["heads"].start: sl["heads"].start + hkv] = False  # layer 0: no heads
+    masks[1, sl["mlp"].start + F: sl["mlp"].start + 2 * F] = False  # layer 1: no channels
     if "layers" in sl:
         masks[2, sl["layers"].start + 1] = False  # layer 1 dropped
     return masks
@@ -35,11 +36,11 @@ def test_all_ones_masks_give_the_hf_loss(tiny_model_dirs, arch):
 def test_any_mask_gives_the_sliced_models_loss(tiny_model_dirs, arch, tmp_path):
     model, tok = load_model(tiny_model_dirs[arch])
     mm = MaskedCausalLM(model, include_layers=True)
-    masks = _masks(mm.layout, 3, seed=1)
+    masks = _masks(mm.units, 3, seed=1)
     ids = torch.randint(0, model.config.vocab_size, (2, 13))
     losses = mm.losses(ids, masks)
     for k in range(3):
-        pruned = load_pruned(export_pruned(model, tok, mm.layout, masks[k], str(tmp_path / str(k))))
+        pruned = load_pruned(export_pruned(model, tok, mm.units, masks[k], str(tmp_path / str(k))))
         with torch.no_grad():
             expected = pruned(ids, labels=ids).loss
         torch.testing.assert_close(losses[k], expected, rtol=1e-5, atol=1e-6)

@@ -1,9 +1,9 @@
-"""End-to-end step benchmark: the K loss evaluations of one policy-gradient step, three ways, on
-the same model, batch, K masks and sparsity:
+"""End-to-end step benchmark: the K loss evaluations of one policy-gradient step, three ways
+(the step providers of :mod:`.registry`), on the same model, batch, K masks and sparsity:
 
-(a) ``dense-mask``: :class:`probprune.dense_mask.DenseMaskedLM`, K dense forwards with the masks
+(a) ``dense-mask``: :class:`probprune.baseline.DenseMaskedLM`, K dense forwards with the masks
     multiplied into the activations (the paper code's way);
-(b) ``engine-<backend>``: :class:`probprune.masked_model.MaskedCausalLM`, one K-mask forward;
+(b) ``engine-<backend>``: :class:`probprune.forward.MaskedCausalLM`, one K-mask forward;
 (c) ``pruned-limit``: K forwards (with labels) of the physically pruned model that
     ``export_pruned`` writes for the hard mask at that sparsity and ``load_pruned`` reads back.
 
@@ -12,10 +12,16 @@ get the same K Bernoulli masks from them, (c) the hard mask. ``vs_dense_mask`` =
 ``vs_limit`` = b / c, from medians timed side by side.
 
 Memory: on a GPU ``torch.cuda.max_memory_allocated`` around one call; on the CPU a child process
-(``probprune.bench.memchild``) with glibc's mmap threshold pinned low, so freed blocks go back to
+(``bench.harness.memchild``) with glibc's mmap threshold pinned low, so freed blocks go back to
 the OS and the peak RSS rise during one call after a warm-up call (Linux ``VmHWM``, reset
 through ``/proc/self/clear_refs``) is that call's working memory. Reported per case: the weights it reads
 (``weights_mib``), that working memory (``work_mib``) and their sum (``peak_mib``).
+
+What this module uses of the engine (and nothing else of it): ``load_model`` and ``load_pruned``
+(:mod:`probprune.models`), ``MaskedCausalLM(model, backend=)`` with ``.losses`` and ``.units``
+(the model units: ``n_units``, ``prunable_params``, ``kept_params``), ``DenseMaskedLM(model)
+.losses``, ``Budget.build(units, sparsity)`` with ``project`` and ``hard_mask``, and
+``export_pruned(model, tokenizer, units, mask, out_dir, metadata=)``.
 """
 from __future__ import annotations
 
@@ -29,30 +35,26 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from ..budget import Budget
-from ..dense_mask import DenseMaskedLM
-from ..export import export_pruned, load_pruned
-from ..masked_model import MaskedCausalLM
-from ..models import load_model, resolve_dtype
-from ..units import UnitLayout
-from .micro import bench_backends
-from .registry import StepSetting, llama_config, model_shape
+from probprune.baseline import DenseMaskedLM
+from probprune.budget import Budget
+from probprune.export import export_pruned
+from probprune.forward import MaskedCausalLM
+from probprune.models import load_model, load_pruned
+
+from .registry import DENSE_MASK, LIMIT, StepSetting, engine_case, llama_config, model_shape, \
+    torch_dtype
 
 log = logging.getLogger(__name__)
 
-DENSE_MASK, LIMIT = "dense-mask", "pruned-limit"
-
-
-def engine_case(backend: str) -> str:
-    return f"engine-{backend}"
+# the checkout holding the (not installed) bench package, for the memory child's imports
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 # ---------------------------------------------------------------------------------------------
 # models
 
-def build_model(name: str, dtype="float32", device="cpu", seed: int = 0):
+def build_model(name: str, dtype: str = "float32", device="cpu", seed: int = 0):
     """A registry model: the embedded checkpoint, or random weights built in memory (no hub)."""
-    dtype = resolve_dtype(dtype)
     shape = model_shape(name)
     if shape["source"] == "embedded":
         model, _ = load_model(name, dtype=dtype, device=device)
@@ -66,8 +68,13 @@ def build_model(name: str, dtype="float32", device="cpu", seed: int = 0):
 
     torch.manual_seed(seed)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(llama_config(name), dtype=dtype)
+        model = AutoModelForCausalLM.from_config(llama_config(name), dtype=torch_dtype(dtype))
     return model.eval()
+
+
+def model_units(model):
+    """The engine's model units of a model (masks, budget and export all index units by them)."""
+    return MaskedCausalLM(model).units
 
 
 def weight_bytes(model) -> int:
@@ -81,13 +88,13 @@ def param_count(model) -> int:
 # ---------------------------------------------------------------------------------------------
 # masks and inputs of a setting (a deterministic function of the setting)
 
-def setting_inputs(layout: UnitLayout, setting: StepSetting, vocab: int, seed: int = 0):
-    """(input_ids [B, T], K sampled masks, hard mask) for a setting."""
+def setting_inputs(units, setting: StepSetting, vocab: int, seed: int = 0):
+    """(input_ids [B, T], K sampled masks, hard mask) for a setting; masks over model units."""
     g = torch.Generator().manual_seed(seed)
-    budget = Budget.build(layout, setting.sparsity)
-    z = torch.randn(layout.n_units, generator=g, dtype=torch.float64)
+    budget = Budget.build(units, setting.sparsity)
+    z = torch.randn(units.n_units, generator=g, dtype=torch.float64)
     probs = budget.project(torch.sigmoid(z))
-    masks = torch.rand(setting.K, layout.n_units, generator=g, dtype=torch.float64) < probs
+    masks = torch.rand(setting.K, units.n_units, generator=g, dtype=torch.float64) < probs
     hard = budget.hard_mask(probs)
     ids = torch.randint(0, vocab, (setting.batch, setting.seqlen), generator=g)
     return ids, masks, hard
@@ -95,43 +102,58 @@ def setting_inputs(layout: UnitLayout, setting: StepSetting, vocab: int, seed: i
 
 def export_limit(model, setting: StepSetting, workdir: str, seed: int = 0) -> str:
     """Exports the physically pruned model of the setting's hard mask; returns its directory."""
-    layout = UnitLayout.from_config(model.config)
-    _, _, hard = setting_inputs(layout, setting, model.config.vocab_size, seed)
+    units = model_units(model)
+    _, _, hard = setting_inputs(units, setting, model.config.vocab_size, seed)
     out = os.path.join(workdir, f"{setting.model}-s{setting.sparsity:g}")
     if not os.path.isfile(os.path.join(out, "probprune.json")):
-        export_pruned(model, None, layout, hard, out,
+        export_pruned(model, None, units, hard, out,
                       metadata={"bench": True, "sparsity": setting.sparsity})
     return out
 
 
-def step_cases(model, setting: StepSetting, backends: List[str], pruned,
-               seed: int = 0) -> Tuple[Dict[str, Callable[[], torch.Tensor]], dict]:
-    """The callables (a), (b) per backend, (c) of one setting, and facts about it."""
-    device = model.lm_head.weight.device
-    layout = UnitLayout.from_config(model.config)
-    ids, masks, hard = setting_inputs(layout, setting, model.config.vocab_size, seed)
-    ids, masks = ids.to(device), masks.to(device)
+def providers(model, ids: torch.Tensor, masks: torch.Tensor, pruned,
+              backends: List[str]) -> Dict[str, Callable[[], torch.Tensor]]:
+    """The step providers on one batch: callables returning the K losses.
+
+    ``pruned`` computes the losses of the one mask it was exported for, K times over."""
     dense = DenseMaskedLM(model)
     cases: Dict[str, Callable[[], torch.Tensor]] = {DENSE_MASK: lambda: dense.losses(ids, masks)}
     for b in backends:
         engine = MaskedCausalLM(model, backend=b)
         cases[engine_case(b)] = (lambda e: lambda: e.losses(ids, masks))(engine)
+    K = masks.shape[0]
 
     @torch.no_grad()
     def limit():
         return torch.stack([pruned(ids, labels=ids, use_cache=False).loss.float()
-                            for _ in range(setting.K)])
+                            for _ in range(K)])
 
     cases[LIMIT] = limit
-    prunable = layout.prunable_params
+    return cases
+
+
+def step_cases(model, setting: StepSetting, backends: List[str], pruned,
+               seed: int = 0) -> Tuple[Dict[str, Callable[[], torch.Tensor]], dict]:
+    """The providers of one setting on its inputs, and facts about it."""
+    device = model.lm_head.weight.device
+    units = model_units(model)
+    ids, masks, hard = setting_inputs(units, setting, model.config.vocab_size, seed)
+    cases = providers(model, ids.to(device), masks.to(device), pruned, backends)
+    prunable = units.prunable_params
     facts = {"params": param_count(model), "prunable_params": prunable,
              "pruned_params": param_count(pruned),
-             "hard_mask_kept": float(layout.kept_params(hard)) / prunable,
-             "sampled_masks_kept": [float(layout.kept_params(m)) / prunable for m in masks.cpu()],
-             "weights_mib": {DENSE_MASK: weight_bytes(model) / 2**20,
-                             **{engine_case(b): weight_bytes(model) / 2**20 for b in backends},
+             "hard_mask_kept": float(units.kept_params(hard)) / prunable,
+             "sampled_masks_kept": [float(units.kept_params(m)) / prunable for m in masks],
+             "weights_mib": {**{name: weight_bytes(model) / 2**20 for name in cases},
                              LIMIT: weight_bytes(pruned) / 2**20}}
     return cases, facts
+
+
+def setting_cases(model, setting: StepSetting, backends: List[str], pruned_dir: str, dtype: str,
+                  seed: int = 0):
+    """:func:`step_cases` with the pruned model read back from its export."""
+    pruned = load_pruned(pruned_dir, dtype=dtype, device=model.lm_head.weight.device)
+    return step_cases(model, setting, backends, pruned, seed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,7 +208,8 @@ def memory_in_child(models, backends: List[str], dtype: str, threads: Optional[i
                        for name, (settings, dirs) in models]}
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0",
                TRANSFORMERS_VERBOSITY="error")
-    proc = subprocess.run([sys.executable, "-m", "probprune.bench.memchild"], input=json.dumps(spec),
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+    proc = subprocess.run([sys.executable, "-m", "bench.harness.memchild"], input=json.dumps(spec),
                           capture_output=True, text=True, env=env, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"memory child failed ({proc.returncode}): {proc.stderr[-2000:]}")
@@ -208,20 +231,15 @@ def child_main(spec: dict) -> List[Dict[str, Optional[float]]]:
         for s in entry["settings"]:
             s = dict(s)
             pruned_dir = s.pop("pruned_dir")
-            setting = StepSetting(**s)
-            pruned = load_pruned(pruned_dir, dtype=spec["dtype"], device="cpu")
-            cases, _ = step_cases(model, setting, spec["backends"], pruned, spec["seed"])
+            cases, _ = setting_cases(model, StepSetting(**s), spec["backends"], pruned_dir,
+                                     spec["dtype"], spec["seed"])
             row = {}
             for name, fn in cases.items():
                 fn()  # warm-up: faults in mmap-loaded weights, one-time library buffers
                 row[name] = work_memory_mib(fn, "cpu")
             rows.append(row)
-            del cases, pruned
+            del cases
             gc.collect()
         del model
         gc.collect()
     return rows
-
-
-def engine_backends(device) -> List[str]:
-    return bench_backends(device)

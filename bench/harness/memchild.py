@@ -1,6 +1,6 @@
-"""Memory child of the end-to-end benchmark: ``python -m probprune.bench.memchild`` reads a JSON
+"""Memory child of the end-to-end benchmark: ``python -m bench.harness.memchild`` reads a JSON
 spec on stdin and prints one JSON line, the working memory (MiB) of each case of each setting.
-Started by :func:`probprune.bench.e2e.memory_in_child` with ``MALLOC_MMAP_THRESHOLD_`` set."""
+Started by :func:`bench.harness.e2e.memory_in_child` with ``MALLOC_MMAP_THRESHOLD_`` set."""
 import json
 import sys
 

@@ -1,18 +1,25 @@
 """The one dispatch point: which backend runs an op, and the function that implements it there.
 
-Order of precedence: the ``backend=`` argument of an op, then the environment variable
-``PROBPRUNE_BACKEND``, then automatic selection.
+Order of precedence: the ``backend=`` argument of an op, then the default backend
+(:func:`set_default_backend`, else the environment variable ``PROBPRUNE_BACKEND``), then
+automatic selection.
 
 * ``auto`` (default): CUDA tensors -> ``"cuda"`` where ``probprune_kernels._cuda`` reports the op
   available, else ``"triton"`` where Triton imports, else ``"reference"``; CPU tensors ->
   ``"reference"``. Auto-selection falls back quietly (a debug log line says why).
-* An explicitly requested backend (argument or environment) that cannot run the op raises
+* An explicitly requested backend (argument or default) that cannot run the op raises
   :class:`BackendUnavailableError`, naming the backends available here.
 * ``"triton"`` on CPU tensors works only under the Triton interpreter (``TRITON_INTERPRET=1``); it
   is then used when asked for explicitly, never chosen automatically.
 
-``probprune_kernels.backends()`` (this module is callable) returns the backends usable here, e.g.
-``["reference"]`` or ``["reference", "triton"]``.
+Resolved once: :func:`resolve` remembers its answer per (op, device, requested backend), and
+``PROBPRUNE_BACKEND`` is read on the first op call that needs the default. An op call after the
+first does a dictionary lookup, no environment lookup and no availability check. So a change of
+``PROBPRUNE_BACKEND`` or ``TRITON_INTERPRET`` inside a running process has no effect until
+:func:`reset`; :func:`set_default_backend` changes the default from code.
+
+:func:`available_backends` (``probprune_kernels.backends()``) lists the backends usable here, e.g.
+``["reference"]`` or ``["reference", "triton"]``; it checks afresh on every call.
 
 The CUDA interface (``probprune_kernels/_cuda.py``, written alongside ``csrc/``): ``available(op)``
 -> bool, and ``_cuda.<op>(...)`` with the positional signature of ``reference.<op>``
@@ -24,10 +31,8 @@ import functools
 import importlib.util
 import logging
 import os
-import sys
-import types
 import warnings
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -42,7 +47,7 @@ ENV_VAR = "PROBPRUNE_BACKEND"
 
 
 class BackendUnavailableError(RuntimeError):
-    """A backend was requested explicitly (argument or ``PROBPRUNE_BACKEND``) but cannot run."""
+    """A backend was requested explicitly (argument or default backend) but cannot run."""
 
 
 def triton_interpret() -> bool:
@@ -151,13 +156,70 @@ def available_backends(op: Optional[str] = None) -> List[str]:
     return out
 
 
-def resolve(op: str, device: torch.device, backend: Optional[str] = None) -> str:
-    """Picks the backend that runs ``op`` on tensors of ``device`` (see the module docstring)."""
-    source = "backend= argument"
-    if backend is None:
-        backend = os.environ.get(ENV_VAR) or "auto"
-        source = f"{ENV_VAR}={backend}"
+# ----------------------------------------------------------------------------------------------
+# resolution, once per (op, device, requested backend)
+
+# The default backend and where it came from (for error messages); empty until first needed.
+_default: Dict[str, str] = {}
+_resolved: Dict[Tuple[str, torch.device, Optional[str]], str] = {}
+_implementations: Dict[Tuple[str, str], Callable] = {}
+
+
+def _check_name(backend: str, source: str) -> str:
     name = backend.lower()
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r} ({source}); choose one of "
+                         f"{list(BACKENDS) + ['auto']}")
+    return name
+
+
+def set_default_backend(backend: Optional[str]) -> None:
+    """The backend of op calls without ``backend=`` (``"reference"``, ``"triton"``, ``"cuda"`` or
+    ``"auto"``); None goes back to ``PROBPRUNE_BACKEND`` (read again), else ``auto``. Checked
+    for availability per op on the next call, like an explicit argument."""
+    if backend is not None:
+        source = f"set_default_backend({backend!r})"
+        name = _check_name(backend, source)
+    _resolved.clear()
+    _default.clear()
+    if backend is not None:
+        _default.update(name=name, source=source)
+
+
+def reset() -> None:
+    """Forgets every resolution, the default backend and the discovered CUDA module: the next op
+    call reads ``PROBPRUNE_BACKEND`` and ``TRITON_INTERPRET`` again and re-checks availability.
+    For tests that change the environment, or after loading the CUDA extension late."""
+    _default.clear()
+    _resolved.clear()
+    _implementations.clear()
+    _cuda_module.cache_clear()
+
+
+def _default_backend() -> Tuple[str, str]:
+    if not _default:
+        value = os.environ.get(ENV_VAR) or "auto"
+        source = f"{ENV_VAR}={value}"
+        _default.update(name=_check_name(value, source), source=source)
+    return _default["name"], _default["source"]
+
+
+def resolve(op: str, device: torch.device, backend: Optional[str] = None) -> str:
+    """The backend that runs ``op`` on tensors of ``device`` (see the module docstring); computed
+    on the first call for each (op, device, backend), a lookup afterwards."""
+    key = (op, device, backend)
+    name = _resolved.get(key)
+    if name is None:
+        name = _resolved[key] = _resolve(op, torch.device(device), backend)
+    return name
+
+
+def _resolve(op: str, device: torch.device, backend: Optional[str]) -> str:
+    if backend is None:
+        name, source = _default_backend()
+    else:
+        source = "backend= argument"
+        name = _check_name(backend, source)
     if name == "auto":
         if device.type == "cuda":
             for cand in ("cuda", "triton"):
@@ -166,9 +228,6 @@ def resolve(op: str, device: torch.device, backend: Optional[str] = None) -> str
                     return cand
                 log.debug("probprune::%s: auto skips %s (%s)", op, cand, why)
         return "reference"
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r} ({source}); choose one of "
-                         f"{list(BACKENDS) + ['auto']}")
     why = _why_unusable(name, op, device)
     if why is not None:
         raise BackendUnavailableError(
@@ -185,7 +244,14 @@ def _reference_sample_and_compact(probs, uniforms, capacity=None):
 
 def implementation(backend: str, op: str) -> Callable:
     """The function implementing ``op`` on ``backend`` (positional signature of
-    ``reference.<op>``)."""
+    ``reference.<op>``), looked up once."""
+    fn = _implementations.get((backend, op))
+    if fn is None:
+        fn = _implementations[(backend, op)] = _implementation(backend, op)
+    return fn
+
+
+def _implementation(backend: str, op: str) -> Callable:
     if backend == "reference":
         if op == "sample_and_compact":
             return _reference_sample_and_compact
@@ -201,14 +267,3 @@ def implementation(backend: str, op: str) -> Callable:
             raise BackendUnavailableError("probprune_kernels._cuda is not importable")
         return getattr(mod, op)
     raise ValueError(f"unknown backend {backend!r}")
-
-
-class _CallableModule(types.ModuleType):
-    """Makes ``probprune_kernels.backends()`` list the usable backends while the module keeps its
-    attributes (``resolve``, ``BACKENDS``...), whatever the import order."""
-
-    def __call__(self, op: Optional[str] = None) -> List[str]:
-        return available_backends(op)
-
-
-sys.modules[__name__].__class__ = _CallableModule

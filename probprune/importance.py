@@ -16,7 +16,7 @@ moves budget to attention where the losses say so); the MLP takes the rest of th
 SmolLM2-135M at 30% (wikitext2, 32 windows of 128): global ranking 74,843; the same ratio for
 heads and channels in every layer 3,169; heads kept, channels per layer 194.
 
-With channel blocks (``SearchSpace.channel_block`` > 1) the channels of each layer are ranked by
+With channel blocks (``UnitSpace.channel_block`` > 1) the channels of each layer are ranked by
 the metric first and a block's metric is the sum over its channels, so the init's hard mask keeps a
 prefix of each layer's ranking, as the per-channel init does up to one block.
 
@@ -34,8 +34,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from .budget import Budget
-from .space import SearchSpace, rank_channels
-from .units import UnitLayout
+from .units import UnitSpace
 
 INIT_METHODS = ("wanda-sp", "magnitude", "constant")
 EDGE_PROB = 0.01  # keep-probability of the least important unit of a type the init does not prune
@@ -82,9 +81,10 @@ def activation_stats(model, windows: torch.Tensor, batch_size: int = 8, progress
     return norms, influence / n_tokens
 
 
-def unit_metric(model, layout: UnitLayout, method: str, norms=None) -> torch.Tensor:
-    """Importance of every head group and channel [n_heads + n_channels] (float64)."""
-    G, hd = layout.q_per_kv, layout.head_dim
+def unit_metric(model, units: UnitSpace, method: str, norms=None) -> torch.Tensor:
+    """Importance of every model unit but layers: KV groups, then channels (float64)."""
+    shape = units.shape
+    G, hd = shape.q_per_kv, shape.head_dim
     heads, chans = [], []
     for i, layer in enumerate(model.model.layers):
         w_o = layer.self_attn.o_proj.weight.detach().double().abs().cpu()
@@ -92,7 +92,7 @@ def unit_metric(model, layout: UnitLayout, method: str, norms=None) -> torch.Ten
         if method == "wanda-sp":
             w_o = w_o * norms[("o", i)]
             w_d = w_d * norms[("down", i)]
-        heads.append(w_o.mean(0).view(layout.n_kv_heads, G * hd).sum(1))
+        heads.append(w_o.mean(0).view(shape.n_kv_heads, G * hd).sum(1))
         chans.append(w_d.mean(0))
     return torch.cat([torch.cat(heads), torch.cat(chans)])
 
@@ -123,14 +123,18 @@ def sigmoid_around_ratio(z: torch.Tensor, ratio: float, temperature: float) -> t
     return torch.sigmoid((z - tau) / temperature)
 
 
-def init_ratios(layout: UnitLayout, budget: Budget, attn_sparsity: float):
-    """(attention, MLP) ratios of the init that together remove the budget's parameters."""
-    att = layout.n_heads * layout.head_cost
-    mlp = layout.n_channels * layout.channel_cost
-    removed = layout.prunable_params - budget.total_target
-    if layout.include_layers:
-        removed = max(0.0, removed - layout.n_layers * layout.layer_fixed_cost)
-    a = attn_sparsity
+def init_ratios(budget: Budget, attn_sparsity: float):
+    """(attention, MLP) ratios of the init that together remove the budget's parameters.
+
+    The one place that decides the attention share of the init: a per-type budget's own attention
+    ratio, else ``attn_sparsity`` (the MLP then gives the rest, up to 90% of it)."""
+    space, shape = budget.space, budget.shape
+    att = space.n_heads * shape.head_cost
+    mlp = space.n_layers * shape.intermediate * shape.channel_cost
+    removed = space.prunable_params - budget.total_target
+    if space.include_layers:
+        removed = max(0.0, removed - space.n_layers * shape.layer_fixed_cost)
+    a = budget.ratios["heads"] if budget.mode == "per-type" else attn_sparsity
     m = (removed - a * att) / mlp
     if m > 0.9:  # the MLP alone cannot give that much: attention gives the rest
         m = 0.9
@@ -140,35 +144,35 @@ def init_ratios(layout: UnitLayout, budget: Budget, attn_sparsity: float):
 
 def initial_probs(model, budget: Budget, method: str, windows: Optional[torch.Tensor] = None,
                   temperature: float = 0.1, batch_size: int = 8, progress: bool = True,
-                  attn_sparsity: float = 0.0) -> Tuple[SearchSpace, torch.Tensor]:
-    """The search space with its channels ranked by the init metric, and the initial
-    keep-probabilities of its units [n_units] (float32, on the budget)."""
+                  attn_sparsity: float = 0.0) -> Tuple[UnitSpace, torch.Tensor]:
+    """The search units with each layer's channels ranked by the init metric, and their initial
+    keep-probabilities [n_units] (float32, on the budget)."""
     space = budget.space
-    layout = space.layout
+    units = space.model_units
     if method not in INIT_METHODS:
-        unit_probs = load_probs(method, layout.n_units)
-        space = space.with_order(rank_channels(layout, unit_probs))
+        unit_probs = load_probs(method, units.n_units)
+        space = space.with_order(space.rank_channels(unit_probs))
         probs = space.reduce(unit_probs)
     elif method == "constant":
         space = space.with_order(None)
-        probs = torch.full((space.n_units,), budget.total_target / layout.prunable_params,
+        probs = torch.full((space.n_units,), budget.total_target / space.prunable_params,
                            dtype=torch.float64)
     else:
         norms, influence = None, None
-        if method == "wanda-sp" or layout.include_layers:
+        if method == "wanda-sp" or space.include_layers:
             if windows is None:
                 raise ValueError(f"init {method!r} needs calibration windows")
             norms, influence = activation_stats(model, windows, batch_size, progress)
-        metric = unit_metric(model, layout, method, norms)
-        space = space.with_order(rank_channels(layout, metric))
+        metric = unit_metric(model, units, method, norms)
+        space = space.with_order(space.rank_channels(metric))
         # A block's metric is the sum over its channels, like a head group's over its columns.
         # layer units, if any, take their init from the block influence below, not from this pad
-        layer_pad = torch.ones(layout.n_units - metric.numel(), dtype=metric.dtype)
+        layer_pad = torch.ones(units.n_units - metric.numel(), dtype=metric.dtype)
         m = space.split(space.reduce(torch.cat([metric, layer_pad]), mean=False))
-        a, r = init_ratios(layout, budget, attn_sparsity)
+        a, r = init_ratios(budget, attn_sparsity)
         parts = [sigmoid_around_ratio(_standardize(m.heads), a, temperature).flatten(),
-                 sigmoid_around_ratio(_standardize(m.channels), r, temperature).flatten()]
-        if layout.include_layers:  # layers start mostly kept; the least influential less so
+                 sigmoid_around_ratio(_standardize(m.mlp), r, temperature).flatten()]
+        if space.include_layers:  # layers start mostly kept; the least influential less so
             parts.append(torch.sigmoid(_standardize(influence[None])[0] + 3.0))
         probs = torch.cat(parts)
     return space, budget.project(probs.double()).float()
@@ -178,11 +182,19 @@ def load_probs(path: str, n_units: int) -> torch.Tensor:
     if not os.path.exists(path):
         raise FileNotFoundError(f"--init must be one of {', '.join(INIT_METHODS)} or a scores "
                                 f"file; {path!r} does not exist")
-    if path.endswith(".safetensors"):
-        probs = load_file(path)["probs"]
-    else:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-        probs = obj["probs"] if isinstance(obj, dict) else obj
+    try:
+        if path.endswith(".safetensors"):
+            tensors = load_file(path)
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+            tensors = obj if isinstance(obj, dict) else {"probs": obj}
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
+        raise ValueError(f"--init {path!r} is not a readable scores file ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from e
+    probs = tensors.get("probs")
+    if not isinstance(probs, torch.Tensor):
+        raise ValueError(f"--init {path!r} holds no 'probs' tensor (a scores.safetensors of an "
+                         f"earlier run has one); it has: {sorted(tensors)}")
     if probs.dim() != 1 or probs.numel() != n_units:
         raise ValueError(f"scores file {path!r} has shape {tuple(probs.shape)}; this model and "
                          f"unit setting need ({n_units},)")

@@ -4,15 +4,15 @@ import torch
 from safetensors.torch import save_file
 
 from probprune.budget import Budget
-from probprune.init import activation_stats, initial_probs, unit_metric
+from probprune.importance import activation_stats, initial_probs, unit_metric
 from probprune.models import load_model
-from probprune.units import UnitLayout
+from probprune.units import UnitSpace
 
 
 @pytest.fixture(scope="module")
 def llama(tiny_model_dirs):
     model, _ = load_model(tiny_model_dirs["llama"])
-    return model, UnitLayout.from_config(model.config)
+    return model, UnitSpace.of_model(model.config)
 
 
 def test_wanda_sp_metric_by_hand(llama):
@@ -31,12 +31,12 @@ def test_wanda_sp_metric_by_hand(llama):
     w_o = layer.self_attn.o_proj.weight.double().abs()
     w_d = layer.mlp.down_proj.weight.double().abs()
     col = (w_o * x_o.norm(dim=0) / 30 ** 0.5).mean(0)  # 30 tokens: the norm is a root mean square
-    heads = col.view(layout.n_kv_heads, -1).sum(1)
+    heads = col.view(layout.shape.n_kv_heads, -1).sum(1)
     chans = (w_d * x_d.norm(dim=0) / 30 ** 0.5).mean(0)
     metric = unit_metric(model, layout, "wanda-sp", norms)
     lay = layout.split(metric)
     torch.testing.assert_close(lay.heads[1], heads)
-    torch.testing.assert_close(lay.channels[1], chans)
+    torch.testing.assert_close(lay.mlp[1], chans)
 
 
 @pytest.mark.parametrize("method", ["wanda-sp", "magnitude", "constant"])
@@ -67,7 +67,7 @@ def test_scores_file_round_trip_and_errors(llama, tmp_path):
 
 
 def test_sigmoid_around_ratio_by_hand():
-    from probprune.init import sigmoid_around_ratio
+    from probprune.importance import sigmoid_around_ratio
 
     z = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
     # Ratio 0.5: the threshold lies between the 2nd and 3rd value.

@@ -1,0 +1,223 @@
+"""A pruning run, as the data flows: load -> init -> search -> best mask -> export -> evaluate ->
+report.
+
+``prune(config)`` validates every setting before anything is loaded, checkpoints the search
+atomically every ``checkpoint_every`` steps, and with ``resume=True`` continues a killed run so
+that it ends exactly as the uninterrupted run would.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import save_file
+
+from . import __version__
+from .budget import Budget
+from .config import PruneConfig
+from .data import DataError, calibration_texts, eval_text, random_windows, tokenize_joined
+from .evaluate import masked_nll, masked_perplexity, perplexity
+from .export import export_pruned
+from .files import atomic_write
+from .forward import MaskedCausalLM
+from .importance import initial_probs
+from .models import load_model, load_pruned
+from .policy import Policy, PolicyConfig, PolicyState
+from .report import build_report, write_plots, write_report
+from .search import Search, SearchForward, SearchState
+from .units import UnitSpace
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+
+
+class StopRequested(KeyboardInterrupt):
+    """Raised after ``config.stop_after`` steps (the resume tests' stand-in for a killed run)."""
+
+
+@dataclass
+class Calibration:
+    pool: torch.Tensor  # [nsamples, seqlen] windows the steps draw their batches from
+    val: torch.Tensor   # [val_windows, seqlen] held-out windows that pick the best hard mask
+
+
+def calibration(tokenizer, cfg: PruneConfig) -> Calibration:
+    """Random windows of the calibration text; the tail of the stream is held out, so the
+    best-mask choice never sees windows the search trained on."""
+    ids = tokenize_joined(tokenizer, calibration_texts(cfg.calib))
+    n_val_tokens = cfg.val_windows * cfg.seqlen
+    need = (cfg.nsamples + cfg.val_windows) * cfg.seqlen
+    if ids.numel() < need:
+        raise DataError(f"calibration source {cfg.calib!r} has {ids.numel():,} tokens; "
+                        f"{cfg.nsamples} + {cfg.val_windows} windows of {cfg.seqlen} need {need:,}")
+    cut = max(ids.numel() - 4 * n_val_tokens, ids.numel() * 9 // 10)
+    return Calibration(random_windows(ids[:cut], cfg.nsamples, cfg.seqlen, cfg.seed),
+                       random_windows(ids[cut:], cfg.val_windows, cfg.seqlen, cfg.seed + 1))
+
+
+def read_checkpoint(cfg: PruneConfig):
+    """The run directory's checkpoint when resuming (None when there is none), after checking
+    that the settings a resume must match are those of the checkpoint."""
+    path = os.path.join(cfg.out, CHECKPOINT)
+    if not cfg.resume:
+        if os.path.exists(path):
+            log.warning("%s holds a checkpoint; starting over (pass --resume to continue it)",
+                        cfg.out)
+        return None
+    if not os.path.exists(path):
+        return None
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    diff = cfg.resume_mismatch(ckpt["settings"])
+    if diff:
+        raise ValueError(f"cannot resume {path}: settings differ from the checkpoint's in "
+                         + ", ".join(diff))
+    return ckpt
+
+
+@dataclass
+class Loaded:
+    """What every stage reads: the model, its K-mask forward, the budget and the data."""
+    model: torch.nn.Module
+    tokenizer: object
+    engine: MaskedCausalLM
+    budget: Budget
+    data: Calibration
+    eval_name: str
+    eval_ids: torch.Tensor
+    load_s: float
+
+
+@dataclass
+class Start:
+    """Where the search starts: fresh from the init, or from a checkpoint."""
+    space: UnitSpace           # search units, channels ranked by the init metric
+    policy: PolicyState
+    state: SearchState
+    fixed: dict                # checkpoint entries that never change during the search
+
+
+def prune(cfg: PruneConfig) -> dict:
+    cfg.validate()
+    os.makedirs(cfg.out, exist_ok=True)
+    ckpt = read_checkpoint(cfg)
+    run = load(cfg)
+    start = initialize(cfg, run) if ckpt is None else resume(cfg, run, ckpt)
+    search = search_masks(cfg, run, start, ckpt)
+    return finish(cfg, run, start.space, search, start.fixed)
+
+
+def load(cfg: PruneConfig) -> Loaded:
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(cfg.model, cfg.dtype, cfg.device)
+    load_s = time.perf_counter() - t0
+    engine = MaskedCausalLM(model, include_layers=cfg.prune_layers, backend=cfg.backend)
+    shape = engine.units.shape
+    block = min(cfg.channel_block, shape.intermediate)
+    if block < cfg.channel_block:
+        log.warning("channel block %d exceeds the %d MLP channels of a layer; using %d",
+                    cfg.channel_block, shape.intermediate, block)
+    # The budget needs the search units' structure only, not the init's channel order: built
+    # now, bad budgets fail before any long work.
+    budget = Budget.build(UnitSpace(shape, cfg.prune_layers, block), cfg.sparsity, cfg.budget,
+                          cfg.scope, cfg.attn_sparsity, cfg.mlp_sparsity, cfg.protect_layers)
+    data = calibration(tokenizer, cfg)
+    eval_src = eval_text(cfg.eval, cfg.eval_file)
+    return Loaded(model, tokenizer, engine, budget, data, eval_src.name,
+                  tokenize_joined(tokenizer, [eval_src.text]), load_s)
+
+
+def _ppl_kw(cfg: PruneConfig) -> dict:
+    return dict(seqlen=cfg.seqlen, batch_size=cfg.eval_batch_size,
+                max_windows=cfg.max_eval_windows, progress=cfg.progress)
+
+
+def initialize(cfg: PruneConfig, run: Loaded) -> Start:
+    """Dense perplexity, the init's probabilities and hard mask, and their scores."""
+    dense = perplexity(run.model, run.eval_ids, desc="dense perplexity", **_ppl_kw(cfg))
+    space, probs = initial_probs(run.model, run.budget, cfg.init, run.data.pool[: cfg.init_windows],
+                                 cfg.init_temperature, cfg.eval_batch_size, cfg.progress,
+                                 cfg.init_attn_sparsity)
+    forward = SearchForward(run.engine, space)
+    init_mask = run.budget.hard_mask(probs)
+    init_ppl = masked_perplexity(forward, init_mask, run.eval_ids, desc="init perplexity",
+                                 **_ppl_kw(cfg))
+    init_val = masked_nll(forward, init_mask, run.data.val, cfg.batch_size)
+    fixed = {"settings": cfg.as_dict(), "dense": dense.as_dict(), "init": init_ppl.as_dict(),
+             "channel_order": space.channel_order}
+    return Start(space, PolicyState(probs.to(run.engine.device)),
+                 SearchState.start(probs, init_mask, init_val), fixed)
+
+
+def resume(cfg: PruneConfig, run: Loaded, ckpt: dict) -> Start:
+    policy = PolicyState.from_state_dict(ckpt["policy"], run.engine.device)
+    log.warning("resuming %s at step %d of %d", cfg.out, policy.step, cfg.steps)
+    fixed = {k: ckpt[k] for k in ("settings", "dense", "init", "channel_order")}
+    return Start(run.budget.space.with_order(ckpt["channel_order"]), policy,
+                 SearchState.from_dict(ckpt), fixed)
+
+
+def search_masks(cfg: PruneConfig, run: Loaded, start: Start, ckpt) -> Search:
+    """The search loop, checkpointed every ``checkpoint_every`` steps and at the end."""
+    policy = Policy(PolicyConfig(cfg.lr, cfg.steps, cfg.baseline, cfg.ma_window,
+                                 cfg.min_lr_ratio), start.policy)
+    search = Search(SearchForward(run.engine, start.space), run.budget, policy, start.state,
+                    run.data.pool, run.data.val, steps=cfg.steps, k=cfg.k,
+                    batch_size=cfg.batch_size, eval_every=cfg.eval_every, seed=cfg.seed,
+                    backend=cfg.backend)
+    if ckpt is not None:
+        search.restore_rng(ckpt)
+
+    def on_step(record):
+        if search.step % cfg.checkpoint_every == 0 or search.done:
+            save_checkpoint(cfg.out, {**start.fixed, **search.checkpoint()})
+        if cfg.stop_after is not None and search.step >= cfg.stop_after:
+            raise StopRequested(f"stopped after step {search.step} (stop_after)")
+
+    search.run(on_step, cfg.progress)
+    return search
+
+
+def finish(cfg: PruneConfig, run: Loaded, space: UnitSpace, search: Search, fixed: dict) -> dict:
+    """Best mask -> export -> evaluate -> report. Everything written out is in model units,
+    usable without knowing the search space."""
+    st = search.state
+    mask, init_mask, final_probs, init_probs = space.expand(torch.stack([
+        st.best_mask.float().cpu(), st.init_mask.float().cpu(),
+        search.policy.probs.detach().float().cpu(), st.init_probs.float().cpu()]))
+    mask, init_mask = mask.bool(), init_mask.bool()
+    units = run.engine.units
+
+    meta = {"settings": cfg.as_dict(), "probprune_version": __version__,
+            "best_step": st.best_step}
+    export_pruned(run.model, run.tokenizer, units, mask, cfg.out, meta)
+    save_tensors(cfg.out, "scores.safetensors", probs=final_probs, init_probs=init_probs)
+    save_tensors(cfg.out, "masks.safetensors", mask=mask.to(torch.uint8),
+                 init_mask=init_mask.to(torch.uint8))
+
+    masked_ppl = masked_perplexity(run.engine, mask, run.eval_ids,
+                                   desc="pruned perplexity (masked)", **_ppl_kw(cfg))
+    reloaded = load_pruned(cfg.out, dtype=cfg.dtype, device=cfg.device)
+    pruned_ppl = perplexity(reloaded, run.eval_ids, desc="pruned perplexity (reloaded)",
+                            **_ppl_kw(cfg))
+
+    report = build_report(cfg, model=run.model, reloaded=reloaded, units=units, space=space,
+                          budget=run.budget, mask=mask, ckpt=fixed, search=search,
+                          perplexities={"pruned": pruned_ppl.as_dict(),
+                                        "pruned_masked": masked_ppl.as_dict()},
+                          eval_data=run.eval_name, load_s=run.load_s)
+    write_report(cfg.out, report)
+    write_plots(cfg.out, units, mask, final_probs, st.history)
+    return report
+
+
+def save_checkpoint(out: str, ckpt: dict) -> None:
+    atomic_write(os.path.join(out, CHECKPOINT), lambda tmp: torch.save(ckpt, tmp))
+
+
+def save_tensors(out: str, name: str, **tensors) -> None:
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    atomic_write(os.path.join(out, name), lambda tmp: save_file(tensors, tmp))
