@@ -44,7 +44,8 @@ def cmd_eval(args) -> int:
     load_s = time.perf_counter() - t0
     ids = tokenize_joined(tokenizer, [text.text])
     result = perplexity(model, ids, seqlen=config.seqlen, batch_size=config.eval_batch_size,
-                        max_windows=config.max_eval_windows, device=config.device,
+                        max_windows=config.max_eval_windows, stride=config.window_stride,
+                        device=config.device,
                         progress=not args.json)
     record = {"model": config.model, "data": text.name, **result.as_dict(),
               "dtype": config.dtype, "device": config.device, "load_s": round(load_s, 2)}
@@ -70,6 +71,8 @@ def cmd_prune(args) -> int:
     if args.json:
         print(json.dumps({"out": config.out, "dense_ppl": ppl["dense"]["ppl"],
                           "init_ppl": ppl["init"]["ppl"], "pruned_ppl": ppl["pruned"]["ppl"],
+                          "pruned_bare_ppl": ppl["pruned_bare"]["ppl"],
+                          "init_compensated_ppl": ppl.get("init_compensated", {}).get("ppl"),
                           "kept_prunable": params["kept_prunable"],
                           "prunable": params["prunable"],
                           "median_step_s": report["median_step_s"],
@@ -79,9 +82,13 @@ def cmd_prune(args) -> int:
     print(f"\n{config.model}: removed {1 - params['kept_prunable'] / params['prunable']:.1%} of "
           f"{params['prunable']:,} prunable parameters (total {params['total']:,} -> "
           f"{params['pruned_model_total']:,})")
-    print(f"perplexity on {report['eval_data']} (seqlen {config.seqlen}, {windows} windows): "
-          f"dense {ppl['dense']['ppl']:.2f} -> init ({config.init}) {ppl['init']['ppl']:.2f} "
-          f"-> pruned {ppl['pruned']['ppl']:.2f}")
+    stride = f", every {config.window_stride}th" if config.window_stride > 1 else ""
+    print(f"perplexity on {report['eval_data']} (seqlen {config.seqlen}, {windows} windows"
+          f"{stride}): dense {ppl['dense']['ppl']:.2f} -> init ({config.init}) "
+          f"{ppl['init']['ppl']:.2f} -> pruned (bare) {ppl['pruned_bare']['ppl']:.2f}"
+          + (f" -> pruned (compensated, {config.compensate}) {ppl['pruned']['ppl']:.2f}"
+             f" [init compensated: {ppl['init_compensated']['ppl']:.2f}]"
+             if "init_compensated" in ppl else ""))
     print(f"median step {report['median_step_s']:.3f} s, peak memory "
           f"{report['peak_memory_mib']:.0f} MiB ({report['peak_memory_kind']})")
     print(f"wrote {config.out}: pruned model (probprune.load_pruned or from_pretrained with "

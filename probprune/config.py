@@ -403,6 +403,9 @@ class PruneConfig(_Settings):
     max_eval_windows: Optional[int] = setting(
         None, flag="--max-windows", help="evaluate only the first N windows (a quick look)",
         check=at_least(1))
+    window_stride: int = setting(
+        1, help="evaluate every N-th window (16 with --seqlen 128: the 148-window WikiText-2 "
+                "protocol of FLAP / LLM-Pruner comparisons)", check=at_least(1))
     eval_batch_size: int = setting(8, help="windows per forward during evaluation",
                                    check=at_least(1))
     lr: float = setting(0.01, help="peak learning rate (cosine schedule); advantages are in "
@@ -443,6 +446,21 @@ class PruneConfig(_Settings):
         [], help="comma-separated layers never pruned, e.g. 0,29", parse=_layer_list,
         check=rule(lambda v: min(v, default=0) >= 0, "must list layer numbers >= 0"),
         resume=True)
+    compensate: str = setting(
+        "sequential", choices=("none", "parallel", "sequential"),
+        help="refit o_proj and down_proj on the kept heads and channels before export, by least "
+             "squares on calibration activations: sequential takes each layer's inputs from the "
+             "already pruned and refit layers before it, parallel from the dense model")
+    compensate_bias: bool = setting(
+        False, help="also fit a bias of o_proj and down_proj (the mean shift of the pruned "
+                    "inputs); the export's config records it and its modeling file adds it")
+    compensate_damping: float = setting(
+        0.01, help="ridge damping of the refit, as a fraction of the mean diagonal of the kept "
+                   "inputs' Gram matrix", check=rule(lambda v: v >= 0, "must be >= 0"))
+    compensate_windows: int = setting(
+        128, help="calibration windows the refit's statistics are taken on (the first of the "
+                  "--nsamples pool; at most that many)",
+        check=at_least(1))
     baseline: str = setting("leave-one-out", choices=("leave-one-out", "moving-average"),
                             help="REINFORCE baseline", resume=True)
     ma_window: int = setting(5, help="past steps the moving-average baseline averages",
@@ -486,8 +504,8 @@ def _subset(name: str, doc: str, names: tuple, flags: Dict[str, str]):
 EvalConfig = _subset(
     "EvalConfig", "What ``probprune-fast eval`` needs: the model and evaluation fields of "
                   ":class:`PruneConfig`; the evaluation text is ``--data`` there.",
-    ("model", "eval", "eval_file", "seqlen", "max_eval_windows", "eval_batch_size", "device",
-     "dtype"), {"eval": "--data"})
+    ("model", "eval", "eval_file", "seqlen", "max_eval_windows", "window_stride",
+     "eval_batch_size", "device", "dtype"), {"eval": "--data"})
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:

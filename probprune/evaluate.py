@@ -24,24 +24,30 @@ class Perplexity:
     tokens: int  # predicted tokens that were scored
     windows: int
     seqlen: int
+    stride: int = 1  # every stride-th non-overlapping window, from the first
 
     def as_dict(self):
         return asdict(self)
 
 
-def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: Optional[int] = None) -> torch.Tensor:
-    """[n, seqlen] non-overlapping windows of a 1-D token tensor."""
+def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: Optional[int] = None,
+                 stride: int = 1) -> torch.Tensor:
+    """[n, seqlen] non-overlapping windows of a 1-D token tensor: every ``stride``-th one from
+    the first, then the first ``max_windows`` of those."""
+    if stride < 1:
+        raise DataError(f"window stride must be at least 1, got {stride}")
     if seqlen < 2:
         raise DataError(f"seqlen must be at least 2, got {seqlen}")
     n = ids.numel() // seqlen
     if n == 0:
         raise DataError(f"the evaluation text has {ids.numel()} tokens, fewer than one window "
                         f"of {seqlen}")
+    windows = ids[: n * seqlen].view(n, seqlen)[::stride]
     if max_windows is not None:
         if max_windows < 1:
             raise DataError(f"max_windows must be at least 1, got {max_windows}")
-        n = min(n, max_windows)
-    return ids[: n * seqlen].view(n, seqlen)
+        windows = windows[:max_windows]
+    return windows
 
 
 def mean_nll(batch_nll: Callable[[torch.Tensor], torch.Tensor], windows: torch.Tensor,
@@ -61,17 +67,17 @@ def mean_nll(batch_nll: Callable[[torch.Tensor], torch.Tensor], windows: torch.T
     return float(total) / n_tokens
 
 
-def _as_perplexity(nll: float, windows: torch.Tensor) -> Perplexity:
+def _as_perplexity(nll: float, windows: torch.Tensor, stride: int) -> Perplexity:
     return Perplexity(ppl=math.exp(nll), nll=nll, tokens=windows[:, 1:].numel(),
-                      windows=windows.shape[0], seqlen=windows.shape[1])
+                      windows=windows.shape[0], seqlen=windows.shape[1], stride=stride)
 
 
 @torch.no_grad()
 def perplexity(model, ids: torch.Tensor, seqlen: int = 128, batch_size: int = 8,
                max_windows: Optional[int] = None, device=None, progress: bool = True,
-               desc: str = "perplexity") -> Perplexity:
+               desc: str = "perplexity", stride: int = 1) -> Perplexity:
     """Perplexity of ``model`` (any module whose output has ``.logits``) on token ids ``ids``."""
-    windows = eval_windows(ids, seqlen, max_windows)
+    windows = eval_windows(ids, seqlen, max_windows, stride)
     device = device or next(model.parameters()).device
 
     def batch_nll(batch):
@@ -79,18 +85,20 @@ def perplexity(model, ids: torch.Tensor, seqlen: int = 128, batch_size: int = 8,
         logits = model(batch).logits[:, :-1].float()
         return F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
 
-    return _as_perplexity(mean_nll(batch_nll, windows, batch_size, progress, desc), windows)
+    return _as_perplexity(mean_nll(batch_nll, windows, batch_size, progress, desc), windows,
+                          stride)
 
 
 @torch.no_grad()
 def masked_perplexity(masked_model, mask: torch.Tensor, ids: torch.Tensor, seqlen: int = 128,
                       batch_size: int = 8, max_windows: Optional[int] = None,
-                      progress: bool = True, desc: str = "masked perplexity") -> Perplexity:
+                      progress: bool = True, desc: str = "masked perplexity",
+                      stride: int = 1) -> Perplexity:
     """Perplexity of the model under one hard model-unit mask, through the masked forward (the
     same windows and token count as :func:`perplexity`)."""
-    windows = eval_windows(ids, seqlen, max_windows)
+    windows = eval_windows(ids, seqlen, max_windows, stride)
     nll = masked_nll(masked_model, mask, windows, batch_size, progress, desc)
-    return _as_perplexity(nll, windows)
+    return _as_perplexity(nll, windows, stride)
 
 
 @torch.no_grad()

@@ -34,11 +34,15 @@ def kept_indices(units: UnitSpace, mask: torch.Tensor) -> dict:
             "channels": {str(l): m.mlp[l].nonzero().flatten().tolist() for l in layers}}
 
 
-def pruned_state_dict(model, units: UnitSpace, mask: torch.Tensor):
+def pruned_state_dict(model, units: UnitSpace, mask: torch.Tensor,
+                      weights: Optional[Dict[str, torch.Tensor]] = None):
     """(state dict of the physically pruned model, per-saved-layer sizes, kept indices) for a
-    hard model-unit mask."""
+    hard model-unit mask. ``weights``: tensors that replace the slices of the same keys (already
+    of the kept width, e.g. :class:`probprune.compensate.Compensation` refits; a bias key the model
+    lacks is added)."""
+    weights = weights or {}
     kept = kept_indices(units, mask)
-    G, hd = units.shape.q_per_kv, units.shape.head_dim
+    hd = units.shape.head_dim
     sd = model.state_dict()
     out, sizes = {}, []
     for key, t in sd.items():
@@ -47,29 +51,36 @@ def pruned_state_dict(model, units: UnitSpace, mask: torch.Tensor):
     for new, l in enumerate(kept["layers"]):
         heads = torch.tensor(kept["kv_heads"][str(l)], dtype=torch.long)
         chans = torch.tensor(kept["channels"][str(l)], dtype=torch.long)
-        q_rows = (heads[:, None] * (G * hd) + torch.arange(G * hd)).flatten()
+        q_rows = units.shape.head_columns(heads)
         kv_rows = (heads[:, None] * hd + torch.arange(hd)).flatten()
         src, dst = f"model.layers.{l}.", f"model.layers.{new}."
-        for key, t in sd.items():
-            if not key.startswith(src):
-                continue
+        layer_keys = [k for k in sd if k.startswith(src)]
+        layer_keys += [k for k in weights if k.startswith(src) and k not in sd]
+        for key in layer_keys:
             name = key[len(src):]
+            t = weights[key] if key in weights else sd[key]
             if heads.numel() == 0 and name.startswith("self_attn."):
                 if name == "self_attn.o_proj.bias":
                     out[dst + "self_attn.o_bias"] = t
                 continue
-            if name.startswith("self_attn.q_proj."):
-                t = t.index_select(0, q_rows)
-            elif name.startswith(("self_attn.k_proj.", "self_attn.v_proj.")):
-                t = t.index_select(0, kv_rows)
-            elif name == "self_attn.o_proj.weight":
-                t = t.index_select(1, q_rows)
-            elif name.startswith(("mlp.gate_proj.", "mlp.up_proj.")):
-                t = t.index_select(0, chans)
-            elif name == "mlp.down_proj.weight":
-                t = t.index_select(1, chans)
+            if key not in weights:  # the original weight: keep the rows / columns of kept units
+                if name.startswith("self_attn.q_proj."):
+                    t = t.index_select(0, q_rows)
+                elif name.startswith(("self_attn.k_proj.", "self_attn.v_proj.")):
+                    t = t.index_select(0, kv_rows)
+                elif name == "self_attn.o_proj.weight":
+                    t = t.index_select(1, q_rows)
+                elif name.startswith(("mlp.gate_proj.", "mlp.up_proj.")):
+                    t = t.index_select(0, chans)
+                elif name == "mlp.down_proj.weight":
+                    t = t.index_select(1, chans)
             out[dst + name] = t
-        sizes.append({"kv_heads": int(heads.numel()), "intermediate": int(chans.numel())})
+        size = {"kv_heads": int(heads.numel()), "intermediate": int(chans.numel())}
+        # Biases the original layers lack (compensation's mean shift): the modeling file adds them.
+        for flag, key in (("o_bias", "self_attn.o_proj.bias"), ("down_bias", "mlp.down_proj.bias")):
+            if src + key in weights and src + key not in sd:
+                size[flag] = True
+        sizes.append(size)
     return out, sizes, kept
 
 
@@ -85,11 +96,41 @@ def pruned_config(config, sizes, kept_layers):
     return cfg
 
 
+def pruned_model(model, units: UnitSpace, mask: torch.Tensor,
+                 weights: Optional[Dict[str, torch.Tensor]] = None):
+    """The physically pruned model in memory (what :func:`export_pruned` writes and
+    :func:`probprune.models.load_pruned` reads back), on the model's device."""
+    sd, sizes, kept = pruned_state_dict(model, units, mask, weights)
+    cfg = pruned_config(model.config, sizes, kept["layers"])
+    cls = modeling_probprune.CLASSES[model.config.model_type]
+    with torch.device("meta"):
+        pruned = cls(cfg)
+    ref = model.lm_head.weight
+    sd = {k: v.detach().to(device=ref.device, dtype=ref.dtype if v.is_floating_point() else v.dtype)
+          for k, v in sd.items()}
+    pruned.load_state_dict(sd, strict=False, assign=True)
+    if getattr(cfg, "tie_word_embeddings", False):
+        pruned.tie_weights()
+    missing = [n for n, p in pruned.named_parameters() if p.is_meta]
+    if missing:
+        raise RuntimeError(f"pruned model has no weights for {missing[:4]}")
+    # Non-persistent buffers (the rotary frequencies) are not in a state dict: the original
+    # model's are the same.
+    originals = dict(model.named_buffers())
+    for name, buf in list(pruned.named_buffers()):
+        if buf.is_meta:
+            owner, _, attr = name.rpartition(".")
+            setattr(pruned.get_submodule(owner), attr, originals[name].clone())
+    return pruned.eval()
+
+
 def export_pruned(model, tokenizer, units: UnitSpace, mask: torch.Tensor, out_dir: str,
-                  metadata: Optional[Dict] = None) -> str:
-    """Writes the model physically pruned to a hard model-unit mask to ``out_dir``."""
+                  metadata: Optional[Dict] = None,
+                  weights: Optional[Dict[str, torch.Tensor]] = None) -> str:
+    """Writes the model physically pruned to a hard model-unit mask to ``out_dir``; ``weights``
+    replace slices (see :func:`pruned_state_dict`)."""
     os.makedirs(out_dir, exist_ok=True)
-    sd, sizes, kept = pruned_state_dict(model, units, mask)
+    sd, sizes, kept = pruned_state_dict(model, units, mask, weights)
     if getattr(model.config, "tie_word_embeddings", False):
         sd.pop("lm_head.weight", None)  # tied: the embedding is the one copy on disk
     sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}

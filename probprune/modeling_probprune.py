@@ -3,7 +3,8 @@
 This file is copied next to every exported model, so it imports only torch and transformers:
 ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`` loads it from there, and
 ``probprune.load_pruned(path)`` uses the packaged copy. ``config.probprune_layout`` lists, for each
-saved layer, the KV-head groups and MLP channels it kept; the saved ``num_hidden_layers`` already
+saved layer, the KV-head groups and MLP channels it kept, and (``o_bias`` / ``down_bias``) whether
+o_proj / down_proj carry a bias the original model lacks (compensation's mean shift); the saved ``num_hidden_layers`` already
 counts only the kept layers. The query heads per KV head stay those of the original model, so the
 stock attention code runs unchanged on the narrower projections.
 """
@@ -33,8 +34,8 @@ class NoAttention(nn.Module):
         return out, None
 
 
-def _linear(n_in, n_out, like):
-    return nn.Linear(n_in, n_out, bias=like.bias is not None, device=like.weight.device,
+def _linear(n_in, n_out, like, bias=False):
+    return nn.Linear(n_in, n_out, bias=bias or like.bias is not None, device=like.weight.device,
                      dtype=like.weight.dtype)
 
 
@@ -53,16 +54,17 @@ def shrink_to_layout(model):
     for i, (layer, sizes) in enumerate(zip(model.model.layers, layout)):
         attn, mlp = layer.self_attn, layer.mlp
         n, f = sizes["kv_heads"], sizes["intermediate"]
+        o_bias, down_bias = sizes.get("o_bias", False), sizes.get("down_bias", False)
         if n == 0:
-            layer.self_attn = NoAttention(d, hd, attn.o_proj.bias is not None, i)
+            layer.self_attn = NoAttention(d, hd, o_bias or attn.o_proj.bias is not None, i)
         else:
             attn.q_proj = _linear(d, n * group * hd, attn.q_proj)
             attn.k_proj = _linear(d, n * hd, attn.k_proj)
             attn.v_proj = _linear(d, n * hd, attn.v_proj)
-            attn.o_proj = _linear(n * group * hd, d, attn.o_proj)
+            attn.o_proj = _linear(n * group * hd, d, attn.o_proj, o_bias)
         mlp.gate_proj = _linear(d, f, mlp.gate_proj)
         mlp.up_proj = _linear(d, f, mlp.up_proj)
-        mlp.down_proj = _linear(f, d, mlp.down_proj)
+        mlp.down_proj = _linear(f, d, mlp.down_proj, down_bias)
 
 
 class ProbPruneLlamaForCausalLM(LlamaForCausalLM):

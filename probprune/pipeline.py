@@ -20,7 +20,8 @@ from .budget import Budget
 from .config import PruneConfig
 from .data import DataError, calibration_texts, eval_text, random_windows, tokenize_joined
 from .evaluate import masked_nll, masked_perplexity, perplexity
-from .export import export_pruned
+from .compensate import compensate
+from .export import export_pruned, pruned_model
 from .files import atomic_write
 from .forward import MaskedCausalLM
 from .importance import initial_probs
@@ -132,7 +133,7 @@ def load(cfg: PruneConfig) -> Loaded:
 
 def _ppl_kw(cfg: PruneConfig) -> dict:
     return dict(seqlen=cfg.seqlen, batch_size=cfg.eval_batch_size,
-                max_windows=cfg.max_eval_windows, progress=cfg.progress)
+                max_windows=cfg.max_eval_windows, stride=cfg.window_stride, progress=cfg.progress)
 
 
 def initialize(cfg: PruneConfig, run: Loaded) -> Start:
@@ -182,8 +183,8 @@ def search_masks(cfg: PruneConfig, run: Loaded, start: Start, ckpt) -> Search:
 
 
 def finish(cfg: PruneConfig, run: Loaded, space: UnitSpace, search: Search, fixed: dict) -> dict:
-    """Best mask -> export -> evaluate -> report. Everything written out is in model units,
-    usable without knowing the search space."""
+    """Best mask -> compensation -> export -> evaluate -> report. Everything written out is in
+    model units, usable without knowing the search space."""
     st = search.state
     mask, init_mask, final_probs, init_probs = space.expand(torch.stack([
         st.best_mask.float().cpu(), st.init_mask.float().cpu(),
@@ -191,27 +192,55 @@ def finish(cfg: PruneConfig, run: Loaded, space: UnitSpace, search: Search, fixe
     mask, init_mask = mask.bool(), init_mask.bool()
     units = run.engine.units
 
+    compensation = compensate_mask(cfg, run, mask, "pruned")
     meta = {"settings": cfg.as_dict(), "probprune_version": __version__,
             "best_step": st.best_step}
-    export_pruned(run.model, run.tokenizer, units, mask, cfg.out, meta)
+    export_pruned(run.model, run.tokenizer, units, mask, cfg.out, meta,
+                  weights=compensation.weights if compensation else None)
     save_tensors(cfg.out, "scores.safetensors", probs=final_probs, init_probs=init_probs)
     save_tensors(cfg.out, "masks.safetensors", mask=mask.to(torch.uint8),
                  init_mask=init_mask.to(torch.uint8))
 
-    masked_ppl = masked_perplexity(run.engine, mask, run.eval_ids,
-                                   desc="pruned perplexity (masked)", **_ppl_kw(cfg))
+    perplexities = {"pruned_bare": masked_perplexity(
+        run.engine, mask, run.eval_ids, desc="pruned perplexity (bare slice)",
+        **_ppl_kw(cfg)).as_dict()}
+    extra = {}
+    if compensation is not None:
+        extra["compensation"] = compensation.summary()
+        # The init mask under the same compensation: the search must beat this, not the bare init.
+        init_comp = compensate_mask(cfg, run, init_mask, "init")
+        init_model = pruned_model(run.model, units, init_mask, init_comp.weights)
+        perplexities["init_compensated"] = perplexity(
+            init_model, run.eval_ids, desc="init perplexity (compensated)", **_ppl_kw(cfg)).as_dict()
+        extra["compensation_init"] = {k: v for k, v in init_comp.summary().items() if k != "layers"}
+        del init_model
     reloaded = load_pruned(cfg.out, dtype=cfg.dtype, device=cfg.device)
-    pruned_ppl = perplexity(reloaded, run.eval_ids, desc="pruned perplexity (reloaded)",
-                            **_ppl_kw(cfg))
+    perplexities["pruned"] = perplexity(reloaded, run.eval_ids,
+                                        desc="pruned perplexity (export, reloaded)",
+                                        **_ppl_kw(cfg)).as_dict()
 
     report = build_report(cfg, model=run.model, reloaded=reloaded, units=units, space=space,
                           budget=run.budget, mask=mask, ckpt=fixed, search=search,
-                          perplexities={"pruned": pruned_ppl.as_dict(),
-                                        "pruned_masked": masked_ppl.as_dict()},
-                          eval_data=run.eval_name, load_s=run.load_s)
+                          perplexities=perplexities, eval_data=run.eval_name, load_s=run.load_s)
+    report.update(extra)
     write_report(cfg.out, report)
     write_plots(cfg.out, units, mask, final_probs, st.history)
     return report
+
+
+def compensate_mask(cfg: PruneConfig, run: Loaded, mask: torch.Tensor, what: str):
+    """The refit of a hard model-unit mask by ``cfg.compensate`` (None when it is 'none')."""
+    if cfg.compensate == "none":
+        return None
+    if cfg.compensate_windows > len(run.data.pool):
+        log.warning("--compensate-windows %d exceeds the %d calibration windows of --nsamples; "
+                    "using %d", cfg.compensate_windows, len(run.data.pool), len(run.data.pool))
+    result = compensate(run.engine, mask, run.data.pool[: cfg.compensate_windows],
+                        mode=cfg.compensate, damping=cfg.compensate_damping,
+                        bias=cfg.compensate_bias, batch_size=cfg.eval_batch_size,
+                        progress=cfg.progress)
+    log.info("compensation of the %s mask (%s): %.1f s", what, cfg.compensate, result.seconds)
+    return result
 
 
 def save_checkpoint(out: str, ckpt: dict) -> None:

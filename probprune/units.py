@@ -66,6 +66,13 @@ class ModelShape:
         return cls(config.num_hidden_layers, hkv, hq // hkv, head_dim, config.hidden_size,
                    config.intermediate_size, qkv_bias, o_bias)
 
+    def head_columns(self, groups: torch.Tensor) -> torch.Tensor:
+        """The q_proj rows (= o_proj columns) of KV groups ``groups`` [n] (long), in their order:
+        group j owns ``q_per_kv * head_dim`` consecutive ones."""
+        width = self.q_per_kv * self.head_dim
+        return (groups.long()[:, None] * width
+                + torch.arange(width, device=groups.device)).flatten()
+
     @property
     def head_cost(self) -> int:
         """Parameters of one KV group: G query heads + 1 key + 1 value head in, G heads out."""

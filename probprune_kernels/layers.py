@@ -174,13 +174,19 @@ class MaskedSwiGLUMLP(nn.Module):
         fused into the down GEMM). ``layer_keep`` [K] (0/1) marks masks that keep the layer at
         all: a dropped layer has counts 0 and adds no bias, so the residual passes through."""
         K = x.shape[0]
-        h = ops.gather_rows_swiglu(x.reshape(K, -1, self.hidden_size), self.gate_proj.weight,
-                                   self.up_proj.weight, idx, counts, backend=self.backend,
-                                   validate=False)
+        h = self.channel_outputs(x, idx, counts)
         res = None if residual is None else residual.reshape(K, -1, self.hidden_size)
         y = ops.gather_cols_gemm(h, self.down_proj.weight, idx, counts, 1, res,
                                  backend=self.backend, validate=False)
         return _add_bias(y, self.down_proj.bias, layer_keep).reshape(x.shape)
+
+    def channel_outputs(self, x: Tensor, idx: Tensor, counts: Tensor) -> Tensor:
+        """``silu(gate(x)) * up(x)`` of the kept channels, what down_proj reads: x [K, ..., d] ->
+        [K, M, cap], channel ``idx[k, j]`` in column j."""
+        K = x.shape[0]
+        return ops.gather_rows_swiglu(x.reshape(K, -1, self.hidden_size), self.gate_proj.weight,
+                                      self.up_proj.weight, idx, counts, backend=self.backend,
+                                      validate=False)
 
     def forward(self, x: Tensor, mask: Tensor, capacity: Optional[int] = None) -> Tensor:
         """x [..., d] with mask [F], or x [K, ..., d] with mask [K, F] -> same shape as x."""
@@ -260,6 +266,18 @@ class MaskedLlamaAttention(nn.Module):
         ``layer_keep`` [K] (0/1): a mask that drops the layer has counts 0 and adds no o_proj
         bias, so the residual passes through."""
         K, B, T, d = x.shape
+        o = self.head_outputs(x, cos, sin, idx, counts)
+        res = None if residual is None else residual.reshape(K, B * T, d)
+        y = ops.gather_cols_gemm(o, self.o_proj.weight, idx, counts, self.G * self.head_dim, res,
+                                 backend=self.backend, validate=False)
+        return _add_bias(y, self.o_proj.bias, layer_keep).view(K, B, T, d)
+
+    def head_outputs(self, x: Tensor, cos: Tensor, sin: Tensor, idx: Tensor,
+                     counts: Tensor) -> Tensor:
+        """The attention output of the kept heads before o_proj: x [K, B, T, d] ->
+        [K, B*T, cap*G*head_dim], KV group ``idx[k, j]`` in columns ``j*G*D:(j+1)*G*D`` (what
+        o_proj's kept columns read; with every group kept, the dense column order)."""
+        K, B, T, d = x.shape
         D, G, be = self.head_dim, self.G, self.backend
         x3 = x.reshape(K, B * T, d)
         cap = idx.shape[1]
@@ -273,10 +291,7 @@ class MaskedLlamaAttention(nn.Module):
         q = apply_rotary(q, cos, sin).contiguous()
         k = apply_rotary(k, cos, sin).contiguous()
         o = ops.masked_attention(q, k, v, counts, self.scale, backend=be, validate=False)
-        res = None if residual is None else residual.reshape(K, B * T, d)
-        y = ops.gather_cols_gemm(o.reshape(K, B * T, cap * G * D), self.o_proj.weight, idx, counts,
-                                 G * D, res, backend=be, validate=False)
-        return _add_bias(y, self.o_proj.bias, layer_keep).view(K, B, T, d)
+        return o.reshape(K, B * T, cap * G * D)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor,
                 capacity: Optional[int] = None) -> Tensor:

@@ -20,10 +20,11 @@ NAN, INF = math.nan, math.inf
 # resume had to match), written out here as the oracle the derived views must reproduce.
 SETTINGS_KEYS = [
     "model", "sparsity", "out", "steps", "k", "batch_size", "seqlen", "calib", "nsamples",
-    "val_windows", "eval", "eval_file", "max_eval_windows", "eval_batch_size", "lr",
-    "min_lr_ratio", "init", "init_temperature", "init_attn_sparsity", "init_windows",
+    "val_windows", "eval", "eval_file", "max_eval_windows", "window_stride", "eval_batch_size",
+    "lr", "min_lr_ratio", "init", "init_temperature", "init_attn_sparsity", "init_windows",
     "channel_block", "budget", "scope", "attn_sparsity", "mlp_sparsity", "prune_layers",
-    "protect_layers", "baseline", "ma_window", "eval_every", "checkpoint_every", "device", "dtype",
+    "protect_layers", "compensate", "compensate_bias", "compensate_damping", "compensate_windows",
+    "baseline", "ma_window", "eval_every", "checkpoint_every", "device", "dtype",
     "backend", "seed", "resume", "progress", "stop_after"]
 DEFAULTS = dict(
     steps=400, k=2, batch_size=4, seqlen=128, calib="wiki-summaries", nsamples=256,
@@ -32,7 +33,9 @@ DEFAULTS = dict(
     init_windows=64, channel_block=64, budget="global", scope="global", attn_sparsity=None,
     mlp_sparsity=None, prune_layers=False, protect_layers=[], baseline="leave-one-out",
     ma_window=5, eval_every=25, checkpoint_every=25, device="cpu", dtype="float32", backend=None,
-    seed=0, resume=False, progress=True, stop_after=None)
+    seed=0, resume=False, progress=True, stop_after=None, window_stride=1,
+    compensate="sequential", compensate_bias=False, compensate_damping=0.01,
+    compensate_windows=128)
 RESUME_KEYS = {"model", "sparsity", "steps", "k", "batch_size", "seqlen", "calib", "nsamples",
                "lr", "init", "init_temperature", "init_attn_sparsity", "init_windows", "budget",
                "scope", "attn_sparsity", "mlp_sparsity", "prune_layers", "protect_layers",
@@ -304,7 +307,7 @@ def test_eval_config_shares_the_definitions():
     add_eval_arguments(parser)
     actions = {a.dest: a for a in parser._actions if a.dest != "help"}
     prune_fields = {f.name: f for f in dataclasses.fields(PruneConfig)}
-    assert set(actions) == {"model", "eval", "eval_file", "seqlen", "max_eval_windows",
+    assert set(actions) == {"model", "eval", "eval_file", "seqlen", "max_eval_windows", "window_stride",
                             "eval_batch_size", "device", "dtype"}
     assert actions["eval"].option_strings == ["--data"]
     for f in dataclasses.fields(EvalConfig):

@@ -42,3 +42,16 @@ def test_errors():
         eval_windows(torch.arange(50), 1)
     with pytest.raises(DataError, match="max_windows must be at least 1"):
         eval_windows(torch.arange(50), 8, max_windows=0)
+
+
+def test_window_stride_takes_every_nth_window(tiny_model_dirs):
+    model, _ = load_model(tiny_model_dirs["llama"])
+    ids = torch.randint(0, 300, (100,))  # 6 windows of 16: strides of 4 keep windows 0 and 4
+    picked = eval_windows(ids, 16, stride=4)
+    assert torch.equal(picked, torch.stack([ids[0:16], ids[64:80]]))
+    strided = perplexity(model, ids, seqlen=16, stride=4, progress=False)
+    joined = perplexity(model, torch.cat([ids[0:16], ids[64:80]]), seqlen=16, progress=False)
+    assert strided.stride == 4 and strided.windows == 2
+    assert strided.nll == pytest.approx(joined.nll, rel=1e-6)
+    with pytest.raises(DataError, match="window stride must be at least 1"):
+        eval_windows(ids, 16, stride=0)

@@ -25,7 +25,8 @@ def calib_file(tmp_path_factory):
 def settings(model_dir, calib, out, **kw):
     base = dict(model=model_dir, sparsity=0.3, out=str(out), steps=8, k=3, batch_size=2,
                 seqlen=24, calib=calib, nsamples=12, val_windows=3, eval=calib,
-                max_eval_windows=6, eval_every=2, checkpoint_every=2, progress=False, seed=3)
+                max_eval_windows=6, eval_every=2, checkpoint_every=2, progress=False, seed=3,
+                compensate="none")
     base.update(kw)
     return PruneConfig(**base)
 
@@ -38,8 +39,8 @@ def test_run_writes_everything_and_reload_matches(tiny_model_dirs, calib_file, t
                  "kept_per_layer.png", "score_histogram.png", "loss_curve.png"):
         assert (out / name).exists(), name
     ppl = report["perplexity"]
-    # The reloaded smaller model gives the masked evaluation's perplexity.
-    assert ppl["pruned"]["ppl"] == pytest.approx(ppl["pruned_masked"]["ppl"], rel=1e-4)
+    # Without compensation the reloaded smaller model gives the masked evaluation's perplexity.
+    assert ppl["pruned"]["ppl"] == pytest.approx(ppl["pruned_bare"]["ppl"], rel=1e-4)
     params = report["params"]
     assert params["kept_prunable"] <= params["target_prunable"]
     assert len(report["layers"]) == 3 and report["median_step_s"] > 0
@@ -124,3 +125,20 @@ def test_cli_prune_then_eval_the_pruned_directory(tiny_model_dirs, calib_file, t
                  "--max-windows", "4", "--json"]) == 0
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert again["ppl"] == pytest.approx(record["pruned_ppl"], rel=1e-5)
+
+
+def test_compensated_run_reports_bare_and_compensated_perplexities(tiny_model_dirs, calib_file,
+                                                                    tmp_path):
+    report = prune(settings(tiny_model_dirs["llama"], calib_file, tmp_path / "run",
+                            compensate="sequential", compensate_bias=True, compensate_windows=8,
+                            window_stride=2))
+    ppl = report["perplexity"]
+    for name in ("dense", "init", "init_compensated", "pruned_bare", "pruned"):
+        assert ppl[name]["stride"] == 2 and ppl[name]["windows"] == ppl["dense"]["windows"], name
+    assert ppl["pruned"]["ppl"] != pytest.approx(ppl["pruned_bare"]["ppl"], rel=1e-4)
+    comp = report["compensation"]
+    assert (comp["mode"], comp["bias"], comp["windows"]) == ("sequential", True, 8)
+    for rec in comp["layers"]:
+        assert rec["mlp_refit"] <= rec["mlp_bare"] + 1e-9
+    layout = json.load(open(tmp_path / "run" / "config.json"))["probprune_layout"]
+    assert all(s.get("down_bias") for s in layout)

@@ -1,0 +1,252 @@
+"""Forward-only compensation of a hard mask: refit the layers that read the pruned units.
+
+For a linear sublayer output ``y = X W^T`` (o_proj reading the heads, down_proj reading the MLP
+channels) and kept input columns S, the refit weight V minimises, over the calibration tokens,
+
+    ||X W^T - X_S V^T||^2 + lambda ||V - W_S||^2,      V^T = (G_SS + lambda I)^-1 (G_S: W^T + lambda W_S^T)
+
+with G = X^T X. The ridge term pulls V towards the bare slice W_S rather than towards zero, so
+the refit's reconstruction error is never above the bare slice's for any lambda >= 0 (the slice is
+a feasible point of the objective). ``lambda = damping * mean(diag(G_SS))`` (SparseGPT's relative
+damping). With ``bias=True`` a bias c is fitted jointly (the least-squares form of FLAP's
+mean-shift compensation): the same solve on the centred Gram, then c = W mu - V mu_S.
+
+Two modes: ``parallel`` takes every layer's statistics from the dense model; ``sequential`` (as
+SparseGPT and SlimGPT do) from the model whose earlier layers are already pruned and refit, so
+each refit also absorbs the error the layers before it left. Either way the calibration hidden
+states stream through the model one layer at a time (one layer's Gram matrix in memory at once),
+through the engine's own masked layers.
+
+Gram matrices are accumulated in float64 from per-batch float32 products (at most ``batch_size *
+seqlen`` terms each, relative error ~1e-6; ``tests/test_compensate.py`` measures it).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+import probprune_kernels as pk
+
+from .forward import MaskedCausalLM
+from .report import peak_memory_mib
+
+log = logging.getLogger(__name__)
+
+MODES = ("none", "parallel", "sequential")
+
+
+class CompensationError(ValueError):
+    """Settings with which compensation cannot run."""
+
+
+def check_settings(mode: str, damping: float, windows: int) -> None:
+    if mode not in MODES:
+        raise CompensationError(f"compensation mode must be one of {MODES}, got {mode!r}")
+    if not damping >= 0:  # also catches NaN
+        raise CompensationError(f"compensation damping must be >= 0, got {damping!r}")
+    if windows < 1:
+        raise CompensationError(f"compensation needs at least 1 calibration window, got {windows}")
+
+
+class Gram:
+    """Running X^T X, sum of rows and row count of a sublayer's inputs X [M, n]."""
+
+    def __init__(self, n: int, device):
+        self.xtx = torch.zeros(n, n, dtype=torch.float64, device=device)
+        self.xsum = torch.zeros(n, dtype=torch.float64, device=device)
+        self.rows = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.xtx += (x.T @ x).double()
+        self.xsum += x.sum(0).double()
+        self.rows += x.shape[0]
+
+    def moments(self, centred: bool):
+        """(second moment [n, n], mean [n]) per row; centred: the covariance."""
+        mean = self.xsum / self.rows
+        second = self.xtx / self.rows
+        return (second - torch.outer(mean, mean) if centred else second), mean
+
+
+def refit(gram: Gram, weight: torch.Tensor, cols: torch.Tensor, damping: float,
+          bias: bool) -> tuple:
+    """(V [out, |S|] float64, c [out] float64 or None): the refit of ``weight`` [out, in] on its
+    kept input columns ``cols`` (see the module docstring)."""
+    W = weight.detach().double()
+    C, mean = gram.moments(centred=bias)
+    if cols.numel() == 0:
+        V = W.new_zeros(W.shape[0], 0)
+    else:
+        C_SS = C[cols][:, cols]
+        lam = damping * C_SS.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
+        A = C_SS + lam * torch.eye(cols.numel(), dtype=C.dtype, device=C.device)
+        B = C[cols] @ W.T + lam * W[:, cols].T
+        L, info = torch.linalg.cholesky_ex(A)
+        if int(info) == 0:
+            Vt = torch.cholesky_solve(B, L)
+        else:  # singular without damping (kept inputs that are linearly dependent)
+            Vt = torch.linalg.pinv(A, hermitian=True) @ B
+        V = Vt.T
+    c = W @ mean - V @ mean[cols] if bias else None
+    return V, c
+
+
+def relative_error(gram: Gram, weight: torch.Tensor, cols: torch.Tensor, V: torch.Tensor,
+                   c: Optional[torch.Tensor]) -> float:
+    """||X W^T - (X_S V^T + c)||^2 / ||X W^T||^2 over the rows the Gram saw, from the Gram alone."""
+    W = weight.detach().double()
+    D = W.clone()
+    D[:, cols] -= V.double()
+    err = ((D @ gram.xtx) * D).sum()
+    if c is not None:
+        err = err - 2 * c @ (D @ gram.xsum) + gram.rows * c @ c
+    ref = ((W @ gram.xtx) * W).sum()
+    return float(err / ref.clamp_min(torch.finfo(torch.float64).tiny))
+
+
+@dataclass
+class Compensation:
+    """Refit weights in the export's form: state-dict key (original layer numbering) -> tensor of
+    the kept columns only (``...o_proj.weight`` [d, kept heads' columns], ``...down_proj.weight``
+    [d, kept channels], and ``.bias`` where one is fitted or the model has one)."""
+    weights: Dict[str, torch.Tensor]
+    mode: str
+    damping: float
+    bias: bool
+    windows: int
+    seconds: float
+    peak_memory_mib: float     # the device's peak (CPU: the process's peak RSS)
+    working_set_mib: float     # what compensation holds: the hidden states and one Gram matrix
+    layers: List[dict] = field(default_factory=list)  # per kept layer: bare vs refit error
+
+    def summary(self) -> dict:
+        def mean(key):
+            vals = [r[key] for r in self.layers if key in r]
+            return sum(vals) / len(vals) if vals else None
+        return {"mode": self.mode, "damping": self.damping, "bias": self.bias,
+                "windows": self.windows, "seconds": self.seconds,
+                "peak_memory_mib": self.peak_memory_mib,
+                "working_set_mib": self.working_set_mib,
+                "mean_relative_error": {k: mean(k) for k in
+                                        ("attn_bare", "attn_refit", "mlp_bare", "mlp_refit")},
+                "layers": self.layers}
+
+
+def _all_kept(n: int, device, backend):
+    return pk.compact_masks(torch.ones(1, n, dtype=torch.bool, device=device), backend=backend)
+
+
+def _kept(mask: torch.Tensor, backend):
+    return pk.compact_masks(mask[None].to(torch.bool), backend=backend)
+
+
+class _Stream:
+    """The calibration hidden states [B, T, d] per batch, walked through the layers in place."""
+
+    def __init__(self, engine: MaskedCausalLM, windows: torch.Tensor, batch_size: int):
+        inner = engine.model.model
+        T = windows.shape[1]
+        self.batches = [inner.embed_tokens(windows[i:i + batch_size].to(engine.device))
+                        for i in range(0, windows.shape[0], batch_size)]
+        self.cos, self.sin = inner.rotary_emb(self.batches[0],
+                                              torch.arange(T, device=engine.device)[None])
+
+
+def _sublayer(stream: _Stream, inputs: Callable, kept_inputs: Callable, linear, cols,
+              damping: float, bias: bool, fit: bool, sequential: bool, record: dict,
+              name: str, weights: dict, prefix: str) -> None:
+    """Statistics of one sublayer's input, its refit, and the stream moved past it (dense in the
+    parallel mode, pruned and refit in the sequential one). ``inputs(h)``: the sublayer's full
+    input [M, n]; ``kept_inputs(h)``: its kept columns, in ``cols`` order."""
+    W, b0 = linear.weight, linear.bias
+    gram = Gram(W.shape[1], W.device) if fit else None
+    for i, h in enumerate(stream.batches):
+        x = inputs(h)
+        if fit:
+            gram.add(x)
+        if not sequential:  # the dense stream
+            y = x @ W.T
+            stream.batches[i] = h + (y if b0 is None else y + b0).view_as(h)
+    if not fit:
+        return
+    V, c = refit(gram, W, cols, damping, bias)
+    record[name + "_bare"] = relative_error(gram, W, cols, W[:, cols].double(), None)
+    record[name + "_refit"] = relative_error(gram, W, cols, V, c)
+    V = V.to(W.dtype)
+    total_bias = None if c is None and b0 is None else (
+        (c if c is not None else 0) + (b0.double() if b0 is not None else 0)).to(W.dtype)
+    weights[prefix + ".weight"] = V.cpu()
+    if total_bias is not None:
+        weights[prefix + ".bias"] = total_bias.cpu()
+    if sequential:
+        for i, h in enumerate(stream.batches):
+            # The compact layout pads to the capacity with zero columns after the kept ones.
+            y = kept_inputs(h)[:, :cols.numel()] @ V.T if cols.numel() else h.new_zeros(h.numel() // h.shape[-1],
+                                                                       h.shape[-1])
+            if total_bias is not None:
+                y = y + total_bias
+            stream.batches[i] = h + y.view_as(h)
+
+
+@torch.no_grad()
+def compensate(engine: MaskedCausalLM, mask: torch.Tensor, windows: torch.Tensor, *,
+               mode: str = "sequential", damping: float = 0.01, bias: bool = False,
+               batch_size: int = 8, progress: bool = True) -> Compensation:
+    """Refits o_proj and down_proj of every kept layer for the hard model-unit ``mask`` on the
+    calibration ``windows`` [N, T]; returns the refit weights (the model is not changed)."""
+    check_settings(mode, damping, windows.shape[0] if windows.dim() == 2 else 0)
+    if mode == "none":
+        raise CompensationError("compensate() called with mode 'none'")
+    if windows.dim() != 2:
+        raise CompensationError(f"calibration windows must be [N, T] token ids, got "
+                                f"{tuple(windows.shape)}")
+    units, shape, be = engine.units, engine.units.shape, engine.backend
+    device = engine.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    m = units.split(mask.bool().to(device))
+    sequential = mode == "sequential"
+    stream = _Stream(engine, windows, batch_size)
+    cos, sin = stream.cos, stream.sin
+    all_heads = _all_kept(shape.n_kv_heads, device, be)
+    all_channels = _all_kept(shape.intermediate, device, be)
+    weights: Dict[str, torch.Tensor] = {}
+    records: List[dict] = []
+    for l in tqdm(range(units.n_layers), desc=f"compensation ({mode})", disable=not progress,
+                  unit="layer", leave=False):
+        layer = engine.layers[l]
+        keep = bool(m.layers[l])
+        if not keep and sequential:
+            continue  # a dropped layer: the residual passes through
+        attn, mlp = layer.self_attn, layer.mlp
+        heads = m.heads[l].nonzero().flatten()
+        channels = m.mlp[l].nonzero().flatten()
+        kept_h, kept_c = _kept(m.heads[l], be), _kept(m.mlp[l], be)
+        record = {"layer": l}
+
+        def attn_inputs(h, idx=all_heads):
+            return attn.head_outputs(layer.input_layernorm(h)[None], cos, sin, *idx)[0]
+
+        def mlp_inputs(h, idx=all_channels):
+            return mlp.channel_outputs(layer.post_attention_layernorm(h)[None], *idx)[0]
+
+        _sublayer(stream, attn_inputs, lambda h: attn_inputs(h, kept_h), attn.o_proj,
+                  shape.head_columns(heads), damping, bias, keep, sequential, record, "attn",
+                  weights, f"model.layers.{l}.self_attn.o_proj")
+        _sublayer(stream, mlp_inputs, lambda h: mlp_inputs(h, kept_c), mlp.down_proj, channels,
+                  damping, bias, keep, sequential, record, "mlp", weights,
+                  f"model.layers.{l}.mlp.down_proj")
+        if keep:
+            records.append(record)
+    seconds = time.perf_counter() - t0
+    stream_bytes = sum(h.numel() * h.element_size() for h in stream.batches)
+    gram_bytes = 8 * max(shape.intermediate, shape.n_kv_heads * shape.q_per_kv * shape.head_dim) ** 2
+    return Compensation(weights, mode, damping, bias, windows.shape[0], seconds,
+                        peak_memory_mib(device), (stream_bytes + gram_bytes) / 2**20, records)
