@@ -461,6 +461,10 @@ class PruneConfig(_Settings):
         128, help="calibration windows the refit's statistics are taken on (the first of the "
                   "--nsamples pool; at most that many)",
         check=at_least(1))
+    optimizer: str = setting(
+        "sgd", choices=("sgd", "adam"), resume=True,
+        help="update of the keep-probabilities: sgd (the preconditioned REINFORCE step) or adam "
+             "on that step (betas 0.5, 0.999, as the paper's code)")
     baseline: str = setting("leave-one-out", choices=("leave-one-out", "moving-average"),
                             help="REINFORCE baseline", resume=True)
     ma_window: int = setting(5, help="past steps the moving-average baseline averages",

@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 
 BASELINES = ("moving-average", "leave-one-out")
+OPTIMIZERS = ("sgd", "adam")
 
 
 def advantages(losses: torch.Tensor, finite: torch.Tensor, baseline: str,
@@ -78,6 +79,9 @@ class PolicyState:
     nan_samples: Optional[torch.Tensor] = None    # int64 scalar
     skipped_steps: Optional[torch.Tensor] = None  # int64 scalar
     adv_scale: Optional[torch.Tensor] = None      # running RMS of the advantages, NaN = none yet
+    adam_m: Optional[torch.Tensor] = None         # Adam's moment estimates (optimizer "adam")
+    adam_v: Optional[torch.Tensor] = None
+    adam_steps: Optional[torch.Tensor] = None     # int64 scalar: steps Adam has taken
 
     def __post_init__(self):
         dev = self.probs.device
@@ -87,12 +91,18 @@ class PolicyState:
             self.skipped_steps = torch.zeros((), dtype=torch.int64, device=dev)
         if self.adv_scale is None:
             self.adv_scale = _scalar(float("nan"), dev)
+        if self.adam_m is None:
+            self.adam_m = torch.zeros_like(self.probs, dtype=torch.float64)
+            self.adam_v = torch.zeros_like(self.probs, dtype=torch.float64)
+        if self.adam_steps is None:
+            self.adam_steps = torch.zeros((), dtype=torch.int64, device=dev)
 
     def state_dict(self):
         return {"probs": self.probs.detach().cpu(), "step": self.step,
                 "past_means": None if self.past_means is None else self.past_means.cpu(),
                 "nan_samples": int(self.nan_samples), "skipped_steps": int(self.skipped_steps),
-                "adv_scale": float(self.adv_scale)}
+                "adv_scale": float(self.adv_scale), "adam_m": self.adam_m.cpu(),
+                "adam_v": self.adam_v.cpu(), "adam_steps": int(self.adam_steps)}
 
     @classmethod
     def from_state_dict(cls, d, device):
@@ -101,7 +111,9 @@ class PolicyState:
                    None if past is None else past.to(device),
                    torch.tensor(d["nan_samples"], device=device),
                    torch.tensor(d["skipped_steps"], device=device),
-                   _scalar(d["adv_scale"], device))
+                   _scalar(d["adv_scale"], device),
+                   *(None if d.get(k) is None else d[k].to(device) for k in ("adam_m", "adam_v")),
+                   torch.tensor(d.get("adam_steps", 0), device=device))
 
 
 @dataclass
@@ -113,12 +125,17 @@ class PolicyConfig:
     min_lr_ratio: float = 0.0
     eps: float = 1e-2
     normalize: bool = True  # advantages in units of their running RMS: lr independent of loss scale
+    optimizer: str = "sgd"  # "adam": Adam on the step direction (the paper's code: betas 0.5, 0.999)
+    betas: tuple = (0.5, 0.999)
+    adam_eps: float = 1e-8
 
 
 class Policy:
     def __init__(self, config: PolicyConfig, state: PolicyState):
         if config.baseline not in BASELINES:
             raise ValueError(f"unknown baseline {config.baseline!r}; choose one of {BASELINES}")
+        if config.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {config.optimizer!r}; choose one of {OPTIMIZERS}")
         self.config, self.state = config, state
         if state.past_means is None:
             state.past_means = torch.full((config.ma_window,), float("nan"), dtype=torch.float64,
@@ -160,6 +177,8 @@ class Policy:
             new_scale = torch.where(torch.isnan(st.adv_scale), rms, 0.9 * st.adv_scale + 0.1 * rms)
             st.adv_scale = torch.where(ok, new_scale, st.adv_scale)
         grad = score_gradient(adv, masks, st.probs, cfg.eps, n_samples=n)
+        if cfg.optimizer == "adam":
+            grad = self._adam(grad, ok)
         stepped = project((st.probs.double() - lr * grad).clamp(0, 1)).to(st.probs.dtype)
         st.probs = torch.where(ok, stepped, st.probs)
         st.past_means = torch.where(ok, torch.cat([st.past_means[1:], mean_loss[None]]),
@@ -169,3 +188,15 @@ class Policy:
         st.step += 1
         return {"lr": lr, "baseline": baseline, "valid": n_ok,
                 "mean_loss": torch.where(ok, mean_loss, float("nan"))}
+
+    def _adam(self, grad: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+        """Adam's bias-corrected direction for ``grad``; the moments advance on taken steps only."""
+        st, (b1, b2) = self.state, self.config.betas
+        m = b1 * st.adam_m + (1 - b1) * grad
+        v = b2 * st.adam_v + (1 - b2) * grad * grad
+        t = (st.adam_steps + 1).double()
+        direction = (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + self.config.adam_eps)
+        st.adam_m = torch.where(ok, m, st.adam_m)
+        st.adam_v = torch.where(ok, v, st.adam_v)
+        st.adam_steps = st.adam_steps + ok.long()
+        return direction

@@ -24,7 +24,7 @@ SETTINGS_KEYS = [
     "lr", "min_lr_ratio", "init", "init_temperature", "init_attn_sparsity", "init_windows",
     "channel_block", "budget", "scope", "attn_sparsity", "mlp_sparsity", "prune_layers",
     "protect_layers", "compensate", "compensate_bias", "compensate_damping", "compensate_windows",
-    "baseline", "ma_window", "eval_every", "checkpoint_every", "device", "dtype",
+    "optimizer", "baseline", "ma_window", "eval_every", "checkpoint_every", "device", "dtype",
     "backend", "seed", "resume", "progress", "stop_after"]
 DEFAULTS = dict(
     steps=400, k=2, batch_size=4, seqlen=128, calib="wiki-summaries", nsamples=256,
@@ -35,11 +35,11 @@ DEFAULTS = dict(
     ma_window=5, eval_every=25, checkpoint_every=25, device="cpu", dtype="float32", backend=None,
     seed=0, resume=False, progress=True, stop_after=None, window_stride=1,
     compensate="sequential", compensate_bias=False, compensate_damping=0.01,
-    compensate_windows=128)
+    compensate_windows=128, optimizer="sgd")
 RESUME_KEYS = {"model", "sparsity", "steps", "k", "batch_size", "seqlen", "calib", "nsamples",
                "lr", "init", "init_temperature", "init_attn_sparsity", "init_windows", "budget",
                "scope", "attn_sparsity", "mlp_sparsity", "prune_layers", "protect_layers",
-               "baseline", "seed", "dtype", "val_windows", "channel_block"}
+               "baseline", "seed", "dtype", "val_windows", "channel_block", "optimizer"}
 
 
 def _model_dir(path, model_type="llama", weights=None, tokenizer=True):

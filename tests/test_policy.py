@@ -134,3 +134,44 @@ def test_descends_the_toy_objective():
         pol.update(toy_loss(m), m, lambda p: p.clamp(0, 1))
     # Minimiser of a.s + 4 s0 s1 on the box: s = (0, 1, 0, 0, any).
     assert pol.probs[1] > 0.9 and pol.probs[0] < 0.1 and pol.probs[2] < 0.1 and pol.probs[3] < 0.1
+
+
+def test_adam_step_is_torch_adam_on_the_step_direction():
+    torch.manual_seed(1)
+    probs = torch.full((5,), 0.5, dtype=torch.float64)
+    cfg = PolicyConfig(lr=0.01, steps=20, optimizer="adam")
+    pol = Policy(cfg, PolicyState(probs.clone()))
+    param = torch.nn.Parameter(probs.clone())
+    opt = torch.optim.Adam([param], lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps)
+    plain = Policy(PolicyConfig(lr=0.01, steps=20), PolicyState(probs.clone()))
+    for step in range(5):
+        m = torch.rand(3, 5, dtype=torch.float64) < pol.probs
+        losses = toy_loss(m)
+        # the SGD policy at the same state gives the step direction (its lr-scaled move)
+        plain.state.probs = pol.probs.clone()
+        plain.state.adv_scale = pol.state.adv_scale.clone()
+        plain.state.step = pol.state.step
+        before = plain.probs.clone()
+        plain.update(losses, m, lambda p: p)
+        direction = (before - plain.probs) / cosine_lr(step, 20, 0.01)
+        pol.update(losses, m, lambda p: p)
+        param.grad = direction.clone()
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, 20, 0.01)
+        opt.step()
+        torch.testing.assert_close(pol.probs, param.detach())
+
+
+def test_adam_state_round_trips_and_descends():
+    torch.manual_seed(0)
+    pol = Policy(PolicyConfig(lr=0.05, steps=300, optimizer="adam"),
+                 PolicyState(torch.full((5,), 0.5, dtype=torch.float64)))
+    for i in range(300):
+        m = torch.rand(4, 5, dtype=torch.float64) < pol.probs
+        pol.update(toy_loss(m), m, lambda p: p.clamp(0, 1))
+        if i == 150:
+            pol = Policy(pol.config, PolicyState.from_state_dict(pol.state.state_dict(), "cpu"))
+    assert int(pol.state.adam_steps) == 300
+    assert pol.probs[1] > 0.9 and pol.probs[0] < 0.1 and pol.probs[2] < 0.1
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        Policy(PolicyConfig(optimizer="rmsprop"), PolicyState(torch.full((2,), 0.5)))
