@@ -22,7 +22,6 @@ seqlen`` terms each, relative error ~1e-6; ``tests/test_compensate.py`` measures
 """
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
@@ -34,8 +33,6 @@ import probprune_kernels as pk
 
 from .forward import MaskedCausalLM
 from .report import peak_memory_mib
-
-log = logging.getLogger(__name__)
 
 MODES = ("none", "parallel", "sequential")
 
