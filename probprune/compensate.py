@@ -135,11 +135,8 @@ class Compensation:
                 "layers": self.layers}
 
 
-def _all_kept(n: int, device, backend):
-    return pk.compact_masks(torch.ones(1, n, dtype=torch.bool, device=device), backend=backend)
-
-
-def _kept(mask: torch.Tensor, backend):
+def _compact(mask: torch.Tensor, backend):
+    """(idx, counts) of one unit mask [n], as the masked layers take them."""
     return pk.compact_masks(mask[None].to(torch.bool), backend=backend)
 
 
@@ -176,19 +173,19 @@ def _sublayer(stream: _Stream, inputs: Callable, kept_inputs: Callable, linear, 
     record[name + "_bare"] = relative_error(gram, W, cols, W[:, cols].double(), None)
     record[name + "_refit"] = relative_error(gram, W, cols, V, c)
     V = V.to(W.dtype)
-    total_bias = None if c is None and b0 is None else (
-        (c if c is not None else 0) + (b0.double() if b0 is not None else 0)).to(W.dtype)
+    if b0 is not None:  # the model's own bias stays; the fitted shift adds to it
+        c = b0.double() if c is None else c + b0.double()
+    c = None if c is None else c.to(W.dtype)
     weights[prefix + ".weight"] = V.cpu()
-    if total_bias is not None:
-        weights[prefix + ".bias"] = total_bias.cpu()
+    if c is not None:
+        weights[prefix + ".bias"] = c.cpu()
     if sequential:
         for i, h in enumerate(stream.batches):
-            # The compact layout pads to the capacity with zero columns after the kept ones.
-            y = kept_inputs(h)[:, :cols.numel()] @ V.T if cols.numel() else h.new_zeros(h.numel() // h.shape[-1],
-                                                                       h.shape[-1])
-            if total_bias is not None:
-                y = y + total_bias
-            stream.batches[i] = h + y.view_as(h)
+            y = torch.zeros_like(h)
+            if cols.numel():
+                # The compact layout pads to the capacity with zero columns after the kept ones.
+                y = y + (kept_inputs(h)[:, :cols.numel()] @ V.T).view_as(h)
+            stream.batches[i] = h + y if c is None else h + y + c
 
 
 @torch.no_grad()
@@ -204,6 +201,9 @@ def compensate(engine: MaskedCausalLM, mask: torch.Tensor, windows: torch.Tensor
         raise CompensationError(f"calibration windows must be [N, T] token ids, got "
                                 f"{tuple(windows.shape)}")
     units, shape, be = engine.units, engine.units.shape, engine.backend
+    if mask.shape != (units.n_units,):
+        raise CompensationError(f"mask must be one hard model-unit mask [{units.n_units}], got "
+                                f"{tuple(mask.shape)}")
     device = engine.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -212,8 +212,8 @@ def compensate(engine: MaskedCausalLM, mask: torch.Tensor, windows: torch.Tensor
     sequential = mode == "sequential"
     stream = _Stream(engine, windows, batch_size)
     cos, sin = stream.cos, stream.sin
-    all_heads = _all_kept(shape.n_kv_heads, device, be)
-    all_channels = _all_kept(shape.intermediate, device, be)
+    all_heads = _compact(torch.ones(shape.n_kv_heads, device=device), be)
+    all_channels = _compact(torch.ones(shape.intermediate, device=device), be)
     weights: Dict[str, torch.Tensor] = {}
     records: List[dict] = []
     for l in tqdm(range(units.n_layers), desc=f"compensation ({mode})", disable=not progress,
@@ -225,7 +225,7 @@ def compensate(engine: MaskedCausalLM, mask: torch.Tensor, windows: torch.Tensor
         attn, mlp = layer.self_attn, layer.mlp
         heads = m.heads[l].nonzero().flatten()
         channels = m.mlp[l].nonzero().flatten()
-        kept_h, kept_c = _kept(m.heads[l], be), _kept(m.mlp[l], be)
+        kept_h, kept_c = _compact(m.heads[l], be), _compact(m.mlp[l], be)
         record = {"layer": l}
 
         def attn_inputs(h, idx=all_heads):

@@ -203,6 +203,8 @@ def test_bad_settings_are_named(tiny_model_dirs):
         compensate(engine, mask, ids, damping=-0.1)
     with pytest.raises(CompensationError, match="at least 1 calibration window"):
         compensate(engine, mask, ids[:0])
+    with pytest.raises(CompensationError, match="one hard model-unit mask"):
+        compensate(engine, mask[None], ids)
     base = dict(model="smollm2-135m", sparsity=0.3, out="/tmp/x")
     with pytest.raises(ConfigError, match="--compensate-damping"):
         PruneConfig(**base, compensate_damping=-1.0).validate()
