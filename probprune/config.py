@@ -404,8 +404,8 @@ class PruneConfig(_Settings):
         None, flag="--max-windows", help="evaluate only the first N windows (a quick look)",
         check=at_least(1))
     window_stride: int = setting(
-        1, help="evaluate every N-th window (16 with --seqlen 128: the 148-window WikiText-2 "
-                "protocol of FLAP / LLM-Pruner comparisons)", check=at_least(1))
+        1, help="evaluate every N-th window (16 with --seqlen 128: the every-16th-window "
+                "WikiText-2 protocol of FLAP / LLM-Pruner comparisons)", check=at_least(1))
     eval_batch_size: int = setting(8, help="windows per forward during evaluation",
                                    check=at_least(1))
     lr: float = setting(0.01, help="peak learning rate (cosine schedule); advantages are in "

@@ -132,17 +132,23 @@ def test_wiki_summaries_heldout_is_disjoint_from_calibration():
 
 
 def test_wikitext2_local_file_rebuilds_hub_join(tmp_path):
-    (tmp_path / "wiki.test.raw").write_text(" = Title = \n Body text .\n")
+    (tmp_path / "wiki.test.raw").write_text(
+        " = Title = \n Body one .\n Body two .\n = = Part = = \n = = = Sub = = = \n"
+        " Body three .\n = Next = \n Body four .\n")
     text = eval_text("wikitext2", str(tmp_path / "wiki.test.raw"))
-    # The hub rows are ['', ' = Title = \n', '', ' Body text .\n'] joined by blank lines.
-    assert text.text == "\n\n = Title = \n\n\n\n\n Body text .\n"
+    # The hub's rows: a blank row before and after each heading, one more between a paragraph
+    # and the next article's title, one at the end; then joined by "\n\n".
+    rows = ["", " = Title = \n", "", " Body one .\n", " Body two .\n", "", " = = Part = = \n",
+            "", "", " = = = Sub = = = \n", "", " Body three .\n", "", "", " = Next = \n", "",
+            " Body four .\n", ""]
+    assert text.text == "\n\n".join(rows)
     assert "local file" in text.name
 
 
 def test_wikitext2_environment_variable(tmp_path, monkeypatch):
     (tmp_path / "w.raw").write_text(" some words\n")
     monkeypatch.setenv("PROBPRUNE_WIKITEXT2", str(tmp_path / "w.raw"))
-    assert eval_text("wikitext2").text.endswith(" some words\n")
+    assert eval_text("wikitext2").text == " some words\n\n\n"  # and the hub's last blank row
 
 
 def test_wikitext2_unreachable_falls_back_to_heldout_summaries(monkeypatch):
@@ -164,7 +170,8 @@ def test_wikitext2_unreachable_falls_back_to_heldout_summaries(monkeypatch):
 
 @pytest.mark.skipif(not os.path.exists(WIKITEXT_TEST), reason="shared WikiText-2 copy not present")
 def test_shared_wikitext2_tokenizes(tok):
+    from probprune.data import _wikitext2_local_rows
+    assert len(_wikitext2_local_rows(WIKITEXT_TEST)) == 4358  # wikitext-2-raw-v1 test on the hub
     text = eval_text("wikitext2", WIKITEXT_TEST)
-    assert text.text.count("\n\n") >= 2 * 2891 - 1
     ids = tokenize_joined(tok, [text.text[:5000]])
     assert ids.dtype == torch.long and ids.numel() > 100
