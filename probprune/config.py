@@ -465,6 +465,19 @@ class PruneConfig(_Settings):
         "sgd", choices=("sgd", "adam"), resume=True,
         help="update of the keep-probabilities: sgd (the preconditioned REINFORCE step) or adam "
              "on that step (betas 0.5, 0.999, as the paper's code)")
+    antithetic: bool = setting(
+        False, resume=True,
+        help="sample the K masks as K/2 antithetic pairs (u and 1 - u) and use the DisARM "
+             "estimator, whose pairs are their own baseline (needs an even --k)")
+    control_variate: bool = setting(
+        False, resume=True,
+        help="subtract a linear model of the loss in the mask (a ridge fit on the last "
+             "--cv-history samples) and add its exact gradient: unbiased, lower variance")
+    cv_history: int = setting(256, help="samples the control variate is fitted on",
+                              check=at_least(2), resume=True)
+    cv_ridge: float = setting(
+        1.0, help="ridge of the control variate's fit, in units of the mean squared mask "
+                  "deviation", check=rule(lambda v: v > 0, "must be > 0"), resume=True)
     baseline: str = setting("leave-one-out", choices=("leave-one-out", "moving-average"),
                             help="REINFORCE baseline", resume=True)
     ma_window: int = setting(5, help="past steps the moving-average baseline averages",
@@ -524,6 +537,21 @@ def _leave_one_out_needs_two(c) -> Problem:
     if c.baseline == "leave-one-out" and c.k < 2:
         return (f"the leave-one-out baseline needs --k 2 or more (or use --baseline "
                 f"moving-average), got --k {c.k}")
+    return None
+
+
+@combination("antithetic", "k")
+def _antithetic_needs_pairs(c) -> Problem:
+    if c.antithetic and c.k % 2:
+        return f"--antithetic samples masks in pairs: --k must be even, got --k {c.k}"
+    return None
+
+
+@combination("control_variate", "cv_history", "k")
+def _history_holds_a_step(c) -> Problem:
+    if c.control_variate and c.cv_history < c.k:
+        return (f"--cv-history must hold at least one step's --k samples, got --cv-history "
+                f"{c.cv_history} with --k {c.k}")
     return None
 
 

@@ -164,7 +164,10 @@ def resume(cfg: PruneConfig, run: Loaded, ckpt: dict) -> Start:
 def search_masks(cfg: PruneConfig, run: Loaded, start: Start, ckpt) -> Search:
     """The search loop, checkpointed every ``checkpoint_every`` steps and at the end."""
     policy = Policy(PolicyConfig(cfg.lr, cfg.steps, cfg.baseline, cfg.ma_window,
-                                 cfg.min_lr_ratio, optimizer=cfg.optimizer), start.policy)
+                                 cfg.min_lr_ratio, optimizer=cfg.optimizer,
+                                 antithetic=cfg.antithetic, control_variate=cfg.control_variate,
+                                 cv_history=cfg.cv_history, cv_ridge=cfg.cv_ridge),
+                    start.policy)
     search = Search(SearchForward(run.engine, start.space), run.budget, policy, start.state,
                     run.data.pool, run.data.val, steps=cfg.steps, k=cfg.k,
                     batch_size=cfg.batch_size, eval_every=cfg.eval_every, seed=cfg.seed,

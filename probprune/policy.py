@@ -5,7 +5,10 @@ For masks m_k ~ Bernoulli(s) and losses L(m_k), the score-function estimator of 
     g_u = 1/K sum_k (L(m_k) - b_k) (m_k,u - s_u) / (s_u (1 - s_u))
 
 unbiased whenever the baseline b_k does not depend on m_k: the moving average of past mean
-losses (the paper's) or the leave-one-out mean of the other K-1 samples. The step divides by
+losses (the paper's) or the leave-one-out mean of the other K-1 samples. Two variance reducers
+stay unbiased too: antithetic pairs (mask k and k + K/2 drawn from u and 1 - u, with the DisARM
+estimator of Dong, Mnih & Tucker 2020, which needs no baseline) and a linear control variate
+(:mod:`probprune.control_variate`). The step divides by
 sqrt(s(1-s) + eps) instead of s(1-s) (DESIGN.md): the unbiased gradient times the positive
 preconditioner sqrt(s(1-s)), which keeps steps bounded near 0 and 1.
 
@@ -20,6 +23,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+from .control_variate import LinearControlVariate
 
 BASELINES = ("moving-average", "leave-one-out")
 OPTIMIZERS = ("sgd", "adam")
@@ -58,6 +63,28 @@ def score_gradient(adv: torch.Tensor, masks: torch.Tensor, probs: torch.Tensor,
     return num / torch.sqrt(var + eps)
 
 
+def antithetic_gradient(losses: torch.Tensor, masks: torch.Tensor, probs: torch.Tensor,
+                        finite: torch.Tensor, eps: Optional[float] = None) -> torch.Tensor:
+    """DisARM over K/2 antithetic pairs: mask k from u, mask k + K/2 from 1 - u. Per pair,
+
+        1/2 (L - L~) (m_u - m~_u) max(s_u, 1 - s_u)
+
+    is an unbiased estimate of dE[L]/d logit(s_u); the pair's own difference is its baseline and
+    a unit scores only where the two masks disagree. Divided by s(1-s) (eps None): dE[L]/ds; by
+    sqrt(s(1-s) + eps): the preconditioned step, as :func:`score_gradient`. Pairs with a
+    non-finite loss are left out."""
+    h = losses.numel() // 2
+    ok = finite[:h] & finite[h:2 * h]
+    dl = torch.where(ok, losses[:h].double() - losses[h:2 * h].double(), 0.0)
+    diff = masks[:h].double() - masks[h:2 * h].double()
+    s = probs.double()
+    num = (0.5 * dl[:, None] * diff).sum(0) / ok.sum().clamp_min(1) * torch.maximum(s, 1 - s)
+    var = s * (1 - s)
+    if eps is None:
+        return torch.where(var > 0, num / var.clamp_min(1e-300), torch.zeros_like(num))
+    return num / torch.sqrt(var + eps)
+
+
 def cosine_lr(step: int, total: int, lr: float, min_ratio: float = 0.0) -> float:
     if total <= 1:
         return lr
@@ -82,6 +109,7 @@ class PolicyState:
     adam_m: Optional[torch.Tensor] = None         # Adam's moment estimates (optimizer "adam")
     adam_v: Optional[torch.Tensor] = None
     adam_steps: Optional[torch.Tensor] = None     # int64 scalar: steps Adam has taken
+    control_variate: Optional[dict] = None        # LinearControlVariate.state, when used
 
     def __post_init__(self):
         dev = self.probs.device
@@ -102,7 +130,9 @@ class PolicyState:
                 "past_means": None if self.past_means is None else self.past_means.cpu(),
                 "nan_samples": int(self.nan_samples), "skipped_steps": int(self.skipped_steps),
                 "adv_scale": float(self.adv_scale), "adam_m": self.adam_m.cpu(),
-                "adam_v": self.adam_v.cpu(), "adam_steps": int(self.adam_steps)}
+                "adam_v": self.adam_v.cpu(), "adam_steps": int(self.adam_steps),
+                "control_variate": None if self.control_variate is None else
+                {k: v.cpu() for k, v in self.control_variate.items()}}
 
     @classmethod
     def from_state_dict(cls, d, device):
@@ -113,7 +143,9 @@ class PolicyState:
                    torch.tensor(d["skipped_steps"], device=device),
                    _scalar(d["adv_scale"], device),
                    *(None if d.get(k) is None else d[k].to(device) for k in ("adam_m", "adam_v")),
-                   torch.tensor(d.get("adam_steps", 0), device=device))
+                   torch.tensor(d.get("adam_steps", 0), device=device),
+                   None if d.get("control_variate") is None else
+                   {k: v.to(device) for k, v in d["control_variate"].items()})
 
 
 @dataclass
@@ -128,6 +160,10 @@ class PolicyConfig:
     optimizer: str = "sgd"  # "adam": Adam on the step direction (the paper's code: betas 0.5, 0.999)
     betas: tuple = (0.5, 0.999)
     adam_eps: float = 1e-8
+    antithetic: bool = False  # masks k and k + K/2 are antithetic; DisARM instead of a baseline
+    control_variate: bool = False  # subtract a linear model of the loss in the mask, add its gradient
+    cv_history: int = 256     # samples the control variate is fitted on
+    cv_ridge: float = 1.0     # its ridge, in units of the mean squared mask deviation
 
 
 class Policy:
@@ -137,6 +173,12 @@ class Policy:
         if config.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {config.optimizer!r}; choose one of {OPTIMIZERS}")
         self.config, self.state = config, state
+        self.control_variate = None
+        if config.control_variate:
+            self.control_variate = LinearControlVariate(
+                state.probs.numel(), config.cv_history, config.cv_ridge, state.probs.device,
+                state.control_variate)
+            state.control_variate = self.control_variate.state
         if state.past_means is None:
             state.past_means = torch.full((config.ma_window,), float("nan"), dtype=torch.float64,
                                           device=state.probs.device)
@@ -154,29 +196,54 @@ class Policy:
         budget. Samples with a non-finite loss are dropped and counted; a step left with too few
         samples (2 for leave-one-out, 1 otherwise) changes nothing but the counters.
 
+        With ``antithetic``, masks k and k + K/2 must come from u and 1 - u (K even) and a step
+        needs one pair of finite losses.
+
         Returns 0-dim device tensors: ``lr`` (a float), ``baseline`` (NaN when none yet),
-        ``valid`` (samples used) and ``mean_loss`` (NaN on a skipped step)."""
+        ``valid`` (samples used), ``mean_loss`` (NaN on a skipped step) and ``cv_explained``
+        (the control variate's out-of-sample share of the loss deviations; NaN without one)."""
         cfg, st = self.config, self.state
         finite = torch.isfinite(losses)
         n_ok = finite.sum()
-        need = 2 if cfg.baseline == "leave-one-out" else 1
-        ok = n_ok >= need
+        if cfg.antithetic:
+            h = losses.numel() // 2
+            ok = (finite[:h] & finite[h:2 * h]).any()
+        else:
+            ok = n_ok >= (2 if cfg.baseline == "leave-one-out" else 1)
         lr = cosine_lr(st.step, cfg.steps, cfg.lr, cfg.min_lr_ratio)
         baseline = self.baseline_value()
-        adv = advantages(losses, finite, cfg.baseline, baseline)
         n = n_ok.double()
         mean_loss = torch.where(finite, losses.double(), 0.0).sum() / n
+        scale = torch.ones((), dtype=torch.float64, device=losses.device)
         if cfg.normalize:
             # In units of the running RMS advantage: one lr then fits any model and loss scale,
             # while a step whose masks differ a lot still moves more than one whose masks tie
             # (dividing by this step's own spread would make every K=2 step count the same).
-            # The scale uses past steps only, so it does not correlate with this step's masks.
+            # The scale uses past steps only, so it does not correlate with this step's masks;
+            # it is taken on the plain advantages whatever the estimator, so that one lr means
+            # the same step size for each.
+            adv = advantages(losses, finite, cfg.baseline, baseline)
             rms = (adv.pow(2).sum() / n).sqrt()
-            scale = torch.where(torch.isnan(st.adv_scale), rms, st.adv_scale)
-            adv = torch.where(scale > 0, adv / scale, adv)
+            past = torch.where(torch.isnan(st.adv_scale), rms, st.adv_scale)
+            scale = torch.where(past > 0, past, scale)
             new_scale = torch.where(torch.isnan(st.adv_scale), rms, 0.9 * st.adv_scale + 0.1 * rms)
             st.adv_scale = torch.where(ok, new_scale, st.adv_scale)
-        grad = score_gradient(adv, masks, st.probs, cfg.eps, n_samples=n)
+        target, explained = losses.double(), torch.tensor(float("nan"), device=losses.device)
+        grad = torch.zeros_like(st.probs, dtype=torch.float64)
+        if self.control_variate is not None:
+            cv = self.control_variate
+            w = cv.weights()  # from past steps only: the estimate stays unbiased
+            explained = cv.explained(w, losses, masks, finite)
+            target = target - (masks.double() - st.probs.double()) @ w
+            var = st.probs.double() * (1 - st.probs.double())
+            grad = w * var / torch.sqrt(var + cfg.eps)  # dE[w.(m - s)]/ds = w, preconditioned
+            cv.add(losses, masks, finite, ok)
+        if cfg.antithetic:
+            grad = grad + antithetic_gradient(target, masks, st.probs, finite, cfg.eps)
+        else:
+            grad = grad + score_gradient(advantages(target, finite, cfg.baseline, baseline),
+                                         masks, st.probs, cfg.eps, n_samples=n)
+        grad = grad / scale
         if cfg.optimizer == "adam":
             grad = self._adam(grad, ok)
         stepped = project((st.probs.double() - lr * grad).clamp(0, 1)).to(st.probs.dtype)
@@ -187,7 +254,8 @@ class Policy:
         st.skipped_steps = st.skipped_steps + (~ok).long()
         st.step += 1
         return {"lr": lr, "baseline": baseline, "valid": n_ok,
-                "mean_loss": torch.where(ok, mean_loss, float("nan"))}
+                "mean_loss": torch.where(ok, mean_loss, float("nan")),
+                "cv_explained": explained}
 
     def _adam(self, grad: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
         """Adam's bias-corrected direction for ``grad``; the moments advance on taken steps only."""

@@ -29,6 +29,14 @@ def layer_sizes(units: UnitSpace, mask: torch.Tensor) -> List[dict]:
              "channels": int(m.mlp[l].sum())} for l in range(units.n_layers)]
 
 
+def search_summary(history: List[dict], times: List[float]) -> dict:
+    """Wall time of the steps, and the control variate's mean out-of-sample share of the loss
+    deviations (None without one): how much of the sampled losses' spread it predicted."""
+    explained = [h["cv_explained"] for h in history if "cv_explained" in h]
+    return {"steps": len(history), "wall_s": sum(times),
+            "cv_explained": statistics.fmean(explained) if explained else None}
+
+
 def build_report(cfg, *, model, reloaded, units: UnitSpace, space: UnitSpace, budget, mask,
                  ckpt: dict, search, perplexities: dict, eval_data: str, load_s: float) -> dict:
     st, policy_state = search.state, search.policy.state
@@ -52,6 +60,7 @@ def build_report(cfg, *, model, reloaded, units: UnitSpace, space: UnitSpace, bu
                          "layers": space.n_layers if space.include_layers else 0},
         "layers": layer_sizes(units, mask),
         "median_step_s": statistics.median(times) if times else None,
+        "search": search_summary(st.history, times),
         "steps_timed": len(times),
         "peak_memory_mib": peak_memory_mib(device),
         "peak_memory_kind": "cuda max allocated" if device.type == "cuda" else "process peak RSS",

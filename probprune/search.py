@@ -23,6 +23,16 @@ from .policy import Policy
 from .units import UnitSpace
 
 
+def draw_uniforms(k: int, n: int, generator: torch.Generator, antithetic: bool) -> torch.Tensor:
+    """[k, n] uniforms for k masks; antithetic: rows k/2.. are 1 - rows ..k/2, so masks k and
+    k + k/2 are an antithetic pair (the layout :func:`probprune.policy.antithetic_gradient`
+    reads)."""
+    if not antithetic:
+        return torch.rand(k, n, generator=generator, device=generator.device)
+    u = torch.rand(k // 2, n, generator=generator, device=generator.device)
+    return torch.cat([u, 1 - u])
+
+
 class SearchForward:
     """The K-mask forward over search units: ``losses(input_ids, masks [K, space.n_units])``."""
 
@@ -116,7 +126,7 @@ class Search:
         st = self.policy.state
         space = self.forward.space
         rows = torch.randint(0, len(self.pool), (self.batch_size,), generator=self.data_gen)
-        u = torch.rand(self.k, space.n_units, generator=self.mask_gen, device=st.probs.device)
+        u = draw_uniforms(self.k, space.n_units, self.mask_gen, self.policy.config.antithetic)
         # The projection keeps probs in [0, 1]: the value check (a host sync) is not needed.
         masks = pk.sample_masks(st.probs, u, backend=self.backend, validate=False)
         losses = self.forward.losses(self.pool[rows], masks)
@@ -124,13 +134,16 @@ class Search:
         kept = space.kept_params(self.policy.probs) / space.prunable_params
         values = torch.cat([losses.double().flatten(),
                             torch.stack([stats["mean_loss"], stats["baseline"], kept,
-                                         stats["valid"].double()]).to(losses.device)])
-        *step_losses, mean_loss, baseline, kept, valid = values.tolist()  # the step's one sync
+                                         stats["valid"].double(),
+                                         stats["cv_explained"].double()]).to(losses.device)])
+        *step_losses, mean_loss, baseline, kept, valid, explained = values.tolist()  # one sync
         self.state.step_times.append(time.perf_counter() - t0)
         record = {"step": self.step, "losses": step_losses, "kept": kept, "lr": stats["lr"],
                   "baseline": None if baseline != baseline else baseline, "valid": int(valid)}
         if mean_loss == mean_loss:  # NaN on a skipped step
             record["mean_loss"] = mean_loss
+        if explained == explained:
+            record["cv_explained"] = explained
         if self.step % self.eval_every == 0 or self.step == self.steps:
             hard = self.budget.hard_mask(self.policy.probs)
             record["val_loss"] = self.val_loss(hard)

@@ -83,6 +83,8 @@ PRUNE_BAD = [
     (["--compensate-damping", "-0.5"], "--compensate-damping must be >= 0, got -0.5"),
     (["--compensate-windows", "0"], "--compensate-windows must be at least 1, got 0"),
     (["--window-stride", "0"], "--window-stride must be at least 1, got 0"),
+    (["--antithetic", "--k", "3"], "--antithetic samples masks in pairs: --k must be even"),
+    (["--cv-ridge", "-1"], "--cv-ridge must be > 0, got -1.0"),
     (["--seqlen", "1"], "--seqlen must be at least 2, got 1"),
     (["--protect-layers", "-1"], "--protect-layers must list layer numbers >= 0, got [-1]"),
     (["--attn-sparsity", "0.5"], "--attn-sparsity applies only with --budget per-type"),

@@ -24,7 +24,7 @@ SETTINGS_KEYS = [
     "lr", "min_lr_ratio", "init", "init_temperature", "init_attn_sparsity", "init_windows",
     "channel_block", "budget", "scope", "attn_sparsity", "mlp_sparsity", "prune_layers",
     "protect_layers", "compensate", "compensate_bias", "compensate_damping", "compensate_windows",
-    "optimizer", "baseline", "ma_window", "eval_every", "checkpoint_every", "device", "dtype",
+    "optimizer", "antithetic", "control_variate", "cv_history", "cv_ridge", "baseline", "ma_window", "eval_every", "checkpoint_every", "device", "dtype",
     "backend", "seed", "resume", "progress", "stop_after"]
 DEFAULTS = dict(
     steps=400, k=2, batch_size=4, seqlen=128, calib="wiki-summaries", nsamples=256,
@@ -35,11 +35,13 @@ DEFAULTS = dict(
     ma_window=5, eval_every=25, checkpoint_every=25, device="cpu", dtype="float32", backend=None,
     seed=0, resume=False, progress=True, stop_after=None, window_stride=1,
     compensate="sequential", compensate_bias=False, compensate_damping=0.01,
-    compensate_windows=128, optimizer="sgd")
+    compensate_windows=128, optimizer="sgd", antithetic=False, control_variate=False,
+    cv_history=256, cv_ridge=1.0)
 RESUME_KEYS = {"model", "sparsity", "steps", "k", "batch_size", "seqlen", "calib", "nsamples",
                "lr", "init", "init_temperature", "init_attn_sparsity", "init_windows", "budget",
                "scope", "attn_sparsity", "mlp_sparsity", "prune_layers", "protect_layers",
-               "baseline", "seed", "dtype", "val_windows", "channel_block", "optimizer"}
+               "baseline", "seed", "dtype", "val_windows", "channel_block", "optimizer",
+               "antithetic", "control_variate", "cv_history", "cv_ridge"}
 
 
 def _model_dir(path, model_type="llama", weights=None, tokenizer=True):
@@ -156,6 +158,11 @@ BAD = [
     # combinations
     (dict(k=1),
      "the leave-one-out baseline needs --k 2 or more (or use --baseline moving-average)"),
+    (dict(antithetic=True, k=3), "--antithetic samples masks in pairs: --k must be even, got --k 3"),
+    (dict(control_variate=True, cv_history=2, k=4),
+     "--cv-history must hold at least one step's --k samples, got --cv-history 2 with --k 4"),
+    (dict(cv_ridge=0.0), "--cv-ridge must be > 0"),
+    (dict(cv_history=1), "--cv-history must be at least 2"),
     (dict(attn_sparsity=0.4), "--attn-sparsity applies only with --budget per-type"),
     (dict(mlp_sparsity=0.4), "--mlp-sparsity applies only with --budget per-type"),
     (dict(budget="per-type", init_attn_sparsity=0.2),

@@ -65,15 +65,19 @@ def test_the_exported_mask_is_the_best_one_seen(tiny_model_dirs, calib_file, tmp
     assert recomputed == pytest.approx(best, rel=1e-6)
 
 
-@pytest.mark.parametrize("block", [1, 5])
-def test_resume_reproduces_the_uninterrupted_run(tiny_model_dirs, calib_file, tmp_path, block):
+@pytest.mark.parametrize("block,extra", [
+    (1, {}), (5, {}),
+    (5, dict(k=4, antithetic=True, control_variate=True, cv_history=8, optimizer="adam"))])
+def test_resume_reproduces_the_uninterrupted_run(tiny_model_dirs, calib_file, tmp_path, block,
+                                                 extra):
     model = tiny_model_dirs["llama"]
-    full = prune(settings(model, calib_file, tmp_path / "full", channel_block=block))
+    full = prune(settings(model, calib_file, tmp_path / "full", channel_block=block, **extra))
     with pytest.raises(StopRequested):  # killed after step 5
-        prune(settings(model, calib_file, tmp_path / "cut", stop_after=5, channel_block=block))
+        prune(settings(model, calib_file, tmp_path / "cut", stop_after=5, channel_block=block,
+                       **extra))
     # The checkpoint of step 4 is the last one; the resumed run replays step 5 identically.
     resumed = prune(settings(model, calib_file, tmp_path / "cut", resume=True,
-                             channel_block=block))
+                             channel_block=block, **extra))
     a = load_file(str(tmp_path / "full" / "scores.safetensors"))["probs"]
     b = load_file(str(tmp_path / "cut" / "scores.safetensors"))["probs"]
     assert torch.equal(a, b)
@@ -81,6 +85,9 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_model_dirs, calib_file, tm
                        load_file(str(tmp_path / "cut" / "masks.safetensors"))["mask"])
     assert full["perplexity"]["pruned"] == resumed["perplexity"]["pruned"]
     assert resumed["steps_timed"] == 8
+    explained = full["search"]["cv_explained"]
+    assert (explained is None) == (not extra.get("control_variate"))
+    assert explained is None or explained <= 1
 
 
 def test_resume_refuses_changed_settings(tiny_model_dirs, calib_file, tmp_path):

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from probprune.policy import (Policy, PolicyConfig, PolicyState, advantages, cosine_lr,
+from probprune.policy import (Policy, PolicyConfig, PolicyState, advantages, antithetic_gradient,
+                              cosine_lr,
                               score_gradient)
 
 A = torch.tensor([1.0, -2.0, 0.5, 3.0, 0.0], dtype=torch.float64)
@@ -175,3 +176,155 @@ def test_adam_state_round_trips_and_descends():
     assert pol.probs[1] > 0.9 and pol.probs[0] < 0.1 and pol.probs[2] < 0.1
     with pytest.raises(ValueError, match="unknown optimizer"):
         Policy(PolicyConfig(optimizer="rmsprop"), PolicyState(torch.full((2,), 0.5)))
+
+
+# -- variance reducers ---------------------------------------------------------------------------
+
+S_TOY = torch.tensor([0.3, 0.6, 0.5, 0.9, 0.2], dtype=torch.float64)
+EPS = PolicyConfig().eps
+
+
+def _mean_step_direction(config, make_state, sample, trials):
+    """Monte Carlo mean and standard error of one update's direction, (s - s') / lr, each trial
+    from a fresh copy of the same state (lr small enough that nothing is clamped)."""
+    dirs = []
+    for _ in range(trials):
+        pol = Policy(config, make_state())
+        m = sample()
+        before = pol.probs.clone()
+        pol.update(toy_loss(m), m, lambda p: p)
+        dirs.append((before - pol.probs) / config.lr)
+    d = torch.stack(dirs)
+    return d.mean(0), d.std(0) / math.sqrt(trials)
+
+
+def _antithetic(k):
+    u = torch.rand(k // 2, 5, dtype=torch.float64)
+    return torch.cat([u, 1 - u]) < S_TOY
+
+
+def test_antithetic_gradient_is_unbiased():
+    torch.manual_seed(0)
+    trials, K = 40000, 4
+    u = torch.rand(trials, K // 2, 5, dtype=torch.float64)
+    m = torch.cat([u, 1 - u], 1) < S_TOY
+    L = toy_loss(m.view(-1, 5)).view(trials, K)
+    finite = torch.ones(K, dtype=torch.bool)
+    grads = torch.stack([antithetic_gradient(L[t], m[t], S_TOY, finite) for t in range(trials)])
+    mean, sem = grads.mean(0), grads.std(0) / math.sqrt(trials)
+    assert torch.all((mean - toy_gradient(S_TOY)).abs() < 5 * sem + 1e-3), (mean, sem)
+
+
+def test_antithetic_pair_by_hand():
+    # One unit at s = 0.3: the pair disagrees, L = 2 with the unit kept and 0.5 without:
+    # 1/2 (2 - 0.5) (1 - 0) max(0.3, 0.7) / (0.3 * 0.7).
+    s = torch.tensor([0.3], dtype=torch.float64)
+    g = antithetic_gradient(torch.tensor([2.0, 0.5]), torch.tensor([[True], [False]]), s,
+                            torch.ones(2, dtype=torch.bool))
+    torch.testing.assert_close(g, torch.tensor([0.5 * 1.5 * 0.7 / 0.21], dtype=torch.float64))
+    # Pairs are (k, k + K/2). One that agrees carries no signal; one with a NaN is left out.
+    same = antithetic_gradient(torch.tensor([2.0, float("nan"), 0.5, 9.0]),
+                               torch.tensor([[True], [True], [True], [False]]), s,
+                               torch.tensor([True, False, True, True]))
+    assert torch.equal(same, torch.zeros(1, dtype=torch.float64))
+
+
+def test_antithetic_policy_step_is_unbiased():
+    torch.manual_seed(1)
+    cfg = PolicyConfig(lr=1e-4, steps=10, normalize=False, antithetic=True)
+    mean, sem = _mean_step_direction(cfg, lambda: PolicyState(S_TOY.clone()),
+                                     lambda: _antithetic(2), 30000)
+    var = S_TOY * (1 - S_TOY)
+    want = toy_gradient(S_TOY) * var / torch.sqrt(var + EPS)
+    assert torch.all((mean - want).abs() < 5 * sem + 1e-3), (mean, want, sem)
+
+
+def _fitted_cv_state(n_rows=64, seed=3):
+    """A control variate's buffer filled from toy losses of random masks, as the policy fills it."""
+    from probprune.control_variate import LinearControlVariate
+    g = torch.Generator().manual_seed(seed)
+    cv = LinearControlVariate(5, n_rows, 1e-6, "cpu")
+    for _ in range(n_rows // 4):
+        m = torch.rand(4, 5, generator=g, dtype=torch.float64) < S_TOY
+        cv.add(toy_loss(m), m, torch.ones(4, dtype=torch.bool), torch.tensor(True))
+    return cv
+
+
+def test_control_variate_recovers_a_linear_loss():
+    from probprune.control_variate import LinearControlVariate
+    g = torch.Generator().manual_seed(0)
+    cv = LinearControlVariate(5, 40, 1e-8, "cpu")
+    for step in range(10):
+        m = torch.rand(4, 5, generator=g, dtype=torch.float64) < S_TOY
+        # a per-step offset (the batch's difficulty) must not matter: the fit is within a step
+        cv.add(m.double() @ A + 10.0 * step, m, torch.ones(4, dtype=torch.bool), torch.tensor(True))
+    w = cv.weights()
+    torch.testing.assert_close(w, A, atol=1e-5, rtol=0)
+    m = torch.rand(4, 5, generator=g, dtype=torch.float64) < S_TOY
+    explained = cv.explained(w, m.double() @ A - 3.0, m, torch.ones(4, dtype=torch.bool))
+    assert abs(float(explained) - 1) < 1e-6
+    # A skipped step writes nothing; a non-finite loss writes a zero row.
+    before = {k: v.clone() for k, v in cv.state.items()}
+    cv.add(torch.ones(4), m, torch.ones(4, dtype=torch.bool), torch.tensor(False))
+    assert all(torch.equal(before[k], cv.state[k]) for k in before)
+
+
+def test_control_variate_step_is_unbiased_and_removes_the_linear_part():
+    torch.manual_seed(2)
+    fitted = _fitted_cv_state().state
+    cfg = PolicyConfig(lr=1e-4, steps=10, normalize=False, control_variate=True, cv_history=64)
+    var = S_TOY * (1 - S_TOY)
+    want = toy_gradient(S_TOY) * var / torch.sqrt(var + EPS)
+    make = lambda: PolicyState(S_TOY.clone(), control_variate=dict(fitted))  # noqa: E731
+    sample = lambda: torch.rand(4, 5, dtype=torch.float64) < S_TOY  # noqa: E731
+    mean, sem = _mean_step_direction(cfg, make, sample, 20000)
+    assert torch.all((mean - want).abs() < 5 * sem + 1e-3), (mean, want, sem)
+    # The linear part of the toy loss is predicted, so the estimate's spread is smaller than
+    # plain REINFORCE's with the same samples.
+    torch.manual_seed(2)
+    plain_mean, plain_sem = _mean_step_direction(
+        PolicyConfig(lr=1e-4, steps=10, normalize=False), lambda: PolicyState(S_TOY.clone()),
+        sample, 20000)
+    assert float(sem.pow(2).sum()) < 0.5 * float(plain_sem.pow(2).sum())
+
+
+def test_control_variate_state_round_trips_through_a_checkpoint():
+    torch.manual_seed(4)
+    cfg = PolicyConfig(lr=0.05, steps=20, control_variate=True, cv_history=8, antithetic=True)
+    pol = Policy(cfg, PolicyState(S_TOY.clone()))
+    for _ in range(3):
+        m = _antithetic(4)
+        pol.update(toy_loss(m), m, lambda p: p.clamp(0, 1))
+    again = Policy(cfg, PolicyState.from_state_dict(pol.state.state_dict(), "cpu"))
+    m = _antithetic(4)
+    for p in (pol, again):
+        p.update(toy_loss(m), m, lambda p: p.clamp(0, 1))
+    torch.testing.assert_close(again.probs, pol.probs)
+    torch.testing.assert_close(again.state.control_variate["rows"],
+                               pol.state.control_variate["rows"])
+    assert int(again.state.control_variate["written"]) == 16
+
+
+def test_variance_reducers_descend_the_toy_objective():
+    torch.manual_seed(0)
+    for antithetic, cv in ((True, False), (False, True), (True, True)):
+        pol = Policy(PolicyConfig(lr=0.05, steps=300, antithetic=antithetic, control_variate=cv,
+                                  cv_history=32), PolicyState(torch.full((5,), 0.5,
+                                                                         dtype=torch.float64)))
+        for _ in range(300):
+            u = torch.rand(2, 5, dtype=torch.float64)
+            m = (torch.cat([u, 1 - u]) if antithetic else torch.rand(4, 5, dtype=torch.float64)) \
+                < pol.probs
+            pol.update(toy_loss(m), m, lambda p: p.clamp(0, 1))
+        p = pol.probs
+        assert p[1] > 0.9 and p[0] < 0.1 and p[2] < 0.1 and p[3] < 0.1, (antithetic, cv, p)
+
+
+def test_antithetic_uniforms_pair_rows_k_and_k_plus_half():
+    from probprune.search import draw_uniforms
+    u = draw_uniforms(6, 50, torch.Generator().manual_seed(0), antithetic=True)
+    torch.testing.assert_close(u[3:], 1 - u[:3])
+    masks = u < 0.5  # at s = 1/2 an antithetic pair is a mask and its complement
+    assert torch.equal(masks[3:], ~masks[:3])
+    plain = draw_uniforms(6, 50, torch.Generator().manual_seed(0), antithetic=False)
+    assert plain.shape == (6, 50) and not torch.allclose(plain[3:], 1 - plain[:3])
