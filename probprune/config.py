@@ -461,6 +461,10 @@ class PruneConfig(_Settings):
         128, help="calibration windows the refit's statistics are taken on (the first of the "
                   "--nsamples pool; at most that many)",
         check=at_least(1))
+    select_candidates: int = setting(
+        1, check=at_least(1), resume=True,
+        help="compensate the N hard masks with the lowest held-out losses seen (bare slices) and "
+             "export the one whose compensated held-out loss is lowest; 1: the best bare mask")
     optimizer: str = setting(
         "sgd", choices=("sgd", "adam"), resume=True,
         help="update of the keep-probabilities: sgd (the preconditioned REINFORCE step) or adam "

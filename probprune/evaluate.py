@@ -72,6 +72,14 @@ def _as_perplexity(nll: float, windows: torch.Tensor, stride: int) -> Perplexity
                       windows=windows.shape[0], seqlen=windows.shape[1], stride=stride)
 
 
+def _model_batch_nll(model, device):
+    def batch_nll(batch):
+        batch = batch.to(device)
+        logits = model(batch).logits[:, :-1].float()
+        return F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
+    return batch_nll
+
+
 @torch.no_grad()
 def perplexity(model, ids: torch.Tensor, seqlen: int = 128, batch_size: int = 8,
                max_windows: Optional[int] = None, device=None, progress: bool = True,
@@ -79,14 +87,17 @@ def perplexity(model, ids: torch.Tensor, seqlen: int = 128, batch_size: int = 8,
     """Perplexity of ``model`` (any module whose output has ``.logits``) on token ids ``ids``."""
     windows = eval_windows(ids, seqlen, max_windows, stride)
     device = device or next(model.parameters()).device
+    nll = mean_nll(_model_batch_nll(model, device), windows, batch_size, progress, desc)
+    return _as_perplexity(nll, windows, stride)
 
-    def batch_nll(batch):
-        batch = batch.to(device)
-        logits = model(batch).logits[:, :-1].float()
-        return F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
 
-    return _as_perplexity(mean_nll(batch_nll, windows, batch_size, progress, desc), windows,
-                          stride)
+@torch.no_grad()
+def model_nll(model, windows: torch.Tensor, batch_size: int = 8, progress: bool = False,
+              desc: str = "held-out loss") -> float:
+    """Mean NLL of ``model`` on windows [N, T]: a pruned model's held-out loss, comparable with
+    :func:`masked_nll`'s."""
+    device = next(model.parameters()).device
+    return mean_nll(_model_batch_nll(model, device), windows, batch_size, progress, desc)
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ from . import __version__
 from .budget import Budget
 from .config import PruneConfig
 from .data import DataError, calibration_texts, eval_text, random_windows, tokenize_joined
-from .evaluate import masked_nll, masked_perplexity, perplexity
+from .evaluate import masked_nll, masked_perplexity, model_nll, perplexity
 from .compensate import compensate
 from .export import export_pruned, pruned_model
 from .files import atomic_write
@@ -171,7 +171,7 @@ def search_masks(cfg: PruneConfig, run: Loaded, start: Start, ckpt) -> Search:
     search = Search(SearchForward(run.engine, start.space), run.budget, policy, start.state,
                     run.data.pool, run.data.val, steps=cfg.steps, k=cfg.k,
                     batch_size=cfg.batch_size, eval_every=cfg.eval_every, seed=cfg.seed,
-                    backend=cfg.backend)
+                    backend=cfg.backend, candidates=cfg.select_candidates)
     if ckpt is not None:
         search.restore_rng(ckpt)
 
@@ -189,15 +189,16 @@ def finish(cfg: PruneConfig, run: Loaded, space: UnitSpace, search: Search, fixe
     """Best mask -> compensation -> export -> evaluate -> report. Everything written out is in
     model units, usable without knowing the search space."""
     st = search.state
-    mask, init_mask, final_probs, init_probs = space.expand(torch.stack([
-        st.best_mask.float().cpu(), st.init_mask.float().cpu(),
-        search.policy.probs.detach().float().cpu(), st.init_probs.float().cpu()]))
-    mask, init_mask = mask.bool(), init_mask.bool()
+    init_mask, final_probs, init_probs = space.expand(torch.stack([
+        st.init_mask.float().cpu(), search.policy.probs.detach().float().cpu(),
+        st.init_probs.float().cpu()]))
+    init_mask = init_mask.bool()
     units = run.engine.units
 
-    compensation = compensate_mask(cfg, run, mask, "pruned")
+    mask, compensation, selection, init_comp = choose_mask(cfg, run, space, st)
+    chosen_step = next(c["step"] for c in selection if c["chosen"]) if selection else st.best_step
     meta = {"settings": cfg.as_dict(), "probprune_version": __version__,
-            "best_step": st.best_step}
+            "best_step": chosen_step}
     export_pruned(run.model, run.tokenizer, units, mask, cfg.out, meta,
                   weights=compensation.weights if compensation else None)
     save_tensors(cfg.out, "scores.safetensors", probs=final_probs, init_probs=init_probs)
@@ -211,7 +212,10 @@ def finish(cfg: PruneConfig, run: Loaded, space: UnitSpace, search: Search, fixe
     if compensation is not None:
         extra["compensation"] = compensation.summary()
         # The init mask under the same compensation: the search must beat this, not the bare init.
-        init_comp = compensate_mask(cfg, run, init_mask, "init")
+        if torch.equal(init_mask, mask):
+            init_comp = compensation
+        elif init_comp is None:
+            init_comp = compensate_mask(cfg, run, init_mask, "init")
         init_model = pruned_model(run.model, units, init_mask, init_comp.weights)
         perplexities["init_compensated"] = perplexity(
             init_model, run.eval_ids, desc="init perplexity (compensated)", **_ppl_kw(cfg)).as_dict()
@@ -226,9 +230,40 @@ def finish(cfg: PruneConfig, run: Loaded, space: UnitSpace, search: Search, fixe
                           budget=run.budget, mask=mask, ckpt=fixed, search=search,
                           perplexities=perplexities, eval_data=run.eval_name, load_s=run.load_s)
     report.update(extra)
+    if selection:
+        report["selection"] = selection
     write_report(cfg.out, report)
     write_plots(cfg.out, units, mask, final_probs, st.history)
     return report
+
+
+def choose_mask(cfg: PruneConfig, run: Loaded, space: UnitSpace, st: SearchState):
+    """The hard model-unit mask to export and its compensation (None without one), and the
+    selection's record: with ``select_candidates`` > 1 and compensation on, every candidate
+    mask is compensated and scored on the held-out windows as the export would be, and the
+    lowest wins; otherwise the best bare mask. Also the init mask's compensation when the
+    selection computed it (None otherwise)."""
+    if cfg.select_candidates == 1 or cfg.compensate == "none" or len(st.candidates) == 1:
+        mask = space.expand(st.best_mask.float().cpu()[None])[0].bool()
+        return mask, compensate_mask(cfg, run, mask, "pruned"), [], None
+    units, best, init_comp = run.engine.units, None, None
+    selection = []
+    for c in st.candidates:
+        mask = space.expand(c["mask"].float().cpu()[None])[0].bool()
+        comp = compensate_mask(cfg, run, mask, f"step {c['step']}")
+        model = pruned_model(run.model, units, mask, comp.weights)
+        loss = model_nll(model, run.data.val, cfg.eval_batch_size)
+        del model
+        if c["step"] == 0:
+            init_comp = comp  # the report's init-compensated perplexity needs it again
+        selection.append({"step": c["step"], "val_loss": c["val_loss"],
+                          "val_loss_compensated": loss, "chosen": False})
+        if best is None or loss < best[0]:
+            best = (loss, len(selection) - 1, mask, comp)
+    selection[best[1]]["chosen"] = True
+    log.info("selection: step %d (compensated held-out loss %.4f)",
+             selection[best[1]]["step"], best[0])
+    return best[2], best[3], selection, init_comp
 
 
 def compensate_mask(cfg: PruneConfig, run: Loaded, mask: torch.Tensor, what: str):

@@ -62,23 +62,39 @@ class SearchState:
     best_step: int = 0
     history: List[dict] = field(default_factory=list)
     step_times: List[float] = field(default_factory=list)
+    # The distinct hard masks with the lowest held-out losses, lowest first: {step, val_loss,
+    # mask}; the final choice may re-rank them after compensation.
+    candidates: List[dict] = field(default_factory=list)
 
     @classmethod
     def start(cls, init_probs, init_mask, init_val_loss) -> "SearchState":
-        return cls(init_probs.clone(), init_mask, init_val_loss, init_mask, init_val_loss)
+        return cls(init_probs.clone(), init_mask, init_val_loss, init_mask, init_val_loss,
+                   candidates=[{"step": 0, "val_loss": init_val_loss, "mask": init_mask}])
+
+    def offer(self, step: int, val_loss: float, mask: torch.Tensor, keep: int) -> None:
+        """A scored hard mask: the best one if it beats it, a candidate if among the ``keep``
+        lowest (a mask already held is not held twice)."""
+        if val_loss < self.best_val_loss:
+            self.best_mask, self.best_val_loss, self.best_step = mask, val_loss, step
+        if any(torch.equal(c["mask"], mask) for c in self.candidates):
+            return
+        self.candidates.append({"step": step, "val_loss": val_loss, "mask": mask})
+        self.candidates.sort(key=lambda c: c["val_loss"])
+        del self.candidates[keep:]
 
     def to_dict(self) -> dict:
         return {"init_probs": self.init_probs, "init_mask": self.init_mask,
                 "init_val_loss": self.init_val_loss,
                 "best": {"mask": self.best_mask, "val_loss": self.best_val_loss,
                          "step": self.best_step},
-                "history": self.history, "step_times": self.step_times}
+                "history": self.history, "step_times": self.step_times,
+                "candidates": self.candidates}
 
     @classmethod
     def from_dict(cls, d: dict) -> "SearchState":
         b = d["best"]
         return cls(d["init_probs"], d["init_mask"], d["init_val_loss"], b["mask"], b["val_loss"],
-                   b["step"], d["history"], d["step_times"])
+                   b["step"], d["history"], d["step_times"], d.get("candidates", []))
 
 
 class Search:
@@ -87,11 +103,12 @@ class Search:
 
     def __init__(self, forward: SearchForward, budget: Budget, policy: Policy, state: SearchState,
                  pool: torch.Tensor, val: torch.Tensor, *, steps: int, k: int, batch_size: int,
-                 eval_every: int, seed: int, backend: Optional[str] = None):
+                 eval_every: int, seed: int, backend: Optional[str] = None,
+                 candidates: int = 1):
         self.forward, self.budget, self.policy, self.state = forward, budget, policy, state
         self.pool, self.val = pool, val
         self.steps, self.k, self.batch_size, self.eval_every = steps, k, batch_size, eval_every
-        self.backend = backend
+        self.backend, self.candidates = backend, candidates
         self.data_gen = torch.Generator().manual_seed(seed)
         self.mask_gen = torch.Generator(device=forward.device).manual_seed(seed + 7)
 
@@ -147,9 +164,7 @@ class Search:
         if self.step % self.eval_every == 0 or self.step == self.steps:
             hard = self.budget.hard_mask(self.policy.probs)
             record["val_loss"] = self.val_loss(hard)
-            if record["val_loss"] < self.state.best_val_loss:
-                self.state.best_mask, self.state.best_val_loss = hard, record["val_loss"]
-                self.state.best_step = self.step
+            self.state.offer(self.step, record["val_loss"], hard, self.candidates)
         self.state.history.append(record)
         return record
 

@@ -24,7 +24,8 @@ SETTINGS_KEYS = [
     "lr", "min_lr_ratio", "init", "init_temperature", "init_attn_sparsity", "init_windows",
     "channel_block", "budget", "scope", "attn_sparsity", "mlp_sparsity", "prune_layers",
     "protect_layers", "compensate", "compensate_bias", "compensate_damping", "compensate_windows",
-    "optimizer", "antithetic", "control_variate", "cv_history", "cv_ridge", "baseline", "ma_window", "eval_every", "checkpoint_every", "device", "dtype",
+    "select_candidates", "optimizer", "antithetic", "control_variate", "cv_history", "cv_ridge",
+    "baseline", "ma_window", "eval_every", "checkpoint_every", "device", "dtype",
     "backend", "seed", "resume", "progress", "stop_after"]
 DEFAULTS = dict(
     steps=400, k=2, batch_size=4, seqlen=128, calib="wiki-summaries", nsamples=256,
@@ -36,12 +37,13 @@ DEFAULTS = dict(
     seed=0, resume=False, progress=True, stop_after=None, window_stride=1,
     compensate="sequential", compensate_bias=False, compensate_damping=0.01,
     compensate_windows=128, optimizer="sgd", antithetic=False, control_variate=False,
-    cv_history=256, cv_ridge=1.0)
+    cv_history=256, cv_ridge=1.0, select_candidates=1)
 RESUME_KEYS = {"model", "sparsity", "steps", "k", "batch_size", "seqlen", "calib", "nsamples",
                "lr", "init", "init_temperature", "init_attn_sparsity", "init_windows", "budget",
                "scope", "attn_sparsity", "mlp_sparsity", "prune_layers", "protect_layers",
                "baseline", "seed", "dtype", "val_windows", "channel_block", "optimizer",
-               "antithetic", "control_variate", "cv_history", "cv_ridge"}
+               "antithetic", "control_variate", "cv_history", "cv_ridge",
+               "select_candidates"}
 
 
 def _model_dir(path, model_type="llama", weights=None, tokenizer=True):

@@ -8,9 +8,9 @@ from safetensors.torch import load_file
 from probprune.cli import main
 from probprune.config import PruneConfig
 from probprune.data import DataError
-from probprune.evaluate import masked_nll
+from probprune.evaluate import masked_nll, model_nll
 from probprune.forward import MaskedCausalLM
-from probprune.models import load_model
+from probprune.models import load_model, load_pruned
 from probprune.pipeline import StopRequested, calibration, prune
 from tests.tiny_models import CORPUS
 
@@ -149,3 +149,23 @@ def test_compensated_run_reports_bare_and_compensated_perplexities(tiny_model_di
         assert rec["mlp_refit"] <= rec["mlp_bare"] + 1e-9
     layout = json.load(open(tmp_path / "run" / "config.json"))["probprune_layout"]
     assert all(s.get("down_bias") for s in layout)
+
+
+def test_selection_exports_the_candidate_best_after_compensation(tiny_model_dirs, calib_file,
+                                                                 tmp_path):
+    cfg = settings(tiny_model_dirs["llama"], calib_file, tmp_path / "run", steps=10, lr=0.5,
+                   compensate="sequential", compensate_windows=8, select_candidates=3)
+    report = prune(cfg)
+    sel = report["selection"]
+    assert len(sel) == 3 and [c["val_loss"] for c in sel] == sorted(c["val_loss"] for c in sel)
+    held_out = report["val_loss"]
+    scored = sorted([held_out["init"]] + [h["val_loss"] for h in held_out["history"]])
+    assert sel[0]["val_loss"] == pytest.approx(scored[0], rel=1e-12)  # the bare best is among them
+    chosen = [c for c in sel if c["chosen"]]
+    assert len(chosen) == 1
+    assert chosen[0]["val_loss_compensated"] == min(c["val_loss_compensated"] for c in sel)
+    # The export is that mask with that compensation: its reloaded held-out loss is the chosen one.
+    _, tok = load_model(cfg.model)
+    reloaded = load_pruned(str(tmp_path / "run"))
+    assert model_nll(reloaded, calibration(tok, cfg).val, cfg.batch_size) == pytest.approx(
+        chosen[0]["val_loss_compensated"], rel=1e-5)
