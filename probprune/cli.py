@@ -15,6 +15,7 @@ import time
 from probprune_kernels import BackendUnavailableError
 
 from . import __version__
+from .distributed import PeerFailure
 from .config import (EvalConfig, PruneConfig, add_eval_arguments, add_prune_arguments,
                      one_line)
 
@@ -66,6 +67,8 @@ def cmd_prune(args) -> int:
     from .pipeline import prune
 
     report = prune(config)
+    if report is None:  # a rank other than 0 of a torchrun launch: rank 0 reports
+        return 0
     ppl = report["perplexity"]
     params = report["params"]
     if args.json:
@@ -146,6 +149,9 @@ def main(argv=None) -> int:
             raise
         print(f"probprune-fast: error: {one_line(e)}", file=sys.stderr)
         return 2
+    except PeerFailure as e:
+        print(f"probprune-fast: error: {one_line(e)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         if args.verbose:
             raise

@@ -25,6 +25,7 @@ from typing import Any, Callable, Dict, List, Optional, Union, get_args, get_ori
 import torch
 
 from .data import WIKITEXT2_ENV, DataError, check_calibration_source, check_eval_source
+from .distributed import world_size_from_env
 from .importance import INIT_METHODS
 from .models import EMBEDDED, UnsupportedModelError, check_supported
 
@@ -500,6 +501,10 @@ class PruneConfig(_Settings):
     seed: int = setting(0, help="seed of the calibration windows, batches and sampled masks",
                         check=rule(lambda v: 0 <= v < 2**63, "must lie in [0, 2**63)"),
                         resume=True)
+    dist_timeout: float = setting(
+        1800.0, check=rule(lambda v: v > 0, "must be > 0"),
+        help="seconds a rank of a torchrun launch waits for the others before it stops with an "
+             "error (rank 0 runs the init and the export alone)")
     resume: bool = setting(False, help="continue the checkpoint in --out")
     progress: bool = setting(True, cli=False, help="show progress bars")
     stop_after: Optional[int] = setting(None, cli=False, check=at_least(1),
@@ -541,6 +546,15 @@ def _leave_one_out_needs_two(c) -> Problem:
     if c.baseline == "leave-one-out" and c.k < 2:
         return (f"the leave-one-out baseline needs --k 2 or more (or use --baseline "
                 f"moving-average), got --k {c.k}")
+    return None
+
+
+@combination("k", probe=True)
+def _masks_shared_evenly(c) -> Problem:
+    size = world_size_from_env()
+    if c.k % size:
+        return (f"--k {c.k} masks cannot be shared evenly by the {size} processes of this "
+                f"launch (WORLD_SIZE): use a --k that is a multiple of {size}")
     return None
 
 

@@ -7,10 +7,12 @@ that it ends exactly as the uninterrupted run would.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from safetensors.torch import save_file
@@ -21,6 +23,7 @@ from .config import PruneConfig
 from .data import DataError, calibration_texts, eval_text, random_windows, tokenize_joined
 from .evaluate import masked_nll, masked_perplexity, model_nll, perplexity
 from .compensate import compensate
+from .distributed import SINGLE, World, close_world, init_world, local_device
 from .export import export_pruned, pruned_model
 from .files import atomic_write
 from .forward import MaskedCausalLM
@@ -101,14 +104,36 @@ class Start:
     fixed: dict                # checkpoint entries that never change during the search
 
 
-def prune(cfg: PruneConfig) -> dict:
+def prune(cfg: PruneConfig) -> Optional[dict]:
+    """The run; under torchrun, one rank of a mask-parallel run (:mod:`probprune.distributed`):
+    the report on rank 0, None on the others."""
     cfg.validate()
-    os.makedirs(cfg.out, exist_ok=True)
-    ckpt = read_checkpoint(cfg)
-    run = load(cfg)
-    start = initialize(cfg, run) if ckpt is None else resume(cfg, run, ckpt)
-    search = search_masks(cfg, run, start, ckpt)
-    return finish(cfg, run, start.space, search, start.fixed)
+    world = init_world(local_device(cfg.device), cfg.dist_timeout)
+    try:
+        cfg = dataclasses.replace(cfg, device=local_device(cfg.device),
+                                  progress=cfg.progress and world.is_main)
+        os.makedirs(cfg.out, exist_ok=True)
+        ckpt = world.broadcast(read_checkpoint(cfg) if world.is_main else None)
+        run = load(cfg)
+        if ckpt is not None:
+            start = resume(cfg, run, ckpt, announce=world.is_main)
+        elif world.is_main:
+            start = initialize(cfg, run)
+        if world.size > 1 and ckpt is None:
+            # Rank 0 alone runs the init (its perplexities included); the others start from its
+            # result in checkpoint form, so every rank starts from the same state bit for bit.
+            shared = world.broadcast(start_checkpoint(start) if world.is_main else None)
+            if not world.is_main:
+                start, ckpt = resume(cfg, run, shared, announce=False), shared
+        search = search_masks(cfg, run, start, ckpt, world)
+        return finish(cfg, run, start.space, search, start.fixed) if world.is_main else None
+    finally:
+        close_world(world)
+
+
+def start_checkpoint(start: Start) -> dict:
+    """A fresh start in the checkpoint's format (what :func:`resume` reads)."""
+    return {**start.fixed, **start.state.to_dict(), "policy": start.policy.state_dict()}
 
 
 def load(cfg: PruneConfig) -> Loaded:
@@ -153,30 +178,33 @@ def initialize(cfg: PruneConfig, run: Loaded) -> Start:
                  SearchState.start(probs, init_mask, init_val), fixed)
 
 
-def resume(cfg: PruneConfig, run: Loaded, ckpt: dict) -> Start:
+def resume(cfg: PruneConfig, run: Loaded, ckpt: dict, announce: bool = True) -> Start:
     policy = PolicyState.from_state_dict(ckpt["policy"], run.engine.device)
-    log.warning("resuming %s at step %d of %d", cfg.out, policy.step, cfg.steps)
+    if announce:
+        log.warning("resuming %s at step %d of %d", cfg.out, policy.step, cfg.steps)
     fixed = {k: ckpt[k] for k in ("settings", "dense", "init", "channel_order")}
     return Start(run.budget.space.with_order(ckpt["channel_order"]), policy,
                  SearchState.from_dict(ckpt), fixed)
 
 
-def search_masks(cfg: PruneConfig, run: Loaded, start: Start, ckpt) -> Search:
-    """The search loop, checkpointed every ``checkpoint_every`` steps and at the end."""
+def search_masks(cfg: PruneConfig, run: Loaded, start: Start, ckpt,
+                 world: World = SINGLE) -> Search:
+    """The search loop, checkpointed (by rank 0) every ``checkpoint_every`` steps and at the
+    end."""
     policy = Policy(PolicyConfig(cfg.lr, cfg.steps, cfg.baseline, cfg.ma_window,
                                  cfg.min_lr_ratio, optimizer=cfg.optimizer,
                                  antithetic=cfg.antithetic, control_variate=cfg.control_variate,
                                  cv_history=cfg.cv_history, cv_ridge=cfg.cv_ridge),
                     start.policy)
-    search = Search(SearchForward(run.engine, start.space), run.budget, policy, start.state,
+    search = Search(SearchForward(run.engine, start.space, world), run.budget, policy, start.state,
                     run.data.pool, run.data.val, steps=cfg.steps, k=cfg.k,
                     batch_size=cfg.batch_size, eval_every=cfg.eval_every, seed=cfg.seed,
                     backend=cfg.backend, candidates=cfg.select_candidates)
-    if ckpt is not None:
+    if ckpt is not None and "data_rng" in ckpt:  # a fresh start's streams are the seed's
         search.restore_rng(ckpt)
 
     def on_step(record):
-        if search.step % cfg.checkpoint_every == 0 or search.done:
+        if world.is_main and (search.step % cfg.checkpoint_every == 0 or search.done):
             save_checkpoint(cfg.out, {**start.fixed, **search.checkpoint()})
         if cfg.stop_after is not None and search.step >= cfg.stop_after:
             raise StopRequested(f"stopped after step {search.step} (stop_after)")

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 import probprune_kernels as pk
 
 from .budget import Budget
+from .distributed import SINGLE, World
 from .evaluate import masked_nll
 from .forward import MaskedCausalLM
 from .policy import Policy
@@ -36,11 +37,11 @@ def draw_uniforms(k: int, n: int, generator: torch.Generator, antithetic: bool) 
 class SearchForward:
     """The K-mask forward over search units: ``losses(input_ids, masks [K, space.n_units])``."""
 
-    def __init__(self, engine: MaskedCausalLM, space: UnitSpace):
+    def __init__(self, engine: MaskedCausalLM, space: UnitSpace, world: World = SINGLE):
         if space.model_units.n_units != engine.units.n_units:
             raise ValueError(f"the search space expands to {space.model_units.n_units} model "
                              f"units, the model has {engine.units.n_units}")
-        self.engine, self.space = engine, space
+        self.engine, self.space, self.world = engine, space, world
 
     @property
     def device(self) -> torch.device:
@@ -48,6 +49,11 @@ class SearchForward:
 
     def losses(self, input_ids: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         return self.engine.losses(input_ids, self.space.expand(masks))
+
+    def step_losses(self, input_ids: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """The K losses of a step: this rank evaluates its share of the masks, the rest come
+        from the other ranks (all of them here in one process)."""
+        return self.world.gather_losses(self.losses(input_ids, masks[self.world.shard(len(masks))]))
 
 
 @dataclass
@@ -146,7 +152,7 @@ class Search:
         u = draw_uniforms(self.k, space.n_units, self.mask_gen, self.policy.config.antithetic)
         # The projection keeps probs in [0, 1]: the value check (a host sync) is not needed.
         masks = pk.sample_masks(st.probs, u, backend=self.backend, validate=False)
-        losses = self.forward.losses(self.pool[rows], masks)
+        losses = self.forward.step_losses(self.pool[rows], masks)
         stats = self.policy.update(losses, masks, self.budget.project)
         kept = space.kept_params(self.policy.probs) / space.prunable_params
         values = torch.cat([losses.double().flatten(),
@@ -170,8 +176,8 @@ class Search:
 
     def run(self, on_step=None, progress: bool = True) -> None:
         """Steps until done; ``on_step(record)`` after each (checkpoints, a test's interrupt)."""
-        bar = tqdm(total=self.steps, initial=self.step, desc="search", disable=not progress,
-                   unit="step")
+        bar = tqdm(total=self.steps, initial=self.step, desc="search", unit="step",
+                   disable=not progress or not self.forward.world.is_main)
         try:
             while not self.done:
                 record = self.run_step()
