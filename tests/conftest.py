@@ -50,6 +50,15 @@ def tiny_model_dirs(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def calib_file(tmp_path_factory):
+    """A calibration text file for whole runs on the tiny models."""
+    from tests.tiny_models import CORPUS
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text("\n".join(CORPUS * 60) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def smollm2_cache(tmp_path_factory):
     """A private conversion cache for the embedded SmolLM2 (so tests never touch the user's)."""
     return str(tmp_path_factory.mktemp("probprune_cache"))

@@ -15,16 +15,8 @@ from safetensors.torch import load_file
 
 from probprune.config import PruneConfig
 from probprune.pipeline import StopRequested, prune
-from tests.tiny_models import CORPUS
 
 STEPS = 6
-
-
-@pytest.fixture(scope="module")
-def calib_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("calib") / "calib.txt"
-    path.write_text("\n".join(CORPUS * 60) + "\n")
-    return str(path)
 
 
 def run_settings(model_dir, calib, out, **kw):

@@ -12,14 +12,6 @@ from probprune.evaluate import masked_nll, model_nll
 from probprune.forward import MaskedCausalLM
 from probprune.models import load_model, load_pruned
 from probprune.pipeline import StopRequested, calibration, prune
-from tests.tiny_models import CORPUS
-
-
-@pytest.fixture(scope="module")
-def calib_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("calib") / "calib.txt"
-    path.write_text("\n".join(CORPUS * 60) + "\n")
-    return str(path)
 
 
 def settings(model_dir, calib, out, **kw):
