@@ -69,6 +69,9 @@ def cmd_prune(args) -> int:
     report = prune(config)
     if report is None:  # a rank other than 0 of a torchrun launch: rank 0 reports
         return 0
+    if config.dry_run:
+        print(json.dumps(report["memory_plan"]) if args.json else report["memory_plan_text"])
+        return 0
     ppl = report["perplexity"]
     params = report["params"]
     if args.json:

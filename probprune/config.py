@@ -505,6 +505,8 @@ class PruneConfig(_Settings):
         1800.0, check=rule(lambda v: v > 0, "must be > 0"),
         help="seconds a rank of a torchrun launch waits for the others before it stops with an "
              "error (rank 0 runs the init and the export alone)")
+    dry_run: bool = setting(False, help="print the memory plan of the run and stop before "
+                                        "loading any weight")
     resume: bool = setting(False, help="continue the checkpoint in --out")
     progress: bool = setting(True, cli=False, help="show progress bars")
     stop_after: Optional[int] = setting(None, cli=False, check=at_least(1),

@@ -23,12 +23,14 @@ from .config import PruneConfig
 from .data import DataError, calibration_texts, eval_text, random_windows, tokenize_joined
 from .evaluate import masked_nll, masked_perplexity, model_nll, perplexity
 from .compensate import compensate
-from .distributed import SINGLE, World, close_world, init_world, local_device
+from .distributed import (SINGLE, World, close_world, init_world, local_device,
+                          world_size_from_env)
 from .export import export_pruned, pruned_model
 from .files import atomic_write
 from .forward import MaskedCausalLM
 from .importance import initial_probs
-from .models import load_model, load_pruned
+from .memory import MemoryPlan, check_fits, plan_for
+from .models import load_model, load_pruned, resolve_model_path
 from .policy import Policy, PolicyConfig, PolicyState
 from .report import build_report, write_plots, write_report
 from .search import Search, SearchForward, SearchState
@@ -108,6 +110,14 @@ def prune(cfg: PruneConfig) -> Optional[dict]:
     """The run; under torchrun, one rank of a mask-parallel run (:mod:`probprune.distributed`):
     the report on rank 0, None on the others."""
     cfg.validate()
+    from transformers import AutoConfig
+    model_config = AutoConfig.from_pretrained(resolve_model_path(cfg.model))
+    memory = plan_for(cfg, model_config, world_size_from_env())
+    if cfg.dry_run:
+        return {"memory_plan": {"peak": memory.peak, **memory.terms},
+                "memory_plan_text": "\n".join(memory.lines())}
+    log.info("%s", "\n".join(memory.lines()))
+    check_fits(memory, local_device(cfg.device))
     world = init_world(local_device(cfg.device), cfg.dist_timeout)
     try:
         cfg = dataclasses.replace(cfg, device=local_device(cfg.device),
@@ -126,7 +136,9 @@ def prune(cfg: PruneConfig) -> Optional[dict]:
             if not world.is_main:
                 start, ckpt = resume(cfg, run, shared, announce=False), shared
         search = search_masks(cfg, run, start, ckpt, world)
-        return finish(cfg, run, start.space, search, start.fixed) if world.is_main else None
+        if not world.is_main:
+            return None
+        return finish(cfg, run, start.space, search, start.fixed, memory)
     finally:
         close_world(world)
 
@@ -213,7 +225,8 @@ def search_masks(cfg: PruneConfig, run: Loaded, start: Start, ckpt,
     return search
 
 
-def finish(cfg: PruneConfig, run: Loaded, space: UnitSpace, search: Search, fixed: dict) -> dict:
+def finish(cfg: PruneConfig, run: Loaded, space: UnitSpace, search: Search, fixed: dict,
+           memory: Optional[MemoryPlan] = None) -> dict:
     """Best mask -> compensation -> export -> evaluate -> report. Everything written out is in
     model units, usable without knowing the search space."""
     st = search.state
@@ -260,6 +273,9 @@ def finish(cfg: PruneConfig, run: Loaded, space: UnitSpace, search: Search, fixe
     report.update(extra)
     if selection:
         report["selection"] = selection
+    if memory is not None:  # planned before loading, next to the measured peak_memory_mib
+        report["memory_plan_mib"] = {"peak": memory.peak / 2**20,
+                                     **{k: v / 2**20 for k, v in memory.terms.items()}}
     write_report(cfg.out, report)
     write_plots(cfg.out, units, mask, final_probs, st.history)
     return report

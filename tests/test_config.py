@@ -26,7 +26,7 @@ SETTINGS_KEYS = [
     "protect_layers", "compensate", "compensate_bias", "compensate_damping", "compensate_windows",
     "select_candidates", "optimizer", "antithetic", "control_variate", "cv_history", "cv_ridge",
     "baseline", "ma_window", "eval_every", "checkpoint_every", "device", "dtype",
-    "backend", "seed", "dist_timeout", "resume", "progress", "stop_after"]
+    "backend", "seed", "dist_timeout", "dry_run", "resume", "progress", "stop_after"]
 DEFAULTS = dict(
     steps=400, k=2, batch_size=4, seqlen=128, calib="wiki-summaries", nsamples=256,
     val_windows=64, eval="wikitext2", eval_file=None, max_eval_windows=None, eval_batch_size=8,
@@ -37,7 +37,8 @@ DEFAULTS = dict(
     seed=0, resume=False, progress=True, stop_after=None, window_stride=1,
     compensate="sequential", compensate_bias=False, compensate_damping=0.01,
     compensate_windows=128, optimizer="sgd", antithetic=False, control_variate=False,
-    cv_history=256, cv_ridge=1.0, select_candidates=1, dist_timeout=1800.0)
+    cv_history=256, cv_ridge=1.0, select_candidates=1, dist_timeout=1800.0,
+    dry_run=False)
 RESUME_KEYS = {"model", "sparsity", "steps", "k", "batch_size", "seqlen", "calib", "nsamples",
                "lr", "init", "init_temperature", "init_attn_sparsity", "init_windows", "budget",
                "scope", "attn_sparsity", "mlp_sparsity", "prune_layers", "protect_layers",

@@ -1,0 +1,138 @@
+"""The memory plan of a run, from the model's config alone (nothing loaded): what one rank's device
+holds at its peak, so that a run that cannot fit stops before loading, naming the flag to change.
+
+The terms follow the engine's data flow (:mod:`probprune.forward`, :mod:`probprune.compensate`):
+the weights; the K-mask forward's live activations at its widest layer (the hidden states in
+and out, plus the larger of attention's q/k/v/o and the MLP's gate/up/product, all units kept,
+the worst a sampled mask can be); the lm_head's logit chunk and the normed hidden states it
+reads; the dense evaluation's logits; and compensation's calibration hidden states with one
+float64 Gram matrix. The search and the evaluations run one after another, so the peak is the
+weights plus the largest of the three phases.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+
+from .forward import LOGIT_CHUNK_VALUES
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+GIB = 2 ** 30
+
+
+def param_count(config) -> int:
+    """Parameters of a Llama / Mistral / Qwen2 model from its config, counted the way the
+    modules hold them (tied embeddings once)."""
+    d, inter, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    hd = getattr(config, "head_dim", None) or d // heads
+    qkv_bias = getattr(config, "model_type", "") == "qwen2" or getattr(config, "attention_bias",
+                                                                       False)
+    attn = d * (heads + 2 * kv) * hd + heads * hd * d + ((heads + 2 * kv) * hd if qkv_bias else 0)
+    per_layer = attn + 3 * d * inter + 2 * d
+    embed = config.vocab_size * d
+    head = 0 if getattr(config, "tie_word_embeddings", False) else embed
+    return L * per_layer + embed + head + d
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes on one rank's device, by term; ``peak`` = weights + the largest phase."""
+    terms: Dict[str, int]
+    phases: Dict[str, int]
+
+    @property
+    def peak(self) -> int:
+        return self.terms["weights"] + max(self.phases.values())
+
+    def lines(self) -> list:
+        out = [f"memory plan (one rank's device): peak {self.peak / GIB:.2f} GiB"]
+        out += [f"  {name:<42} {value / GIB:8.3f} GiB" for name, value in self.terms.items()]
+        return out
+
+
+def plan(config, *, dtype: str, k: int, batch_size: int, seqlen: int, world_size: int = 1,
+         eval_batch_size: int = 8, compensate: str = "none", compensate_windows: int = 0
+         ) -> MemoryPlan:
+    b = DTYPE_BYTES[dtype]
+    d, inter = config.hidden_size, config.intermediate_size
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    hd = getattr(config, "head_dim", None) or d // heads
+    vocab = config.vocab_size
+    km = k // world_size  # masks this rank evaluates
+    tokens = km * batch_size * seqlen
+    hidden = 2 * tokens * d * b                              # a layer's input and output
+    widest = max(tokens * (2 * heads + 2 * kv) * hd, 3 * tokens * inter) * b
+    chunk = min(LOGIT_CHUNK_VALUES, tokens * vocab)
+    lm_head = chunk * 4 + tokens * d * b                     # fp32 logit chunk, normed hidden
+    eval_logits = eval_batch_size * seqlen * vocab * (b + 4)  # the model's logits and their fp32 copy
+    terms = {"weights": param_count(config) * b,
+             "search: hidden states [K/W, B, T, d] x2": hidden,
+             "search: widest layer intermediate": widest,
+             "search: lm_head logit chunk": lm_head,
+             "evaluation: logits of one batch": eval_logits}
+    phases = {"search": hidden + widest + lm_head, "evaluation": eval_logits}
+    if compensate != "none":
+        # The calibration windows' hidden states (in and out of a layer, fp32) and one float64
+        # Gram matrix of the widest input (the MLP's channels, and a bias column).
+        states = 2 * compensate_windows * seqlen * d * 4
+        gram = (max(inter, heads * hd) + 1) ** 2 * 8
+        terms["compensation: calibration hidden states"] = states
+        terms["compensation: one float64 Gram matrix"] = gram
+        phases["compensation"] = states + gram
+    return MemoryPlan(terms, phases)
+
+
+def available_bytes(device: str) -> Optional[int]:
+    """Free memory of ``device`` now: CUDA's free bytes, or MemAvailable of /proc/meminfo on a
+    CPU (None where neither can be read)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(dev)
+        return free
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class PlanError(ValueError):
+    """The run's planned peak does not fit its device."""
+
+
+def check_fits(p: MemoryPlan, device: str, available: Optional[int] = None) -> None:
+    """Raises :class:`PlanError` naming the flag to change when the plan exceeds ``device``."""
+    available = available_bytes(device) if available is None else available
+    if available is None or p.peak <= available:
+        return
+    biggest = max(p.phases, key=p.phases.get)
+    if p.terms["weights"] > available:
+        hint = "the weights alone do not fit: use --dtype bfloat16 or a device with more memory"
+    elif biggest == "search":
+        hint = "the K-mask forward is the largest part: lower --k or --batch-size, or add ranks"
+    elif biggest == "compensation":
+        hint = "compensation is the largest part: lower --compensate-windows"
+    else:
+        hint = "the evaluation's logits are the largest part: lower --eval-batch-size"
+    raise PlanError(f"the run needs about {p.peak / GIB:.2f} GiB on {device} and "
+                    f"{available / GIB:.2f} GiB are free; {hint}")
+
+
+def plan_for(cfg, config, world_size: int = 1) -> MemoryPlan:
+    """The plan of a :class:`~probprune.config.PruneConfig` for the model ``config``."""
+    return plan(config, dtype=cfg.dtype, k=cfg.k, batch_size=cfg.batch_size, seqlen=cfg.seqlen,
+                world_size=world_size, eval_batch_size=cfg.eval_batch_size,
+                compensate=cfg.compensate, compensate_windows=cfg.compensate_windows)
+
+
+def describe(cfg, config, world_size: int = 1) -> str:
+    return os.linesep.join(plan_for(cfg, config, world_size).lines())
