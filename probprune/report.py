@@ -30,11 +30,12 @@ def layer_sizes(units: UnitSpace, mask: torch.Tensor) -> List[dict]:
 
 
 def search_summary(history: List[dict], times: List[float]) -> dict:
-    """Wall time of the steps, and the control variate's mean out-of-sample share of the loss
-    deviations (None without one): how much of the sampled losses' spread it predicted."""
+    """Wall time of the steps, and the control variate's median out-of-sample share of the loss
+    deviations (None without one): how much of the sampled losses' spread it predicted. The
+    median, because a step whose K losses nearly tie makes that share's ratio explode."""
     explained = [h["cv_explained"] for h in history if "cv_explained" in h]
     return {"steps": len(history), "wall_s": sum(times),
-            "cv_explained": statistics.fmean(explained) if explained else None}
+            "cv_explained": statistics.median(explained) if explained else None}
 
 
 def build_report(cfg, *, model, reloaded, units: UnitSpace, space: UnitSpace, budget, mask,
