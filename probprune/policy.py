@@ -57,6 +57,12 @@ def score_gradient(adv: torch.Tensor, masks: torch.Tensor, probs: torch.Tensor,
     diff = masks.double() - s
     prod = adv.double()[:, None] * diff
     num = prod.mean(0) if n_samples is None else prod.sum(0) / n_samples
+    return per_variance(num, s, eps)
+
+
+def per_variance(num: torch.Tensor, s: torch.Tensor, eps: Optional[float]) -> torch.Tensor:
+    """num / (s(1-s)) (eps None: the unbiased gradient; 0 where s is 0 or 1) or
+    num / sqrt(s(1-s) + eps) (the preconditioned step direction)."""
     var = s * (1 - s)
     if eps is None:
         return torch.where(var > 0, num / var.clamp_min(1e-300), torch.zeros_like(num))
@@ -79,10 +85,7 @@ def antithetic_gradient(losses: torch.Tensor, masks: torch.Tensor, probs: torch.
     diff = masks[:h].double() - masks[h:2 * h].double()
     s = probs.double()
     num = (0.5 * dl[:, None] * diff).sum(0) / ok.sum().clamp_min(1) * torch.maximum(s, 1 - s)
-    var = s * (1 - s)
-    if eps is None:
-        return torch.where(var > 0, num / var.clamp_min(1e-300), torch.zeros_like(num))
-    return num / torch.sqrt(var + eps)
+    return per_variance(num, s, eps)
 
 
 def cosine_lr(step: int, total: int, lr: float, min_ratio: float = 0.0) -> float:
@@ -235,8 +238,8 @@ class Policy:
             w = cv.weights()  # from past steps only: the estimate stays unbiased
             explained = cv.explained(w, losses, masks, finite)
             target = target - (masks.double() - st.probs.double()) @ w
-            var = st.probs.double() * (1 - st.probs.double())
-            grad = w * var / torch.sqrt(var + cfg.eps)  # dE[w.(m - s)]/ds = w, preconditioned
+            s = st.probs.double()
+            grad = per_variance(w * s * (1 - s), s, cfg.eps)  # dE[w.(m - s)]/ds = w, preconditioned
             cv.add(losses, masks, finite, ok)
         if cfg.antithetic:
             grad = grad + antithetic_gradient(target, masks, st.probs, finite, cfg.eps)
