@@ -59,6 +59,12 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def ordinal(n: int) -> str:
+    """2 -> '2nd', 11 -> '11th', 32 -> '32nd'."""
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
 def cmd_prune(args) -> int:
     if args.json:
         quiet_libraries()
@@ -88,7 +94,7 @@ def cmd_prune(args) -> int:
     print(f"\n{config.model}: removed {1 - params['kept_prunable'] / params['prunable']:.1%} of "
           f"{params['prunable']:,} prunable parameters (total {params['total']:,} -> "
           f"{params['pruned_model_total']:,})")
-    stride = f", every {config.window_stride}th" if config.window_stride > 1 else ""
+    stride = f", every {ordinal(config.window_stride)}" if config.window_stride > 1 else ""
     print(f"perplexity on {report['eval_data']} (seqlen {config.seqlen}, {windows} windows"
           f"{stride}): dense {ppl['dense']['ppl']:.2f} -> init ({config.init}) "
           f"{ppl['init']['ppl']:.2f} -> pruned (bare) {ppl['pruned_bare']['ppl']:.2f}"

@@ -241,3 +241,10 @@ def test_help_lists_every_flag(capsys):
                  "--ma-window", "--json", "--resume"):
         assert flag in out
     assert "bench" not in build_parser().format_help()
+
+
+def test_ordinals_in_the_summary():
+    from probprune.cli import ordinal
+    assert [ordinal(n) for n in (1, 2, 3, 4, 11, 12, 13, 16, 21, 22, 32, 101, 111)] == [
+        "1st", "2nd", "3rd", "4th", "11th", "12th", "13th", "16th", "21st", "22nd", "32nd",
+        "101st", "111th"]
