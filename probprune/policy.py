@@ -206,6 +206,8 @@ class Policy:
         ``valid`` (samples used), ``mean_loss`` (NaN on a skipped step) and ``cv_explained``
         (the control variate's out-of-sample share of the loss deviations; NaN without one)."""
         cfg, st = self.config, self.state
+        if cfg.antithetic and losses.numel() % 2:
+            raise ValueError(f"antithetic pairs need an even number of masks, got {losses.numel()}")
         finite = torch.isfinite(losses)
         n_ok = finite.sum()
         if cfg.antithetic:

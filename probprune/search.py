@@ -30,6 +30,8 @@ def draw_uniforms(k: int, n: int, generator: torch.Generator, antithetic: bool) 
     reads)."""
     if not antithetic:
         return torch.rand(k, n, generator=generator, device=generator.device)
+    if k % 2:
+        raise ValueError(f"antithetic pairs need an even number of masks, got {k}")
     u = torch.rand(k // 2, n, generator=generator, device=generator.device)
     return torch.cat([u, 1 - u])
 

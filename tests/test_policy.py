@@ -328,3 +328,13 @@ def test_antithetic_uniforms_pair_rows_k_and_k_plus_half():
     assert torch.equal(masks[3:], ~masks[:3])
     plain = draw_uniforms(6, 50, torch.Generator().manual_seed(0), antithetic=False)
     assert plain.shape == (6, 50) and not torch.allclose(plain[3:], 1 - plain[:3])
+
+
+def test_antithetic_refuses_an_odd_number_of_masks():
+    from probprune.search import draw_uniforms
+    with pytest.raises(ValueError, match="antithetic pairs need an even number of masks, got 3"):
+        draw_uniforms(3, 5, torch.Generator().manual_seed(0), antithetic=True)
+    pol = Policy(PolicyConfig(antithetic=True), PolicyState(S_TOY.clone()))
+    m = torch.rand(3, 5, dtype=torch.float64) < S_TOY
+    with pytest.raises(ValueError, match="antithetic pairs need an even number of masks, got 3"):
+        pol.update(toy_loss(m), m, lambda p: p)
