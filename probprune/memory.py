@@ -2,15 +2,17 @@
 holds at its peak, so that a run that cannot fit stops before loading, naming the flag to change.
 
 The terms follow the engine's data flow (:mod:`probprune.forward`, :mod:`probprune.compensate`):
-the weights; the K-mask forward's live activations at its widest layer (the hidden states in
-and out, plus the larger of attention's q/k/v/o and the MLP's gate/up/product, all units kept,
-the worst a sampled mask can be); the lm_head's logit chunk and the normed hidden states it
-reads; the dense evaluation's logits; and compensation's calibration hidden states with one
+the weights; the live activations of a forward at its widest layer (the hidden states in and
+out, plus the larger of attention's q/k/v/o and the MLP's gate/up/product, all units kept, the
+worst a sampled mask can be) and the lm_head's logit chunk with the normed hidden states it
+reads, for the K-mask search batch and for an evaluation batch (evaluation never builds the full
+logits either, :mod:`probprune.evaluate`); and compensation's calibration hidden states with one
 float64 Gram matrix. The search and the evaluations run one after another, so the peak is the
 weights plus the largest of the three phases.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 from dataclasses import dataclass
 from typing import Dict, Optional
@@ -65,18 +67,21 @@ def plan(config, *, dtype: str, k: int, batch_size: int, seqlen: int, world_size
     hd = getattr(config, "head_dim", None) or d // heads
     vocab = config.vocab_size
     km = k // world_size  # masks this rank evaluates
-    tokens = km * batch_size * seqlen
-    hidden = 2 * tokens * d * b                              # a layer's input and output
-    widest = max(tokens * (2 * heads + 2 * kv) * hd, 3 * tokens * inter) * b
-    chunk = min(LOGIT_CHUNK_VALUES, tokens * vocab)
-    lm_head = chunk * 4 + tokens * d * b                     # fp32 logit chunk, normed hidden
-    eval_logits = eval_batch_size * seqlen * vocab * (b + 4)  # the model's logits and their fp32 copy
-    terms = {"weights": param_count(config) * b,
-             "search: hidden states [K/W, B, T, d] x2": hidden,
-             "search: widest layer intermediate": widest,
-             "search: lm_head logit chunk": lm_head,
-             "evaluation: logits of one batch": eval_logits}
-    phases = {"search": hidden + widest + lm_head, "evaluation": eval_logits}
+
+    def forward_terms(tokens: int, what: str) -> Dict[str, int]:
+        # A decoder forward over ``tokens`` rows: a layer's input and output, the larger of
+        # attention's q/k/v/o and the MLP's gate/up/product (all units kept, the worst a sampled
+        # mask can be), and the lm_head's fp32 logit chunk with the normed hidden states it reads.
+        widest = max(tokens * (2 * heads + 2 * kv) * hd, 3 * tokens * inter) * b
+        chunk = min(LOGIT_CHUNK_VALUES, tokens * vocab)
+        return {f"{what}: hidden states x2": 2 * tokens * d * b,
+                f"{what}: widest layer intermediate": widest,
+                f"{what}: lm_head logit chunk": chunk * 4 + tokens * d * b}
+
+    search = forward_terms(km * batch_size * seqlen, "search [K/W, B, T]")
+    evaluation = forward_terms(eval_batch_size * seqlen, "evaluation [B, T]")
+    terms = {"weights": param_count(config) * b, **search, **evaluation}
+    phases = {"search": sum(search.values()), "evaluation": sum(evaluation.values())}
     if compensate != "none":
         # The calibration windows' hidden states (in and out of a layer, fp32) and one float64
         # Gram matrix of the widest input (the MLP's channels, and a bias column).
@@ -86,6 +91,16 @@ def plan(config, *, dtype: str, k: int, batch_size: int, seqlen: int, world_size
         terms["compensation: one float64 Gram matrix"] = gram
         phases["compensation"] = states + gram
     return MemoryPlan(terms, phases)
+
+
+def trim_host_memory() -> None:
+    """Hands the host heap's free pages back to the system (glibc ``malloc_trim``; a no-op
+    elsewhere). glibc keeps the pages of freed tensors below its mmap threshold, so without this
+    a large model freed on the host still counts in the process's resident memory."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (AttributeError, OSError):
+        pass
 
 
 def available_bytes(device: str) -> Optional[int]:
@@ -122,7 +137,7 @@ def check_fits(p: MemoryPlan, device: str, available: Optional[int] = None) -> N
     elif biggest == "compensation":
         hint = "compensation is the largest part: lower --compensate-windows"
     else:
-        hint = "the evaluation's logits are the largest part: lower --eval-batch-size"
+        hint = "the evaluation batch is the largest part: lower --eval-batch-size"
     raise PlanError(f"the run needs about {p.peak / GIB:.2f} GiB on {device} and "
                     f"{available / GIB:.2f} GiB are free; {hint}")
 

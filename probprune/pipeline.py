@@ -8,6 +8,7 @@ that it ends exactly as the uninterrupted run would.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import os
 import time
@@ -29,7 +30,7 @@ from .export import export_pruned, pruned_model
 from .files import atomic_write
 from .forward import MaskedCausalLM
 from .importance import initial_probs
-from .memory import MemoryPlan, check_fits, plan_for
+from .memory import MemoryPlan, check_fits, plan_for, trim_host_memory
 from .models import load_model, load_pruned, resolve_model_path
 from .policy import Policy, PolicyConfig, PolicyState
 from .report import build_report, write_plots, write_report
@@ -262,12 +263,15 @@ def finish(cfg: PruneConfig, run: Loaded, space: UnitSpace, search: Search, fixe
             init_model, run.eval_ids, desc="init perplexity (compensated)", **_ppl_kw(cfg)).as_dict()
         extra["compensation_init"] = {k: v for k, v in init_comp.summary().items() if k != "layers"}
         del init_model
+    dense_params = sum(p.numel() for p in run.model.parameters())
+    del compensation, init_comp
+    release_dense_model(run, search)
     reloaded = load_pruned(cfg.out, dtype=cfg.dtype, device=cfg.device)
     perplexities["pruned"] = perplexity(reloaded, run.eval_ids,
                                         desc="pruned perplexity (export, reloaded)",
                                         **_ppl_kw(cfg)).as_dict()
 
-    report = build_report(cfg, model=run.model, reloaded=reloaded, units=units, space=space,
+    report = build_report(cfg, dense_params=dense_params, reloaded=reloaded, units=units, space=space,
                           budget=run.budget, mask=mask, ckpt=fixed, search=search,
                           perplexities=perplexities, eval_data=run.eval_name, load_s=run.load_s)
     report.update(extra)
@@ -279,6 +283,16 @@ def finish(cfg: PruneConfig, run: Loaded, space: UnitSpace, search: Search, fixe
     write_report(cfg.out, report)
     write_plots(cfg.out, units, mask, final_probs, st.history)
     return report
+
+
+def release_dense_model(run: Loaded, search: Search) -> None:
+    """Drops the last references to the dense weights (the run's model, its K-mask forward, and
+    the search's), so that the reloaded export is evaluated without the dense model beside it:
+    the process peak is then the larger of the two models plus activations, not their sum."""
+    run.model = run.engine = None
+    search.forward = None
+    gc.collect()
+    trim_host_memory()
 
 
 def choose_mask(cfg: PruneConfig, run: Loaded, space: UnitSpace, st: SearchState):

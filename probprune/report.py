@@ -38,7 +38,7 @@ def search_summary(history: List[dict], times: List[float]) -> dict:
             "cv_explained": statistics.median(explained) if explained else None}
 
 
-def build_report(cfg, *, model, reloaded, units: UnitSpace, space: UnitSpace, budget, mask,
+def build_report(cfg, *, dense_params: int, reloaded, units: UnitSpace, space: UnitSpace, budget, mask,
                  ckpt: dict, search, perplexities: dict, eval_data: str, load_s: float) -> dict:
     st, policy_state = search.state, search.policy.state
     times = st.step_times
@@ -46,7 +46,7 @@ def build_report(cfg, *, model, reloaded, units: UnitSpace, space: UnitSpace, bu
     return {
         "settings": cfg.as_dict(),
         "eval_data": eval_data,
-        "params": {"total": sum(p.numel() for p in model.parameters()),
+        "params": {"total": dense_params,
                    "prunable": units.prunable_params,
                    "kept_prunable": float(units.kept_params(mask)),
                    "target_prunable": budget.total_target,

@@ -55,3 +55,29 @@ def test_window_stride_takes_every_nth_window(tiny_model_dirs):
     assert strided.nll == pytest.approx(joined.nll, rel=1e-6)
     with pytest.raises(DataError, match="window stride must be at least 1"):
         eval_windows(ids, 16, stride=0)
+
+
+def test_perplexity_never_builds_the_full_logits(tiny_model_dirs):
+    """A causal LM is scored through its decoder and the chunked lm_head cross-entropy: the
+    model's own forward (which builds [B, T, vocab] logits) is never called, and the result is
+    still HF's loss."""
+    model, tok = load_model(tiny_model_dirs["llama"])
+    ids = tokenize_joined(tok, CORPUS * 4)
+    expected = perplexity(_LogitsOnly(model), ids, seqlen=16, progress=False).nll
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the full-logits forward was called")
+
+    model.forward = refuse
+    assert perplexity(model, ids, seqlen=16, progress=False).nll == pytest.approx(expected, rel=1e-5)
+
+
+class _LogitsOnly(torch.nn.Module):
+    """A module that only returns ``.logits`` (no decoder/lm_head attributes): the generic path."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids):
+        return self.lm(ids)

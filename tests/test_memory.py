@@ -41,13 +41,15 @@ def test_terms_by_hand():
              compensate_windows=128)
     tokens = 2 * 8 * 128
     assert p.terms["weights"] == 13_015_864_320 * 2
-    assert p.terms["search: hidden states [K/W, B, T, d] x2"] == 2 * tokens * 5120 * 2
-    assert p.terms["search: widest layer intermediate"] == 3 * tokens * 13824 * 2
+    assert p.terms["search [K/W, B, T]: hidden states x2"] == 2 * tokens * 5120 * 2
+    assert p.terms["search [K/W, B, T]: widest layer intermediate"] == 3 * tokens * 13824 * 2
     assert p.terms["compensation: one float64 Gram matrix"] == 13825 ** 2 * 8
+    # Evaluation of a batch of 8 windows: chunked lm_head, never the [8, 128, 32000] logits.
+    assert p.terms["evaluation [B, T]: lm_head logit chunk"] == (1 << 24) * 4 + 1024 * 5120 * 2
     assert p.peak == p.terms["weights"] + max(p.phases.values())
     # Two ranks each evaluate half the masks.
     half = plan(c, dtype="bfloat16", k=2, batch_size=8, seqlen=128, world_size=2)
-    assert half.terms["search: hidden states [K/W, B, T, d] x2"] == tokens * 5120 * 2
+    assert half.terms["search [K/W, B, T]: hidden states x2"] == tokens * 5120 * 2
 
 
 def test_a_run_that_cannot_fit_names_the_flag():
