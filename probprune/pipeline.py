@@ -266,6 +266,8 @@ def finish(cfg: PruneConfig, run: Loaded, space: UnitSpace, search: Search, fixe
     perplexities["pruned"] = perplexity(reloaded, run.eval_ids,
                                         desc="pruned perplexity (export, reloaded)",
                                         **_ppl_kw(cfg)).as_dict()
+    if cfg.eval_tasks:
+        extra["zero_shot"] = zero_shot_of_export(cfg, reloaded, run.tokenizer)
 
     report = build_report(cfg, model=run.model, reloaded=reloaded, units=units, space=space,
                           budget=run.budget, mask=mask, ckpt=fixed, search=search,
@@ -279,6 +281,20 @@ def finish(cfg: PruneConfig, run: Loaded, space: UnitSpace, search: Search, fixe
     write_report(cfg.out, report)
     write_plots(cfg.out, units, mask, final_probs, st.history)
     return report
+
+
+def zero_shot_of_export(cfg: PruneConfig, model, tokenizer) -> dict:
+    """lm-eval's scores of the reloaded export; a task that fails leaves its error in the report
+    instead of the whole run's results (``probprune-fast eval --tasks`` can score the export
+    again)."""
+    from .zero_shot import ZeroShotError, zero_shot
+
+    try:
+        return zero_shot(model, tokenizer, cfg.eval_tasks, cfg.tasks_path, cfg.eval_batch_size,
+                         cfg.task_limit)
+    except ZeroShotError as e:
+        log.error("zero-shot evaluation failed: %s", e)
+        return {"error": str(e)}
 
 
 def choose_mask(cfg: PruneConfig, run: Loaded, space: UnitSpace, st: SearchState):
