@@ -424,7 +424,7 @@ class PruneConfig(_Settings):
              "pip install 'probprune[lmeval]'): prune scores the exported model into "
              "report.json's zero_shot; eval runs them instead of the perplexity")
     tasks_path: Optional[str] = setting(
-        None, probe=lambda v: None if os.path.isdir(v) else f"{v!r} is not a directory",
+        None, probe=lambda path: None if os.path.isdir(path) else f"{path!r} is not a directory",
         help="a folder of your own lm-eval task YAML files, found besides the built-in tasks")
     task_limit: Optional[int] = setting(
         None, check=at_least(1), help="score only the first N documents of each task (a quick "
