@@ -2,6 +2,7 @@
 rule) and :func:`probprune.pipeline.prune`.
 
     probprune-fast eval  --model smollm2-135m --data wikitext2 --seqlen 128
+    probprune-fast eval  --model runs/smollm2-30 --tasks piqa,hellaswag
     probprune-fast prune --model smollm2-135m --sparsity 0.3 --out runs/smollm2-30
 """
 from __future__ import annotations
@@ -39,6 +40,8 @@ def cmd_eval(args) -> int:
         quiet_libraries()
     config = EvalConfig.from_args(args)
     config.validate()
+    if config.eval_tasks:
+        return zero_shot_eval(config, args.json)
     text = eval_text(config.eval, config.eval_file)
     t0 = time.perf_counter()
     model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
@@ -56,6 +59,25 @@ def cmd_eval(args) -> int:
         print(f"{config.model} on {text.name}: perplexity {result.ppl:.3f} "
               f"(mean NLL {result.nll:.4f} over {result.tokens:,} predicted tokens in "
               f"{result.windows:,} windows of {result.seqlen}; model loaded in {load_s:.1f} s)")
+    return 0
+
+
+def zero_shot_eval(config, as_json: bool) -> int:
+    """``eval --tasks``: lm-eval's tasks instead of the perplexity."""
+    from .models import load_model
+    from .zero_shot import table, zero_shot
+
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
+    load_s = time.perf_counter() - t0
+    result = zero_shot(model, tokenizer, config.eval_tasks, config.tasks_path,
+                       config.eval_batch_size, config.task_limit)
+    if as_json:
+        print(json.dumps({"model": config.model, "zero_shot": result, "dtype": config.dtype,
+                          "device": config.device, "load_s": round(load_s, 2)}))
+    else:
+        print(f"{config.model} (lm-eval {result['lm_eval_version']}; model loaded in "
+              f"{load_s:.1f} s)\n{table(result)}")
     return 0
 
 
@@ -88,7 +110,8 @@ def cmd_prune(args) -> int:
                           "kept_prunable": params["kept_prunable"],
                           "prunable": params["prunable"],
                           "median_step_s": report["median_step_s"],
-                          "peak_memory_mib": report["peak_memory_mib"]}))
+                          "peak_memory_mib": report["peak_memory_mib"],
+                          "zero_shot": report.get("zero_shot")}))
         return 0
     windows = ppl["dense"]["windows"]
     print(f"\n{config.model}: removed {1 - params['kept_prunable'] / params['prunable']:.1%} of "
@@ -101,6 +124,12 @@ def cmd_prune(args) -> int:
           + (f" -> pruned (compensated, {config.compensate}) {ppl['pruned']['ppl']:.2f}"
              f" [init compensated: {ppl['init_compensated']['ppl']:.2f}]"
              if "init_compensated" in ppl else ""))
+    if "zero_shot" in report:
+        from .zero_shot import table
+
+        zs = report["zero_shot"]
+        print(f"zero-shot (exported model): {zs['error']}" if "error" in zs else
+              f"zero-shot (exported model, lm-eval {zs['lm_eval_version']}):\n{table(zs)}")
     print(f"median step {report['median_step_s']:.3f} s, peak memory "
           f"{report['peak_memory_mib']:.0f} MiB ({report['peak_memory_kind']})")
     print(f"wrote {config.out}: pruned model (probprune.load_pruned or from_pretrained with "
@@ -126,10 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="debug logging, and a traceback on errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("eval", help="perplexity of a model (dense, or a pruned directory)")
+    p = sub.add_parser("eval", help="perplexity of a model (dense, or a pruned directory), or "
+                                    "its lm-eval task scores (--tasks)")
     add_eval_arguments(p)
     p.add_argument("--json", action="store_true",
-                   help="print one JSON line (ppl, nll, tokens, windows, seqlen, ...)")
+                   help="print one JSON line (ppl, nll, tokens, windows, seqlen, ...; "
+                        "with --tasks: zero_shot)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("prune", help="search a pruning mask by policy gradient and export the "

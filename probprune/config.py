@@ -75,6 +75,13 @@ POSITIVE = rule(lambda v: v > 0, "must be > 0")
 FRACTION = rule(lambda v: 0.0 < v < 1.0, "must lie strictly between 0 and 1")
 
 
+def _name_list(text: str) -> List[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return names
+
+
 def _layer_list(text: str) -> List[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
@@ -353,12 +360,13 @@ def _is(value, tp) -> bool:
 
 METAVARS = {int: "N", float: "X"}
 TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+LIST_WORDS = {int: "integers", str: "strings"}
 
 
 def _type_problem(value, tp) -> Problem:
     if not _is(value, tp):
         if get_origin(tp) is list:
-            return f"must be a list of integers, got {value!r}"
+            return f"must be a list of {LIST_WORDS[get_args(tp)[0]]}, got {value!r}"
         words = TYPE_WORDS[_scalar(tp)]
         unset = " or unset (None)" if get_origin(tp) is Union else ""
         return f"must be {words}{unset}, got {value!r}"
@@ -409,6 +417,18 @@ class PruneConfig(_Settings):
                 "WikiText-2 protocol of FLAP / LLM-Pruner comparisons)", check=at_least(1))
     eval_batch_size: int = setting(8, help="windows per forward during evaluation",
                                    check=at_least(1))
+    eval_tasks: List[str] = setting(
+        [], parse=_name_list,
+        check=rule(lambda v: len(set(v)) == len(v), "must name each task once"),
+        help="lm-evaluation-harness tasks, comma-separated, e.g. piqa,hellaswag,arc_easy (needs "
+             "pip install 'probprune[lmeval]'): prune scores the exported model into "
+             "report.json's zero_shot; eval runs them instead of the perplexity")
+    tasks_path: Optional[str] = setting(
+        None, probe=lambda path: None if os.path.isdir(path) else f"{path!r} is not a directory",
+        help="a folder of your own lm-eval task YAML files, found besides the built-in tasks")
+    task_limit: Optional[int] = setting(
+        None, check=at_least(1), help="score only the first N documents of each task (a quick "
+                                      "look; lm-eval's --limit)")
     lr: float = setting(0.01, help="peak learning rate (cosine schedule); advantages are in "
                                    "units of their running RMS", check=POSITIVE, resume=True)
     min_lr_ratio: float = setting(0.0, help="final learning rate as a fraction of --lr",
@@ -533,7 +553,8 @@ EvalConfig = _subset(
     "EvalConfig", "What ``probprune-fast eval`` needs: the model and evaluation fields of "
                   ":class:`PruneConfig`; the evaluation text is ``--data`` there.",
     ("model", "eval", "eval_file", "seqlen", "max_eval_windows", "window_stride",
-     "eval_batch_size", "device", "dtype"), {"eval": "--data"})
+     "eval_batch_size", "eval_tasks", "tasks_path", "task_limit", "device", "dtype"),
+    {"eval": "--data", "eval_tasks": "--tasks"})
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -603,6 +624,28 @@ def _data_file_is_wikitext2(c) -> Problem:
     if c.eval_file is not None and c.eval != "wikitext2":
         return (f"{c.flag('eval_file')} is the local copy of {c.flag('eval')} wikitext2; give "
                 f"other evaluation text as {c.flag('eval')} PATH")
+    return None
+
+
+@combination("eval_tasks", "tasks_path", "task_limit")
+def _task_options_need_tasks(c) -> Problem:
+    for name in ("tasks_path", "task_limit"):
+        if getattr(c, name) is not None and not c.eval_tasks:
+            return f"{c.flag(name)} applies only with {c.flag('eval_tasks')} (the tasks to run)"
+    return None
+
+
+@combination("eval_tasks", "tasks_path", probe=True)
+def _tasks_known(c) -> Problem:
+    """Before any model is loaded: lm-eval is installed and knows every task."""
+    if not c.eval_tasks:
+        return None
+    from .zero_shot import ZeroShotError, check_tasks
+
+    try:
+        check_tasks(c.eval_tasks, c.tasks_path)
+    except ZeroShotError as e:
+        return f"{c.flag('eval_tasks')}: {e}"
     return None
 
 

@@ -23,6 +23,7 @@ from .models import MANIFEST
 from .units import UnitSpace
 
 FORMAT_VERSION = 1
+QK_NORMS = ("self_attn.q_norm.weight", "self_attn.k_norm.weight")  # Qwen3: shared by all heads
 
 
 def kept_indices(units: UnitSpace, mask: torch.Tensor) -> dict:
@@ -62,6 +63,8 @@ def pruned_state_dict(model, units: UnitSpace, mask: torch.Tensor,
             if heads.numel() == 0 and name.startswith("self_attn."):
                 if name == "self_attn.o_proj.bias":
                     out[dst + "self_attn.o_bias"] = t
+                elif name in QK_NORMS:  # part of the layer's fixed cost: kept with the layer
+                    out[dst + name] = t
                 continue
             if key not in weights:  # the original weight: keep the rows / columns of kept units
                 if name.startswith("self_attn.q_proj."):

@@ -1,4 +1,4 @@
-"""The K-mask batched forward of a Llama / Mistral / Qwen2 Hugging Face model.
+"""The K-mask batched forward of a Llama / Mistral / Qwen2 / Qwen3 Hugging Face model.
 
 Built from the drop-in layers of :mod:`probprune_kernels.layers` (one
 :class:`~probprune_kernels.layers.MaskedDecoderLayer` per decoder layer, sharing the model's

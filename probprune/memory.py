@@ -26,7 +26,7 @@ GIB = 2 ** 30
 
 
 def param_count(config) -> int:
-    """Parameters of a Llama / Mistral / Qwen2 model from its config, counted the way the
+    """Parameters of a Llama / Mistral / Qwen2 / Qwen3 model from its config, counted the way the
     modules hold them (tied embeddings once)."""
     d, inter, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     heads = config.num_attention_heads
@@ -35,7 +35,8 @@ def param_count(config) -> int:
     qkv_bias = getattr(config, "model_type", "") == "qwen2" or getattr(config, "attention_bias",
                                                                        False)
     attn = d * (heads + 2 * kv) * hd + heads * hd * d + ((heads + 2 * kv) * hd if qkv_bias else 0)
-    per_layer = attn + 3 * d * inter + 2 * d
+    qk_norm = 2 * hd if getattr(config, "model_type", "") == "qwen3" else 0
+    per_layer = attn + 3 * d * inter + 2 * d + qk_norm
     embed = config.vocab_size * d
     head = 0 if getattr(config, "tie_word_embeddings", False) else embed
     return L * per_layer + embed + head + d

@@ -1,4 +1,4 @@
-"""Llama / Mistral / Qwen2 with per-layer sizes: the model class of a probprune export.
+"""Llama / Mistral / Qwen2 / Qwen3 with per-layer sizes: the model class of a probprune export.
 
 This file is copied next to every exported model, so it imports only torch and transformers:
 ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`` loads it from there, and
@@ -10,17 +10,21 @@ stock attention code runs unchanged on the narrower projections.
 """
 import torch
 from torch import nn
-from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+from transformers import (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM,
+                          Qwen3ForCausalLM)
 
 
 class NoAttention(nn.Module):
     """A layer whose every head was pruned: contributes nothing (or o_proj's bias), but keeps the
-    KV cache's sequence length in step for generation."""
+    KV cache's sequence length in step for generation. ``qk_norms``: Qwen3's q_norm / k_norm,
+    unused here but kept with the layer, whose parameter count includes them."""
 
-    def __init__(self, hidden_size, head_dim, o_bias, layer_idx):
+    def __init__(self, hidden_size, head_dim, o_bias, layer_idx, qk_norms=None):
         super().__init__()
         self.head_dim, self.layer_idx = head_dim, layer_idx
         self.o_bias = nn.Parameter(torch.zeros(hidden_size)) if o_bias else None
+        if qk_norms is not None:
+            self.q_norm, self.k_norm = qk_norms
 
     def forward(self, hidden_states, *args, **kwargs):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
@@ -56,7 +60,8 @@ def shrink_to_layout(model):
         n, f = sizes["kv_heads"], sizes["intermediate"]
         o_bias, down_bias = sizes.get("o_bias", False), sizes.get("down_bias", False)
         if n == 0:
-            layer.self_attn = NoAttention(d, hd, o_bias or attn.o_proj.bias is not None, i)
+            norms = (attn.q_norm, attn.k_norm) if hasattr(attn, "q_norm") else None
+            layer.self_attn = NoAttention(d, hd, o_bias or attn.o_proj.bias is not None, i, norms)
         else:
             attn.q_proj = _linear(d, n * group * hd, attn.q_proj)
             attn.k_proj = _linear(d, n * hd, attn.k_proj)
@@ -85,5 +90,11 @@ class ProbPruneQwen2ForCausalLM(Qwen2ForCausalLM):
         shrink_to_layout(self)
 
 
+class ProbPruneQwen3ForCausalLM(Qwen3ForCausalLM):
+    def __init__(self, config):
+        super().__init__(config)
+        shrink_to_layout(self)
+
+
 CLASSES = {"llama": ProbPruneLlamaForCausalLM, "mistral": ProbPruneMistralForCausalLM,
-           "qwen2": ProbPruneQwen2ForCausalLM}
+           "qwen2": ProbPruneQwen2ForCausalLM, "qwen3": ProbPruneQwen3ForCausalLM}

@@ -20,7 +20,8 @@ from .files import atomic_write
 log = logging.getLogger(__name__)
 
 MANIFEST = "probprune.json"  # marks a pruned directory written by probprune.export
-SUPPORTED_MODEL_TYPES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
+SUPPORTED_MODEL_TYPES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2",
+                         "qwen3": "Qwen3"}
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -117,7 +118,7 @@ def load_model(name_or_path: str, dtype="float32", device="cpu"):
     or a pruned directory written by probprune.
 
     Raises ``UnsupportedModelError`` before loading weights when the architecture is not one of
-    Llama, Mistral, Qwen2.
+    Llama, Mistral, Qwen2, Qwen3.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 

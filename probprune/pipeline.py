@@ -270,9 +270,11 @@ def finish(cfg: PruneConfig, run: Loaded, space: UnitSpace, search: Search, fixe
     perplexities["pruned"] = perplexity(reloaded, run.eval_ids,
                                         desc="pruned perplexity (export, reloaded)",
                                         **_ppl_kw(cfg)).as_dict()
+    if cfg.eval_tasks:
+        extra["zero_shot"] = zero_shot_of_export(cfg, reloaded, run.tokenizer)
 
-    report = build_report(cfg, dense_params=dense_params, reloaded=reloaded, units=units, space=space,
-                          budget=run.budget, mask=mask, ckpt=fixed, search=search,
+    report = build_report(cfg, dense_params=dense_params, reloaded=reloaded, units=units,
+                          space=space, budget=run.budget, mask=mask, ckpt=fixed, search=search,
                           perplexities=perplexities, eval_data=run.eval_name, load_s=run.load_s)
     report.update(extra)
     if selection:
@@ -293,6 +295,20 @@ def release_dense_model(run: Loaded, search: Search) -> None:
     search.forward = None
     gc.collect()
     trim_host_memory()
+
+
+def zero_shot_of_export(cfg: PruneConfig, model, tokenizer) -> dict:
+    """lm-eval's scores of the reloaded export; a task that fails leaves its error in the report
+    instead of the whole run's results (``probprune-fast eval --tasks`` can score the export
+    again)."""
+    from .zero_shot import ZeroShotError, zero_shot
+
+    try:
+        return zero_shot(model, tokenizer, cfg.eval_tasks, cfg.tasks_path, cfg.eval_batch_size,
+                         cfg.task_limit)
+    except ZeroShotError as e:
+        log.error("zero-shot evaluation failed: %s", e)
+        return {"error": str(e)}
 
 
 def choose_mask(cfg: PruneConfig, run: Loaded, space: UnitSpace, st: SearchState):

@@ -56,6 +56,7 @@ class ModelShape:
     intermediate: int
     attn_bias: bool  # q/k/v bias (Qwen2)
     o_bias: bool
+    qk_norm: bool = False  # Qwen3's q_norm / k_norm: one head_dim weight each, shared by the heads
 
     @classmethod
     def from_config(cls, config) -> "ModelShape":
@@ -64,7 +65,7 @@ class ModelShape:
         qkv_bias = bool(getattr(config, "attention_bias", False)) or config.model_type == "qwen2"
         o_bias = bool(getattr(config, "attention_bias", False)) and config.model_type != "qwen2"
         return cls(config.num_hidden_layers, hkv, hq // hkv, head_dim, config.hidden_size,
-                   config.intermediate_size, qkv_bias, o_bias)
+                   config.intermediate_size, qkv_bias, o_bias, config.model_type == "qwen3")
 
     def head_columns(self, groups: torch.Tensor) -> torch.Tensor:
         """The q_proj rows (= o_proj columns) of KV groups ``groups`` [n] (long), in their order:
@@ -85,8 +86,11 @@ class ModelShape:
 
     @property
     def layer_fixed_cost(self) -> int:
-        """Parameters that go only with the whole layer: two norms and an o_proj bias."""
-        return 2 * self.hidden + (self.hidden if self.o_bias else 0)
+        """Parameters that go only with the whole layer: two norms, an o_proj bias, and q/k norms
+        (no head owns them; a kept layer without heads keeps them too, so the count stays linear
+        in the mask)."""
+        return (2 * self.hidden + (self.hidden if self.o_bias else 0)
+                + (2 * self.head_dim if self.qk_norm else 0))
 
     @property
     def layer_cost(self) -> int:

@@ -222,13 +222,18 @@ class MaskedLlamaAttention(nn.Module):
 
     q/k/v are gather-rows GEMMs over the kept groups (a unit = ``G*head_dim`` rows of q_proj,
     ``head_dim`` rows of k_proj/v_proj), RoPE with caller-supplied cos/sin, causal attention over
-    the kept heads only, and a gather-cols GEMM for o_proj.
+    the kept heads only, and a gather-cols GEMM for o_proj. ``q_norm`` / ``k_norm`` (Qwen3): norms
+    over each head's ``head_dim`` features, one weight shared by every head, applied to q and k
+    before RoPE.
     """
 
     def __init__(self, q_proj: nn.Linear, k_proj: nn.Linear, v_proj: nn.Linear, o_proj: nn.Linear,
                  num_heads: int, num_kv_heads: int, head_dim: int, scale: Optional[float] = None,
-                 backend: Optional[str] = None):
+                 backend: Optional[str] = None, q_norm: Optional[nn.Module] = None,
+                 k_norm: Optional[nn.Module] = None):
         super().__init__()
+        if (q_norm is None) != (k_norm is None):
+            raise ValueError("q_norm and k_norm come together: give both or neither")
         if num_kv_heads < 1 or num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads "
                              f"({num_kv_heads})")
@@ -241,6 +246,7 @@ class MaskedLlamaAttention(nn.Module):
             raise ValueError(f"o_proj has {o_proj.in_features} inputs, expected "
                              f"{num_heads * head_dim}")
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = q_proj, k_proj, v_proj, o_proj
+        self.q_norm, self.k_norm = q_norm, k_norm
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.G = num_heads // num_kv_heads
         self.scale, self.backend = scale, backend
@@ -256,7 +262,8 @@ class MaskedLlamaAttention(nn.Module):
         head_dim = getattr(attn, "head_dim", None) or attn.q_proj.out_features // num_heads
         scale = getattr(attn, "scaling", None)
         return cls(attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, num_heads, num_kv,
-                   head_dim, scale=scale, backend=backend)
+                   head_dim, scale=scale, backend=backend, q_norm=getattr(attn, "q_norm", None),
+                   k_norm=getattr(attn, "k_norm", None))
 
     def forward_compact(self, x: Tensor, cos: Tensor, sin: Tensor, idx: Tensor, counts: Tensor,
                         residual: Optional[Tensor] = None,
@@ -287,7 +294,10 @@ class MaskedLlamaAttention(nn.Module):
                                  backend=be, validate=False).view(K, B, T, cap, D)
         v = ops.gather_rows_gemm(x3, self.v_proj.weight, idx, counts, D, self.v_proj.bias,
                                  backend=be, validate=False).view(K, B, T, cap, D)
-        # RoPE of the zero padding heads stays zero, so the compact layout needs no special case.
+        if self.q_norm is not None:  # per head, so kept heads are normed as in the dense model
+            q, k = self.q_norm(q), self.k_norm(k)
+        # The norm and RoPE of the zero padding heads stay zero, so the compact layout needs no
+        # special case.
         q = apply_rotary(q, cos, sin).contiguous()
         k = apply_rotary(k, cos, sin).contiguous()
         o = ops.masked_attention(q, k, v, counts, self.scale, backend=be, validate=False)
@@ -323,7 +333,7 @@ class MaskedDecoderLayer(nn.Module):
     @classmethod
     def from_hf(cls, layer: nn.Module, config=None,
                 backend: Optional[str] = None) -> "MaskedDecoderLayer":
-        """From an HF ``LlamaDecoderLayer``-like module (Llama, Mistral, Qwen2)."""
+        """From an HF ``LlamaDecoderLayer``-like module (Llama, Mistral, Qwen2, Qwen3)."""
         return cls(layer.input_layernorm, MaskedLlamaAttention.from_hf(layer.self_attn, config,
                                                                        backend),
                    layer.post_attention_layernorm, MaskedSwiGLUMLP.from_mlp(layer.mlp, backend))

@@ -15,7 +15,7 @@ def _all_hooks(model):
 
 
 @pytest.mark.parametrize("include_layers", [False, True], ids=["units", "units+layers"])
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 def test_dense_mask_equals_the_engine(tiny_model_dirs, arch, include_layers):
     model, _ = load_model(tiny_model_dirs[arch])
     engine = MaskedCausalLM(model, include_layers=include_layers)

@@ -175,7 +175,7 @@ def test_sequential_statistics_come_from_the_pruned_and_refit_layers_before(tiny
         assert rec["mlp_refit"] <= rec["mlp_bare"] + 1e-9
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 def test_a_compensated_export_with_biases_reloads_both_ways(tiny_model_dirs, tmp_path, arch):
     model, tok = load_model(tiny_model_dirs[arch])
     engine = MaskedCausalLM(model, include_layers=True)

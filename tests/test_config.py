@@ -21,7 +21,7 @@ NAN, INF = math.nan, math.inf
 SETTINGS_KEYS = [
     "model", "sparsity", "out", "steps", "k", "batch_size", "seqlen", "calib", "nsamples",
     "val_windows", "eval", "eval_file", "max_eval_windows", "window_stride", "eval_batch_size",
-    "lr", "min_lr_ratio", "init", "init_temperature", "init_attn_sparsity", "init_windows",
+    "eval_tasks", "tasks_path", "task_limit", "lr", "min_lr_ratio", "init", "init_temperature", "init_attn_sparsity", "init_windows",
     "channel_block", "budget", "scope", "attn_sparsity", "mlp_sparsity", "prune_layers",
     "protect_layers", "compensate", "compensate_bias", "compensate_damping", "compensate_windows",
     "select_candidates", "optimizer", "antithetic", "control_variate", "cv_history", "cv_ridge",
@@ -38,7 +38,7 @@ DEFAULTS = dict(
     compensate="sequential", compensate_bias=False, compensate_damping=0.01,
     compensate_windows=128, optimizer="sgd", antithetic=False, control_variate=False,
     cv_history=256, cv_ridge=1.0, select_candidates=1, dist_timeout=1800.0,
-    dry_run=False)
+    dry_run=False, eval_tasks=[], tasks_path=None, task_limit=None)
 RESUME_KEYS = {"model", "sparsity", "steps", "k", "batch_size", "seqlen", "calib", "nsamples",
                "lr", "init", "init_temperature", "init_attn_sparsity", "init_windows", "budget",
                "scope", "attn_sparsity", "mlp_sparsity", "prune_layers", "protect_layers",
@@ -318,8 +318,10 @@ def test_eval_config_shares_the_definitions():
     actions = {a.dest: a for a in parser._actions if a.dest != "help"}
     prune_fields = {f.name: f for f in dataclasses.fields(PruneConfig)}
     assert set(actions) == {"model", "eval", "eval_file", "seqlen", "max_eval_windows", "window_stride",
-                            "eval_batch_size", "device", "dtype"}
+                            "eval_batch_size", "eval_tasks", "tasks_path", "task_limit", "device",
+                            "dtype"}
     assert actions["eval"].option_strings == ["--data"]
+    assert actions["eval_tasks"].option_strings == ["--tasks"]
     for f in dataclasses.fields(EvalConfig):
         assert f.default == prune_fields[f.name].default
         assert actions[f.name].help.startswith(prune_fields[f.name].metadata["help"])

@@ -13,7 +13,7 @@ from probprune.models import load_model
 from tests.test_forward import _masks
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "llama3", "qwen2", "qwen3"])
 def test_parameter_accounting_and_remote_code_reload(tiny_model_dirs, tmp_path, arch):
     model, tok = load_model(tiny_model_dirs[arch])
     mm = MaskedCausalLM(model, include_layers=True)
@@ -25,6 +25,10 @@ def test_parameter_accounting_and_remote_code_reload(tiny_model_dirs, tmp_path, 
     # Everything not prunable survives; of the prunable parameters exactly the kept ones do.
     assert sum(p.numel() for p in pruned.parameters()) == total - lay.prunable_params + int(
         lay.kept_params(mask))
+    no_heads = _masks(lay, 3, seed=3)[0]  # layer 0 keeps no heads (Qwen3: but its q/k norms)
+    headless = load_pruned(export_pruned(model, tok, lay, no_heads, str(tmp_path / "no_heads")))
+    assert sum(p.numel() for p in headless.parameters()) == total - lay.prunable_params + int(
+        lay.kept_params(no_heads))
     manifest = json.load(open(os.path.join(out, "probprune.json")))
     assert manifest["kept"]["layers"] == [0, 2]
     remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)

@@ -47,6 +47,28 @@ def test_any_mask_gives_the_sliced_models_loss(tiny_model_dirs, arch, tmp_path):
     assert len(pruned.model.layers) == 2  # the third mask dropped a layer
 
 
+def test_llama3_rope_scaling_is_the_models_own(tiny_model_dirs):
+    """The engine takes cos/sin from the model's rotary embedding: Llama-3's rescaled frequencies
+    give HF's loss, which differs from the same weights under plain RoPE past the original 64
+    positions."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = tiny_model_dirs["llama3"]
+    plain_config = AutoConfig.from_pretrained(path)
+    plain_config.rope_parameters = {"rope_type": "default",
+                                    "rope_theta": plain_config.rope_parameters["rope_theta"]}
+    ids = torch.randint(0, plain_config.vocab_size, (2, 96))
+    losses = {}
+    for name, model in (("llama3", load_model(path)[0]),
+                        ("plain", AutoModelForCausalLM.from_pretrained(path, config=plain_config))):
+        with torch.no_grad():
+            expected = model(ids, labels=ids).loss
+        engine = MaskedCausalLM(model)
+        losses[name] = engine.losses(ids, engine.all_ones())[0]
+        torch.testing.assert_close(losses[name], expected, rtol=1e-5, atol=0)
+    assert abs(losses["llama3"] - losses["plain"]) > 1e-3
+
+
 def test_mask_shape_is_checked(tiny_model_dirs):
     model, _ = load_model(tiny_model_dirs["llama"])
     mm = MaskedCausalLM(model)
@@ -59,5 +81,5 @@ def test_unsupported_model_is_refused():
 
     from probprune.models import UnsupportedModelError
 
-    with pytest.raises(UnsupportedModelError, match="Llama, Mistral, Qwen2"):
+    with pytest.raises(UnsupportedModelError, match="Llama, Mistral, Qwen2, Qwen3$"):
         MaskedCausalLM(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)))

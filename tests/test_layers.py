@@ -128,10 +128,22 @@ def test_masked_swiglu_rejects_other_activation():
 
 # --------------------------------------------------------------------------- MaskedLlamaAttention
 
-def _hf_attention(G):
+def _hf_attention(G, arch="llama"):
     from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
     cfg = _llama_config(num_attention_heads=2 * G, num_key_value_heads=2)
-    attn = LlamaAttention(cfg, layer_idx=0).to(DEVICE).eval()
+    if arch == "qwen3":  # q_norm / k_norm per head before RoPE
+        from transformers import Qwen3Config
+        from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention
+        cfg = Qwen3Config(**{k: v for k, v in cfg.to_dict().items()
+                             if k in ("hidden_size", "intermediate_size", "num_attention_heads",
+                                      "num_key_value_heads", "head_dim", "num_hidden_layers",
+                                      "vocab_size")}, attn_implementation="eager")
+        attn = Qwen3Attention(cfg, layer_idx=0).to(DEVICE).eval()
+        with torch.no_grad():  # they start at ones; distinct weights catch a swapped or lost norm
+            attn.q_norm.weight.normal_(1.0, 0.3)
+            attn.k_norm.weight.normal_(1.0, 0.3)
+    else:
+        attn = LlamaAttention(cfg, layer_idx=0).to(DEVICE).eval()
     rope = LlamaRotaryEmbedding(cfg).to(DEVICE)
     return cfg, attn, rope
 
@@ -150,8 +162,9 @@ def _dense_masked(attn, x, cos, sin, head_mask, T):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("G", [1, 3])
 @pytest.mark.parametrize("K", [None, 3])
-def test_masked_llama_attention(backend, G, K):
-    cfg, attn, rope = _hf_attention(G)
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_masked_llama_attention(backend, G, K, arch):
+    cfg, attn, rope = _hf_attention(G, arch)
     B, T = 2, 13
     ma = MaskedLlamaAttention.from_hf(attn, cfg, backend=backend)
     assert ma.q_proj.weight.data_ptr() == attn.q_proj.weight.data_ptr()
@@ -173,6 +186,13 @@ def test_masked_llama_attention(backend, G, K):
                                                mask[k].repeat_interleave(G), T) for k in range(K)])
     assert y.shape == x.shape
     assert_close(y, dense)
+
+
+def test_q_norm_needs_k_norm():
+    _, attn, _ = _hf_attention(1, "qwen3")
+    with pytest.raises(ValueError, match="q_norm and k_norm come together"):
+        MaskedLlamaAttention(attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, 2, 2, 8,
+                             q_norm=attn.q_norm)
 
 
 # --------------------------------------------------------------------------- MaskedDecoderLayer

@@ -23,7 +23,7 @@ def test_parameter_counts_are_the_published_ones():
     assert param_count(LLAMA["70b"]) == 68_976_648_192  # LLaMA-2-70B
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2"])
+@pytest.mark.parametrize("name", ["llama", "llama3", "qwen2", "qwen3"])
 def test_parameter_count_matches_the_modules(tiny_model_dirs, name):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs[name])
     assert param_count(model.config) == sum(p.numel() for p in model.parameters())

@@ -11,13 +11,19 @@ from tests.conftest import ARCHS
 @pytest.mark.parametrize("arch", ARCHS)
 def test_loads_supported_architectures(tiny_model_dirs, arch):
     model, tok = load_model(tiny_model_dirs[arch])
-    assert model.config.model_type == arch
+    assert model.config.model_type == {"llama3": "llama"}.get(arch, arch)
     assert not model.training
     ids = tok("The quick brown fox", return_tensors="pt").input_ids
     assert model(ids).logits.shape == (1, ids.shape[1], model.config.vocab_size)
+    attn = model.model.layers[0].self_attn
     if arch == "qwen2":  # the q/k/v bias is part of what the engine must support
-        attn = model.model.layers[0].self_attn
         assert attn.q_proj.bias is not None and attn.q_proj.bias.abs().sum() > 0
+    if arch == "qwen3":  # and so are per-head q/k norms that are not all ones
+        assert attn.q_norm.weight.shape == (model.config.head_dim,)
+        assert not torch.equal(attn.q_norm.weight, torch.ones_like(attn.q_norm.weight))
+    if arch == "llama3":
+        assert model.config.rope_parameters["rope_type"] == "llama3"
+        assert model.config.num_attention_heads == 4 * model.config.num_key_value_heads
 
 
 @pytest.mark.parametrize("dtype,expected", [("bfloat16", torch.bfloat16), ("float16", torch.float16)])
@@ -35,7 +41,7 @@ def test_unsupported_architecture_names_supported_ones(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(tmp_path)
-    with pytest.raises(UnsupportedModelError, match="'gpt2'.*Llama, Mistral, Qwen2"):
+    with pytest.raises(UnsupportedModelError, match="'gpt2'.*Llama, Mistral, Qwen2, Qwen3$"):
         load_model(str(tmp_path))
 
 

@@ -1,4 +1,4 @@
-"""Tiny random-weight Llama / Mistral / Qwen2 checkpoints and a small byte-level BPE tokenizer,
+"""Tiny random-weight Llama (2- and 3-style) / Mistral / Qwen2 / Qwen3 checkpoints and a small byte-level BPE tokenizer,
 written to local directories so loading code runs through ``from_pretrained`` with no hub."""
 from __future__ import annotations
 
@@ -13,6 +13,10 @@ CORPUS = [
     "Wikipedia is a free online encyclopedia written collaboratively by volunteers.",
 ]
 VOCAB = 320
+# Llama-3's RoPE scaling over a short original context, so a window of more than 64 tokens already
+# reaches the rescaled frequencies.
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
 
 
 def make_tokenizer():
@@ -31,7 +35,7 @@ def make_tokenizer():
 
 
 def tiny_config(arch: str, **overrides):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=72, num_hidden_layers=3,
                   num_attention_heads=6, num_key_value_heads=2, head_dim=8,
@@ -40,11 +44,16 @@ def tiny_config(arch: str, **overrides):
     common.update(overrides)
     if arch == "llama":
         return LlamaConfig(**common)
+    if arch == "llama3":  # GQA 4 (8 query heads on 2 KV heads), head_dim * heads != hidden
+        return LlamaConfig(**{**common, "num_attention_heads": 8, "rope_scaling": LLAMA3_ROPE,
+                              **overrides})
     if arch == "mistral":
         return MistralConfig(sliding_window=None, **common)
     if arch == "qwen2":
         common.pop("head_dim")  # Qwen2 derives head_dim from hidden_size / heads
         return Qwen2Config(use_sliding_window=False, **common)
+    if arch == "qwen3":  # q_norm / k_norm over each head; head_dim * heads != hidden, as Qwen3's
+        return Qwen3Config(use_sliding_window=False, **{**common, "head_dim": 12, **overrides})
     raise ValueError(arch)
 
 
@@ -60,6 +69,8 @@ def make_model_dir(path: str, arch: str = "llama", seed: int = 0, **overrides) -
                 p.normal_(0, 0.2)
             elif name.endswith("bias"):  # Qwen2's q/k/v biases start at zero: make them count
                 p.normal_(0, 0.1)
+            elif name.endswith(("q_norm.weight", "k_norm.weight")):  # Qwen3's start at ones
+                p.normal_(1.0, 0.3)
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path)
     make_tokenizer().save_pretrained(path)
