@@ -44,7 +44,8 @@ def cmd_eval(args) -> int:
         return zero_shot_eval(config, args.json)
     text = eval_text(config.eval, config.eval_file)
     t0 = time.perf_counter()
-    model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
+    model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device,
+                                  devices=config.devices)
     load_s = time.perf_counter() - t0
     ids = tokenize_joined(tokenizer, [text.text])
     result = perplexity(model, ids, seqlen=config.seqlen, batch_size=config.eval_batch_size,
@@ -68,7 +69,8 @@ def zero_shot_eval(config, as_json: bool) -> int:
     from .zero_shot import table, zero_shot
 
     t0 = time.perf_counter()
-    model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
+    model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device,
+                                  devices=config.devices)
     load_s = time.perf_counter() - t0
     result = zero_shot(model, tokenizer, config.eval_tasks, config.tasks_path,
                        config.eval_batch_size, config.task_limit)

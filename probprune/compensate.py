@@ -146,10 +146,16 @@ class _Stream:
     def __init__(self, engine: MaskedCausalLM, windows: torch.Tensor, batch_size: int):
         inner = engine.model.model
         T = windows.shape[1]
-        self.batches = [inner.embed_tokens(windows[i:i + batch_size].to(engine.device))
+        dev = inner.embed_tokens.weight.device
+        self.batches = [inner.embed_tokens(windows[i:i + batch_size].to(dev))
                         for i in range(0, windows.shape[0], batch_size)]
-        self.cos, self.sin = inner.rotary_emb(self.batches[0],
-                                              torch.arange(T, device=engine.device)[None])
+        self.cos, self.sin = inner.rotary_emb(self.batches[0], torch.arange(T, device=dev)[None])
+
+    def to(self, device: torch.device) -> None:
+        """Moves the stream to the next layer's device (layer sharding)."""
+        if self.cos.device != device:
+            self.batches = [h.to(device) for h in self.batches]
+            self.cos, self.sin = self.cos.to(device), self.sin.to(device)
 
 
 def _sublayer(stream: _Stream, inputs: Callable, kept_inputs: Callable, linear, cols,
@@ -211,21 +217,22 @@ def compensate(engine: MaskedCausalLM, mask: torch.Tensor, windows: torch.Tensor
     m = units.split(mask.bool().to(device))
     sequential = mode == "sequential"
     stream = _Stream(engine, windows, batch_size)
-    cos, sin = stream.cos, stream.sin
-    all_heads = _compact(torch.ones(shape.n_kv_heads, device=device), be)
-    all_channels = _compact(torch.ones(shape.intermediate, device=device), be)
     weights: Dict[str, torch.Tensor] = {}
     records: List[dict] = []
     for l in tqdm(range(units.n_layers), desc=f"compensation ({mode})", disable=not progress,
                   unit="layer", leave=False):
-        layer = engine.layers[l]
+        layer, dev = engine.layers[l], engine.layer_devices[l]
         keep = bool(m.layers[l])
         if not keep and sequential:
             continue  # a dropped layer: the residual passes through
+        stream.to(dev)
+        cos, sin = stream.cos, stream.sin
         attn, mlp = layer.self_attn, layer.mlp
-        heads = m.heads[l].nonzero().flatten()
-        channels = m.mlp[l].nonzero().flatten()
-        kept_h, kept_c = _compact(m.heads[l], be), _compact(m.mlp[l], be)
+        heads = m.heads[l].nonzero().flatten().to(dev)
+        channels = m.mlp[l].nonzero().flatten().to(dev)
+        kept_h, kept_c = _compact(m.heads[l].to(dev), be), _compact(m.mlp[l].to(dev), be)
+        all_heads = _compact(torch.ones(shape.n_kv_heads, device=dev), be)
+        all_channels = _compact(torch.ones(shape.intermediate, device=dev), be)
         record = {"layer": l}
 
         def attn_inputs(h, idx=all_heads):

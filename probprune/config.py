@@ -221,6 +221,16 @@ def _device_problem(value: str) -> Problem:
     return None
 
 
+def _devices_problem(names: List[str]) -> Problem:
+    if len(names) == 1:
+        return "lists one device: use --device for a single device"
+    for name in names:
+        problem = _device_problem(name)
+        if problem:
+            return problem
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # what is derived from the fields: flags, the config of parsed flags, validation, resume check
 
@@ -513,6 +523,11 @@ class PruneConfig(_Settings):
     device: str = setting(
         "cpu", help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)",
         probe=_device_problem, cli_default=None, from_cli=lambda v: v or default_device())
+    devices: List[str] = setting(
+        [], parse=_name_list, probe=_devices_problem,
+        help="several devices, comma-separated (cuda:0,cuda:1): contiguous decoder layers on "
+             "each, balanced by parameters, for a model larger than one device; under torchrun "
+             "the list is split evenly among the ranks. Takes the place of --device")
     dtype: str = setting("float32", choices=("float32", "float16", "bfloat16"),
                          help="weights and activations dtype", resume=True)
     backend: Optional[str] = setting(
@@ -553,7 +568,7 @@ EvalConfig = _subset(
     "EvalConfig", "What ``probprune-fast eval`` needs: the model and evaluation fields of "
                   ":class:`PruneConfig`; the evaluation text is ``--data`` there.",
     ("model", "eval", "eval_file", "seqlen", "max_eval_windows", "window_stride",
-     "eval_batch_size", "eval_tasks", "tasks_path", "task_limit", "device", "dtype"),
+     "eval_batch_size", "eval_tasks", "tasks_path", "task_limit", "device", "devices", "dtype"),
     {"eval": "--data", "eval_tasks": "--tasks"})
 
 
@@ -569,6 +584,15 @@ def _leave_one_out_needs_two(c) -> Problem:
     if c.baseline == "leave-one-out" and c.k < 2:
         return (f"the leave-one-out baseline needs --k 2 or more (or use --baseline "
                 f"moving-average), got --k {c.k}")
+    return None
+
+
+@combination("devices", probe=True)
+def _devices_shared_evenly(c) -> Problem:
+    size = world_size_from_env()
+    if c.devices and len(c.devices) % size:
+        return (f"--devices lists {len(c.devices)} devices, which the {size} processes of this "
+                f"launch (WORLD_SIZE) cannot share evenly: list a multiple of {size}")
     return None
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import List
 
 import torch
 import torch.distributed as dist
@@ -93,6 +94,18 @@ def local_device(device: str) -> str:
     if device.startswith("cuda") and world_size_from_env() > 1:
         return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     return device
+
+
+def local_devices(devices: List[str]) -> List[str]:
+    """A rank's share of ``--devices`` (all of them without torchrun): the list cut into
+    WORLD_SIZE equal contiguous groups, group LOCAL_RANK (``cuda:0,cuda:1,cuda:2,cuda:3`` on 2
+    ranks: rank 1 gets cuda:2,cuda:3)."""
+    size = world_size_from_env()
+    if not devices or size == 1:
+        return list(devices)
+    n = len(devices) // size  # the config's check: the count is a multiple of WORLD_SIZE
+    rank = int(os.environ.get("LOCAL_RANK", "0"))
+    return list(devices[rank * n:(rank + 1) * n])
 
 
 def init_world(device: str, timeout_s: float) -> World:

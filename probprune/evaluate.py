@@ -90,10 +90,11 @@ def _model_batch_nll(model, device):
         if chunked:
             h = inner(batch).last_hidden_state[:, :-1].reshape(1, labels.numel(), -1)
             chunk = max(1, LOGIT_CHUNK_VALUES // head.weight.shape[0])
-            return pk.lm_head_ce(h, head.weight, labels, chunk_size=chunk,
+            h = h.to(head.weight.device)  # a model spread over devices ends on lm_head's
+            return pk.lm_head_ce(h, head.weight, labels.to(h.device), chunk_size=chunk,
                                  validate=False)[0] * labels.numel()
         logits = model(batch).logits[:, :-1].float()
-        return F.cross_entropy(logits.flatten(0, 1), labels, reduction="sum")
+        return F.cross_entropy(logits.flatten(0, 1), labels.to(logits.device), reduction="sum")
     return batch_nll
 
 

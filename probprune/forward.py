@@ -17,11 +17,18 @@ import probprune_kernels as pk
 from probprune_kernels.layers import MaskedDecoderLayer
 
 from .models import check_supported
+from .placement import layer_devices
 from .units import UnitSpace
 
 # Logit chunks of at most 2**24 fp32 values (64 MiB) over all K masks: the vocabulary is the
 # largest activation of a small model and would otherwise grow with K.
 LOGIT_CHUNK_VALUES = 1 << 24
+
+
+def _on(device, *xs):
+    """Index tensors (and tuples of them) on ``device``: no copy on the device they are on."""
+    return tuple(tuple(t.to(device) for t in x) if isinstance(x, tuple) else x.to(device)
+                 for x in xs)
 
 
 class MaskedCausalLM:
@@ -40,6 +47,8 @@ class MaskedCausalLM:
         self.backend = backend
         self.layers = [MaskedDecoderLayer.from_hf(layer, config, backend)
                        for layer in model.model.layers]
+        # Layer sharding (probprune.placement): the hidden states move at device boundaries.
+        self.layer_devices = layer_devices(model)
         self.sliding_window = getattr(config, "sliding_window", None) if getattr(
             config, "use_sliding_window", True) else None
 
@@ -77,13 +86,16 @@ class MaskedCausalLM:
         ids = input_ids.to(self.device)
         (h_idx, h_cnt), (c_idx, c_cnt), layer_keep = self._compact(masks.to(self.device))
 
-        h = inner.embed_tokens(ids)
-        cos, sin = inner.rotary_emb(h, torch.arange(T, device=self.device)[None])  # [1, T, hd]
+        h = inner.embed_tokens(ids.to(inner.embed_tokens.weight.device))
+        cos, sin = inner.rotary_emb(h, torch.arange(T, device=h.device)[None])  # [1, T, hd]
         h = h[None].expand(K, B, T, -1).contiguous()
         for l, layer in enumerate(self.layers):
-            h = layer.forward_compact(h, cos, sin, (h_idx[l], h_cnt[l]), (c_idx[l], c_cnt[l]),
-                                      layer_keep[l])
-        h = inner.norm(h[:, :, :-1]).reshape(K, B * (T - 1), -1)
+            dev = self.layer_devices[l]
+            if h.device != dev:
+                h, cos, sin = h.to(dev), cos.to(dev), sin.to(dev)
+            h = layer.forward_compact(h, cos, sin, *(_on(dev, (h_idx[l], h_cnt[l]),
+                                                        (c_idx[l], c_cnt[l]), layer_keep[l])))
+        h = inner.norm(h[:, :, :-1].to(self.device)).reshape(K, B * (T - 1), -1)
         labels = ids[:, 1:].reshape(-1)
         w = self.model.lm_head.weight
         chunk = max(1, LOGIT_CHUNK_VALUES // (K * w.shape[0]))

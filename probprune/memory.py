@@ -13,13 +13,13 @@ weights plus the largest of the three phases.
 from __future__ import annotations
 
 import ctypes
-import os
 from dataclasses import dataclass
 from typing import Dict, Optional
 
 import torch
 
 from .forward import LOGIT_CHUNK_VALUES
+from .placement import balance
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 GIB = 2 ** 30
@@ -28,7 +28,28 @@ GIB = 2 ** 30
 def param_count(config) -> int:
     """Parameters of a Llama / Mistral / Qwen2 / Qwen3 model from its config, counted the way the
     modules hold them (tied embeddings once)."""
-    d, inter, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    per_layer, embed, head = param_parts(config)
+    return config.num_hidden_layers * per_layer + embed + head
+
+
+def largest_shard(config, n_devices: int) -> int:
+    """Parameters on the fullest device when the layers are spread over ``n_devices`` as
+    :func:`probprune.placement.place` spreads them."""
+    per_layer, embed, head = param_parts(config)
+    if n_devices == 1:
+        return config.num_hidden_layers * per_layer + embed + head
+    tied = getattr(config, "tie_word_embeddings", False)
+    first, last = (0, embed + head) if tied else (embed, head)
+    owner = balance([per_layer] * config.num_hidden_layers, n_devices, first, last)
+    loads = [per_layer * owner.count(j) for j in range(n_devices)]
+    loads[0] += first
+    loads[-1] += last
+    return max(loads)
+
+
+def param_parts(config):
+    """(parameters of one decoder layer, of the embedding, of lm_head and the final norm)."""
+    d, inter = config.hidden_size, config.intermediate_size
     heads = config.num_attention_heads
     kv = getattr(config, "num_key_value_heads", None) or heads
     hd = getattr(config, "head_dim", None) or d // heads
@@ -39,7 +60,7 @@ def param_count(config) -> int:
     per_layer = attn + 3 * d * inter + 2 * d + qk_norm
     embed = config.vocab_size * d
     head = 0 if getattr(config, "tie_word_embeddings", False) else embed
-    return L * per_layer + embed + head + d
+    return per_layer, embed, head + d
 
 
 @dataclass
@@ -47,20 +68,25 @@ class MemoryPlan:
     """Bytes on one rank's device, by term; ``peak`` = weights + the largest phase."""
     terms: Dict[str, int]
     phases: Dict[str, int]
+    devices: int = 1  # the devices one rank's layers are spread over
 
     @property
     def peak(self) -> int:
         return self.terms["weights"] + max(self.phases.values())
 
     def lines(self) -> list:
-        out = [f"memory plan (one rank's device): peak {self.peak / GIB:.2f} GiB"]
+        where = ("one rank's device" if self.devices == 1 else
+                 f"the fullest of one rank's {self.devices} devices")
+        out = [f"memory plan ({where}): peak {self.peak / GIB:.2f} GiB"]
         out += [f"  {name:<42} {value / GIB:8.3f} GiB" for name, value in self.terms.items()]
         return out
 
 
 def plan(config, *, dtype: str, k: int, batch_size: int, seqlen: int, world_size: int = 1,
-         eval_batch_size: int = 8, compensate: str = "none", compensate_windows: int = 0
-         ) -> MemoryPlan:
+         eval_batch_size: int = 8, compensate: str = "none", compensate_windows: int = 0,
+         devices: int = 1) -> MemoryPlan:
+    """``devices``: the devices one rank spreads its layers over (the weights term is then the
+    fullest device's share; every device may hold the activations of its layers)."""
     b = DTYPE_BYTES[dtype]
     d, inter = config.hidden_size, config.intermediate_size
     heads = config.num_attention_heads
@@ -81,7 +107,7 @@ def plan(config, *, dtype: str, k: int, batch_size: int, seqlen: int, world_size
 
     search = forward_terms(km * batch_size * seqlen, "search [K/W, B, T]")
     evaluation = forward_terms(eval_batch_size * seqlen, "evaluation [B, T]")
-    terms = {"weights": param_count(config) * b, **search, **evaluation}
+    terms = {"weights": largest_shard(config, devices) * b, **search, **evaluation}
     phases = {"search": sum(search.values()), "evaluation": sum(evaluation.values())}
     if compensate != "none":
         # The calibration windows' hidden states (in and out of a layer, fp32) and one float64
@@ -91,7 +117,7 @@ def plan(config, *, dtype: str, k: int, batch_size: int, seqlen: int, world_size
         terms["compensation: calibration hidden states"] = states
         terms["compensation: one float64 Gram matrix"] = gram
         phases["compensation"] = states + gram
-    return MemoryPlan(terms, phases)
+    return MemoryPlan(terms, phases, devices)
 
 
 def trim_host_memory() -> None:
@@ -143,12 +169,9 @@ def check_fits(p: MemoryPlan, device: str, available: Optional[int] = None) -> N
                     f"{available / GIB:.2f} GiB are free; {hint}")
 
 
-def plan_for(cfg, config, world_size: int = 1) -> MemoryPlan:
+def plan_for(cfg, config, world_size: int = 1, devices: int = 1) -> MemoryPlan:
     """The plan of a :class:`~probprune.config.PruneConfig` for the model ``config``."""
     return plan(config, dtype=cfg.dtype, k=cfg.k, batch_size=cfg.batch_size, seqlen=cfg.seqlen,
                 world_size=world_size, eval_batch_size=cfg.eval_batch_size,
-                compensate=cfg.compensate, compensate_windows=cfg.compensate_windows)
-
-
-def describe(cfg, config, world_size: int = 1) -> str:
-    return os.linesep.join(plan_for(cfg, config, world_size).lines())
+                compensate=cfg.compensate, compensate_windows=cfg.compensate_windows,
+                devices=devices)

@@ -113,9 +113,12 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
-def load_model(name_or_path: str, dtype="float32", device="cpu"):
+def load_model(name_or_path: str, dtype="float32", device="cpu", devices=None):
     """Loads (model, tokenizer) for a Hugging Face causal LM directory, hub name, embedded name,
     or a pruned directory written by probprune.
+
+    ``devices`` (two or more): the decoder layers spread over them (:func:`probprune.placement.place`)
+    instead of all on ``device``.
 
     Raises ``UnsupportedModelError`` before loading weights when the architecture is not one of
     Llama, Mistral, Qwen2, Qwen3.
@@ -124,13 +127,12 @@ def load_model(name_or_path: str, dtype="float32", device="cpu"):
 
     path = resolve_model_path(name_or_path)
     if os.path.isfile(os.path.join(path, MANIFEST)):  # reloads with its own per-layer sizes
-        return load_pruned(path, dtype=dtype, device=device, with_tokenizer=True)
+        return load_pruned(path, dtype=dtype, device=device, with_tokenizer=True, devices=devices)
     if looks_like_a_path(name_or_path) and not os.path.exists(path):
         raise FileNotFoundError(f"model directory {path!r} does not exist")
     config = AutoConfig.from_pretrained(path)
     check_supported(config)
-    model = _read_weights(AutoModelForCausalLM, path, config, dtype)
-    model.to(device).eval()
+    model = _to_devices(_read_weights(AutoModelForCausalLM, path, config, dtype), device, devices)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
 
@@ -151,7 +153,20 @@ def _read_weights(cls, path: str, config, dtype):
                            f"{str(e).splitlines()[0] if str(e) else 'no detail'}") from e
 
 
-def load_pruned(path: str, dtype="float32", device="cpu", with_tokenizer: bool = False):
+def _to_devices(model, device, devices):
+    # transformers reads the weights in the target dtype (no float32 copy of a bf16 model); they
+    # are then moved layer by layer, so a shard never needs the whole model on its device.
+    if devices and len(devices) > 1:
+        from .placement import place
+
+        place(model, devices)
+    else:
+        model.to(device)
+    return model.eval()
+
+
+def load_pruned(path: str, dtype="float32", device="cpu", with_tokenizer: bool = False,
+                devices=None):
     """Loads a probprune export in one call (no ``trust_remote_code`` needed)."""
     from transformers import AutoConfig
 
@@ -160,8 +175,8 @@ def load_pruned(path: str, dtype="float32", device="cpu", with_tokenizer: bool =
     if not os.path.isfile(os.path.join(path, MANIFEST)):
         raise FileNotFoundError(f"{path!r} is not a probprune export (no {MANIFEST})")
     config = AutoConfig.from_pretrained(path)
-    model = _read_weights(modeling_probprune.CLASSES[config.model_type], path, config, dtype)
-    model.to(device).eval()
+    model = _to_devices(_read_weights(modeling_probprune.CLASSES[config.model_type], path, config,
+                                      dtype), device, devices)
     if not with_tokenizer:
         return model
     from transformers import AutoTokenizer

@@ -24,7 +24,7 @@ from .config import PruneConfig
 from .data import DataError, calibration_texts, eval_text, random_windows, tokenize_joined
 from .evaluate import masked_nll, masked_perplexity, model_nll, perplexity
 from .compensate import compensate
-from .distributed import (SINGLE, World, close_world, init_world, local_device,
+from .distributed import (SINGLE, World, close_world, init_world, local_device, local_devices,
                           world_size_from_env)
 from .export import export_pruned, pruned_model
 from .files import atomic_write
@@ -113,15 +113,19 @@ def prune(cfg: PruneConfig) -> Optional[dict]:
     cfg.validate()
     from transformers import AutoConfig
     model_config = AutoConfig.from_pretrained(resolve_model_path(cfg.model))
-    memory = plan_for(cfg, model_config, world_size_from_env())
+    # With --devices, this rank's share of them; its last device holds lm_head (the engine's).
+    devices = local_devices(cfg.devices)
+    device = devices[-1] if devices else local_device(cfg.device)
+    memory = plan_for(cfg, model_config, world_size_from_env(), max(1, len(devices)))
     if cfg.dry_run:
         return {"memory_plan": {"peak": memory.peak, **memory.terms},
                 "memory_plan_text": "\n".join(memory.lines())}
     log.info("%s", "\n".join(memory.lines()))
-    check_fits(memory, local_device(cfg.device))
-    world = init_world(local_device(cfg.device), cfg.dist_timeout)
+    for d in devices or [device]:
+        check_fits(memory, d)
+    world = init_world(device, cfg.dist_timeout)
     try:
-        cfg = dataclasses.replace(cfg, device=local_device(cfg.device),
+        cfg = dataclasses.replace(cfg, device=device, devices=devices,
                                   progress=cfg.progress and world.is_main)
         os.makedirs(cfg.out, exist_ok=True)
         ckpt = world.broadcast(read_checkpoint(cfg) if world.is_main else None)
@@ -151,7 +155,7 @@ def start_checkpoint(start: Start) -> dict:
 
 def load(cfg: PruneConfig) -> Loaded:
     t0 = time.perf_counter()
-    model, tokenizer = load_model(cfg.model, cfg.dtype, cfg.device)
+    model, tokenizer = load_model(cfg.model, cfg.dtype, cfg.device, cfg.devices)
     load_s = time.perf_counter() - t0
     engine = MaskedCausalLM(model, include_layers=cfg.prune_layers, backend=cfg.backend)
     shape = engine.units.shape
@@ -266,7 +270,7 @@ def finish(cfg: PruneConfig, run: Loaded, space: UnitSpace, search: Search, fixe
     dense_params = sum(p.numel() for p in run.model.parameters())
     del compensation, init_comp
     release_dense_model(run, search)
-    reloaded = load_pruned(cfg.out, dtype=cfg.dtype, device=cfg.device)
+    reloaded = load_pruned(cfg.out, dtype=cfg.dtype, device=cfg.device, devices=cfg.devices)
     perplexities["pruned"] = perplexity(reloaded, run.eval_ids,
                                         desc="pruned perplexity (export, reloaded)",
                                         **_ppl_kw(cfg)).as_dict()

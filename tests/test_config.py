@@ -25,7 +25,7 @@ SETTINGS_KEYS = [
     "channel_block", "budget", "scope", "attn_sparsity", "mlp_sparsity", "prune_layers",
     "protect_layers", "compensate", "compensate_bias", "compensate_damping", "compensate_windows",
     "select_candidates", "optimizer", "antithetic", "control_variate", "cv_history", "cv_ridge",
-    "baseline", "ma_window", "eval_every", "checkpoint_every", "device", "dtype",
+    "baseline", "ma_window", "eval_every", "checkpoint_every", "device", "devices", "dtype",
     "backend", "seed", "dist_timeout", "dry_run", "resume", "progress", "stop_after"]
 DEFAULTS = dict(
     steps=400, k=2, batch_size=4, seqlen=128, calib="wiki-summaries", nsamples=256,
@@ -33,7 +33,7 @@ DEFAULTS = dict(
     lr=0.01, min_lr_ratio=0.0, init="wanda-sp", init_temperature=0.1, init_attn_sparsity=0.0,
     init_windows=64, channel_block=64, budget="global", scope="global", attn_sparsity=None,
     mlp_sparsity=None, prune_layers=False, protect_layers=[], baseline="leave-one-out",
-    ma_window=5, eval_every=25, checkpoint_every=25, device="cpu", dtype="float32", backend=None,
+    ma_window=5, eval_every=25, checkpoint_every=25, device="cpu", devices=[], dtype="float32", backend=None,
     seed=0, resume=False, progress=True, stop_after=None, window_stride=1,
     compensate="sequential", compensate_bias=False, compensate_damping=0.01,
     compensate_windows=128, optimizer="sgd", antithetic=False, control_variate=False,
@@ -319,7 +319,7 @@ def test_eval_config_shares_the_definitions():
     prune_fields = {f.name: f for f in dataclasses.fields(PruneConfig)}
     assert set(actions) == {"model", "eval", "eval_file", "seqlen", "max_eval_windows", "window_stride",
                             "eval_batch_size", "eval_tasks", "tasks_path", "task_limit", "device",
-                            "dtype"}
+                            "devices", "dtype"}
     assert actions["eval"].option_strings == ["--data"]
     assert actions["eval_tasks"].option_strings == ["--tasks"]
     for f in dataclasses.fields(EvalConfig):

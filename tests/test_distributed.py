@@ -119,6 +119,29 @@ def test_three_ranks_match_one_process(tiny_model_dirs, calib_file, tmp_path, on
     assert json.load(open(out / "report.json"))["settings"]["k"] == 6
 
 
+def test_layers_over_two_devices_match_one_device(tiny_model_dirs, calib_file, tmp_path,
+                                                  one_process):
+    out = tmp_path / "split"
+    prune(PruneConfig(**run_settings(tiny_model_dirs["llama"], calib_file, out,
+                                     devices=["cpu", "cpu"])))
+    assert_same_run(one_process, str(out))
+    report = json.load(open(out / "report.json"))
+    assert report["settings"]["devices"] == ["cpu", "cpu"]
+    one = json.load(open(os.path.join(one_process, "report.json")))
+    assert report["perplexity"]["pruned"]["nll"] == pytest.approx(
+        one["perplexity"]["pruned"]["nll"], rel=1e-6)
+
+
+def test_sharding_and_mask_parallel_combine(tiny_model_dirs, calib_file, tmp_path, one_process):
+    """2 ranks, each spreading its layers over 2 of the 4 listed devices."""
+    out = tmp_path / "both"
+    results, _ = run_ranks(2, run_settings(tiny_model_dirs["llama"], calib_file, out,
+                                           devices=["cpu"] * 4), tmp_path)
+    assert [r.get("report") for r in results] == [True, False], results
+    assert_same_run(one_process, str(out))
+    assert json.load(open(out / "report.json"))["settings"]["devices"] == ["cpu", "cpu"]
+
+
 def test_torchrun_launches_the_command_line(tiny_model_dirs, calib_file, tmp_path, one_process):
     out = tmp_path / "torchrun"
     s = run_settings(tiny_model_dirs["llama"], calib_file, out)

@@ -1,0 +1,119 @@
+"""Layer sharding: a model larger than one device, as contiguous runs of decoder layers on each of
+several devices (``--devices cuda:0,cuda:1``), balanced by parameters.
+
+The embedding and the rotary table sit on the first device, the final norm and ``lm_head`` on the
+last (with tied embeddings both sit on the last: one tensor cannot live on two devices, and moving
+a [B, T, d] lookup to the first layer costs less than a second copy of the vocabulary matrix).
+Each placed module gets a forward pre-hook that moves its tensor arguments to its own device, so
+the Hugging Face forward (evaluation, the init's statistics, ``generate``) runs across devices
+unchanged; the K-mask forward and compensation move their hidden states at layer boundaries
+themselves (:func:`layer_devices`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Sequence, Tuple
+
+import torch
+from torch import nn
+
+
+class PlacementError(ValueError):
+    pass
+
+
+def balance(costs: Sequence[int], n_devices: int, first: int = 0, last: int = 0) -> List[int]:
+    """The device index of every layer: contiguous runs in layer order that minimise the largest
+    device's load, ``first`` added to device 0 and ``last`` to the last device (exact, by dynamic
+    programming over split points; a device may be left without layers)."""
+    if n_devices < 1:
+        raise PlacementError("need at least one device")
+    L = len(costs)
+    prefix = [0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+
+    def load(j: int, a: int, b: int) -> int:  # device j holding layers a..b-1
+        return (prefix[b] - prefix[a] + (first if j == 0 else 0)
+                + (last if j == n_devices - 1 else 0))
+
+    inf = float("inf")
+    # best[j][i]: the smallest largest load with layers 0..i-1 on devices 0..j; cut[j][i]: where
+    # device j's run starts.
+    best = [[inf] * (L + 1) for _ in range(n_devices)]
+    cut = [[0] * (L + 1) for _ in range(n_devices)]
+    for i in range(L + 1):
+        best[0][i] = load(0, 0, i)
+    for j in range(1, n_devices):
+        for i in range(L + 1):
+            for a in range(i + 1):
+                v = max(best[j - 1][a], load(j, a, i))
+                if v < best[j][i]:
+                    best[j][i], cut[j][i] = v, a
+    owner, i = [0] * L, L
+    for j in range(n_devices - 1, 0, -1):
+        a = cut[j][i]
+        owner[a:i] = [j] * (i - a)
+        i = a
+    return owner
+
+
+def _params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _move(x, device):
+    if isinstance(x, torch.Tensor):
+        return x if x.device == device else x.to(device)
+    if isinstance(x, tuple):
+        return tuple(_move(v, device) for v in x)
+    if isinstance(x, list):
+        return [_move(v, device) for v in x]
+    return x
+
+
+def _on_device(module: nn.Module, device: torch.device) -> None:
+    """Moves ``module`` to ``device``, and its inputs there on every call."""
+    module.to(device)
+
+    def hook(_module, args, kwargs):
+        return _move(args, device), {k: _move(v, device) for k, v in kwargs.items()}
+
+    module.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+@dataclass(frozen=True)
+class Placement:
+    devices: Tuple[torch.device, ...]
+    layers: Tuple[int, ...]  # device index of each decoder layer
+
+    def lines(self) -> List[str]:
+        runs = []
+        for j, dev in enumerate(self.devices):
+            mine = [l for l, d in enumerate(self.layers) if d == j]
+            runs.append(f"{dev}: layers {mine[0]}-{mine[-1]}" if mine else f"{dev}: no layers")
+        return runs
+
+
+def place(model: nn.Module, devices: Sequence[str]) -> Placement:
+    """Spreads an HF causal LM (``model.model.layers``, ``embed_tokens``, ``norm``, ``lm_head``)
+    over ``devices`` in place; returns where each layer went."""
+    devs = tuple(torch.device(d) for d in devices)
+    inner = model.model
+    tied = model.lm_head.weight is inner.embed_tokens.weight
+    head = _params(model.lm_head) + _params(inner.norm)
+    embed = 0 if tied else _params(inner.embed_tokens)
+    owner = balance([_params(layer) for layer in inner.layers], len(devs), embed, head)
+    first = devs[-1] if tied else devs[0]
+    _on_device(inner.embed_tokens, first)
+    inner.rotary_emb.to(first)
+    for layer, j in zip(inner.layers, owner):
+        _on_device(layer, devs[j])
+    _on_device(inner.norm, devs[-1])
+    _on_device(model.lm_head, devs[-1])
+    return Placement(devs, tuple(owner))
+
+
+def layer_devices(model: nn.Module) -> List[torch.device]:
+    """The device of every decoder layer (its first parameter's)."""
+    return [next(layer.parameters()).device for layer in model.model.layers]
