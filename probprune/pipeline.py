@@ -30,10 +30,12 @@ from .files import atomic_write
 from .forward import MaskedCausalLM
 from .importance import initial_probs
 from .memory import MemoryPlan, check_fits, plan_for
+from .model_card import write_model_card
 from .models import load_model, load_pruned, resolve_model_path
 from .policy import Policy, PolicyConfig, PolicyState
 from .report import build_report, write_plots, write_report
 from .search import Search, SearchForward, SearchState
+from .speed import measure
 from .units import UnitSpace
 
 log = logging.getLogger(__name__)
@@ -242,7 +244,8 @@ def finish(cfg: PruneConfig, run: Loaded, space: UnitSpace, search: Search, fixe
             "best_step": chosen_step}
     export_pruned(run.model, run.tokenizer, units, mask, cfg.out, meta,
                   weights=compensation.weights if compensation else None)
-    save_tensors(cfg.out, "scores.safetensors", probs=final_probs, init_probs=init_probs)
+    save_tensors(cfg.out, "scores.safetensors", metadata=scores_metadata(cfg, units),
+                 probs=final_probs, init_probs=init_probs)
     save_tensors(cfg.out, "masks.safetensors", mask=mask.to(torch.uint8),
                  init_mask=init_mask.to(torch.uint8))
 
@@ -276,9 +279,27 @@ def finish(cfg: PruneConfig, run: Loaded, space: UnitSpace, search: Search, fixe
     if memory is not None:  # planned before loading, next to the measured peak_memory_mib
         report["memory_plan_mib"] = {"peak": memory.peak / 2**20,
                                      **{k: v / 2**20 for k, v in memory.terms.items()}}
+    if cfg.speed_tokens:
+        report["speed"] = export_speed(cfg, run, reloaded)
     write_report(cfg.out, report)
+    write_model_card(cfg.out, perplexities=report["perplexity"], eval_data=run.eval_name,
+                     speed=report.get("speed"))
     write_plots(cfg.out, units, mask, final_probs, st.history)
     return report
+
+
+def export_speed(cfg: PruneConfig, run: Loaded, reloaded) -> dict:
+    """The dense model's and the export's speed, in this process (a few tokens: cheap)."""
+    kw = dict(batch=1, seqlen=cfg.seqlen, new_tokens=cfg.speed_tokens, repeats=2)
+    return {"dense": measure(run.model, cfg.model, resolve_model_path(cfg.model), **kw).as_dict(),
+            "pruned": measure(reloaded, cfg.out, cfg.out, **kw).as_dict()}
+
+
+def scores_metadata(cfg: PruneConfig, units: UnitSpace) -> dict:
+    """What a scores file records of where it came from (safetensors metadata: strings), so a
+    re-export can tell scores of another model from this one's."""
+    return {"model": cfg.model, "n_units": str(units.n_units),
+            "prune_layers": str(units.include_layers)}
 
 
 def choose_mask(cfg: PruneConfig, run: Loaded, space: UnitSpace, st: SearchState):
@@ -329,6 +350,6 @@ def save_checkpoint(out: str, ckpt: dict) -> None:
     atomic_write(os.path.join(out, CHECKPOINT), lambda tmp: torch.save(ckpt, tmp))
 
 
-def save_tensors(out: str, name: str, **tensors) -> None:
+def save_tensors(out: str, name: str, metadata: Optional[dict] = None, **tensors) -> None:
     tensors = {k: v.contiguous() for k, v in tensors.items()}
-    atomic_write(os.path.join(out, name), lambda tmp: save_file(tensors, tmp))
+    atomic_write(os.path.join(out, name), lambda tmp: save_file(tensors, tmp, metadata=metadata))
