@@ -105,8 +105,14 @@ def cmd_prune(args) -> int:
              if "init_compensated" in ppl else ""))
     print(f"median step {report['median_step_s']:.3f} s, peak memory "
           f"{report['peak_memory_mib']:.0f} MiB ({report['peak_memory_kind']})")
+    if "speed" in report:
+        d, p = report["speed"]["dense"], report["speed"]["pruned"]
+        print(f"speed ({p['device']}, prefill of 1x{p['seqlen']}, {p['new_tokens']} decode tokens): "
+              f"prefill {d['prefill_ms']:.1f} -> {p['prefill_ms']:.1f} ms, decode "
+              f"{d['decode_tokens_per_s']:.1f} -> {p['decode_tokens_per_s']:.1f} tokens/s")
     print(f"wrote {config.out}: pruned model (probprune.load_pruned or from_pretrained with "
-          f"trust_remote_code=True), masks.safetensors, scores.safetensors, report.json, *.png")
+          f"trust_remote_code=True) with its model card README.md, masks.safetensors, "
+          f"scores.safetensors, report.json, *.png")
     return 0
 
 

@@ -32,7 +32,9 @@ from .models import load_model, resolve_model_path
 WEIGHT_FILES = ("model*.safetensors", "pytorch_model*.bin")
 
 MEMORY_KINDS = {
-    "cuda": "CUDA max allocated",
+    "cuda": "CUDA max allocated during the measurement (whatever else is resident counts too)",
+    "cuda-fresh": "CUDA max allocated in a fresh process holding only this model (weights, "
+                  "activations, KV cache)",
     "cpu-fresh": "peak RSS growth of a fresh process that loads and runs only this model",
 }
 
@@ -188,8 +190,9 @@ def _measure_here(name: str, dtype: str, device: str, threads: Optional[int], kw
         result.peak_memory_mib = (peak_kib * 1024 - before) / 2**20
         result.peak_memory_kind = MEMORY_KINDS["cpu-fresh"]
     elif dev.type == "cuda":
-        # From a fresh process, the CUDA peak from loading on is this model's alone.
-        result.peak_memory_kind = MEMORY_KINDS["cuda"] + " (fresh process)"
+        # In a fresh process the CUDA peak (reset after loading) holds this model's weights and
+        # its activations and KV cache, nothing else.
+        result.peak_memory_kind = MEMORY_KINDS["cuda-fresh"]
     return result.as_dict()
 
 
