@@ -608,6 +608,13 @@ ExportConfig = _subset(
     own=(("run", str, setting(help="the --out directory of a prune run (its settings and "
                                    "scores.safetensors)", probe=_run_problem)),
          ("out", str, setting(help="directory of the re-exported model", probe=_out_problem)),
+         ("allocation", str, setting(
+             "scaled", choices=("scaled", "global"),
+             help="how the new budget is shared: scaled keeps each layer's attention and MLP at "
+                  "their share of the run's exported mask (scaled to the new budget, capped at "
+                  "full size) and keeps the best-scored units inside each; global ranks the "
+                  "scores under the run's own budget mode, which far from the run's sparsity "
+                  "compares saturated scores across layers")),
          ("perplexity", bool, setting(False, help="also evaluate the export's perplexity by the "
                                                   "run's protocol (text, seqlen, windows, "
                                                   "stride)"))))

@@ -46,7 +46,82 @@ def copy_run(run_dir, tmp_path):
     return run
 
 
-def test_hand_made_scores_give_the_hand_computed_mask(run_dir, tmp_path):
+def test_scaled_allocation_keeps_the_runs_shares(run_dir, tmp_path):
+    """The run kept heads (2, 2, 1) and channels (60, 36, 12) per layer: at 0.5 each group keeps
+    its share times one factor, its best-scored units, and the slack goes to the best-scored
+    units left out."""
+    run = copy_run(run_dir, tmp_path)
+    g = torch.Generator().manual_seed(2)
+    heads = torch.linspace(0.1, 0.2, L * KV)[torch.randperm(L * KV, generator=g)]
+    channels = torch.linspace(0.3, 0.9, L * F)[torch.randperm(L * F, generator=g)]
+    save_file({"probs": torch.cat([heads, channels])}, os.path.join(run, "scores.safetensors"))
+    run_mask = torch.zeros(L * KV + L * F, dtype=torch.uint8)
+    for l, (h, c) in enumerate([(2, 60), (2, 36), (1, 12)]):
+        run_mask[l * KV: l * KV + h] = 1
+        run_mask[L * KV + l * F: L * KV + l * F + c] = 1
+    save_file({"mask": run_mask}, os.path.join(run, "masks.safetensors"))
+    out = tmp_path / "scaled"
+    record = reexport(export_config(run, out, 0.5))
+    # by hand: the run kept 5 heads and 108 channels = 30,912; the new budget is 24,768
+    factor = 24768 / 30912
+    keep_heads = [math.floor(factor * n) for n in (2, 2, 1)]  # units of one cost per group
+    keep_channels = [math.floor(factor * n) for n in (60, 36, 12)]
+    assert keep_heads == [1, 1, 0] and keep_channels == [48, 28, 9]
+    slack = 24768 - sum(keep_heads) * HEAD_COST - sum(keep_channels) * CHANNEL_COST
+    expected = torch.zeros(L * KV + L * F, dtype=torch.bool)
+    for l in range(L):
+        best_head = heads[l * KV:(l + 1) * KV].argsort(descending=True)[: keep_heads[l]]
+        expected[l * KV + best_head] = True
+        best = channels[l * F:(l + 1) * F].argsort(descending=True)[: keep_channels[l]]
+        expected[L * KV + l * F + best] = True
+    # the slack (6,384 = 44 channels and 48 parameters) buys the best channels left out; every
+    # head scores below every channel
+    left = [i for i in channels.argsort(descending=True).tolist()
+            if not expected[L * KV + i]][: slack // CHANNEL_COST]
+    expected[L * KV + torch.tensor(left)] = True
+    mask = load_file(str(out / "masks.safetensors"))["mask"].bool()
+    assert torch.equal(mask, expected)
+    assert record["params"]["kept_prunable"] == 24768 - slack % CHANNEL_COST
+    assert record["allocation"] == "scaled"
+
+
+def test_scaled_allocation_keeps_dropped_layers_dropped_and_protected_ones_whole(run_dir,
+                                                                                  tmp_path):
+    """A run with layer units that dropped layer 2 and protected layer 0: at 0.5, layer 0 stays
+    whole, layer 2 dropped, and layer 1 gets the rest in the run's head / channel shares."""
+    run = copy_run(run_dir, tmp_path)
+    manifest_path = os.path.join(run, "probprune.json")
+    manifest = json.load(open(manifest_path))
+    manifest["settings"].update(prune_layers=True, protect_layers=[0])
+    json.dump(manifest, open(manifest_path, "w"))
+    g = torch.Generator().manual_seed(3)
+    probs = torch.rand(L * KV + L * F + L, generator=g)
+    save_file({"probs": probs}, os.path.join(run, "scores.safetensors"))
+    run_mask = torch.zeros(L * KV + L * F + L, dtype=torch.uint8)
+    run_mask[:KV] = 1                                   # layer 0: everything
+    run_mask[L * KV: L * KV + F] = 1
+    run_mask[KV: 2 * KV] = 1                            # layer 1: 2 heads, 36 channels
+    run_mask[L * KV + F: L * KV + F + 36] = 1
+    run_mask[L * KV + L * F:] = torch.tensor([1, 1, 0], dtype=torch.uint8)  # layer 2 dropped
+    save_file({"mask": run_mask}, os.path.join(run, "masks.safetensors"))
+    out = tmp_path / "layers"
+    reexport(export_config(run, out, 0.5))
+    mask = load_file(str(out / "masks.safetensors"))["mask"].bool()
+    # by hand: 0.5 of 49,824 prunable (norms 96 a layer), less the norms of layers 0 and 1,
+    # less layer 0 whole (16,512), leaves 8,208 for layer 1, whose run share was 6,144 heads
+    # + 5,184 channels: times 8,208 / 11,328 -> 1 head and 26 channels, and the 1,392 left buy
+    # 9 more channels (a head costs 3,072)
+    assert mask[:KV].all() and mask[L * KV: L * KV + F].all()
+    assert not mask[2 * KV: 3 * KV].any() and not mask[L * KV + 2 * F: L * KV + 3 * F].any()
+    assert mask[L * KV + L * F:].tolist() == [True, True, False]
+    assert int(mask[KV: 2 * KV].sum()) == 1 and int(mask[L * KV + F: L * KV + 2 * F].sum()) == 35
+    heads1 = probs[KV: 2 * KV]
+    assert bool(mask[KV + heads1.argmax()])
+    manifest = json.load(open(out / "probprune.json"))
+    assert manifest["kept"]["layers"] == [0, 1]
+
+
+def test_global_allocation_gives_the_hand_computed_mask(run_dir, tmp_path):
     """Every head at 1 and distinct channel scores: the mask keeps every head and the n
     best-scored channels that fit the budget, n = floor((kept budget - heads) / channel)."""
     run = copy_run(run_dir, tmp_path)
@@ -57,7 +132,7 @@ def test_hand_made_scores_give_the_hand_computed_mask(run_dir, tmp_path):
     counts = {}
     for sparsity in (0.3, 0.5):
         out = tmp_path / f"s{sparsity}"
-        record = reexport(export_config(run, out, sparsity))
+        record = reexport(export_config(run, out, sparsity, allocation="global"))
         n = math.floor(((1 - sparsity) * PRUNABLE - L * KV * HEAD_COST) / CHANNEL_COST)
         mask = load_file(str(out / "masks.safetensors"))["mask"].bool()
         assert mask[: L * KV].all()
@@ -181,8 +256,14 @@ def test_cli_export_bad_input(run_dir, tiny_model_dirs, tmp_path, capsys, run, o
 def test_cli_export_refuses_a_run_without_scores_or_settings(run_dir, tiny_model_dirs,
                                                              tmp_path, capsys):
     run = copy_run(run_dir, tmp_path)
-    os.remove(os.path.join(run, "scores.safetensors"))
     argv = ["export", "--run", run, "--out", str(tmp_path / "o"), "--sparsity", "0.5"]
+    os.remove(os.path.join(run, "masks.safetensors"))
+    assert main(argv) == 2
+    assert (f"'{run}' holds no masks.safetensors: --allocation scaled needs the run's exported "
+            f"mask") in error_line(capsys)
+    assert main(argv + ["--allocation", "global", "--compensate", "none", "--json"]) == 0
+    capsys.readouterr()
+    os.remove(os.path.join(run, "scores.safetensors"))
     assert main(argv) == 2
     assert f"--run '{run}' holds no scores.safetensors" in error_line(capsys)
     manifest = os.path.join(run, "probprune.json")
