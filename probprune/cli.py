@@ -121,11 +121,11 @@ def cmd_speed(args) -> int:
         quiet_libraries()
     config = SpeedConfig.from_args(args)
     config.validate()
-    from .speed import measure_fresh, speed_table
+    from .speed import measure_in_turn, speed_table
 
-    records = [measure_fresh(name, dtype=config.dtype, device=config.device, batch=config.batch,
-                             seqlen=config.seqlen, new_tokens=config.new_tokens,
-                             repeats=config.repeats) for name in config.models]
+    records = measure_in_turn(config.models, config.rounds, dtype=config.dtype,
+                              device=config.device, batch=config.batch, seqlen=config.seqlen,
+                              new_tokens=config.new_tokens, repeats=config.repeats)
     print(json.dumps([r.as_dict() for r in records]) if args.json else speed_table(records))
     return 0
 

@@ -570,7 +570,12 @@ SpeedConfig = _subset(
          ("new_tokens", int, setting(32, help="tokens each decode generates (greedy, exactly "
                                               "this many)", check=at_least(2))),
          ("repeats", int, setting(3, help="timed repeats after a warm-up; the median is shown",
-                                  check=at_least(1)))))
+                                  check=at_least(1))),
+         ("rounds", int, setting(1, check=at_least(1),
+                                 help="measure every model this many times, the models in turn "
+                                      "(each in a fresh process), and show the medians: on a "
+                                      "shared machine, background load then falls on all "
+                                      "alike"))))
 
 
 def _run_problem(path: str) -> Problem:

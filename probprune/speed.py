@@ -14,6 +14,7 @@ first (the prefill excluded), median over ``repeats``.
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
 import resource
@@ -55,6 +56,7 @@ class Speed:
     peak_memory_kind: str
     device: str
     dtype: str
+    rounds: int = 1             # measurements in turn with other models; figures: their median
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -207,6 +209,25 @@ def measure_fresh(name: str, *, dtype: str = "float32", device: str = "cpu", bat
     return Speed(**record)
 
 
+def measure_in_turn(names: List[str], rounds: int = 1, **kw) -> List[Speed]:
+    """Each model measured ``rounds`` times by :func:`measure_fresh`, the models in turn, and
+    the median of each figure over the rounds (the highest peak memory): on a shared machine
+    the background load then falls on every model alike, not on whichever ran during a burst."""
+    runs = [[] for _ in names]
+    for _ in range(rounds):
+        for i, name in enumerate(names):
+            runs[i].append(measure_fresh(name, **kw))
+    out = []
+    for records in runs:
+        peaks = [r.peak_memory_mib for r in records if r.peak_memory_mib is not None]
+        out.append(dataclasses.replace(
+            records[0], rounds=len(records),
+            prefill_ms=statistics.median(r.prefill_ms for r in records),
+            decode_tokens_per_s=statistics.median(r.decode_tokens_per_s for r in records),
+            peak_memory_mib=max(peaks) if peaks else None))
+    return out
+
+
 def _mib(n: Optional[float]) -> str:
     return "-" if n is None else f"{n / 2**20:,.1f}"
 
@@ -242,7 +263,9 @@ def speed_table(records: List[Speed]) -> str:
     text = ["  ".join(cell.ljust(w) if c == 0 else cell.rjust(w)
                       for c, (cell, w) in enumerate(zip(row, widths))) for row in lines]
     kinds = sorted({r.peak_memory_kind for r in records})
+    rounds = (f"; the median of {first.rounds} rounds, the models measured in turn"
+              if first.rounds > 1 else "")
     text.append(f"{first.device}, {first.dtype}; prefill: median of {first.repeats} after a "
-                f"warm-up; decode: greedy, KV cache, steps after the first; peak memory: "
-                + "; ".join(kinds))
+                f"warm-up; decode: greedy, KV cache, steps after the first{rounds}; peak "
+                f"memory: " + "; ".join(kinds))
     return "\n".join(text)

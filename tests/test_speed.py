@@ -124,3 +124,27 @@ def test_cli_speed_bad_input(tiny_model_dirs, tmp_path, capsys, extra, message):
     names = {"missing": str(tmp_path / "missing"), "llama": tiny_model_dirs["llama"]}
     assert main(["speed"] + [e.format(**names) for e in extra]) == 2
     assert message.format(**names) in error_line(capsys)
+
+
+def test_models_are_measured_in_turn_and_the_rounds_median_shown(monkeypatch):
+    import probprune.speed as speed
+
+    calls = []
+    figures = {("a", 0): (10.0, 5.0, 100.0), ("b", 0): (4.0, 9.0, 60.0),
+               ("a", 1): (30.0, 1.0, 120.0), ("b", 1): (6.0, 3.0, 50.0),
+               ("a", 2): (20.0, 2.0, 110.0), ("b", 2): (5.0, 6.0, 70.0)}
+
+    def fake(name, **kw):
+        rnd = sum(c == name for c in calls)
+        calls.append(name)
+        prefill, rate, peak = figures[(name, rnd)]
+        return speed.Speed(model=name, params=1, disk_bytes=None, weight_bytes=4, batch=1,
+                           seqlen=8, new_tokens=3, repeats=1, prefill_ms=prefill,
+                           decode_tokens_per_s=rate, peak_memory_mib=peak,
+                           peak_memory_kind="k", device="cpu", dtype="float32")
+    monkeypatch.setattr(speed, "measure_fresh", fake)
+    a, b = speed.measure_in_turn(["a", "b"], rounds=3)
+    assert calls == ["a", "b", "a", "b", "a", "b"]
+    assert (a.prefill_ms, a.decode_tokens_per_s, a.peak_memory_mib, a.rounds) == (20, 2, 120, 3)
+    assert (b.prefill_ms, b.decode_tokens_per_s, b.peak_memory_mib) == (5, 6, 70)
+    assert "the median of 3 rounds" in speed_table([a, b]).splitlines()[-1]
