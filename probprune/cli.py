@@ -143,8 +143,8 @@ def cmd_export(args) -> int:
     p = record["params"]
     print(f"{record['out']}: {p['total']:,} parameters (base model {p['base_total']:,}); "
           f"prunable kept {p['kept_prunable']:,.0f} of {p['prunable']:,} "
-          f"({1 - p['kept_prunable'] / p['prunable']:.1%} removed), compensation "
-          f"{record['compensate']}")
+          f"({1 - p['kept_prunable'] / p['prunable']:.1%} removed; allocation "
+          f"{record['allocation']}, compensation {record['compensate']})")
     if record["perplexity"]:
         ppl = record["perplexity"]["pruned"]
         print(f"perplexity on {record['eval_data']} (seqlen {ppl['seqlen']}, {ppl['windows']} "

@@ -157,9 +157,11 @@ def _speed_lines(speed: dict) -> list:
                  + " | ".join(f"{s['prefill_ms']:.1f}" for _, s in cols) + " |")
     lines.append("| decode, KV cache (tokens/s) | "
                  + " | ".join(f"{s['decode_tokens_per_s']:.1f}" for _, s in cols) + " |")
-    lines += ["", f"Measured on {p['device']} ({p['dtype']}) at the end of the run: prefill the "
-                  f"median of {p['repeats']} after a warm-up, decode {p['new_tokens']} greedy "
-                  f"tokens (the steps after the first)."]
+    lines += ["", f"Measured on {p['device']} ({p['dtype']}) at the end of the run, in its "
+                  f"process: prefill the median of {p['repeats']} after a warm-up, decode "
+                  f"{p['new_tokens']} greedy tokens (the steps after the first). A rough figure: "
+                  f"`probprune-fast speed --rounds N` measures each model in a fresh process, "
+                  f"the models in turn."]
     return lines
 
 

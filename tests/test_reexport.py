@@ -232,7 +232,7 @@ def test_cli_export_prints_the_parameter_counts(run_dir, tmp_path, capsys):
                  "--compensate", "none"]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith(f"{out}30: ") and "parameters (base model 80,592)" in line
-    assert "compensation none" in line
+    assert "allocation scaled, compensation none)" in line
 
 
 @pytest.mark.parametrize("run,out,extra,message", [
