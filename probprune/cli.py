@@ -4,6 +4,8 @@ rule) and :func:`probprune.pipeline.prune`.
     probprune-fast eval  --model smollm2-135m --data wikitext2 --seqlen 128
     probprune-fast eval  --model runs/smollm2-30 --tasks piqa,hellaswag
     probprune-fast prune --model smollm2-135m --sparsity 0.3 --out runs/smollm2-30
+    probprune-fast export --run runs/smollm2-30 --sparsity 0.5 --out runs/smollm2-50
+    probprune-fast speed --model smollm2-135m --model runs/smollm2-30 --model runs/smollm2-50
 """
 from __future__ import annotations
 
@@ -17,8 +19,8 @@ from probprune_kernels import BackendUnavailableError
 
 from . import __version__
 from .distributed import PeerFailure
-from .config import (EvalConfig, PruneConfig, add_eval_arguments, add_prune_arguments,
-                     one_line)
+from .config import (EvalConfig, ExportConfig, PruneConfig, SpeedConfig, add_eval_arguments,
+                     add_prune_arguments, one_line)
 
 
 def quiet_libraries() -> None:
@@ -134,8 +136,50 @@ def cmd_prune(args) -> int:
               f"zero-shot (exported model, lm-eval {zs['lm_eval_version']}):\n{table(zs)}")
     print(f"median step {report['median_step_s']:.3f} s, peak memory "
           f"{report['peak_memory_mib']:.0f} MiB ({report['peak_memory_kind']})")
+    if "speed" in report:
+        d, p = report["speed"]["dense"], report["speed"]["pruned"]
+        print(f"speed ({p['device']}, prefill of 1x{p['seqlen']}, {p['new_tokens']} decode tokens): "
+              f"prefill {d['prefill_ms']:.1f} -> {p['prefill_ms']:.1f} ms, decode "
+              f"{d['decode_tokens_per_s']:.1f} -> {p['decode_tokens_per_s']:.1f} tokens/s")
     print(f"wrote {config.out}: pruned model (probprune.load_pruned or from_pretrained with "
-          f"trust_remote_code=True), masks.safetensors, scores.safetensors, report.json, *.png")
+          f"trust_remote_code=True) with its model card README.md, masks.safetensors, "
+          f"scores.safetensors, report.json, *.png")
+    return 0
+
+
+def cmd_speed(args) -> int:
+    if args.json:
+        quiet_libraries()
+    config = SpeedConfig.from_args(args)
+    config.validate()
+    from .speed import measure_in_turn, speed_table
+
+    records = measure_in_turn(config.models, config.rounds, dtype=config.dtype,
+                              device=config.device, batch=config.batch, seqlen=config.seqlen,
+                              new_tokens=config.new_tokens, repeats=config.repeats)
+    print(json.dumps([r.as_dict() for r in records]) if args.json else speed_table(records))
+    return 0
+
+
+def cmd_export(args) -> int:
+    if args.json:
+        quiet_libraries()
+    config = ExportConfig.from_args(args, progress=not args.json)
+    from .reexport import reexport
+
+    record = reexport(config)
+    if args.json:
+        print(json.dumps(record))
+        return 0
+    p = record["params"]
+    print(f"{record['out']}: {p['total']:,} parameters (base model {p['base_total']:,}); "
+          f"prunable kept {p['kept_prunable']:,.0f} of {p['prunable']:,} "
+          f"({1 - p['kept_prunable'] / p['prunable']:.1%} removed; allocation "
+          f"{record['allocation']}, compensation {record['compensate']})")
+    if record["perplexity"]:
+        ppl = record["perplexity"]["pruned"]
+        print(f"perplexity on {record['eval_data']} (seqlen {ppl['seqlen']}, {ppl['windows']} "
+              f"windows): {ppl['ppl']:.2f}")
     return 0
 
 
@@ -170,6 +214,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_prune_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON line with the results")
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("speed", help="parameters, size, prefill latency, decode tokens/s and "
+                                     "peak memory of models, side by side")
+    SpeedConfig.add_arguments(p)
+    p.add_argument("--json", action="store_true", help="print one JSON list, a record per model")
+    p.set_defaults(func=cmd_speed)
+
+    p = sub.add_parser("export", help="re-export a prune run at another sparsity from its saved "
+                                      "scores, without searching")
+    ExportConfig.add_arguments(p)
+    p.add_argument("--json", action="store_true", help="print one JSON line with the results")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

@@ -278,6 +278,9 @@ class _Settings:
             kw: Dict[str, Any] = dict(dest=f.name, help=meta["help"] + shown)
             if f.type is bool:
                 kw["action"] = "store_true"
+            elif get_origin(f.type) is list and meta["parse"] is None:  # --flag A --flag B
+                kw.update(action="append", type=get_args(f.type)[0], required=default is MISSING,
+                          metavar=flag.lstrip("-").upper())
             else:
                 kw.update(type=meta["parse"] or _scalar(f.type), choices=meta["choices"])
                 if meta["choices"] is None:
@@ -439,6 +442,10 @@ class PruneConfig(_Settings):
     task_limit: Optional[int] = setting(
         None, check=at_least(1), help="score only the first N documents of each task (a quick "
                                       "look; lm-eval's --limit)")
+    speed_tokens: int = setting(
+        8, help="decode tokens timed on the dense model and on the export for report.json's "
+                "speed (after a prefill of one --seqlen window); 0: no timing",
+        check=rule(lambda v: v == 0 or v >= 2, "must be 0 (no timing) or at least 2"))
     lr: float = setting(0.01, help="peak learning rate (cosine schedule); advantages are in "
                                    "units of their running RMS", check=POSITIVE, resume=True)
     min_lr_ratio: float = setting(0.0, help="final learning rate as a fraction of --lr",
@@ -552,14 +559,17 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     PruneConfig.add_arguments(parser)
 
 
-def _subset(name: str, doc: str, names: tuple, flags: Dict[str, str]):
+def _subset(name: str, doc: str, names: tuple, flags: Dict[str, str], own: tuple = ()):
     """A config class of some of :class:`PruneConfig`'s fields, with the same definitions (only
-    the flags that ``flags`` renames differ)."""
-    chosen = [(f.name, f.type, field(default=f.default, default_factory=f.default_factory,
-                                     metadata={**f.metadata, **({"flag": flags[f.name]}
-                                                                if f.name in flags else {})}))
-              for f in fields(PruneConfig) if f.name in names]
-    cls = dataclasses.make_dataclass(name, chosen, bases=(_Settings,), namespace={"__doc__": doc})
+    the flags that ``flags`` renames differ), after its ``own`` fields ((name, type, setting)
+    triples)."""
+    chosen = list(own) + [
+        (f.name, f.type, field(default=f.default, default_factory=f.default_factory,
+                               metadata={**f.metadata, **({"flag": flags[f.name]}
+                                                          if f.name in flags else {})}))
+        for f in fields(PruneConfig) if f.name in names]
+    cls = dataclasses.make_dataclass(name, chosen, bases=(_Settings,), namespace={"__doc__": doc},
+                                     kw_only=True)
     cls.__module__ = __name__
     return cls
 
@@ -574,6 +584,80 @@ EvalConfig = _subset(
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     EvalConfig.add_arguments(parser)
+
+
+def _models_problem(names: List[str]) -> Problem:
+    return next((p for p in map(_model_problem, names) if p), None)
+
+
+SpeedConfig = _subset(
+    "SpeedConfig", "What ``probprune-fast speed`` needs: the models to time side by side, the "
+                   "batch, and the device and dtype fields of :class:`PruneConfig`.",
+    ("device", "dtype"), {},
+    own=(("models", List[str], setting(
+            flag="--model", probe=_models_problem,
+            help="a model to time (directory, hub name, pruned directory or the embedded "
+                 "'smollm2-135m'); repeat it to compare models, e.g. the dense one first")),
+         ("batch", int, setting(1, help="sequences in the prefill and decode batch",
+                                check=at_least(1))),
+         ("seqlen", int, setting(128, help="prompt tokens of each sequence (prefill length)",
+                                 check=at_least(1))),
+         ("new_tokens", int, setting(32, help="tokens each decode generates (greedy, exactly "
+                                              "this many)", check=at_least(2))),
+         ("repeats", int, setting(3, help="timed repeats after a warm-up; the median is shown",
+                                  check=at_least(1))),
+         ("rounds", int, setting(1, check=at_least(1),
+                                 help="measure every model this many times, the models in turn "
+                                      "(each in a fresh process), and show the medians: on a "
+                                      "shared machine, background load then falls on all "
+                                      "alike"))))
+
+
+def _run_problem(path: str) -> Problem:
+    """None when ``path`` is a prune run's directory: its manifest with the run's settings, and a
+    readable scores file."""
+    from .models import MANIFEST
+
+    if not os.path.isdir(path):
+        return f"{path!r} is not a directory (give the --out directory of a prune run)"
+    manifest = os.path.join(path, MANIFEST)
+    try:
+        with open(manifest, encoding="utf-8") as f:
+            settings = json.load(f).get("settings")
+    except FileNotFoundError:
+        return f"{path!r} is not a prune run's directory (no {MANIFEST})"
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError) as e:
+        return f"{manifest!r} cannot be read ({one_line(e)})"
+    if not isinstance(settings, dict) or "model" not in settings:
+        return f"{manifest!r} holds no run settings (a prune run writes them)"
+    scores = os.path.join(path, "scores.safetensors")
+    if not os.path.isfile(scores):
+        return f"{path!r} holds no scores.safetensors (a prune run writes it)"
+    problem = _scores_problem(scores)
+    if problem:
+        return problem
+    problem = _model_problem(settings["model"])
+    return f"{path!r}: the run's model {problem}" if problem else None
+
+
+ExportConfig = _subset(
+    "ExportConfig", "What ``probprune-fast export`` needs: a prune run's directory, the new budget, "
+                    "and the compensation, device and evaluation fields of :class:`PruneConfig`.",
+    ("sparsity", "compensate", "compensate_bias", "compensate_damping", "compensate_windows",
+     "eval_batch_size", "device", "progress"), {},
+    own=(("run", str, setting(help="the --out directory of a prune run (its settings and "
+                                   "scores.safetensors)", probe=_run_problem)),
+         ("out", str, setting(help="directory of the re-exported model", probe=_out_problem)),
+         ("allocation", str, setting(
+             "scaled", choices=("scaled", "global"),
+             help="how the new budget is shared: scaled keeps each layer's attention and MLP at "
+                  "their share of the run's exported mask (scaled to the new budget, capped at "
+                  "full size) and keeps the best-scored units inside each; global ranks the "
+                  "scores under the run's own budget mode, which far from the run's sparsity "
+                  "compares saturated scores across layers")),
+         ("perplexity", bool, setting(False, help="also evaluate the export's perplexity by the "
+                                                  "run's protocol (text, seqlen, windows, "
+                                                  "stride)"))))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -677,6 +761,20 @@ def _tasks_known(c) -> Problem:
 def _out_is_not_the_model(c) -> Problem:
     if os.path.isdir(c.model) and os.path.realpath(c.out) == os.path.realpath(c.model):
         return "--out must not be the --model directory: the export would overwrite the model"
+    return None
+
+
+@combination("run", "out", probe=True)
+def _out_is_not_the_run(c) -> Problem:
+    if os.path.realpath(c.out) == os.path.realpath(c.run):
+        return ("--out must not be the --run directory: the re-export would replace the run's "
+                "own export")
+    from .models import MANIFEST
+
+    with open(os.path.join(c.run, MANIFEST), encoding="utf-8") as f:
+        model = json.load(f)["settings"]["model"]
+    if os.path.isdir(model) and os.path.realpath(c.out) == os.path.realpath(model):
+        return "--out must not be the run's model directory: the export would overwrite the model"
     return None
 
 

@@ -3,7 +3,8 @@
 A pruned model is a directory: ``model.safetensors`` (sliced weights; dropped layers removed and
 the rest renumbered), ``config.json`` (the original config with the kept layer count, the per-layer
 sizes in ``probprune_layout`` and an ``auto_map`` to ``modeling_probprune.py``), the tokenizer, and
-``probprune.json`` (kept KV groups, channels and layers by original index, and the settings).
+``probprune.json`` (kept KV groups, channels and layers by original index, and the settings)
+and ``README.md``, the model card (:mod:`probprune.model_card`).
 Reading it back is :func:`probprune.models.load_pruned`.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ from safetensors.torch import save_file
 
 from . import modeling_probprune
 from .files import atomic_write, atomic_write_text
+from .model_card import write_model_card
 from .models import MANIFEST
 from .units import UnitSpace
 
@@ -146,6 +148,10 @@ def export_pruned(model, tokenizer, units: UnitSpace, mask: torch.Tensor, out_di
     manifest = {"format": FORMAT_VERSION, "model_type": model.config.model_type,
                 "original_num_layers": units.n_layers, "kept": kept,
                 "kept_params": float(units.kept_params(mask)),
-                "prunable_params": units.prunable_params, **(metadata or {})}
+                "prunable_params": units.prunable_params,
+                "params": {"base_total": sum(p.numel() for p in model.parameters()),
+                           "total": sum(v.numel() for v in sd.values())},
+                **(metadata or {})}
     atomic_write_text(os.path.join(out_dir, MANIFEST), json.dumps(manifest, indent=1))
+    write_model_card(out_dir)  # without figures yet: whoever measures them writes it again
     return out_dir

