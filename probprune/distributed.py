@@ -49,6 +49,22 @@ class World:
         per = k // self.size
         return slice(self.rank * per, (self.rank + 1) * per)
 
+    def rows(self, n: int) -> slice:
+        """This rank's contiguous share of ``n`` rows (the first ``n % size`` ranks get one more),
+        e.g. the held-out windows each rank scores."""
+        per, extra = divmod(n, self.size)
+        start = self.rank * per + min(self.rank, extra)
+        return slice(start, start + per + (self.rank < extra))
+
+    def sum(self, local: torch.Tensor) -> torch.Tensor:
+        """The sum over the ranks of a tensor of the same shape on each."""
+        if self.size == 1:
+            return local
+        total = local.clone()
+        self._collective("summing with the other ranks",
+                         lambda: dist.all_reduce(total, op=dist.ReduceOp.SUM))
+        return total
+
     def _collective(self, what: str, fn):
         try:
             return fn()

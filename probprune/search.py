@@ -57,6 +57,15 @@ class SearchForward:
         from the other ranks (all of them here in one process)."""
         return self.world.gather_losses(self.losses(input_ids, masks[self.world.shard(len(masks))]))
 
+    def held_out_loss(self, mask: torch.Tensor, windows: torch.Tensor, batch_size: int) -> float:
+        """Mean loss of one hard search-unit mask on ``windows`` [N, T]: each rank scores its
+        share of the windows, and the token-weighted sums are added up."""
+        mine = windows[self.world.rows(len(windows))]
+        local = (masked_nll(self, mask, mine, batch_size) * mine[:, 1:].numel() if len(mine)
+                 else 0.0)
+        total = self.world.sum(torch.tensor([local], dtype=torch.float64, device=self.device))
+        return float(total[0]) / windows[:, 1:].numel()
+
 
 @dataclass
 class SearchState:
@@ -130,7 +139,7 @@ class Search:
 
     def val_loss(self, mask: torch.Tensor) -> float:
         """Mean loss of a hard search-unit mask on the held-out windows."""
-        return masked_nll(self.forward, mask, self.val, self.batch_size)
+        return self.forward.held_out_loss(mask, self.val, self.batch_size)
 
     # -- checkpoint -----------------------------------------------------------------------------
     def checkpoint(self) -> dict:

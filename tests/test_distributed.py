@@ -203,3 +203,13 @@ def test_masks_must_share_evenly(tiny_model_dirs, calib_file, tmp_path, monkeypa
     with pytest.raises(ValueError, match=r"--k 3 masks cannot be shared evenly by the 2 "
                                          r"processes of this launch \(WORLD_SIZE\)"):
         cfg.validate()
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 5, 7, 12])
+@pytest.mark.parametrize("size", [1, 2, 3])
+def test_each_row_is_scored_by_exactly_one_rank(n, size):
+    from probprune.distributed import World
+
+    parts = [list(range(n))[World(r, size).rows(n)] for r in range(size)]
+    assert sum(parts, []) == list(range(n))  # in order, no row twice, none left out
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
