@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, List, Optional, Union, get_args, get_ori
 import torch
 
 from .data import WIKITEXT2_ENV, DataError, check_calibration_source, check_eval_source
-from .distributed import world_size_from_env
+from .distributed import local_world_size_from_env, world_size_from_env
 from .importance import INIT_METHODS
 from .models import EMBEDDED, UnsupportedModelError, check_supported
 
@@ -443,7 +443,7 @@ class PruneConfig(_Settings):
         None, check=at_least(1), help="score only the first N documents of each task (a quick "
                                       "look; lm-eval's --limit)")
     speed_tokens: int = setting(
-        8, help="decode tokens timed on the dense model and on the export for report.json's "
+        32, help="decode tokens timed on the dense model and on the export for report.json's "
                 "speed (after a prefill of one --seqlen window); 0: no timing",
         check=rule(lambda v: v == 0 or v >= 2, "must be 0 (no timing) or at least 2"))
     lr: float = setting(0.01, help="peak learning rate (cosine schedule); advantages are in "
@@ -673,10 +673,10 @@ def _leave_one_out_needs_two(c) -> Problem:
 
 @combination("devices", probe=True)
 def _devices_shared_evenly(c) -> Problem:
-    size = world_size_from_env()
+    size = local_world_size_from_env()
     if c.devices and len(c.devices) % size:
         return (f"--devices lists {len(c.devices)} devices, which the {size} processes of this "
-                f"launch (WORLD_SIZE) cannot share evenly: list a multiple of {size}")
+                f"machine (LOCAL_WORLD_SIZE) cannot share evenly: list a multiple of {size}")
     return None
 
 

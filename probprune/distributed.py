@@ -112,14 +112,19 @@ def local_device(device: str) -> str:
     return device
 
 
+def local_world_size_from_env() -> int:
+    """The ranks on this machine (torchrun's LOCAL_WORLD_SIZE; WORLD_SIZE when unset)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world_size_from_env()))
+
+
 def local_devices(devices: List[str]) -> List[str]:
-    """A rank's share of ``--devices`` (all of them without torchrun): the list cut into
-    WORLD_SIZE equal contiguous groups, group LOCAL_RANK (``cuda:0,cuda:1,cuda:2,cuda:3`` on 2
-    ranks: rank 1 gets cuda:2,cuda:3)."""
-    size = world_size_from_env()
+    """A rank's share of this machine's ``--devices`` (all of them without torchrun): the list
+    cut into LOCAL_WORLD_SIZE equal contiguous groups, group LOCAL_RANK
+    (``cuda:0,cuda:1,cuda:2,cuda:3`` on 2 ranks: rank 1 gets cuda:2,cuda:3)."""
+    size = local_world_size_from_env()
     if not devices or size == 1:
         return list(devices)
-    n = len(devices) // size  # the config's check: the count is a multiple of WORLD_SIZE
+    n = len(devices) // size  # the config's check: the count is a multiple of the ranks here
     rank = int(os.environ.get("LOCAL_RANK", "0"))
     return list(devices[rank * n:(rank + 1) * n])
 

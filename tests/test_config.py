@@ -31,7 +31,7 @@ SETTINGS_KEYS = [
 DEFAULTS = dict(
     steps=400, k=2, batch_size=4, seqlen=128, calib="wiki-summaries", nsamples=256,
     val_windows=64, eval="wikitext2", eval_file=None, max_eval_windows=None, eval_batch_size=8,
-    speed_tokens=8,
+    speed_tokens=32,
     lr=0.01, min_lr_ratio=0.0, init="wanda-sp", init_temperature=0.1, init_attn_sparsity=0.0,
     init_windows=64, channel_block=64, budget="global", scope="global", attn_sparsity=None,
     mlp_sparsity=None, prune_layers=False, protect_layers=[], baseline="leave-one-out",

@@ -98,3 +98,17 @@ def test_devices_are_checked(calib_file, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="lists 3 devices.*multiple of 2"):
         PruneConfig(devices=["cpu", "cpu", "cpu"], **base).validate()
+
+
+def test_each_rank_takes_its_group_of_this_machines_devices(monkeypatch):
+    from probprune.distributed import local_devices
+
+    devices = ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]
+    assert local_devices(devices) == devices  # no torchrun: all of them
+    # Two machines of two ranks: the list names this machine's devices.
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert local_devices(devices) == ["cuda:2", "cuda:3"]
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert local_devices(devices) == ["cuda:0", "cuda:1"]
