@@ -496,7 +496,7 @@ class PruneConfig(_Settings):
         0.01, help="ridge damping of the refit, as a fraction of the mean diagonal of the kept "
                    "inputs' Gram matrix", check=rule(lambda v: v >= 0, "must be >= 0"))
     compensate_windows: int = setting(
-        128, help="calibration windows the refit's statistics are taken on (the first of the "
+        256, help="calibration windows the refit's statistics are taken on (the first of the "
                   "--nsamples pool; at most that many)",
         check=at_least(1))
     select_candidates: int = setting(

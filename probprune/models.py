@@ -154,12 +154,13 @@ def _read_weights(cls, path: str, config, dtype):
 
 
 def _to_devices(model, device, devices):
-    # transformers reads the weights in the target dtype (no float32 copy of a bf16 model); they
-    # are then moved layer by layer, so a shard never needs the whole model on its device.
+    # The weights were read on the host in the target dtype; with several devices they move
+    # layer by layer, so no device ever holds more than its share.
     if devices and len(devices) > 1:
         from .placement import place
 
-        place(model, devices)
+        placement = place(model, devices)
+        log.info("layers over %d devices: %s", len(devices), "; ".join(placement.lines()))
     else:
         model.to(device)
     return model.eval()

@@ -192,7 +192,7 @@ def test_prune_prints_its_summary_then_refuses_a_changed_resume(tiny_model_dirs,
     assert "prunable parameters (total" in lines[0]
     assert lines[1].startswith(f"perplexity on {files['text']} (seqlen 24, 4 windows): dense")
     assert "-> init (wanda-sp)" in lines[1] and lines[2].startswith("median step")
-    assert lines[3].startswith("speed (cpu, prefill of 1x24, 8 decode tokens): prefill ")
+    assert lines[3].startswith("speed (cpu, prefill of 1x24, 32 decode tokens): prefill ")
     assert lines[4].startswith(f"wrote {out}: pruned model")
     report = json.load(open(os.path.join(out, "report.json")))
     assert report["settings"]["seqlen"] == 24 and report["settings"]["progress"] is True

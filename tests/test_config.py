@@ -38,7 +38,7 @@ DEFAULTS = dict(
     ma_window=5, eval_every=25, checkpoint_every=25, device="cpu", devices=[], dtype="float32", backend=None,
     seed=0, resume=False, progress=True, stop_after=None, window_stride=1,
     compensate="sequential", compensate_bias=False, compensate_damping=0.01,
-    compensate_windows=128, optimizer="sgd", antithetic=False, control_variate=False,
+    compensate_windows=256, optimizer="sgd", antithetic=False, control_variate=False,
     cv_history=256, cv_ridge=1.0, select_candidates=1, dist_timeout=1800.0,
     dry_run=False, eval_tasks=[], tasks_path=None, task_limit=None)
 RESUME_KEYS = {"model", "sparsity", "steps", "k", "batch_size", "seqlen", "calib", "nsamples",
