@@ -217,6 +217,7 @@ def compensate(engine: MaskedCausalLM, mask: torch.Tensor, windows: torch.Tensor
     m = units.split(mask.bool().to(device))
     sequential = mode == "sequential"
     stream = _Stream(engine, windows, batch_size)
+    all_kept = {}  # device -> the all-kept compact index lists of heads and channels
     weights: Dict[str, torch.Tensor] = {}
     records: List[dict] = []
     for l in tqdm(range(units.n_layers), desc=f"compensation ({mode})", disable=not progress,
@@ -231,8 +232,10 @@ def compensate(engine: MaskedCausalLM, mask: torch.Tensor, windows: torch.Tensor
         heads = m.heads[l].nonzero().flatten().to(dev)
         channels = m.mlp[l].nonzero().flatten().to(dev)
         kept_h, kept_c = _compact(m.heads[l].to(dev), be), _compact(m.mlp[l].to(dev), be)
-        all_heads = _compact(torch.ones(shape.n_kv_heads, device=dev), be)
-        all_channels = _compact(torch.ones(shape.intermediate, device=dev), be)
+        if dev not in all_kept:  # once per device, not per layer
+            all_kept[dev] = (_compact(torch.ones(shape.n_kv_heads, device=dev), be),
+                             _compact(torch.ones(shape.intermediate, device=dev), be))
+        all_heads, all_channels = all_kept[dev]
         record = {"layer": l}
 
         def attn_inputs(h, idx=all_heads):
