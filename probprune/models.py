@@ -16,6 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_model
 
 from .files import atomic_write
+from .loading import device_map, safetensors_files, stream_model
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ def load_model(name_or_path: str, dtype="float32", device="cpu", devices=None):
         raise FileNotFoundError(f"model directory {path!r} does not exist")
     config = AutoConfig.from_pretrained(path)
     check_supported(config)
-    model = _to_devices(_read_weights(AutoModelForCausalLM, path, config, dtype), device, devices)
+    model = _read_weights(AutoModelForCausalLM, path, config, dtype, device, devices)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
 
@@ -141,9 +142,17 @@ class WeightsError(ValueError):
     """A model directory whose weight files cannot be read."""
 
 
-def _read_weights(cls, path: str, config, dtype):
+def _read_weights(cls, path: str, config, dtype, device, devices):
+    """The model with its weights on ``device`` (or spread over ``devices``), in ``dtype``:
+    streamed tensor by tensor from safetensors files (:mod:`probprune.loading`), else through
+    ``from_pretrained`` on the host and moved."""
+    dtype = resolve_dtype(dtype)
     try:
-        return cls.from_pretrained(path, dtype=resolve_dtype(dtype), config=config)
+        if safetensors_files(path) is not None:
+            model = stream_model(cls, path, config, dtype,
+                                 lambda meta: device_map(meta, devices, device))
+            return _hook_devices(model, devices)
+        model = cls.from_pretrained(path, dtype=dtype, config=config)
     except (OSError, RuntimeError, ValueError, SafetensorError) as e:
         if isinstance(e, UnsupportedModelError):
             raise
@@ -151,18 +160,19 @@ def _read_weights(cls, path: str, config, dtype):
         # say which directory it was.
         raise WeightsError(f"cannot read the weights in {path!r}: {type(e).__name__}: "
                            f"{str(e).splitlines()[0] if str(e) else 'no detail'}") from e
+    if not (devices and len(devices) > 1):
+        model.to(device)
+    return _hook_devices(model, devices)
 
 
-def _to_devices(model, device, devices):
-    # The weights were read on the host in the target dtype; with several devices they move
-    # layer by layer, so no device ever holds more than its share.
+def _hook_devices(model, devices):
+    # With several devices each placed module moves its inputs to its own device (the weights
+    # are already there when they were streamed; otherwise they move now, layer by layer).
     if devices and len(devices) > 1:
         from .placement import place
 
         placement = place(model, devices)
         log.info("layers over %d devices: %s", len(devices), "; ".join(placement.lines()))
-    else:
-        model.to(device)
     return model.eval()
 
 
@@ -176,8 +186,8 @@ def load_pruned(path: str, dtype="float32", device="cpu", with_tokenizer: bool =
     if not os.path.isfile(os.path.join(path, MANIFEST)):
         raise FileNotFoundError(f"{path!r} is not a probprune export (no {MANIFEST})")
     config = AutoConfig.from_pretrained(path)
-    model = _to_devices(_read_weights(modeling_probprune.CLASSES[config.model_type], path, config,
-                                      dtype), device, devices)
+    model = _read_weights(modeling_probprune.CLASSES[config.model_type], path, config, dtype,
+                          device, devices)
     if not with_tokenizer:
         return model
     from transformers import AutoTokenizer

@@ -12,7 +12,7 @@ themselves (:func:`layer_devices`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -86,6 +86,7 @@ def _on_device(module: nn.Module, device: torch.device) -> None:
 class Placement:
     devices: Tuple[torch.device, ...]
     layers: Tuple[int, ...]  # device index of each decoder layer
+    tied: bool  # lm_head shares the embedding matrix: both sit on the last device
 
     def lines(self) -> List[str]:
         runs = []
@@ -94,24 +95,38 @@ class Placement:
             runs.append(f"{dev}: layers {mine[0]}-{mine[-1]}" if mine else f"{dev}: no layers")
         return runs
 
+    def module_devices(self) -> Dict[str, torch.device]:
+        """Module name -> device, for every placed module of an HF causal LM."""
+        first = self.devices[-1] if self.tied else self.devices[0]
+        out = {"model.embed_tokens": first, "model.rotary_emb": first,
+               "model.norm": self.devices[-1], "lm_head": self.devices[-1]}
+        out.update((f"model.layers.{l}", self.devices[j]) for l, j in enumerate(self.layers))
+        return out
 
-def place(model: nn.Module, devices: Sequence[str]) -> Placement:
-    """Spreads an HF causal LM (``model.model.layers``, ``embed_tokens``, ``norm``, ``lm_head``)
-    over ``devices`` in place; returns where each layer went."""
+
+def plan(model: nn.Module, devices: Sequence[str]) -> Placement:
+    """Where each module of an HF causal LM (``model.model.layers``, ``embed_tokens``, ``norm``,
+    ``lm_head``) goes over ``devices``; works on a meta-device model (sizes only)."""
     devs = tuple(torch.device(d) for d in devices)
     inner = model.model
     tied = model.lm_head.weight is inner.embed_tokens.weight
     head = _params(model.lm_head) + _params(inner.norm)
     embed = 0 if tied else _params(inner.embed_tokens)
     owner = balance([_params(layer) for layer in inner.layers], len(devs), embed, head)
-    first = devs[-1] if tied else devs[0]
-    _on_device(inner.embed_tokens, first)
-    inner.rotary_emb.to(first)
-    for layer, j in zip(inner.layers, owner):
-        _on_device(layer, devs[j])
-    _on_device(inner.norm, devs[-1])
-    _on_device(model.lm_head, devs[-1])
-    return Placement(devs, tuple(owner))
+    return Placement(devs, tuple(owner), tied)
+
+
+def place(model: nn.Module, devices: Sequence[str]) -> Placement:
+    """Spreads an HF causal LM over ``devices`` in place (modules already there stay put) and
+    hooks each placed module to move its inputs; returns where each layer went."""
+    placement = plan(model, devices)
+    for name, dev in placement.module_devices().items():
+        module = model.get_submodule(name)
+        if name == "model.rotary_emb":
+            module.to(dev)  # called by the model, not on hidden states: no hook
+        else:
+            _on_device(module, dev)
+    return placement
 
 
 def layer_devices(model: nn.Module) -> List[torch.device]:
