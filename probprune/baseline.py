@@ -32,10 +32,10 @@ from .units import UnitSpace
 class DenseMaskedLM:
     """``losses(input_ids [B, T], masks bool [K, units.n_units]) -> [K]`` by K dense forwards."""
 
-    def __init__(self, model, include_layers: bool = False):
+    def __init__(self, model, include_layers: bool = False, attn_units: str = "kv-group"):
         check_supported(model.config)
         self.model = model
-        self.units = UnitSpace.of_model(model.config, include_layers)
+        self.units = UnitSpace.of_model(model.config, include_layers, attn_units)
 
     @property
     def device(self) -> torch.device:
@@ -52,7 +52,7 @@ class DenseMaskedLM:
         m = units.split(masks.to(self.device))
         # Column masks as the paper builds them: a KV group's mask repeated over its G query heads
         # and their head_dim columns; one factor per MLP channel.
-        o_cols = m.heads.repeat_interleave(shape.q_per_kv * shape.head_dim, dim=-1).to(dtype)  # [K,L,Hq*hd]
+        o_cols = units.query_kept(m.heads).repeat_interleave(shape.head_dim, dim=-1).to(dtype)  # [K,L,Hq*hd]
         d_cols = m.mlp.to(dtype)                                                       # [K, L, F]
         layer_keep = m.layers.tolist()                                                  # [K][L]
         current = {"k": 0}

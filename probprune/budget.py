@@ -94,6 +94,10 @@ class Budget:
             full[0] = space.prunable_params
         else:
             full.scatter_add_(0, group_of, costs)
+            if space.query_heads:  # every KV group's key/value heads, in its query heads' group
+                kv_group = group_of[types["heads"]].view(-1, space.shape.q_per_kv)[:, 0]
+                full.scatter_add_(0, kv_group, torch.full(kv_group.shape, float(
+                    space.shape.kv_cost), dtype=torch.float64))
         names, targets = [], torch.zeros_like(full)
         for g, k in enumerate(uniq.tolist()):
             t = type_names[k % len(type_names) if scope == "global" else k // space.n_layers] \
@@ -118,7 +122,17 @@ class Budget:
         if costs is None:
             costs = self.space.costs().to(values.device)
         out = torch.zeros(len(self.targets), dtype=torch.float64, device=values.device)
-        return out.scatter_add_(0, self.group_of.to(values.device), costs * values)
+        out.scatter_add_(0, self.group_of.to(values.device), costs * values)
+        if self.space.query_heads:
+            kv = self.space.kv_kept(self.space.split(values).heads).flatten()
+            out.scatter_add_(0, self._kv_group.to(values.device), kv * self.shape.kv_cost)
+        return out
+
+    @property
+    def _kv_group(self) -> torch.Tensor:
+        """Budget group of each KV group [L * Hkv] (its query heads' group; query-head units)."""
+        heads = self.group_of[self.space.type_slices()["heads"]]
+        return heads.view(-1, self.shape.q_per_kv)[:, 0]
 
     def _check_feasible(self) -> None:
         minimum = self.kept_by_group(self.lo)
@@ -176,25 +190,57 @@ class Budget:
             costs[sl] = 0.0  # already paid above
         candidates &= ~keep
         spent = torch.zeros_like(budgets).scatter_add_(0, self.group_of, costs * keep.double())
+        # Query-head units: a KV group's key/value heads are paid by the first query head kept
+        # from it (protected ones first).
+        kv_of = self._kv_of_unit()
+        kv_cost = float(self.shape.kv_cost)
+        opened = torch.zeros(self.space.shape.n_layers * self.shape.n_kv_heads, dtype=torch.bool)
+        if space.query_heads:
+            opened[kv_of[keep & (kv_of >= 0)]] = True
+            spent.scatter_add_(0, self._kv_group, opened.double() * kv_cost)
         order = torch.argsort(s, descending=True, stable=True)
         order = order[candidates[order]]
+        c = costs[order].clone()
+        if space.query_heads:  # the first not yet opened query head of each group pays its K/V
+            g = kv_of[order]
+            heads = (g >= 0).nonzero().flatten()
+            first = torch.ones(len(heads), dtype=torch.bool)
+            seen = opened.clone()
+            for j, grp in enumerate(g[heads].tolist()):
+                first[j] = not seen[grp]
+                seen[grp] = True
+            c[heads[first]] += kv_cost
         # Vectorised prefix per group, then a pass over the rest to fill each group's slack.
         gid = self.group_of[order]
-        c = costs[order]
         remaining = budgets - spent
-        for g in range(len(budgets)):
-            sel = gid == g
+        for grp in range(len(budgets)):
+            sel = gid == grp
             idx, cg = order[sel], c[sel]
-            fits = torch.cumsum(cg, 0) <= remaining[g] + 1e-6
+            fits = torch.cumsum(cg, 0) <= remaining[grp] + 1e-6
             n_prefix = int(fits.sum()) if bool(fits.all()) else int(fits.long().argmin())
             keep[idx[:n_prefix]] = True
-            left = remaining[g] - float(cg[:n_prefix].sum())
+            left = remaining[grp] - float(cg[:n_prefix].sum())
             if n_prefix < len(idx):
-                min_cost = float(cg[n_prefix:].min())
-                for u, cu in zip(idx[n_prefix:].tolist(), cg[n_prefix:].tolist()):
+                kv_prefix = kv_of[idx[:n_prefix]]
+                opened[kv_prefix[kv_prefix >= 0]] = True
+                rest = idx[n_prefix:]
+                min_cost = float(costs[rest].min())
+                for u in rest.tolist():
                     if left < min_cost:
                         break
+                    k = int(kv_of[u])
+                    cu = float(costs[u]) + (kv_cost if k >= 0 and not opened[k] else 0.0)
                     if cu <= left + 1e-6:
                         keep[u] = True
                         left -= cu
+                        if k >= 0:
+                            opened[k] = True
         return keep
+
+    def _kv_of_unit(self) -> torch.Tensor:
+        """The KV group [0, L * Hkv) of each query-head unit, -1 for every other unit."""
+        space = self.space
+        out = torch.full((space.n_units,), -1, dtype=torch.long)
+        if space.query_heads:
+            out[space.type_slices()["heads"]] = torch.arange(space.n_heads) // space.shape.q_per_kv
+        return out

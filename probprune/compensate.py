@@ -229,23 +229,25 @@ def compensate(engine: MaskedCausalLM, mask: torch.Tensor, windows: torch.Tensor
         stream.to(dev)
         cos, sin = stream.cos, stream.sin
         attn, mlp = layer.self_attn, layer.mlp
-        heads = m.heads[l].nonzero().flatten().to(dev)
+        query_heads = units.query_kept(m.heads[l]).nonzero().flatten().to(dev)
         channels = m.mlp[l].nonzero().flatten().to(dev)
-        kept_h, kept_c = _compact(m.heads[l].to(dev), be), _compact(m.mlp[l].to(dev), be)
+        kept_h = attn.head_lists(m.heads[l][None].to(dev))
+        kept_c = _compact(m.mlp[l].to(dev), be)
         if dev not in all_kept:  # once per device, not per layer
-            all_kept[dev] = (_compact(torch.ones(shape.n_kv_heads, device=dev), be),
+            all_kept[dev] = (attn.head_lists(torch.ones(1, attn.n_units, dtype=torch.bool,
+                                                        device=dev)),
                              _compact(torch.ones(shape.intermediate, device=dev), be))
         all_heads, all_channels = all_kept[dev]
         record = {"layer": l}
 
-        def attn_inputs(h, idx=all_heads):
-            return attn.head_outputs(layer.input_layernorm(h)[None], cos, sin, *idx)[0]
+        def attn_inputs(h, lists=all_heads):
+            return attn.head_outputs(layer.input_layernorm(h)[None], cos, sin, lists)[0]
 
         def mlp_inputs(h, idx=all_channels):
             return mlp.channel_outputs(layer.post_attention_layernorm(h)[None], *idx)[0]
 
         _sublayer(stream, attn_inputs, lambda h: attn_inputs(h, kept_h), attn.o_proj,
-                  shape.head_columns(heads), damping, bias, keep, sequential, record, "attn",
+                  shape.query_columns(query_heads), damping, bias, keep, sequential, record, "attn",
                   weights, f"model.layers.{l}.self_attn.o_proj")
         _sublayer(stream, mlp_inputs, lambda h: mlp_inputs(h, kept_c), mlp.down_proj, channels,
                   damping, bias, keep, sequential, record, "mlp", weights,

@@ -468,6 +468,10 @@ class PruneConfig(_Settings):
                  "metric and cut into blocks of this size, so the search learns how many "
                  "channels each layer keeps, with far less noise per unit; 1 searches every "
                  "channel on its own", check=at_least(1), resume=True)
+    attn_units: str = setting(
+        "kv-group", choices=("kv-group", "query-head"), resume=True,
+        help="attention units: whole KV groups (a key/value head with its query heads), or "
+             "single query heads (a KV group stays while any of its query heads does)")
     budget: str = setting("global", choices=("global", "per-type"), resume=True,
                           help="one parameter budget across all units, or separate "
                                "attention/MLP ratios")

@@ -29,12 +29,17 @@ QK_NORMS = ("self_attn.q_norm.weight", "self_attn.k_norm.weight")  # Qwen3: shar
 
 
 def kept_indices(units: UnitSpace, mask: torch.Tensor) -> dict:
-    """Kept layers, and per kept layer its KV groups and channels, by original index."""
+    """Kept layers, and per kept layer its KV groups, query heads and channels, by original
+    index."""
     m = units.split(mask.bool().cpu())
     layers = [l for l in range(units.n_layers) if bool(m.layers[l])]
+
+    def ids(t):
+        return t.nonzero().flatten().tolist()
     return {"layers": layers,
-            "kv_heads": {str(l): m.heads[l].nonzero().flatten().tolist() for l in layers},
-            "channels": {str(l): m.mlp[l].nonzero().flatten().tolist() for l in layers}}
+            "kv_heads": {str(l): ids(units.kv_kept(m.heads[l])) for l in layers},
+            "q_heads": {str(l): ids(units.query_kept(m.heads[l])) for l in layers},
+            "channels": {str(l): ids(m.mlp[l]) for l in layers}}
 
 
 def pruned_state_dict(model, units: UnitSpace, mask: torch.Tensor,
@@ -45,7 +50,8 @@ def pruned_state_dict(model, units: UnitSpace, mask: torch.Tensor,
     lacks is added)."""
     weights = weights or {}
     kept = kept_indices(units, mask)
-    hd = units.shape.head_dim
+    shape = units.shape
+    hd = shape.head_dim
     sd = model.state_dict()
     out, sizes = {}, []
     for key, t in sd.items():
@@ -53,8 +59,9 @@ def pruned_state_dict(model, units: UnitSpace, mask: torch.Tensor,
             out[key] = t
     for new, l in enumerate(kept["layers"]):
         heads = torch.tensor(kept["kv_heads"][str(l)], dtype=torch.long)
+        q_heads = torch.tensor(kept["q_heads"][str(l)], dtype=torch.long)
         chans = torch.tensor(kept["channels"][str(l)], dtype=torch.long)
-        q_rows = units.shape.head_columns(heads)
+        q_rows = shape.query_columns(q_heads)
         kv_rows = (heads[:, None] * hd + torch.arange(hd)).flatten()
         src, dst = f"model.layers.{l}.", f"model.layers.{new}."
         layer_keys = [k for k in sd if k.startswith(src)]
@@ -81,6 +88,9 @@ def pruned_state_dict(model, units: UnitSpace, mask: torch.Tensor,
                     t = t.index_select(1, chans)
             out[dst + name] = t
         size = {"kv_heads": int(heads.numel()), "intermediate": int(chans.numel())}
+        per_group = torch.bincount(q_heads // shape.q_per_kv, minlength=shape.n_kv_heads)[heads]
+        if bool((per_group != shape.q_per_kv).any()):  # single query heads pruned in a group
+            size["q_per_kv"] = per_group.tolist()
         # Biases the original layers lack (compensation's mean shift): the modeling file adds them.
         for flag, key in (("o_bias", "self_attn.o_proj.bias"), ("down_bias", "mlp.down_proj.bias")):
             if src + key in weights and src + key not in sd:

@@ -26,9 +26,13 @@ LOGIT_CHUNK_VALUES = 1 << 24
 
 
 def _on(device, *xs):
-    """Index tensors (and tuples of them) on ``device``: no copy on the device they are on."""
-    return tuple(tuple(t.to(device) for t in x) if isinstance(x, tuple) else x.to(device)
-                 for x in xs)
+    """Index tensors (and tuples of them, named ones keep their type) on ``device``: no copy on
+    the device they are on."""
+    def move(x):
+        if isinstance(x, pk.HeadLists):
+            return x._make(t.to(device) for t in x)
+        return tuple(t.to(device) for t in x) if isinstance(x, tuple) else x.to(device)
+    return tuple(move(x) for x in xs)
 
 
 class MaskedCausalLM:
@@ -37,15 +41,16 @@ class MaskedCausalLM:
     ``masks``: bool [K, units.n_units] over model units (the flat order of :class:`UnitSpace`).
     """
 
-    def __init__(self, model, include_layers: bool = False, backend: Optional[str] = None):
+    def __init__(self, model, include_layers: bool = False, backend: Optional[str] = None,
+                 attn_units: str = "kv-group"):
         config = model.config
         check_supported(config)
         if getattr(config, "mlp_bias", False):
             raise ValueError("MLP biases (mlp_bias=True) are not supported by the masked forward")
         self.model = model
-        self.units = UnitSpace.of_model(config, include_layers)
+        self.units = UnitSpace.of_model(config, include_layers, attn_units)
         self.backend = backend
-        self.layers = [MaskedDecoderLayer.from_hf(layer, config, backend)
+        self.layers = [MaskedDecoderLayer.from_hf(layer, config, backend, attn_units)
                        for layer in model.model.layers]
         # Layer sharding (probprune.placement): the hidden states move at device boundaries.
         self.layer_devices = layer_devices(model)
@@ -57,20 +62,30 @@ class MaskedCausalLM:
         return self.model.lm_head.weight.device
 
     def _compact(self, masks: torch.Tensor):
-        """Index lists of all layers in one launch per unit type, [L, K, cap] each, with the
+        """Index lists of all layers in one launch per unit type ([L, K, ...] each), with the
         layer keep of each mask folded into the counts."""
         m = self.units.split(masks)
         K, L = masks.shape[0], self.units.n_layers
+        G = self.units.shape.q_per_kv
 
-        def per_layer(unit_masks):  # [K, L, n] -> idx [L, K, n], counts [L, K]
-            flat = unit_masks.transpose(0, 1).reshape(L * K, -1).contiguous()
-            idx, counts = pk.compact_masks(flat, backend=self.backend, validate=False)
-            return idx.view(L, K, -1), counts.view(L, K)
+        def flat(unit_masks):  # [K, L, n] -> [L * K, n]
+            return unit_masks.transpose(0, 1).reshape(L * K, -1).contiguous()
+
+        def per_layer(t):  # [L * K, ...] -> [L, K, ...]
+            return t.view(L, K, *t.shape[1:])
 
         layer_keep = m.layers.transpose(0, 1).to(torch.int32)  # [L, K]
-        h_idx, h_cnt = per_layer(m.heads)
-        c_idx, c_cnt = per_layer(m.mlp)
-        return (h_idx, h_cnt * layer_keep), (c_idx, c_cnt * layer_keep), layer_keep
+        if self.units.query_heads:
+            lists = pk.head_lists(flat(m.heads), G, backend=self.backend, validate=False)
+        else:
+            idx, counts = pk.compact_masks(flat(m.heads), backend=self.backend, validate=False)
+            lists = pk.head_lists_from_groups(idx, counts, G)
+        lists = pk.HeadLists(*map(per_layer, lists))
+        heads = lists._replace(q_counts=lists.q_counts * layer_keep,
+                               kv_counts=lists.kv_counts * layer_keep)
+        c_idx, c_cnt = pk.compact_masks(flat(m.mlp), backend=self.backend, validate=False)
+        channels = (per_layer(c_idx), per_layer(c_cnt) * layer_keep)
+        return heads, channels, layer_keep
 
     @torch.no_grad()
     def losses(self, input_ids: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -84,7 +99,7 @@ class MaskedCausalLM:
         K = masks.shape[0]
         inner = self.model.model
         ids = input_ids.to(self.device)
-        (h_idx, h_cnt), (c_idx, c_cnt), layer_keep = self._compact(masks.to(self.device))
+        heads, (c_idx, c_cnt), layer_keep = self._compact(masks.to(self.device))
 
         h = inner.embed_tokens(ids.to(inner.embed_tokens.weight.device))
         cos, sin = inner.rotary_emb(h, torch.arange(T, device=h.device)[None])  # [1, T, hd]
@@ -93,8 +108,9 @@ class MaskedCausalLM:
             dev = self.layer_devices[l]
             if h.device != dev:
                 h, cos, sin = h.to(dev), cos.to(dev), sin.to(dev)
-            h = layer.forward_compact(h, cos, sin, *(_on(dev, (h_idx[l], h_cnt[l]),
-                                                        (c_idx[l], c_cnt[l]), layer_keep[l])))
+            lists = pk.HeadLists(*(t[l] for t in heads))
+            h = layer.forward_compact(h, cos, sin, *(_on(dev, lists, (c_idx[l], c_cnt[l]),
+                                                        layer_keep[l])))
         h = inner.norm(h[:, :, :-1].to(self.device)).reshape(K, B * (T - 1), -1)
         labels = ids[:, 1:].reshape(-1)
         w = self.model.lm_head.weight

@@ -82,9 +82,8 @@ def activation_stats(model, windows: torch.Tensor, batch_size: int = 8, progress
 
 
 def unit_metric(model, units: UnitSpace, method: str, norms=None) -> torch.Tensor:
-    """Importance of every model unit but layers: KV groups, then channels (float64)."""
-    shape = units.shape
-    G, hd = shape.q_per_kv, shape.head_dim
+    """Importance of every model unit but layers: attention units (KV groups or query heads),
+    then channels (float64). A unit's metric is the sum over its o_proj / down_proj columns."""
     heads, chans = [], []
     for i, layer in enumerate(model.model.layers):
         w_o = layer.self_attn.o_proj.weight.detach().double().abs().cpu()
@@ -92,7 +91,7 @@ def unit_metric(model, units: UnitSpace, method: str, norms=None) -> torch.Tenso
         if method == "wanda-sp":
             w_o = w_o * norms[("o", i)]
             w_d = w_d * norms[("down", i)]
-        heads.append(w_o.mean(0).view(shape.n_kv_heads, G * hd).sum(1))
+        heads.append(w_o.mean(0).view(units.heads_per_layer, -1).sum(1))
         chans.append(w_d.mean(0))
     return torch.cat([torch.cat(heads), torch.cat(chans)])
 
@@ -129,7 +128,7 @@ def init_ratios(budget: Budget, attn_sparsity: float):
     The one place that decides the attention share of the init: a per-type budget's own attention
     ratio, else ``attn_sparsity`` (the MLP then gives the rest, up to 90% of it)."""
     space, shape = budget.space, budget.shape
-    att = space.n_heads * shape.head_cost
+    att = space.n_layers * shape.n_kv_heads * shape.head_cost  # all attention parameters
     mlp = space.n_layers * shape.intermediate * shape.channel_cost
     removed = space.prunable_params - budget.total_target
     if space.include_layers:

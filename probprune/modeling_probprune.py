@@ -5,13 +5,47 @@ This file is copied next to every exported model, so it imports only torch and t
 ``probprune.load_pruned(path)`` uses the packaged copy. ``config.probprune_layout`` lists, for each
 saved layer, the KV-head groups and MLP channels it kept, and (``o_bias`` / ``down_bias``) whether
 o_proj / down_proj carry a bias the original model lacks (compensation's mean shift); the saved ``num_hidden_layers`` already
-counts only the kept layers. The query heads per KV head stay those of the original model, so the
-stock attention code runs unchanged on the narrower projections.
+counts only the kept layers. Where every kept KV group keeps all its query heads, the stock
+attention code runs unchanged on the narrower projections; a layer whose groups kept different
+numbers of query heads (``q_per_kv``: the count of each kept group) gets each query head's key and
+value by index instead of by an even repeat (:func:`query_head_attention`).
 """
+import copy
+
 import torch
 from torch import nn
-from transformers import (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM,
-                          Qwen3ForCausalLM)
+from transformers import (AttentionInterface, LlamaForCausalLM, MistralForCausalLM,
+                          Qwen2ForCausalLM, Qwen3ForCausalLM)
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import eager_attention_forward
+
+QUERY_HEAD_ATTENTION = "probprune_query_heads"
+
+
+def query_head_attention(module, query, key, value, attention_mask, **kwargs):
+    """Attention for KV groups of uneven size: key/value [B, Hkv, T, D] are gathered to one per
+    query head (``module.kv_of_q``), then the model's own attention implementation runs with
+    one query head per KV head. Registered under its own name, so stock layers are untouched."""
+    key = key.index_select(1, module.kv_of_q)
+    value = value.index_select(1, module.kv_of_q)
+    attention = ALL_ATTENTION_FUNCTIONS.get_interface(
+        module.probprune_model_config._attn_implementation, eager_attention_forward)
+    return attention(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register(QUERY_HEAD_ATTENTION, query_head_attention)
+
+
+def _uneven_groups(attn, config, per_group):
+    """Makes ``attn`` read each query head's KV head by index: ``per_group`` query heads in
+    each kept KV group, in order."""
+    counts = torch.tensor(per_group, dtype=torch.long)
+    attn.register_buffer("kv_of_q", torch.arange(len(per_group)).repeat_interleave(counts),
+                         persistent=False)
+    attn.num_key_value_groups = 1
+    attn.probprune_model_config = config
+    attn.config = copy.copy(config)  # this layer's own attention implementation name
+    attn.config._attn_implementation = QUERY_HEAD_ATTENTION
 
 
 class NoAttention(nn.Module):
@@ -58,15 +92,22 @@ def shrink_to_layout(model):
     for i, (layer, sizes) in enumerate(zip(model.model.layers, layout)):
         attn, mlp = layer.self_attn, layer.mlp
         n, f = sizes["kv_heads"], sizes["intermediate"]
+        per_group = sizes.get("q_per_kv", [group] * n)
+        if len(per_group) != n or min(per_group, default=1) < 1 or max(per_group, default=1) > group:
+            raise ValueError(f"probprune_layout layer {i}: q_per_kv {per_group} must give 1 to "
+                             f"{group} query heads for each of its {n} KV groups")
+        nq = sum(per_group)
         o_bias, down_bias = sizes.get("o_bias", False), sizes.get("down_bias", False)
         if n == 0:
             norms = (attn.q_norm, attn.k_norm) if hasattr(attn, "q_norm") else None
             layer.self_attn = NoAttention(d, hd, o_bias or attn.o_proj.bias is not None, i, norms)
         else:
-            attn.q_proj = _linear(d, n * group * hd, attn.q_proj)
+            attn.q_proj = _linear(d, nq * hd, attn.q_proj)
             attn.k_proj = _linear(d, n * hd, attn.k_proj)
             attn.v_proj = _linear(d, n * hd, attn.v_proj)
-            attn.o_proj = _linear(n * group * hd, d, attn.o_proj, o_bias)
+            attn.o_proj = _linear(nq * hd, d, attn.o_proj, o_bias)
+            if nq != n * group:
+                _uneven_groups(attn, config, per_group)
         mlp.gate_proj = _linear(d, f, mlp.gate_proj)
         mlp.up_proj = _linear(d, f, mlp.up_proj)
         mlp.down_proj = _linear(f, d, mlp.down_proj, down_bias)

@@ -159,7 +159,8 @@ def load(cfg: PruneConfig) -> Loaded:
     t0 = time.perf_counter()
     model, tokenizer = load_model(cfg.model, cfg.dtype, cfg.device, cfg.devices)
     load_s = time.perf_counter() - t0
-    engine = MaskedCausalLM(model, include_layers=cfg.prune_layers, backend=cfg.backend)
+    engine = MaskedCausalLM(model, include_layers=cfg.prune_layers, backend=cfg.backend,
+                            attn_units=cfg.attn_units)
     shape = engine.units.shape
     block = min(cfg.channel_block, shape.intermediate)
     if block < cfg.channel_block:
@@ -167,7 +168,8 @@ def load(cfg: PruneConfig) -> Loaded:
                     cfg.channel_block, shape.intermediate, block)
     # The budget needs the search units' structure only, not the init's channel order: built
     # now, bad budgets fail before any long work.
-    budget = Budget.build(UnitSpace(shape, cfg.prune_layers, block), cfg.sparsity, cfg.budget,
+    budget = Budget.build(UnitSpace(shape, cfg.prune_layers, block, attn_units=cfg.attn_units),
+                          cfg.sparsity, cfg.budget,
                           cfg.scope, cfg.attn_sparsity, cfg.mlp_sparsity, cfg.protect_layers)
     data = calibration(tokenizer, cfg)
     eval_src = eval_text(cfg.eval, cfg.eval_file)

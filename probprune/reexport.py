@@ -90,7 +90,8 @@ def read_scores(path: str, run: PruneConfig, units: UnitSpace) -> torch.Tensor:
 
 def budget_for(run: PruneConfig, units: UnitSpace) -> Budget:
     block = min(run.channel_block, units.shape.intermediate)  # as the run clamped it
-    return Budget.build(UnitSpace(units.shape, run.prune_layers, block), run.sparsity,
+    return Budget.build(UnitSpace(units.shape, run.prune_layers, block,
+                                  attn_units=run.attn_units), run.sparsity,
                         run.budget, run.scope, run.attn_sparsity, run.mlp_sparsity,
                         run.protect_layers)
 
@@ -193,10 +194,14 @@ def reexport(cfg: ExportConfig) -> dict:
 
     run = run_config(cfg)
     units = UnitSpace.of_model(AutoConfig.from_pretrained(resolve_model_path(run.model)),
-                               run.prune_layers)
+                               run.prune_layers, run.attn_units)
     probs = read_scores(os.path.join(cfg.run, SCORES), run, units)
     # a budget that cannot be met fails here, before loading
     if cfg.allocation == "scaled":
+        if units.query_heads:
+            raise ValueError("--allocation scaled scales each layer's kept heads linearly, "
+                              "which query-head units (a KV group's keys and values shared by "
+                              "its query heads) do not allow; use --allocation global")
         run_mask = read_run_mask(cfg.run, units)
         budget = scaled_budget(run, units, run_mask)
         mask = scaled_mask(probs, budget, units, run_mask)
@@ -206,7 +211,8 @@ def reexport(cfg: ExportConfig) -> dict:
 
     t0 = time.perf_counter()
     model, tokenizer = load_model(run.model, run.dtype, run.device)
-    engine = MaskedCausalLM(model, include_layers=run.prune_layers, backend=run.backend)
+    engine = MaskedCausalLM(model, include_layers=run.prune_layers, backend=run.backend,
+                            attn_units=run.attn_units)
     loaded = Loaded(model, tokenizer, engine, budget,
                     calibration(tokenizer, run) if run.compensate != "none" else None,
                     None, None, time.perf_counter() - t0)

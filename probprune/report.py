@@ -23,9 +23,10 @@ def peak_memory_mib(device) -> float:
 
 
 def layer_sizes(units: UnitSpace, mask: torch.Tensor) -> List[dict]:
-    """Per-layer kept KV groups and channels of a hard model-unit mask."""
+    """Per-layer kept KV groups, query heads and channels of a hard model-unit mask."""
     m = units.split(mask.bool().cpu())
-    return [{"layer": l, "kept": bool(m.layers[l]), "kv_heads": int(m.heads[l].sum()),
+    return [{"layer": l, "kept": bool(m.layers[l]), "kv_heads": int(units.kv_kept(m.heads[l]).sum()),
+             "q_heads": int(units.query_kept(m.heads[l]).sum()),
              "channels": int(m.mlp[l].sum())} for l in range(units.n_layers)]
 
 

@@ -2,8 +2,8 @@
 
 Vocabulary (used for every tensor name in the engine):
 
-* **model units**: one KV-head group (a KV head with its ``q_per_kv`` query heads), one MLP
-  channel, and (opt-in) one whole layer. Masks that reach the forward, the export and every file
+* **model units**: one KV-head group (a KV head with its ``q_per_kv`` query heads) or, with
+  ``attn_units="query-head"``, one query head; one MLP channel; and (opt-in) one whole layer. Masks that reach the forward, the export and every file
   written to disk are over model units.
 * **search units**: what the policy learns one keep-probability for: a KV group, a *block* of
   ``channel_block`` MLP channels of one layer, or a layer. Each layer's channels are ranked by the
@@ -26,6 +26,11 @@ Cost of a unit: the parameters removing it removes. A dropped layer removes all 
 including the heads and channels it still had, so the expected kept count is
 ``sum_l s_layer_l * (norms_l + sum_{u in l} c_u s_u)``: linear in the head/channel probabilities
 for fixed layer probabilities and vice versa.
+
+Query-head units: a KV group's key and value heads are kept while any of its query heads is, so
+they cost ``kv_cost`` once per open group: ``E[kept] = sum_groups kv_cost (1 - prod_j (1 - s_j)) +
+sum_j query_head_cost s_j``. Not linear, but non-increasing in the budget projection's shift, so
+the bisection still applies.
 """
 from __future__ import annotations
 
@@ -67,6 +72,10 @@ class ModelShape:
         return cls(config.num_hidden_layers, hkv, hq // hkv, head_dim, config.hidden_size,
                    config.intermediate_size, qkv_bias, o_bias, config.model_type == "qwen3")
 
+    @property
+    def n_query_heads(self) -> int:
+        return self.n_kv_heads * self.q_per_kv
+
     def head_columns(self, groups: torch.Tensor) -> torch.Tensor:
         """The q_proj rows (= o_proj columns) of KV groups ``groups`` [n] (long), in their order:
         group j owns ``q_per_kv * head_dim`` consecutive ones."""
@@ -74,11 +83,27 @@ class ModelShape:
         return (groups.long()[:, None] * width
                 + torch.arange(width, device=groups.device)).flatten()
 
+    def query_columns(self, heads: torch.Tensor) -> torch.Tensor:
+        """The q_proj rows (= o_proj columns) of query heads ``heads`` [n] (long), in their
+        order: head h owns rows ``h * head_dim ... + head_dim - 1``."""
+        return (heads.long()[:, None] * self.head_dim
+                + torch.arange(self.head_dim, device=heads.device)).flatten()
+
+    @property
+    def query_head_cost(self) -> int:
+        """Parameters of one query head alone: its q_proj rows (and bias) and o_proj columns."""
+        return 2 * self.head_dim * self.hidden + (self.head_dim if self.attn_bias else 0)
+
+    @property
+    def kv_cost(self) -> int:
+        """Parameters a KV group's key and value heads hold (paid once while any of its query
+        heads is kept)."""
+        return 2 * self.head_dim * self.hidden + (2 * self.head_dim if self.attn_bias else 0)
+
     @property
     def head_cost(self) -> int:
         """Parameters of one KV group: G query heads + 1 key + 1 value head in, G heads out."""
-        g, hd, d = self.q_per_kv, self.head_dim, self.hidden
-        return (2 * g + 2) * hd * d + ((g + 2) * hd if self.attn_bias else 0)
+        return self.q_per_kv * self.query_head_cost + self.kv_cost
 
     @property
     def channel_cost(self) -> int:
@@ -98,15 +123,22 @@ class ModelShape:
                 + self.intermediate * self.channel_cost)
 
 
+ATTN_UNITS = ("kv-group", "query-head")
+
+
 @dataclass(frozen=True, eq=False)
 class UnitSpace:
     shape: ModelShape
     include_layers: bool = False
     channel_block: int = 1
     channel_order: Optional[torch.Tensor] = None  # [L, F] long, channel of each rank; None: identity
+    attn_units: str = "kv-group"  # or "query-head": a KV group is kept while any query head is
 
     def __post_init__(self):
         shape = self.shape
+        if self.attn_units not in ATTN_UNITS:
+            raise ValueError(f"attention units must be one of {', '.join(ATTN_UNITS)}, got "
+                             f"{self.attn_units!r}")
         if not 1 <= self.channel_block <= shape.intermediate:
             raise ValueError(f"channel block must be between 1 and the intermediate size "
                              f"{shape.intermediate}, got {self.channel_block}")
@@ -120,16 +152,22 @@ class UnitSpace:
                 raise ValueError("channel order must be a permutation of each layer's channels")
 
     @classmethod
-    def of_model(cls, config, include_layers: bool = False) -> "UnitSpace":
+    def of_model(cls, config, include_layers: bool = False,
+                 attn_units: str = "kv-group") -> "UnitSpace":
         """The model units of a Hugging Face config."""
-        return cls(ModelShape.from_config(config), include_layers)
+        return cls(ModelShape.from_config(config), include_layers, attn_units=attn_units)
 
     @cached_property
     def model_units(self) -> "UnitSpace":
         """The space whose values the forward, the export and the files on disk take."""
         if self.channel_block == 1 and self.channel_order is None:
             return self
-        return UnitSpace(self.shape, self.include_layers)
+        return UnitSpace(self.shape, self.include_layers, attn_units=self.attn_units)
+
+    @property
+    def query_heads(self) -> bool:
+        """Attention units are single query heads (else whole KV groups)."""
+        return self.attn_units == "query-head"
 
     def with_order(self, order: Optional[torch.Tensor]) -> "UnitSpace":
         return dataclasses.replace(self, channel_order=order)
@@ -140,8 +178,13 @@ class UnitSpace:
         return self.shape.n_layers
 
     @property
+    def heads_per_layer(self) -> int:
+        """Attention units of one layer: its query heads or its KV groups."""
+        return self.shape.n_query_heads if self.query_heads else self.shape.n_kv_heads
+
+    @property
     def n_heads(self) -> int:
-        return self.shape.n_layers * self.shape.n_kv_heads
+        return self.shape.n_layers * self.heads_per_layer
 
     @property
     def blocks_per_layer(self) -> int:
@@ -171,10 +214,12 @@ class UnitSpace:
 
     # -- costs and accounting -----------------------------------------------------------------
     def costs(self) -> torch.Tensor:
-        """Standalone parameter cost of each unit [n_units] (float64)."""
+        """Standalone parameter cost of each unit [n_units] (float64). With query-head units this
+        is the linear part only: the key/value heads a KV group shares are :meth:`kv_kept`."""
         shape = self.shape
         blocks = (self.block_sizes().double() * shape.channel_cost).repeat(self.n_layers)
-        parts = [torch.full((self.n_heads,), float(shape.head_cost), dtype=torch.float64), blocks]
+        head = shape.query_head_cost if self.query_heads else shape.head_cost
+        parts = [torch.full((self.n_heads,), float(head), dtype=torch.float64), blocks]
         if self.include_layers:
             parts.append(torch.full((self.n_layers,), float(shape.layer_fixed_cost),
                                     dtype=torch.float64))
@@ -190,7 +235,7 @@ class UnitSpace:
     def unit_layer(self) -> torch.Tensor:
         """Layer index of every unit [n_units]."""
         L = self.n_layers
-        parts = [torch.arange(L).repeat_interleave(self.shape.n_kv_heads),
+        parts = [torch.arange(L).repeat_interleave(self.heads_per_layer),
                  torch.arange(L).repeat_interleave(self.blocks_per_layer)]
         if self.include_layers:
             parts.append(torch.arange(L))
@@ -200,7 +245,7 @@ class UnitSpace:
         """[..., n_units] -> :class:`UnitValues` (layers all ones when not searched)."""
         lead, L = flat.shape[:-1], self.n_layers
         sl = self.type_slices()
-        heads = flat[..., sl["heads"]].reshape(*lead, L, self.shape.n_kv_heads)
+        heads = flat[..., sl["heads"]].reshape(*lead, L, self.heads_per_layer)
         mlp = flat[..., sl["mlp"]].reshape(*lead, L, self.blocks_per_layer)
         layers = (flat[..., sl["layers"]] if self.include_layers
                   else torch.ones(*lead, L, dtype=flat.dtype, device=flat.device))
@@ -213,11 +258,31 @@ class UnitSpace:
         shape = self.shape
         v = self.split(values.to(torch.float64))
         sizes = self.block_sizes().double().to(values.device)
-        per_layer = (v.heads.sum(-1) * shape.head_cost
-                     + (v.mlp * sizes).sum(-1) * shape.channel_cost)
+        head = shape.query_head_cost if self.query_heads else shape.head_cost
+        per_layer = (v.heads.sum(-1) * head + (v.mlp * sizes).sum(-1) * shape.channel_cost
+                     + self.kv_kept(v.heads).sum(-1) * (shape.kv_cost if self.query_heads else 0))
         if self.include_layers:
             per_layer = (per_layer + shape.layer_fixed_cost) * v.layers
         return per_layer.sum()
+
+    # -- attention: KV groups and query heads of either kind of unit ----------------------------
+    def kv_kept(self, heads: torch.Tensor) -> torch.Tensor:
+        """Attention values [..., L, heads_per_layer] -> KV groups [..., L, Hkv]: kept while any
+        query head is (for probabilities, the chance that one is: ``1 - prod(1 - s)``, which is
+        ``any`` on a hard mask). KV-group units are returned as they are."""
+        if not self.query_heads:
+            return heads
+        G = self.shape.q_per_kv
+        grouped = heads.reshape(*heads.shape[:-1], self.shape.n_kv_heads, G)
+        if heads.dtype == torch.bool:
+            return grouped.any(-1)
+        return 1 - (1 - grouped).prod(-1)
+
+    def query_kept(self, heads: torch.Tensor) -> torch.Tensor:
+        """Attention values [..., L, heads_per_layer] -> query heads [..., L, Hq]."""
+        if self.query_heads:
+            return heads
+        return heads.repeat_interleave(self.shape.q_per_kv, dim=-1)
 
     # -- this space <-> model units ------------------------------------------------------------
     @cached_property

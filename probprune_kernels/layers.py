@@ -12,7 +12,8 @@ dense module with the pruned units zeroed, and returns the dense module's full o
   the bias is added to every output.
 * :class:`MaskedSwiGLUMLP`: ``down(silu(gate(x)) * up(x) * mask)`` over kept channels.
 * :class:`MaskedLlamaAttention`: attention with whole KV groups (a KV head and its query heads)
-  removed, i.e. the dense attention whose pruned heads are zeroed before ``o_proj``.
+  or single query heads removed, i.e. the dense attention whose pruned heads are zeroed before
+  ``o_proj``.
 * :class:`MaskedDecoderLayer`: norms, masked attention and masked MLP with their residuals, the
   block of the engine's K-mask forward.
 
@@ -217,23 +218,31 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + _rotate_half(x) * sin
 
 
-class MaskedLlamaAttention(nn.Module):
-    """LLaMA/GQA self-attention with a mask over KV groups (a KV head and its Hq/Hkv query heads).
+ATTN_UNITS = ("kv-group", "query-head")
 
-    q/k/v are gather-rows GEMMs over the kept groups (a unit = ``G*head_dim`` rows of q_proj,
-    ``head_dim`` rows of k_proj/v_proj), RoPE with caller-supplied cos/sin, causal attention over
-    the kept heads only, and a gather-cols GEMM for o_proj. ``q_norm`` / ``k_norm`` (Qwen3): norms
-    over each head's ``head_dim`` features, one weight shared by every head, applied to q and k
-    before RoPE.
+
+class MaskedLlamaAttention(nn.Module):
+    """LLaMA/GQA self-attention with a mask over its heads: whole KV groups (a KV head and its
+    Hq/Hkv query heads, ``units="kv-group"``) or single query heads (``units="query-head"``; a KV
+    group is computed while any of its query heads is kept).
+
+    One path for both: the mask becomes :class:`~probprune_kernels.ops.HeadLists` (kept query
+    heads, kept KV groups, the KV slot of each query head); q is a gather-rows GEMM over the kept
+    query heads (``head_dim`` rows each), k/v over the kept groups, RoPE with caller-supplied
+    cos/sin, causal attention over the kept heads only, and a gather-cols GEMM for o_proj.
+    ``q_norm`` / ``k_norm`` (Qwen3): norms over each head's ``head_dim`` features, one weight
+    shared by every head, applied to q and k before RoPE.
     """
 
     def __init__(self, q_proj: nn.Linear, k_proj: nn.Linear, v_proj: nn.Linear, o_proj: nn.Linear,
                  num_heads: int, num_kv_heads: int, head_dim: int, scale: Optional[float] = None,
                  backend: Optional[str] = None, q_norm: Optional[nn.Module] = None,
-                 k_norm: Optional[nn.Module] = None):
+                 k_norm: Optional[nn.Module] = None, units: str = "kv-group"):
         super().__init__()
         if (q_norm is None) != (k_norm is None):
             raise ValueError("q_norm and k_norm come together: give both or neither")
+        if units not in ATTN_UNITS:
+            raise ValueError(f"units must be one of {', '.join(ATTN_UNITS)}, got {units!r}")
         if num_kv_heads < 1 or num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads "
                              f"({num_kv_heads})")
@@ -249,12 +258,13 @@ class MaskedLlamaAttention(nn.Module):
         self.q_norm, self.k_norm = q_norm, k_norm
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.G = num_heads // num_kv_heads
-        self.scale, self.backend = scale, backend
+        self.scale, self.backend, self.units = scale, backend, units
         self.hidden_size = q_proj.in_features
-        self.n_units = num_kv_heads
+        self.n_units = num_heads if units == "query-head" else num_kv_heads
 
     @classmethod
-    def from_hf(cls, attn: nn.Module, config=None, backend: Optional[str] = None):
+    def from_hf(cls, attn: nn.Module, config=None, backend: Optional[str] = None,
+                units: str = "kv-group"):
         """From an HF ``LlamaAttention``-like module (sizes from ``config`` or the module)."""
         config = config if config is not None else getattr(attn, "config", None)
         num_heads = getattr(config, "num_attention_heads", None) or attn.num_heads
@@ -263,57 +273,65 @@ class MaskedLlamaAttention(nn.Module):
         scale = getattr(attn, "scaling", None)
         return cls(attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, num_heads, num_kv,
                    head_dim, scale=scale, backend=backend, q_norm=getattr(attn, "q_norm", None),
-                   k_norm=getattr(attn, "k_norm", None))
+                   k_norm=getattr(attn, "k_norm", None), units=units)
 
-    def forward_compact(self, x: Tensor, cos: Tensor, sin: Tensor, idx: Tensor, counts: Tensor,
+    def head_lists(self, masks: Tensor, capacity: Optional[int] = None) -> ops.HeadLists:
+        """Bool masks [K, n_units] over this layer's units -> its index lists."""
+        if self.units == "query-head":
+            return ops.head_lists(masks, self.G, capacity, backend=self.backend)
+        idx, counts = ops.compact_masks(masks, capacity, backend=self.backend)
+        return ops.head_lists_from_groups(idx, counts, self.G)
+
+    def forward_compact(self, x: Tensor, cos: Tensor, sin: Tensor, heads: ops.HeadLists,
                         residual: Optional[Tensor] = None,
                         layer_keep: Optional[Tensor] = None) -> Tensor:
-        """x [K, B, T, d] with precomputed ``compact_masks`` idx/counts over KV groups ->
-        [K, B, T, d] (+ residual, fused into the o_proj GEMM). cos/sin [T, D] or [B, T, D].
-        ``layer_keep`` [K] (0/1): a mask that drops the layer has counts 0 and adds no o_proj
-        bias, so the residual passes through."""
+        """x [K, B, T, d] with precomputed index lists -> [K, B, T, d] (+ residual, fused into
+        the o_proj GEMM). cos/sin [T, D] or [B, T, D]. ``layer_keep`` [K] (0/1): a mask that
+        drops the layer has counts 0 and adds no o_proj bias, so the residual passes through."""
         K, B, T, d = x.shape
-        o = self.head_outputs(x, cos, sin, idx, counts)
+        o = self.head_outputs(x, cos, sin, heads)
         res = None if residual is None else residual.reshape(K, B * T, d)
-        y = ops.gather_cols_gemm(o, self.o_proj.weight, idx, counts, self.G * self.head_dim, res,
-                                 backend=self.backend, validate=False)
+        y = ops.gather_cols_gemm(o, self.o_proj.weight, heads.q_idx, heads.q_counts,
+                                 self.head_dim, res, backend=self.backend, validate=False)
         return _add_bias(y, self.o_proj.bias, layer_keep).view(K, B, T, d)
 
-    def head_outputs(self, x: Tensor, cos: Tensor, sin: Tensor, idx: Tensor,
-                     counts: Tensor) -> Tensor:
+    def head_outputs(self, x: Tensor, cos: Tensor, sin: Tensor, heads: ops.HeadLists) -> Tensor:
         """The attention output of the kept heads before o_proj: x [K, B, T, d] ->
-        [K, B*T, cap*G*head_dim], KV group ``idx[k, j]`` in columns ``j*G*D:(j+1)*G*D`` (what
-        o_proj's kept columns read; with every group kept, the dense column order)."""
+        [K, B*T, q_cap*head_dim], query head ``q_idx[k, j]`` in columns ``j*D:(j+1)*D`` (what
+        o_proj's kept columns read; with every head kept, the dense column order)."""
         K, B, T, d = x.shape
-        D, G, be = self.head_dim, self.G, self.backend
+        D, be = self.head_dim, self.backend
         x3 = x.reshape(K, B * T, d)
-        cap = idx.shape[1]
-        q = ops.gather_rows_gemm(x3, self.q_proj.weight, idx, counts, G * D, self.q_proj.bias,
-                                 backend=be, validate=False).view(K, B, T, cap * G, D)
-        k = ops.gather_rows_gemm(x3, self.k_proj.weight, idx, counts, D, self.k_proj.bias,
-                                 backend=be, validate=False).view(K, B, T, cap, D)
-        v = ops.gather_rows_gemm(x3, self.v_proj.weight, idx, counts, D, self.v_proj.bias,
-                                 backend=be, validate=False).view(K, B, T, cap, D)
+        q_cap, kv_cap = heads.q_idx.shape[1], heads.kv_idx.shape[1]
+        q = ops.gather_rows_gemm(x3, self.q_proj.weight, heads.q_idx, heads.q_counts, D,
+                                 self.q_proj.bias, backend=be, validate=False)
+        k = ops.gather_rows_gemm(x3, self.k_proj.weight, heads.kv_idx, heads.kv_counts, D,
+                                 self.k_proj.bias, backend=be, validate=False)
+        v = ops.gather_rows_gemm(x3, self.v_proj.weight, heads.kv_idx, heads.kv_counts, D,
+                                 self.v_proj.bias, backend=be, validate=False)
+        q, k, v = q.view(K, B, T, q_cap, D), k.view(K, B, T, kv_cap, D), v.view(K, B, T, kv_cap, D)
         if self.q_norm is not None:  # per head, so kept heads are normed as in the dense model
             q, k = self.q_norm(q), self.k_norm(k)
         # The norm and RoPE of the zero padding heads stay zero, so the compact layout needs no
         # special case.
         q = apply_rotary(q, cos, sin).contiguous()
         k = apply_rotary(k, cos, sin).contiguous()
-        o = ops.masked_attention(q, k, v, counts, self.scale, backend=be, validate=False)
-        return o.reshape(K, B * T, cap * G * D)
+        o = ops.masked_attention_heads(q, k, v, heads.q_counts, heads.kv_slot, self.scale,
+                                       backend=be, validate=False)
+        return o.reshape(K, B * T, q_cap * D)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor,
                 capacity: Optional[int] = None) -> Tensor:
-        """x [B, T, d] with mask [Hkv], or x [K, B, T, d] with mask [K, Hkv]; cos/sin [T, D] or
-        [B, T, D] (position embeddings, shared by the K masks) -> same shape as x."""
+        """x [B, T, d] with mask [n_units], or x [K, B, T, d] with mask [K, n_units] (n_units:
+        Hkv groups or Hq query heads); cos/sin [T, D] or [B, T, D] (position embeddings, shared
+        by the K masks) -> same shape as x."""
         if x.dim() != (4 if mask.dim() == 2 else 3):
             raise ValueError(f"x must be [B, T, d] (one mask) or [K, B, T, d] (K masks), got "
                              f"{tuple(x.shape)} with mask {tuple(mask.shape)}")
         masks, x3, lead, _ = _as_masks(mask, self.n_units, x, self.hidden_size)
-        idx, counts = ops.compact_masks(masks, capacity, backend=self.backend)
         B, T = lead[-2], lead[-1]
-        y = self.forward_compact(x3.view(masks.shape[0], B, T, -1), cos, sin, idx, counts)
+        y = self.forward_compact(x3.view(masks.shape[0], B, T, -1), cos, sin,
+                                 self.head_lists(masks, capacity))
         return y.reshape(*lead, self.hidden_size)
 
 
@@ -331,33 +349,34 @@ class MaskedDecoderLayer(nn.Module):
         self.post_attention_layernorm, self.mlp = post_attention_layernorm, mlp
 
     @classmethod
-    def from_hf(cls, layer: nn.Module, config=None,
-                backend: Optional[str] = None) -> "MaskedDecoderLayer":
+    def from_hf(cls, layer: nn.Module, config=None, backend: Optional[str] = None,
+                attn_units: str = "kv-group") -> "MaskedDecoderLayer":
         """From an HF ``LlamaDecoderLayer``-like module (Llama, Mistral, Qwen2, Qwen3)."""
-        return cls(layer.input_layernorm, MaskedLlamaAttention.from_hf(layer.self_attn, config,
-                                                                       backend),
+        return cls(layer.input_layernorm,
+                   MaskedLlamaAttention.from_hf(layer.self_attn, config, backend, attn_units),
                    layer.post_attention_layernorm, MaskedSwiGLUMLP.from_mlp(layer.mlp, backend))
 
-    def forward_compact(self, h: Tensor, cos: Tensor, sin: Tensor, heads: Tuple[Tensor, Tensor],
+    def forward_compact(self, h: Tensor, cos: Tensor, sin: Tensor, heads: ops.HeadLists,
                         channels: Tuple[Tensor, Tensor],
                         layer_keep: Optional[Tensor] = None) -> Tensor:
-        """h [K, B, T, d]; ``heads`` / ``channels``: (idx, counts) of ``compact_masks`` over the
-        KV groups / MLP channels; ``layer_keep`` [K] folds a dropped layer in (its counts must be
-        0 too) -> [K, B, T, d]."""
-        h = self.self_attn.forward_compact(self.input_layernorm(h), cos, sin, *heads, residual=h,
+        """h [K, B, T, d]; ``heads``: the attention's index lists; ``channels``: (idx, counts) of
+        ``compact_masks`` over the MLP channels; ``layer_keep`` [K] folds a dropped layer in (its
+        counts must be 0 too) -> [K, B, T, d]."""
+        h = self.self_attn.forward_compact(self.input_layernorm(h), cos, sin, heads, residual=h,
                                            layer_keep=layer_keep)
         return self.mlp.forward_compact(self.post_attention_layernorm(h), *channels, residual=h,
                                         layer_keep=layer_keep)
 
     def forward(self, h: Tensor, cos: Tensor, sin: Tensor, head_mask: Tensor,
                 channel_mask: Tensor) -> Tensor:
-        """h [K, B, T, d] with head_mask [K, Hkv] and channel_mask [K, F] -> [K, B, T, d]."""
+        """h [K, B, T, d] with head_mask [K, n_units] (KV groups or query heads) and channel_mask
+        [K, F] -> [K, B, T, d]."""
         if h.dim() != 4 or head_mask.dim() != 2 or channel_mask.dim() != 2:
-            raise ValueError(f"h must be [K, B, T, d] with masks [K, Hkv] and [K, F], got "
+            raise ValueError(f"h must be [K, B, T, d] with masks [K, heads] and [K, F], got "
                              f"{tuple(h.shape)}, {tuple(head_mask.shape)}, "
                              f"{tuple(channel_mask.shape)}")
         _as_masks(head_mask, self.self_attn.n_units, h, self.self_attn.hidden_size, "head_mask")
         _as_masks(channel_mask, self.mlp.n_units, h, self.mlp.hidden_size, "channel_mask")
         be = self.mlp.backend
-        return self.forward_compact(h, cos, sin, ops.compact_masks(head_mask, backend=be),
+        return self.forward_compact(h, cos, sin, self.self_attn.head_lists(head_mask),
                                     ops.compact_masks(channel_mask, backend=be))
