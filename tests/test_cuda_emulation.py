@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from probprune_kernels import reference
+from probprune_kernels._shapes import group_slots
 from tests.conftest import assert_close
 from tests.kernel_cases import check_attention, compact_inputs, counts_for
 
@@ -51,6 +52,13 @@ class _Emulation:
 
     def configs(self):
         return dict(zip(CONFIG_NAMES, torch.ops.probprune_emu.configs().tolist()))
+
+    def masked_attention(self, q, k, v, counts, scale, engine):
+        """The KV-group form as the cuda backend runs it (``_cuda.masked_attention``): the
+        general kernel on the index lists of ``group_slots``."""
+        G = q.shape[3] // k.shape[3]
+        return self.masked_attention_heads(q, k, v, *group_slots(counts, G, q.shape[3]), scale,
+                                           engine)
 
 
 @pytest.fixture(scope="module")
