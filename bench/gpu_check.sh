@@ -212,7 +212,7 @@ print(json.dumps(info))
 if not info["built"]:
     sys.exit("probprune_kernels._C is not usable: %s" % info["error"])
 import probprune_kernels._C  # raises if broken
-missing = sorted(set(_cuda.OPS) - set(info["ops"]))
+missing = sorted(set(_cuda.KERNEL_OPS) - set(info["ops"]))
 if missing:
     sys.exit("probprune_kernels._C lacks %s" % missing)
 if torch.cuda.is_available() and not all(info["available"].values()):

@@ -333,12 +333,16 @@ Tensor gather_cols_gemm(const Tensor& h, const Tensor& w, const Tensor& idx, con
   return y;
 }
 
-Tensor masked_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& counts,
-                        std::optional<double> scale) {
-  const DType dt = check_operands(PP_ARG(q), {PP_ARG(k), PP_ARG(v)}, {PP_ARG(counts)});
-  check_rank(PP_ARG(q), 5, "[K, B, T, Hq, head_dim]");
-  check_rank(PP_ARG(k), 5, "[K, B, T, Hkv, head_dim]");
-  check_int32(PP_ARG(counts));
+// The general (query-head) form; probprune_kernels/_cuda.py converts the KV-group form to it.
+Tensor masked_attention_heads(const Tensor& q, const Tensor& k, const Tensor& v,
+                              const Tensor& q_counts, const Tensor& kv_slot,
+                              std::optional<double> scale) {
+  const DType dt =
+      check_operands(PP_ARG(q), {PP_ARG(k), PP_ARG(v)}, {PP_ARG(q_counts), PP_ARG(kv_slot)});
+  check_rank(PP_ARG(q), 5, "[K, B, T, Hq_cap, head_dim]");
+  check_rank(PP_ARG(k), 5, "[K, B, T, Hkv_cap, head_dim]");
+  check_int32(PP_ARG(q_counts));
+  check_int32(PP_ARG(kv_slot));
   check_same_shape(PP_ARG(k), PP_ARG(v));
   TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(2) == q.size(2) &&
                   k.size(4) == q.size(4),
@@ -346,25 +350,27 @@ Tensor masked_attention(const Tensor& q, const Tensor& k, const Tensor& v, const
               " in K, B, T or head_dim");
   const int64_t K = q.size(0), B = q.size(1), T = q.size(2), hq = q.size(3), hkv = k.size(3),
                 D = q.size(4);
-  TORCH_CHECK(hkv > 0 && hq % hkv == 0, "probprune_cuda: q heads (", hq,
-              ") must be a positive multiple of k/v heads (", hkv, ")");
-  TORCH_CHECK(counts.dim() == 1 && counts.size(0) == K, "probprune_cuda: counts must be [K=", K,
-              "], got ", counts.sizes());
+  TORCH_CHECK(q_counts.dim() == 1 && q_counts.size(0) == K,
+              "probprune_cuda: q_counts must be [K=", K, "], got ", q_counts.sizes());
+  TORCH_CHECK(kv_slot.dim() == 2 && kv_slot.size(0) == K && kv_slot.size(1) == hq,
+              "probprune_cuda: kv_slot must be [K=", K, ", Hq_cap=", hq, "], got ",
+              kv_slot.sizes());
   TORCH_CHECK(D <= probprune::kMaxHeadDim, "probprune_cuda: masked_attention supports head_dim <= ",
               probprune::kMaxHeadDim, " (tensor cores up to 128), got ", D);
   TORCH_CHECK(K * B <= 65535 && hq <= 65535, "probprune_cuda: K * B (", K * B,
               ") and query heads (", hq, ") must be at most 65535");
   c10::cuda::CUDAGuard guard(q.device());
   check_arch(q);
-  const Tensor qc = contig(q), kc = contig(k), vc = contig(v), cc = contig(counts);
+  const Tensor qc = contig(q), kc = contig(k), vc = contig(v), cc = contig(q_counts),
+               sc = contig(kv_slot);
   Tensor o = at::empty(q.sizes(), q.options());
   const double s = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(D > 0 ? D : 1));
   check_launch(probprune::launch_masked_attention(
                    dt, qc.data_ptr(), kc.data_ptr(), vc.data_ptr(), cc.data_ptr<int>(),
-                   o.data_ptr(), as_int(K, "K"), as_int(B, "B"), as_int(T, "T"),
-                   as_int(hq, "q heads"), as_int(hkv, "k/v heads"), as_int(D, "head_dim"),
-                   static_cast<float>(s), stream_of(q)),
-               "masked_attention");
+                   sc.data_ptr<int>(), o.data_ptr(), as_int(K, "K"), as_int(B, "B"),
+                   as_int(T, "T"), as_int(hq, "q heads"), as_int(hkv, "k/v heads"),
+                   as_int(D, "head_dim"), static_cast<float>(s), stream_of(q)),
+               "masked_attention_heads");
   return o;
 }
 
@@ -380,8 +386,8 @@ TORCH_LIBRARY(probprune_cuda, m) {
         "-> Tensor");
   m.def("gather_cols_gemm(Tensor h, Tensor w, Tensor idx, Tensor counts, int group, "
         "Tensor? residual=None) -> Tensor");
-  m.def("masked_attention(Tensor q, Tensor k, Tensor v, Tensor counts, float? scale=None) "
-        "-> Tensor");
+  m.def("masked_attention_heads(Tensor q, Tensor k, Tensor v, Tensor q_counts, Tensor kv_slot, "
+        "float? scale=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(probprune_cuda, CUDA, m) {
@@ -391,7 +397,7 @@ TORCH_LIBRARY_IMPL(probprune_cuda, CUDA, m) {
   m.impl("gather_rows_gemm", &gather_rows_gemm);
   m.impl("gather_rows_swiglu", &gather_rows_swiglu);
   m.impl("gather_cols_gemm", &gather_cols_gemm);
-  m.impl("masked_attention", &masked_attention);
+  m.impl("masked_attention_heads", &masked_attention_heads);
 }
 
 // A Python module too, so that `import probprune_kernels._C` loads the library (and registers the
@@ -401,7 +407,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("NAMESPACE") = "probprune_cuda";
   m.attr("OPS") = pybind11::make_tuple("sample_masks", "compact_masks", "sample_and_compact",
                                        "gather_rows_gemm", "gather_rows_swiglu",
-                                       "gather_cols_gemm", "masked_attention");
+                                       "gather_cols_gemm", "masked_attention_heads");
   m.attr("CUDA_ARCHS") = PROBPRUNE_CUDA_ARCHS;
   m.attr("CUDART_VERSION") = CUDART_VERSION;
   m.attr("MAX_HEAD_DIM") = probprune::kMaxHeadDim;

@@ -11,8 +11,9 @@ CUDA kernel registered there would run for every CUDA tensor, whatever ``backend
 included). They have no fake (meta) implementations: the ``probprune`` op is opaque, so fake
 tensors never reach them.
 
-* ``available(op)`` is True only when ``_C`` imported, holds ``op``, ``torch.cuda.is_available()``
-  and the GPU is sm_80 or newer (the build targets sm_80 / sm_90 with PTX for newer GPUs);
+* ``available(op)`` is True only when ``_C`` imported, holds ``op`` (``masked_attention_heads``
+  for ``masked_attention``), ``torch.cuda.is_available()`` and the GPU is sm_80 or newer (the
+  build targets sm_80 / sm_90 with PTX for newer GPUs);
 * a missing ``_C`` (not built: ``PROBPRUNE_SKIP_CUDA_BUILD=1``, no nvcc) is quiet; a broken one
   (built against another torch, missing libraries) gives one ``RuntimeWarning`` and the cuda
   backend is off, everything else keeps working (torchao style).
@@ -31,11 +32,18 @@ from typing import Optional
 
 import torch
 
+from ._shapes import group_slots
+
 log = logging.getLogger("probprune_kernels")
 
 NAMESPACE = "probprune_cuda"
-OPS = ("sample_masks", "compact_masks", "sample_and_compact", "gather_rows_gemm",
-       "gather_rows_swiglu", "gather_cols_gemm", "masked_attention")
+# The ops of ``_C``: each a probprune_cuda schema with the arguments of reference.<op>.
+KERNEL_OPS = ("sample_masks", "compact_masks", "sample_and_compact", "gather_rows_gemm",
+              "gather_rows_swiglu", "gather_cols_gemm", "masked_attention_heads")
+# The ops of the cuda backend: the KV-group form of attention has no kernel of its own, it is
+# converted here (``_shapes.group_slots``) to the general form.
+OPS = KERNEL_OPS + ("masked_attention",)
+_KERNEL_OF = {"masked_attention": "masked_attention_heads"}
 MIN_CAPABILITY = (8, 0)
 
 _state = {"tried": False, "module": None, "error": None}
@@ -96,7 +104,7 @@ def _device_ok(device_index: int) -> bool:
 
 def available(op: str) -> bool:
     """True when ``op`` can run on the CUDA backend here (see the module docstring)."""
-    if op not in OPS or op not in compiled_ops():
+    if op not in OPS or _KERNEL_OF.get(op, op) not in compiled_ops():
         return False
     if not torch.cuda.is_available():
         return False
@@ -153,5 +161,10 @@ def gather_cols_gemm(h, w, idx, counts, group=1, residual=None):
     return _ops().gather_cols_gemm(h, w, idx, counts, group, residual)
 
 
+def masked_attention_heads(q, k, v, q_counts, kv_slot, scale=None):
+    return _ops().masked_attention_heads(q, k, v, q_counts, kv_slot, scale)
+
+
 def masked_attention(q, k, v, counts, scale=None):
-    return _ops().masked_attention(q, k, v, counts, scale)
+    G = q.shape[3] // k.shape[3]
+    return masked_attention_heads(q, k, v, *group_slots(counts, G, q.shape[3]), scale)

@@ -15,6 +15,12 @@ Conventions (the kernel contract, see DESIGN.md):
   ``counts[k]`` are 0) and ``counts`` int32 ``[K]``. ``n_cap`` is the capacity (``n`` by default).
 * Outputs of gather-rows ops are compact: ``[K, M, n_cap * group]``; columns at and beyond
   ``counts[k] * group`` are zero.
+* Attention heads are compact too. The general (query-head) form: ``q_counts`` int32 ``[K]``
+  active query slots and ``kv_slot`` int32 ``[K, Hq_cap]``, the compact KV head each active slot
+  reads (any slot-to-KV map: a KV group may keep some of its query heads only, and ``Hq_cap``
+  need not be a multiple of ``Hkv_cap``). The KV-group form (``counts`` KV heads, every query
+  head of a kept group kept) is one case of it, converted by ``group_slots``; the kernels only
+  implement the general form.
 """
 from __future__ import annotations
 
@@ -54,30 +60,32 @@ def check_contiguous(name: str, t: torch.Tensor) -> None:
 
 
 def check_compacted(idx: torch.Tensor, counts: torch.Tensor, n_units: int, K: int,
-                    validate_values: bool = True) -> int:
+                    validate_values: bool = True, names=("idx", "counts")) -> int:
     """Checks ``idx [K, n_cap]`` / ``counts [K]`` for ``n_units`` units; returns ``n_cap``.
+    ``names``: the two arguments' names in the messages.
 
     Value checks (range, counts <= capacity) read the tensors; the engine, which builds them with
     ``compact_masks``, turns them off on its hot path to avoid a host sync.
     """
-    check_rank("idx", idx, 2, "[K, n_cap]")
-    check_rank("counts", counts, 1, "[K]")
+    ni, nc = names
+    check_rank(ni, idx, 2, "[K, n_cap]")
+    check_rank(nc, counts, 1, "[K]")
     if idx.dtype != torch.int32 or counts.dtype != torch.int32:
-        raise TypeError(f"idx and counts must be int32, got {idx.dtype} and {counts.dtype}")
+        raise TypeError(f"{ni} and {nc} must be int32, got {idx.dtype} and {counts.dtype}")
     if idx.shape[0] != K or counts.shape[0] != K:
-        _fail(f"idx {tuple(idx.shape)} and counts {tuple(counts.shape)} must have K={K} rows")
+        _fail(f"{ni} {tuple(idx.shape)} and {nc} {tuple(counts.shape)} must have K={K} rows")
     n_cap = idx.shape[1]
     if n_cap > n_units:
-        _fail(f"idx capacity {n_cap} exceeds the number of units {n_units}")
-    check_same([("idx", idx), ("counts", counts)], "device")
+        _fail(f"{ni} capacity {n_cap} exceeds the number of units {n_units}")
+    check_same([(ni, idx), (nc, counts)], "device")
     if validate_values and K > 0:
         cmax, cmin = int(counts.max()), int(counts.min())
         if cmin < 0 or cmax > n_cap:
-            _fail(f"counts must lie in [0, capacity={n_cap}], got min {cmin} max {cmax}")
+            _fail(f"{nc} must lie in [0, capacity={n_cap}], got min {cmin} max {cmax}")
         if n_cap > 0:
             lo, hi = int(idx.min()), int(idx.max())
             if lo < 0 or hi >= n_units:
-                _fail(f"idx out of range: values must lie in [0, {n_units}), got [{lo}, {hi}]")
+                _fail(f"{ni} out of range: values must lie in [0, {n_units}), got [{lo}, {hi}]")
     return n_cap
 
 
@@ -137,20 +145,54 @@ def gather_cols_shape(h, w, idx, counts, group: int, residual: Optional[torch.Te
     return out
 
 
-def masked_attention_shape(q, k, v, counts, validate_values: bool = True):
-    """q [K, B, T, Hq_cap, D], k/v [K, B, T, Hkv_cap, D], counts [K] active KV heads
-    -> o [K, B, T, Hq_cap, D]. Query heads ``j*G .. j*G+G-1`` use KV head ``j`` (G = Hq/Hkv)."""
+def _attention_operands(q, k, v, index_args):
+    """Checks shared by both attention forms; returns (K, Hq_cap, Hkv_cap)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_rank(name, t, 5, "[K, B, T, heads, head_dim]")
     check_float("q", q)
     check_same([("q", q), ("k", k), ("v", v)], "dtype")
-    check_same([("q", q), ("k", k), ("v", v), ("counts", counts)], "device")
+    check_same([("q", q), ("k", k), ("v", v)] + index_args, "device")
     if k.shape != v.shape:
         _fail(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have one shape")
-    K, B, T, hq, d = q.shape
-    if k.shape[:3] != q.shape[:3] or k.shape[4] != d:
+    if k.shape[:3] != q.shape[:3] or k.shape[4] != q.shape[4]:
         _fail(f"k/v {tuple(k.shape)} do not match q {tuple(q.shape)} in K, B, T or head_dim")
-    hkv = k.shape[3]
+    return q.shape[0], q.shape[3], k.shape[3]
+
+
+def masked_attention_heads_shape(q, k, v, q_counts, kv_slot, validate_values: bool = True):
+    """q [K, B, T, Hq_cap, D], k/v [K, B, T, Hkv_cap, D], q_counts int32 [K] active query slots,
+    kv_slot int32 [K, Hq_cap] -> o [K, B, T, Hq_cap, D]. Slot ``h < q_counts[i]`` of mask ``i``
+    reads KV head ``kv_slot[i, h]``; the entries of inactive slots are never read (nor checked).
+    Value checks: q_counts in [0, Hq_cap], active kv_slot entries in [0, Hkv_cap)."""
+    K, hq, hkv = _attention_operands(q, k, v, [("q_counts", q_counts), ("kv_slot", kv_slot)])
+    check_rank("q_counts", q_counts, 1, "[K]")
+    check_rank("kv_slot", kv_slot, 2, "[K, Hq_cap]")
+    if q_counts.dtype != torch.int32 or kv_slot.dtype != torch.int32:
+        raise TypeError(f"q_counts and kv_slot must be int32, got {q_counts.dtype} and "
+                        f"{kv_slot.dtype}")
+    if q_counts.shape[0] != K:
+        _fail(f"q_counts must have shape ({K},) (K masks), got {tuple(q_counts.shape)}")
+    if tuple(kv_slot.shape) != (K, hq):
+        _fail(f"kv_slot must have shape ({K}, {hq}) [K, Hq_cap], got {tuple(kv_slot.shape)}")
+    if validate_values and K > 0:
+        cmin, cmax = int(q_counts.min()), int(q_counts.max())
+        if cmin < 0 or cmax > hq:
+            _fail(f"q_counts must lie in [0, Hq_cap={hq}] query slots, got min {cmin} max {cmax}")
+        active = torch.arange(hq, device=kv_slot.device)[None, :] < q_counts[:, None]
+        bad = active & ((kv_slot < 0) | (kv_slot >= hkv))
+        if bool(bad.any()):
+            i, h = bad.nonzero()[0].tolist()
+            _fail(f"kv_slot[{i}, {h}] = {int(kv_slot[i, h])}: the KV slot of an active query "
+                  f"slot (h < q_counts[{i}] = {int(q_counts[i])}) must lie in [0, "
+                  f"Hkv_cap={hkv}); {int(bad.sum())} active entries are outside")
+    return tuple(q.shape)
+
+
+def masked_attention_shape(q, k, v, counts, validate_values: bool = True):
+    """q [K, B, T, Hq_cap, D], k/v [K, B, T, Hkv_cap, D], counts [K] active KV heads
+    -> o [K, B, T, Hq_cap, D]. Query heads ``j*G .. j*G+G-1`` use KV head ``j`` (G = Hq/Hkv):
+    the case ``group_slots`` of the general form."""
+    K, hq, hkv = _attention_operands(q, k, v, [("counts", counts)])
     if hkv == 0 or hq % hkv:
         _fail(f"q heads ({hq}) must be a positive multiple of k/v heads ({hkv})")
     check_rank("counts", counts, 1, "[K]")
@@ -161,6 +203,24 @@ def masked_attention_shape(q, k, v, counts, validate_values: bool = True):
         if cmin < 0 or cmax > hkv:
             _fail(f"counts must lie in [0, {hkv}] KV heads, got min {cmin} max {cmax}")
     return tuple(q.shape)
+
+
+def group_slots(counts: torch.Tensor, q_per_kv: int, hq: int):
+    """The KV-group form of masked attention as its general (query-head) form: ``counts[i]``
+    kept KV groups of ``q_per_kv`` query heads are ``q_counts = counts * q_per_kv`` query slots,
+    and slot ``h`` reads KV head ``h // q_per_kv``. Returns (q_counts int32 [K], kv_slot int32
+    [K, hq]); device ops only (no host sync)."""
+    slots = torch.arange(hq, dtype=torch.int32, device=counts.device) // q_per_kv
+    return counts * q_per_kv, slots.expand(counts.shape[0], hq).contiguous()
+
+
+def check_q_per_kv(hq: int, q_per_kv: int) -> int:
+    """``hq`` query heads split into KV groups of ``q_per_kv``; returns the number of groups."""
+    if q_per_kv < 1:
+        _fail(f"q_per_kv must be >= 1, got {q_per_kv}")
+    if hq % q_per_kv:
+        _fail(f"{hq} query heads do not split into KV groups of q_per_kv={q_per_kv}")
+    return hq // q_per_kv
 
 
 def lm_head_ce_shape(h, w, labels, ignore_index: int = -100, chunk_size: int = 4096,
@@ -209,11 +269,11 @@ def check_kept(counts: torch.Tensor, capacity: Optional[int]) -> None:
               f"{kept} units, which idx cannot hold; pass capacity >= {kept} (or None: all units)")
 
 
-def compact_shape(masks: torch.Tensor, capacity: Optional[int] = None):
+def compact_shape(masks: torch.Tensor, capacity: Optional[int] = None, name: str = "masks"):
     """masks bool [K, n] -> idx [K, cap]."""
-    check_rank("masks", masks, 2, "[K, n]")
+    check_rank(name, masks, 2, "[K, n]")
     if masks.dtype != torch.bool:
-        raise TypeError(f"masks must be bool, got {masks.dtype}")
+        raise TypeError(f"{name} must be bool, got {masks.dtype}")
     K, n = masks.shape
     return (K, capacity_of(n, capacity))
 

@@ -42,7 +42,8 @@ log = logging.getLogger("probprune_kernels")
 
 BACKENDS = ("reference", "triton", "cuda")
 OPS = ("sample_masks", "compact_masks", "sample_and_compact", "gather_rows_gemm",
-       "gather_rows_swiglu", "gather_cols_gemm", "masked_attention", "lm_head_ce")
+       "gather_rows_swiglu", "gather_cols_gemm", "masked_attention", "masked_attention_heads",
+       "lm_head_ce")
 ENV_VAR = "PROBPRUNE_BACKEND"
 
 

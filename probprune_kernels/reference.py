@@ -12,6 +12,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ._shapes import group_slots
+
 
 def _unit_rows(idx_k: torch.Tensor, group: int) -> torch.Tensor:
     """Expands unit ids into the ``group`` consecutive row (or column) ids each unit owns."""
@@ -74,23 +76,27 @@ def gather_cols_gemm(h, w, idx, counts, group: int, residual: Optional[torch.Ten
     return y
 
 
-def masked_attention(q, k, v, counts, scale: Optional[float] = None):
-    """Causal attention over the first ``counts[k]`` KV heads (and their query heads) of each mask.
-
-    q [K, B, T, Hq, D], k/v [K, B, T, Hkv, D] -> o [K, B, T, Hq, D]; inactive heads give zeros.
-    """
-    K, B, T, hq, d = q.shape
-    G = hq // k.shape[3]
+def masked_attention_heads(q, k, v, q_counts, kv_slot, scale: Optional[float] = None):
+    """Causal attention of the first ``q_counts[i]`` query slots of mask ``i``, slot ``h`` over KV
+    head ``kv_slot[i, h]``. q [K, B, T, Hq_cap, D], k/v [K, B, T, Hkv_cap, D] -> o like q;
+    inactive slots give zeros."""
     o = torch.zeros_like(q)
-    for i, c in enumerate(counts.tolist()):
+    for i, c in enumerate(q_counts.tolist()):
         if c == 0:
             continue
-        qi = q[i, :, :, : c * G].transpose(1, 2)  # [B, H, T, D]
-        ki = k[i, :, :, :c].transpose(1, 2).repeat_interleave(G, dim=1)
-        vi = v[i, :, :, :c].transpose(1, 2).repeat_interleave(G, dim=1)
+        slots = kv_slot[i, :c].long()
+        qi = q[i, :, :, :c].transpose(1, 2)  # [B, c, T, D]
+        ki = k[i][:, :, slots].transpose(1, 2)
+        vi = v[i][:, :, slots].transpose(1, 2)
         oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale)
-        o[i, :, :, : c * G] = oi.transpose(1, 2)
+        o[i, :, :, :c] = oi.transpose(1, 2)
     return o
+
+
+def masked_attention(q, k, v, counts, scale: Optional[float] = None):
+    """The KV-group form: the first ``counts[i]`` KV heads of each mask and their query heads."""
+    G = q.shape[3] // k.shape[3]
+    return masked_attention_heads(q, k, v, *group_slots(counts, G, q.shape[3]), scale)
 
 
 def lm_head_ce(h, w, labels, ignore_index: int = -100, chunk_size: int = 4096):

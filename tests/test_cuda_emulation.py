@@ -20,8 +20,11 @@ import pytest
 import torch
 
 from probprune_kernels import reference
+from probprune_kernels._shapes import group_slots
 from tests.conftest import assert_close
-from tests.kernel_cases import check_attention, compact_inputs, counts_for
+from tests.kernel_cases import (HEAD_KINDS, check_attention, check_head_attention, compact_inputs,
+                                counts_for, head_case, query_head_masks,
+                                routing_case)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
@@ -51,6 +54,13 @@ class _Emulation:
 
     def configs(self):
         return dict(zip(CONFIG_NAMES, torch.ops.probprune_emu.configs().tolist()))
+
+    def masked_attention(self, q, k, v, counts, scale, engine):
+        """The KV-group form as the cuda backend runs it (``_cuda.masked_attention``): the
+        general kernel on the index lists of ``group_slots``."""
+        G = q.shape[3] // k.shape[3]
+        return self.masked_attention_heads(q, k, v, *group_slots(counts, G, q.shape[3]), scale,
+                                           engine)
 
 
 @pytest.fixture(scope="module")
@@ -222,6 +232,37 @@ def test_masked_attention_emulation_head_dims(emu, D, T, dtype):
     counts = torch.tensor([2, 1], dtype=torch.int32)
     got = emu.masked_attention(q, k, v, counts, 0.3, "auto")
     check_attention(got, q, k, v, counts, 0.3, dtype, f"attention D={D} T={T}")
+
+
+@pytest.mark.parametrize("engine", ["auto", "fma"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tight", [False, True], ids=["full-cap", "tight-cap"])
+@pytest.mark.parametrize("kind", HEAD_KINDS)
+def test_masked_attention_heads_emulation(emu, kind, tight, dtype, engine):
+    """The general form (single query heads pruned inside KV groups) against the sliced oracle;
+    NaN in every head no active slot may read, -1 in the kv_slot entries of inactive slots."""
+    if engine == "fma" and dtype == torch.float32:
+        pytest.skip("fp32 already takes the FMA path")
+    B, T, hkv, G, D = 2, 70, 3, 3, 24
+    case = head_case(query_head_masks(kind, hkv, G), G, B, T, D, dtype, tight)
+    got = emu.masked_attention_heads(*case.args(), None, engine)
+    check_head_attention(got, case, G, None, dtype, f"heads {kind} tight={tight} {engine}")
+
+
+def test_masked_attention_heads_emulation_hand_built(emu):
+    args, expected = routing_case()
+    for engine in ("auto", "tc"):
+        got = emu.masked_attention_heads(*args, None, engine)
+        assert_close(got, expected, torch.float32, msg=engine)
+
+
+def test_emulation_rejects_an_out_of_range_kv_slot(emu):
+    """An active slot reading past the KV heads is an out-of-bounds read on the GPU: the
+    emulation stops there (so the tests above would catch a kernel using an inactive entry)."""
+    q, kv = torch.randn(1, 1, 5, 2, 8), torch.randn(1, 1, 5, 2, 8)
+    with pytest.raises(RuntimeError, match="reads KV head 2, outside"):
+        emu.masked_attention_heads(q, kv, kv, torch.tensor([2], dtype=torch.int32),
+                                   torch.tensor([[0, 2]], dtype=torch.int32), None, "auto")
 
 
 def test_emulation_configs_match_the_shapes_used_here(emu):

@@ -49,8 +49,8 @@ compile_first_config(gather_cols._gather_cols_gemm_kernel,
 done.append("gather_cols bf16 residual")
 for d in (64, 128):
     compile_first_config(attention._masked_attention_kernel,
-        dict(q_ptr="*fp16", k_ptr="*fp16", v_ptr="*fp16", cnt_ptr="*i32", o_ptr="*fp16",
-             qk_scale="fp32"),
+        dict(q_ptr="*fp16", k_ptr="*fp16", v_ptr="*fp16", cnt_ptr="*i32", slot_ptr="*i32",
+             o_ptr="*fp16", qk_scale="fp32"),
         dict(BLOCK_D=d, DOT_PRECISION="tf32", DOT_UPCAST=False))
     done.append(f"attention fp16 D={d}")
 compile_first_config(lm_head_ce._lm_head_ce_kernel,

@@ -1,4 +1,5 @@
-"""Triton causal GQA attention over active heads against the reference.
+"""Triton causal attention over active heads: the KV-group form against the reference, the
+query-head form against the sliced oracle and a hand-built case.
 
 fp16/bf16 oracle: the reference in fp32 on the same inputs, then cast (the kernel keeps scores,
 softmax statistics and the accumulator in fp32).
@@ -8,7 +9,9 @@ import torch
 
 from probprune_kernels import ops, reference
 from tests.conftest import assert_close
-from tests.triton_support import DTYPES, on_device, requires_triton
+from tests.kernel_cases import (HEAD_KINDS, check_head_attention, head_case, query_head_masks,
+                                routing_case)
+from tests.triton_support import DEVICE, DTYPES, on_device, requires_triton
 
 pytestmark = requires_triton
 HKV = 3
@@ -54,3 +57,32 @@ def test_opcheck_masked_attention_triton():
     q, k, v = (torch.nan_to_num(t) for t in (q, k, v))
     torch.library.opcheck(torch.ops.probprune.masked_attention.default,
                           (*on_device(q, k, v, c), None, "triton"))
+
+
+# ----------------------------------------------------------------------------------------------
+# the query-head form (the one kernel; the KV-group form above runs through it too)
+
+@pytest.mark.parametrize("kind", HEAD_KINDS)
+@pytest.mark.parametrize("tight", [False, True], ids=["full-cap", "tight-cap"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_masked_attention_heads(kind, tight, dtype):
+    G = 3
+    case = head_case(query_head_masks(kind, HKV, G), G, 2, 20, 12, dtype, tight)
+    o = ops.masked_attention_heads(*case.args(DEVICE), backend="triton").cpu()
+    check_head_attention(o, case, G, None, dtype, f"triton {kind} tight={tight}")
+
+
+def test_masked_attention_heads_scale_and_hand_built():
+    case = head_case(query_head_masks("mixed", 2, 2), 2, 1, 13, 16, torch.float32, tight=True)
+    o = ops.masked_attention_heads(*case.args(DEVICE), 0.37, backend="triton").cpu()
+    check_head_attention(o, case, 2, 0.37, torch.float32, "triton scale=0.37")
+    args, expected = routing_case()
+    assert_close(ops.masked_attention_heads(*on_device(*args), backend="triton").cpu(), expected)
+
+
+def test_opcheck_masked_attention_heads_triton():
+    case = head_case(query_head_masks("mixed", HKV, 2), 2, 2, 13, 16, torch.float32, tight=True)
+    q, k, v, qc, slot = case.args()
+    q, k, v = (torch.nan_to_num(t) for t in (q, k, v))
+    torch.library.opcheck(torch.ops.probprune.masked_attention_heads.default,
+                          (*on_device(q, k, v, qc, slot), None, "triton"))

@@ -139,6 +139,98 @@ def test_masked_attention_invalid(over, err, match):
         ops.masked_attention(a["q"], a["k"], a["v"], a["counts"])
 
 
+# --------------------------------------------------------------------- masked_attention_heads
+
+def _heads(**over):
+    """5 query slots over 2 KV heads (not a multiple); the kv_slot entries of inactive slots (9)
+    are garbage, which the checks ignore."""
+    a = dict(q=torch.randn(2, 1, 5, 5, 4), k=torch.randn(2, 1, 5, 2, 4),
+             v=torch.randn(2, 1, 5, 2, 4), q_counts=torch.tensor([3, 5], dtype=I32),
+             kv_slot=torch.tensor([[0, 1, 1, 9, 9], [0, 0, 1, 1, 1]], dtype=I32))
+    a.update(over)
+    return a
+
+
+def _call_heads(a, **kw):
+    return ops.masked_attention_heads(a["q"], a["k"], a["v"], a["q_counts"], a["kv_slot"], **kw)
+
+
+HEADS_INVALID = [
+    (dict(q=torch.randn(2, 1, 5, 5)), ValueError, r"q must have rank 5 \[K, B, T, heads"),
+    (dict(k=torch.randn(2, 1, 5, 3, 4)), ValueError, r"k \(2, 1, 5, 3, 4\) and v"),
+    (dict(v=torch.randn(2, 1, 5, 2, 4).half()), ValueError, r"v has dtype torch.float16"),
+    (dict(kv_slot=torch.zeros(2, 5, dtype=I32, device="meta")), ValueError,
+     r"kv_slot has device meta"),
+    (dict(kv_slot=torch.zeros(2, 5, dtype=torch.int64)), TypeError,
+     r"q_counts and kv_slot must be int32, got torch.int32 and torch.int64"),
+    (dict(q_counts=torch.tensor([3, 5])), TypeError, r"q_counts and kv_slot must be int32"),
+    (dict(kv_slot=torch.zeros(5, dtype=I32)), ValueError, r"kv_slot must have rank 2"),
+    (dict(kv_slot=torch.zeros(2, 4, dtype=I32)), ValueError,
+     r"kv_slot must have shape \(2, 5\) \[K, Hq_cap\], got \(2, 4\)"),
+    (dict(q_counts=torch.tensor([3, 5, 1], dtype=I32)), ValueError,
+     r"q_counts must have shape \(2,\) \(K masks\), got \(3,\)"),
+    (dict(q_counts=torch.tensor([3, 6], dtype=I32)), ValueError,
+     r"q_counts must lie in \[0, Hq_cap=5\] query slots, got min 3 max 6"),
+    (dict(q_counts=torch.tensor([-1, 2], dtype=I32)), ValueError, r"q_counts must lie in"),
+    (dict(kv_slot=torch.tensor([[0, 1, 2, 9, 9], [0, 0, 1, 1, 1]], dtype=I32)), ValueError,
+     r"kv_slot\[0, 2\] = 2: the KV slot of an active query slot \(h < q_counts\[0\] = 3\) "
+     r"must lie in \[0, Hkv_cap=2\); 1 active entries are outside"),
+    (dict(kv_slot=torch.tensor([[0, 1, 1, 9, 9], [0, -1, 1, 1, 7]], dtype=I32)), ValueError,
+     r"kv_slot\[1, 1\] = -1: .*; 2 active entries are outside"),
+]
+
+
+@pytest.mark.parametrize("backend", [None, "reference", "triton", "cuda"])
+@pytest.mark.parametrize("over,err,match", HEADS_INVALID)
+def test_masked_attention_heads_invalid(over, err, match, backend):
+    """Rejected before the backend is even resolved, whichever is asked for."""
+    with pytest.raises(err, match=match):
+        _call_heads(_heads(**over), backend=backend)
+
+
+def test_masked_attention_heads_valid_input_reaches_the_launch():
+    """Garbage in the kv_slot entries of inactive slots passes; so does a zero KV capacity when
+    no slot is active."""
+    with pytest.raises(AssertionError, match="launched"):
+        _call_heads(_heads())
+    with pytest.raises(AssertionError, match="launched"):
+        _call_heads(_heads(k=torch.randn(2, 1, 5, 0, 4), v=torch.randn(2, 1, 5, 0, 4),
+                           q_counts=torch.zeros(2, dtype=I32)))
+
+
+def test_masked_attention_heads_validate_false_skips_only_value_checks():
+    bad_slot = _heads(kv_slot=torch.full((2, 5), 7, dtype=I32))
+    with pytest.raises(AssertionError, match="launched"):
+        _call_heads(bad_slot, validate=False)
+    with pytest.raises(ValueError, match=r"kv_slot must have shape"):
+        _call_heads(_heads(kv_slot=torch.zeros(2, 4, dtype=I32)), validate=False)
+
+
+@pytest.mark.parametrize("call,err,match", [
+    (lambda: ops.head_lists(torch.ones(2, 6), 3), TypeError, r"q_masks must be bool"),
+    (lambda: ops.head_lists(torch.ones(6, dtype=torch.bool), 3), ValueError,
+     r"q_masks must have rank 2"),
+    (lambda: ops.head_lists(torch.ones(2, 7, dtype=torch.bool), 3), ValueError,
+     r"7 query heads do not split into KV groups of q_per_kv=3"),
+    (lambda: ops.head_lists(torch.ones(2, 6, dtype=torch.bool), 0), ValueError,
+     r"q_per_kv must be >= 1, got 0"),
+    (lambda: ops.head_lists(torch.ones(2, 6, dtype=torch.bool), 3, 7), ValueError,
+     r"capacity must lie in \[0, 6\], got 7"),
+    (lambda: ops.head_lists_from_groups(torch.zeros(2, 3, dtype=torch.int64),
+                                        torch.zeros(2, dtype=I32), 2), TypeError,
+     r"kv_idx and kv_counts must be int32"),
+    (lambda: ops.head_lists_from_groups(torch.zeros(2, 3, dtype=I32), torch.zeros(3, dtype=I32),
+                                        2), ValueError, r"kv_counts \(3,\) must have K=2 rows"),
+    (lambda: ops.head_lists_from_groups(torch.zeros(3, dtype=I32), torch.zeros(3, dtype=I32), 2),
+     ValueError, r"kv_idx must have rank 2"),
+    (lambda: ops.head_lists_from_groups(torch.zeros(2, 3, dtype=I32), torch.zeros(2, dtype=I32),
+                                        0), ValueError, r"q_per_kv must be >= 1"),
+])
+def test_head_lists_invalid(call, err, match):
+    with pytest.raises(err, match=match):
+        call()
+
+
 # ----------------------------------------------------------------------------------- lm_head_ce
 
 @pytest.mark.parametrize("over,err,match", [
@@ -232,6 +324,9 @@ def _noncontig_cases():
                                                      backend=be)),
         ("q", lambda be: ops.masked_attention(torch.randn(2, 1, 6, 5, 4).transpose(2, 3), k, k,
                                               torch.tensor([1, 2], dtype=I32), backend=be)),
+        ("kv_slot", lambda be: ops.masked_attention_heads(
+            torch.randn(2, 1, 5, 4, 4), k, k, torch.tensor([1, 2], dtype=I32),
+            torch.zeros(4, 2, dtype=I32).t(), backend=be)),
         ("h", lambda be: ops.lm_head_ce(torch.randn(5, 2, 8).transpose(0, 1), w.T.contiguous(),
                                         torch.randint(0, 7, (5,)), backend=be)),
         ("labels", lambda be: ops.lm_head_ce(torch.randn(2, 5, 8), torch.randn(11, 8),

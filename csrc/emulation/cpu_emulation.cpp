@@ -433,13 +433,18 @@ Tensor emu_gather_cols_gemm(const Tensor& h, const Tensor& w, const Tensor& idx,
 // ------------------------------------------------------------------------------------------------
 // masked attention
 
-// enter_query_tile of csrc/kernels/attention_impl.h: an inactive head's block writes its zeros
-// and gets false; otherwise kvh is the KV head its query head h reads.
+// The general form's index lists (q_counts [K], kv_slot [K, Hq]) as the kernels read them.
+struct HeadSlots {
+  std::vector<int> q_counts, kv_slot;
+};
+
+// enter_query_tile of csrc/kernels/attention_impl.h: an inactive slot's block writes its zeros
+// and gets false; otherwise kvh is the KV head its query slot h reads, which must be a real head
+// (the kernels would read out of bounds).
 template <class Cfg>
-bool enter_query_tile(const std::vector<int>& cv, Output& out, int kb, int h, int q0, int B, int T,
+bool enter_query_tile(const HeadSlots& hs, Output& out, int kb, int h, int q0, int B, int T,
                       int Hq, int Hkv, int D, int& kvh) {
-  const int G = Hq / Hkv;
-  if (!pp::attn::head_active(h, cv[kb / B], G)) {
+  if (!pp::attn::head_active(h, hs.q_counts[kb / B])) {
     for (int tid = 0; tid < Cfg::THREADS; ++tid)
       for (int e = tid; e < Cfg::BQ * D; e += Cfg::THREADS) {
         int r, d;
@@ -448,7 +453,10 @@ bool enter_query_tile(const std::vector<int>& cv, Output& out, int kb, int h, in
       }
     return false;
   }
-  kvh = pp::attn::kv_head(h, G);
+  kvh = pp::attn::kv_head(hs.kv_slot.data(), kb / B, h, Hq);
+  if (kvh < 0 || kvh >= Hkv)
+    fail("query slot " + std::to_string(h) + " of block row " + std::to_string(kb) +
+         " reads KV head " + std::to_string(kvh) + ", outside [0, " + std::to_string(Hkv) + ")");
   return true;
 }
 
@@ -457,13 +465,13 @@ bool enter_query_tile(const std::vector<int>& cv, Output& out, int kb, int h, in
 template <int DMAX>
 void attention_tc_block(int kb, int h, int qt, int B, int T, int Hq, int Hkv, int D, float scale_log2,
                         const std::vector<float>& qv, const std::vector<float>& kv,
-                        const std::vector<float>& vv, const std::vector<int>& cv, at::ScalarType dt,
+                        const std::vector<float>& vv, const HeadSlots& hs, at::ScalarType dt,
                         Output& out) {
   using Cfg = pp::attn::TcAttnConfig<DMAX>;
   using namespace pp::attn;
   const int q0 = qt * Cfg::BQ;
   int kvh;
-  if (!enter_query_tile<Cfg>(cv, out, kb, h, q0, B, T, Hq, Hkv, D, kvh)) return;
+  if (!enter_query_tile<Cfg>(hs, out, kb, h, q0, B, T, Hq, Hkv, D, kvh)) return;
   Smem Qs(Cfg::BQ * Cfg::LDQ), Ks(Cfg::BKV * Cfg::LDQ), Vs(Cfg::BKV * Cfg::LDQ);
   std::vector<float> Ss(Cfg::BQ * Cfg::LDS, 0.0f), Ps(Cfg::BQ * Cfg::LDP, 0.0f), Os(Cfg::BQ * Cfg::LDO, 0.0f);
   std::vector<float> Ls(Cfg::BQ, 0.0f);
@@ -577,12 +585,12 @@ void attention_tc_block(int kb, int h, int qt, int B, int T, int Hq, int Hkv, in
 // FMA path (csrc/kernels/attention_fma.cu)
 void attention_fma_block(int kb, int h, int qt, int B, int T, int Hq, int Hkv, int D, float scale_log2,
                          const std::vector<float>& qv, const std::vector<float>& kv,
-                         const std::vector<float>& vv, const std::vector<int>& cv, Output& out) {
+                         const std::vector<float>& vv, const HeadSlots& hs, Output& out) {
   using Cfg = pp::attn::FmaAttnConfig;
   using namespace pp::attn;
   const int q0 = qt * Cfg::BQ;
   int kvh;
-  if (!enter_query_tile<Cfg>(cv, out, kb, h, q0, B, T, Hq, Hkv, D, kvh)) return;
+  if (!enter_query_tile<Cfg>(hs, out, kb, h, q0, B, T, Hq, Hkv, D, kvh)) return;
   const int ld = fma_attn_ld(D);
   if (fma_attn_smem_bytes(D) != (Cfg::BQ + 2 * Cfg::BKV) * ld * 4) fail("FMA attention smem size");
   Smem Qs(Cfg::BQ * ld), Ks(Cfg::BKV * ld), Vs(Cfg::BKV * ld);
@@ -668,15 +676,16 @@ void attention_fma_block(int kb, int h, int qt, int B, int T, int Hq, int Hkv, i
     }
 }
 
-Tensor emu_masked_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& counts,
-                            std::optional<double> scale, c10::string_view engine_sv) {
+Tensor emu_masked_attention_heads(const Tensor& q, const Tensor& k, const Tensor& v,
+                                  const Tensor& q_counts, const Tensor& kv_slot,
+                                  std::optional<double> scale, c10::string_view engine_sv) {
   const std::string engine(engine_sv);
   const int K = q.size(0), B = q.size(1), T = q.size(2), Hq = q.size(3), Hkv = k.size(3), D = q.size(4);
   if (D > 256) fail("head_dim above 256");
   const double s = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(D > 0 ? D : 1));
   const float scale_log2 = static_cast<float>(s) * pp::attn::kLog2e;
   const auto qv = to_vec(q), kv = to_vec(k), vv = to_vec(v);
-  const auto cv = to_ivec(counts);
+  const HeadSlots hs{to_ivec(q_counts), to_ivec(kv_slot)};
   const auto dt = q.scalar_type();
   Output out(q.numel(), dt);
   const bool tc = use_tc(engine, dt) && D <= 128;  // as launch_masked_attention picks
@@ -685,13 +694,13 @@ Tensor emu_masked_attention(const Tensor& q, const Tensor& k, const Tensor& v, c
       if (tc) {
         for (int qt = 0; qt < pp::ceil_div(T, 64); ++qt) {
           if (D <= 64)
-            attention_tc_block<64>(kb, h, qt, B, T, Hq, Hkv, D, scale_log2, qv, kv, vv, cv, dt, out);
+            attention_tc_block<64>(kb, h, qt, B, T, Hq, Hkv, D, scale_log2, qv, kv, vv, hs, dt, out);
           else
-            attention_tc_block<128>(kb, h, qt, B, T, Hq, Hkv, D, scale_log2, qv, kv, vv, cv, dt, out);
+            attention_tc_block<128>(kb, h, qt, B, T, Hq, Hkv, D, scale_log2, qv, kv, vv, hs, dt, out);
         }
       } else {
         for (int qt = 0; qt < pp::ceil_div(T, pp::attn::FmaAttnConfig::BQ); ++qt)
-          attention_fma_block(kb, h, qt, B, T, Hq, Hkv, D, scale_log2, qv, kv, vv, cv, out);
+          attention_fma_block(kb, h, qt, B, T, Hq, Hkv, D, scale_log2, qv, kv, vv, hs, out);
       }
     }
   return out.finish(q.sizes());
@@ -812,7 +821,7 @@ TORCH_LIBRARY(probprune_emu, m) {
         "str engine) -> Tensor", &emu_gather_rows_swiglu);
   m.def("gather_cols_gemm(Tensor h, Tensor w, Tensor idx, Tensor counts, int group, "
         "Tensor? residual, str engine) -> Tensor", &emu_gather_cols_gemm);
-  m.def("masked_attention(Tensor q, Tensor k, Tensor v, Tensor counts, float? scale, str engine) "
-        "-> Tensor", &emu_masked_attention);
+  m.def("masked_attention_heads(Tensor q, Tensor k, Tensor v, Tensor q_counts, Tensor kv_slot, "
+        "float? scale, str engine) -> Tensor", &emu_masked_attention_heads);
   m.def("configs() -> Tensor", &configs);
 }

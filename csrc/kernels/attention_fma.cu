@@ -15,14 +15,14 @@ using dev::to_f;
 template <typename T>
 __global__ void __launch_bounds__(FmaAttnConfig::THREADS)
     masked_attention_fma_kernel(const T* __restrict__ q, const T* __restrict__ k,
-                                const T* __restrict__ v, const int* __restrict__ counts,
-                                T* __restrict__ o, int B, int T_, int Hq, int Hkv, int D,
-                                float scale_log2) {
+                                const T* __restrict__ v, const int* __restrict__ q_counts,
+                                const int* __restrict__ kv_slot, T* __restrict__ o, int B,
+                                int T_, int Hq, int Hkv, int D, float scale_log2) {
   using Cfg = FmaAttnConfig;
   constexpr unsigned kFull = 0xffffffffu;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   int h, kb, q0, kvh;
-  if (!detail::enter_query_tile<Cfg>(counts, o, B, T_, Hq, Hkv, D, h, kb, q0, kvh)) return;
+  if (!detail::enter_query_tile<Cfg>(q_counts, kv_slot, o, B, T_, Hq, D, h, kb, q0, kvh)) return;
   extern __shared__ float fsm[];
   const int ld = fma_attn_ld(D);
   float* Qs = fsm;
@@ -95,9 +95,9 @@ __global__ void __launch_bounds__(FmaAttnConfig::THREADS)
 }
 
 template <typename scalar_t>
-cudaError_t launch_fma(const void* q, const void* k, const void* v, const int* counts, void* o,
-                       int K, int B, int T, int Hq, int Hkv, int D, float scale_log2,
-                       cudaStream_t stream) {
+cudaError_t launch_fma(const void* q, const void* k, const void* v, const int* q_counts,
+                       const int* kv_slot, void* o, int K, int B, int T, int Hq, int Hkv, int D,
+                       float scale_log2, cudaStream_t stream) {
   using Cfg = FmaAttnConfig;
   const int smem = fma_attn_smem_bytes(D);
   auto kernel = masked_attention_fma_kernel<scalar_t>;
@@ -110,7 +110,7 @@ cudaError_t launch_fma(const void* q, const void* k, const void* v, const int* c
   const dim3 grid(ceil_div(T, Cfg::BQ), Hq, K * B);
   using S = scalar_t;
   kernel<<<grid, Cfg::THREADS, smem, stream>>>(static_cast<const S*>(q), static_cast<const S*>(k),
-                                               static_cast<const S*>(v), counts,
+                                               static_cast<const S*>(v), q_counts, kv_slot,
                                                static_cast<S*>(o), B, T, Hq, Hkv, D, scale_log2);
   return cudaGetLastError();
 }
@@ -128,29 +128,31 @@ int max_dynamic_smem() {
 }
 
 cudaError_t attention_fma(DType dt, const void* q, const void* k, const void* v,
-                          const int* counts, void* o, int K, int B, int T, int Hq, int Hkv, int D,
-                          float scale_log2, cudaStream_t stream) {
+                          const int* q_counts, const int* kv_slot, void* o, int K, int B, int T,
+                          int Hq, int Hkv, int D, float scale_log2, cudaStream_t stream) {
   return dev::with_float_type(dt, [&](auto t) {
-    return launch_fma<typename decltype(t)::type>(q, k, v, counts, o, K, B, T, Hq, Hkv, D,
-                                                  scale_log2, stream);
+    return launch_fma<typename decltype(t)::type>(q, k, v, q_counts, kv_slot, o, K, B, T, Hq, Hkv,
+                                                  D, scale_log2, stream);
   });
 }
 
 }  // namespace detail
 
 cudaError_t launch_masked_attention(DType dt, const void* q, const void* k, const void* v,
-                                    const int* counts, void* o, int K, int B, int T, int Hq,
-                                    int Hkv, int D, float scale, cudaStream_t stream) {
+                                    const int* q_counts, const int* kv_slot, void* o, int K,
+                                    int B, int T, int Hq, int Hkv, int D, float scale,
+                                    cudaStream_t stream) {
   if (K == 0 || B == 0 || T == 0 || Hq == 0 || D == 0) return cudaSuccess;
-  if (D > kMaxHeadDim || Hkv <= 0 || Hq % Hkv != 0) return cudaErrorInvalidValue;
+  if (D > kMaxHeadDim || Hkv < 0) return cudaErrorInvalidValue;
   const float scale_log2 = scale * attn::kLog2e;
   if (dt == DType::F16 || dt == DType::BF16) {
     bool ran = false;
-    const cudaError_t err =
-        detail::attention_tc(dt, q, k, v, counts, o, K, B, T, Hq, Hkv, D, scale_log2, stream, &ran);
+    const cudaError_t err = detail::attention_tc(dt, q, k, v, q_counts, kv_slot, o, K, B, T, Hq,
+                                                 Hkv, D, scale_log2, stream, &ran);
     if (err != cudaSuccess || ran) return err;
   }
-  return detail::attention_fma(dt, q, k, v, counts, o, K, B, T, Hq, Hkv, D, scale_log2, stream);
+  return detail::attention_fma(dt, q, k, v, q_counts, kv_slot, o, K, B, T, Hq, Hkv, D, scale_log2,
+                               stream);
 }
 
 }  // namespace probprune

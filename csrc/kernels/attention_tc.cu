@@ -30,9 +30,9 @@ __device__ __forceinline__ void mma_accumulate(FragC& acc, const FragA (&a)[KF],
 template <typename T, int DMAX>
 __global__ void __launch_bounds__(TcAttnConfig<DMAX>::THREADS)
     masked_attention_tc_kernel(const T* __restrict__ q, const T* __restrict__ k,
-                               const T* __restrict__ v, const int* __restrict__ counts,
-                               T* __restrict__ o, int B, int T_, int Hq, int Hkv, int D,
-                               float scale_log2, bool vec) {
+                               const T* __restrict__ v, const int* __restrict__ q_counts,
+                               const int* __restrict__ kv_slot, T* __restrict__ o, int B, int T_,
+                               int Hq, int Hkv, int D, float scale_log2, bool vec) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();  // the host only launches this path on sm_80+
 #else
@@ -45,7 +45,7 @@ __global__ void __launch_bounds__(TcAttnConfig<DMAX>::THREADS)
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   int h, kb, q0, kvh;
-  if (!detail::enter_query_tile<Cfg>(counts, o, B, T_, Hq, Hkv, D, h, kb, q0, kvh)) return;
+  if (!detail::enter_query_tile<Cfg>(q_counts, kv_slot, o, B, T_, Hq, D, h, kb, q0, kvh)) return;
 
   extern __shared__ __align__(128) unsigned char smem[];
   T* Ks = reinterpret_cast<T*>(smem + Cfg::K_OFF);
@@ -162,9 +162,9 @@ __global__ void __launch_bounds__(TcAttnConfig<DMAX>::THREADS)
 }
 
 template <typename scalar_t, int DMAX>
-cudaError_t launch_tc(const void* q, const void* k, const void* v, const int* counts, void* o,
-                      int K, int B, int T, int Hq, int Hkv, int D, float scale_log2,
-                      cudaStream_t stream, bool* ran) {
+cudaError_t launch_tc(const void* q, const void* k, const void* v, const int* q_counts,
+                      const int* kv_slot, void* o, int K, int B, int T, int Hq, int Hkv, int D,
+                      float scale_log2, cudaStream_t stream, bool* ran) {
   using Cfg = TcAttnConfig<DMAX>;
   *ran = false;
   if (detail::max_dynamic_smem() < Cfg::SMEM_BYTES) return cudaSuccess;
@@ -178,38 +178,39 @@ cudaError_t launch_tc(const void* q, const void* k, const void* v, const int* co
   const dim3 grid(ceil_div(T, Cfg::BQ), Hq, K * B);
   using S = scalar_t;
   kernel<<<grid, Cfg::THREADS, Cfg::SMEM_BYTES, stream>>>(
-      static_cast<const S*>(q), static_cast<const S*>(k), static_cast<const S*>(v), counts,
-      static_cast<S*>(o), B, T, Hq, Hkv, D, scale_log2, vec);
+      static_cast<const S*>(q), static_cast<const S*>(k), static_cast<const S*>(v), q_counts,
+      kv_slot, static_cast<S*>(o), B, T, Hq, Hkv, D, scale_log2, vec);
   *ran = true;
   return cudaGetLastError();
 }
 
 template <typename scalar_t>
-cudaError_t launch_tc_d(const void* q, const void* k, const void* v, const int* counts, void* o,
-                        int K, int B, int T, int Hq, int Hkv, int D, float scale_log2,
-                        cudaStream_t stream, bool* ran) {
+cudaError_t launch_tc_d(const void* q, const void* k, const void* v, const int* q_counts,
+                        const int* kv_slot, void* o, int K, int B, int T, int Hq, int Hkv, int D,
+                        float scale_log2, cudaStream_t stream, bool* ran) {
   if (D <= 64) {
-    return launch_tc<scalar_t, 64>(q, k, v, counts, o, K, B, T, Hq, Hkv, D, scale_log2, stream,
-                                   ran);
+    return launch_tc<scalar_t, 64>(q, k, v, q_counts, kv_slot, o, K, B, T, Hq, Hkv, D, scale_log2,
+                                   stream, ran);
   }
-  return launch_tc<scalar_t, 128>(q, k, v, counts, o, K, B, T, Hq, Hkv, D, scale_log2, stream,
-                                  ran);
+  return launch_tc<scalar_t, 128>(q, k, v, q_counts, kv_slot, o, K, B, T, Hq, Hkv, D, scale_log2,
+                                  stream, ran);
 }
 
 }  // namespace
 
 namespace detail {
 
-cudaError_t attention_tc(DType dt, const void* q, const void* k, const void* v, const int* counts,
-                         void* o, int K, int B, int T, int Hq, int Hkv, int D, float scale_log2,
-                         cudaStream_t stream, bool* ran) {
+cudaError_t attention_tc(DType dt, const void* q, const void* k, const void* v,
+                         const int* q_counts, const int* kv_slot, void* o, int K, int B, int T,
+                         int Hq, int Hkv, int D, float scale_log2, cudaStream_t stream, bool* ran) {
   *ran = false;
   if (D > 128) return cudaSuccess;
   if (dt == DType::F16)
-    return launch_tc_d<__half>(q, k, v, counts, o, K, B, T, Hq, Hkv, D, scale_log2, stream, ran);
+    return launch_tc_d<__half>(q, k, v, q_counts, kv_slot, o, K, B, T, Hq, Hkv, D, scale_log2,
+                               stream, ran);
   if (dt == DType::BF16)
-    return launch_tc_d<__nv_bfloat16>(q, k, v, counts, o, K, B, T, Hq, Hkv, D, scale_log2, stream,
-                                      ran);
+    return launch_tc_d<__nv_bfloat16>(q, k, v, q_counts, kv_slot, o, K, B, T, Hq, Hkv, D,
+                                      scale_log2, stream, ran);
   return cudaSuccess;
 }
 

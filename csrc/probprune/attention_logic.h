@@ -1,13 +1,20 @@
 // Per-block logic of masked causal attention, written once for the CUDA kernels
 // (csrc/kernels/attention_*.cu) and their CPU emulation (csrc/emulation/cpu_emulation.cpp).
 //
-// Grid: (query tile, query head h, k * B + b). A block whose head is not active for mask k
-// (h >= counts[k] * G, G = Hq / Hkv) writes zeros and exits; otherwise it walks the key tiles the
-// causal mask lets its queries see, keeping a running max m and sum l per query row (online
-// softmax, scores in log2 units): for a new tile with row max t,
+// One kernel per path, the general (query-head) form: q [K, B, T, Hq, D], k / v [K, B, T, Hkv, D],
+// q_counts [K] active query slots, kv_slot [K, Hq] the compact KV head of each slot (any map: a
+// KV group may keep some of its query heads only; Hq need not be a multiple of Hkv). The KV-group
+// form (counts KV heads, slot h reading h / G) is converted to it on the host
+// (probprune_kernels/_shapes.py: group_slots).
+//
+// Grid: (query tile, query slot h, k * B + b). A block whose slot is not active for mask k
+// (h >= q_counts[k]) writes zeros and exits without reading q, k, v or its kv_slot entry (which
+// may be garbage); otherwise it reads KV head kv_slot[k, h] and walks the key tiles the causal
+// mask lets its queries see, keeping a running max m and sum l per query row (online softmax,
+// scores in log2 units): for a new tile with row max t,
 //   m' = max(m, t), alpha = 2^(m - m'), p_j = 2^(s_j - m'), l' = l * alpha + sum_j p_j,
 //   O' = O * alpha + P V,
-// and finally O / l. Query head h reads KV head h / G (GQA).
+// and finally O / l.
 #pragma once
 
 #include <cmath>
@@ -21,8 +28,11 @@ constexpr float kLog2e = 1.4426950408889634f;
 
 // ---- heads, positions, causal bounds ------------------------------------------------------------
 
-PP_HD bool head_active(int h, int count, int group_size) { return h < count * group_size; }
-PP_HD int kv_head(int h, int group_size) { return h / group_size; }
+PP_HD bool head_active(int h, int q_count) { return h < q_count; }
+// The KV head query slot h of mask k reads; only for active slots.
+PP_HD int kv_head(const int* kv_slot, int k, int h, int Hq) {
+  return kv_slot[static_cast<index_t>(k) * Hq + h];
+}
 
 // Keys a query tile [q0, q0 + bq) can see: [0, kv_end).
 PP_HD int kv_end(int q0, int bq, int T) { return imin(T, q0 + bq); }

@@ -42,9 +42,12 @@ cudaError_t launch_gather_cols_gemm(DType dt, const void* h, const void* w, cons
                                     int M, int Dout, int Din, int capacity, int group,
                                     cudaStream_t stream);
 
-// q [K, B, T, Hq, D], k / v [K, B, T, Hkv, D], counts [K] active KV heads -> o [K, B, T, Hq, D].
+// q [K, B, T, Hq, D], k / v [K, B, T, Hkv, D], q_counts [K] active query slots, kv_slot [K, Hq]
+// the KV head of each active slot (in [0, Hkv); inactive entries are not read)
+// -> o [K, B, T, Hq, D].
 cudaError_t launch_masked_attention(DType dt, const void* q, const void* k, const void* v,
-                                    const int* counts, void* o, int K, int B, int T, int Hq,
-                                    int Hkv, int D, float scale, cudaStream_t stream);
+                                    const int* q_counts, const int* kv_slot, void* o, int K,
+                                    int B, int T, int Hq, int Hkv, int D, float scale,
+                                    cudaStream_t stream);
 
 }  // namespace probprune

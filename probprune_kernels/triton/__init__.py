@@ -18,6 +18,7 @@ _OP_MODULES = {
     "gather_rows_swiglu": "gather_rows",
     "gather_cols_gemm": "gather_cols",
     "masked_attention": "attention",
+    "masked_attention_heads": "attention",
     "lm_head_ce": "lm_head_ce",
 }
 

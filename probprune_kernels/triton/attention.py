@@ -1,15 +1,18 @@
-"""Causal GQA attention over each mask's active heads, all K masks in one launch (online softmax,
-as in the Triton fused-attention tutorial / FlashAttention).
+"""Causal attention over each mask's active query heads, all K masks in one launch (online
+softmax, as in the Triton fused-attention tutorial / FlashAttention).
 
-For mask ``i`` with ``c = counts[i]`` active KV heads and ``G = Hq / Hkv`` query heads per KV head:
+One kernel, the general (query-head) form. For mask ``i`` with ``q_counts[i]`` active query slots,
+slot ``h`` reading the compact KV head ``j = kv_slot[i, h]``:
 
     o[i, b, t, h] = sum_{s <= t} softmax_s(scale * q[i, b, t, h] . k[i, b, s, j]) v[i, b, s, j]
-                    with j = h // G, for h < c * G
-    o[i, b, t, h] = 0                                        for h >= c * G
+                                                             for h < q_counts[i]
+    o[i, b, t, h] = 0                                        for h >= q_counts[i]
 
-Shapes: q [K, B, T, Hq, D], k/v [K, B, T, Hkv, D], counts int32 [K] -> o [K, B, T, Hq, D].
-Heads are compact (the gather-rows GEMM put the kept heads first), so a program whose query
-head is past ``counts[i] * G`` only stores zeros.
+Shapes: q [K, B, T, Hq_cap, D], k/v [K, B, T, Hkv_cap, D], q_counts int32 [K], kv_slot int32
+[K, Hq_cap] -> o [K, B, T, Hq_cap, D]. Heads are compact (the gather-rows GEMM put the kept heads
+first), so a program whose slot is past ``q_counts[i]`` only stores zeros, and never reads its
+kv_slot entry. The KV-group form (``counts`` KV heads, GQA ``h // G``) is the conversion
+``_shapes.group_slots`` in front of the same kernel.
 """
 import math
 
@@ -17,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._shapes import group_slots
 from ._common import bucket, configs, dot_precision, dot_upcast, finish, out_dtype
 
 _CONFIGS = configs(
@@ -31,11 +35,11 @@ _CONFIGS = configs(
 )
 
 
-@triton.autotune(configs=_CONFIGS, key=["T_BUCKET", "D", "G"])
+@triton.autotune(configs=_CONFIGS, key=["T_BUCKET", "D"])
 @triton.jit
 def _masked_attention_kernel(
-    q_ptr, k_ptr, v_ptr, cnt_ptr, o_ptr, qk_scale,
-    T, HQ, G, D, T_BUCKET,
+    q_ptr, k_ptr, v_ptr, cnt_ptr, slot_ptr, o_ptr, qk_scale,
+    T, HQ, D, T_BUCKET,
     stride_qk, stride_qb, stride_qt, stride_qh,
     stride_kk, stride_kb, stride_kt, stride_kh,
     stride_vk, stride_vb, stride_vt, stride_vh,
@@ -43,28 +47,28 @@ def _masked_attention_kernel(
     BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Program (query tile, batch*query head, mask). ``qk_scale`` = scale * log2(e) (exp2
-    softmax). The head dimension is contiguous (unit stride, checked by the launcher) and padded
-    to ``BLOCK_D`` (a power of two >= 16) with masked loads.
+    """Program (query tile, batch*query slot, mask); ``cnt_ptr`` / ``slot_ptr`` are q_counts [K]
+    and kv_slot [K, HQ] (contiguous). ``qk_scale`` = scale * log2(e) (exp2 softmax). The head
+    dimension is contiguous (unit stride, checked by the launcher) and padded to ``BLOCK_D`` (a
+    power of two >= 16) with masked loads.
     """
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     mask_id = tl.program_id(2).to(tl.int64)
     b = (bh // HQ).to(tl.int64)
     h = bh % HQ
-    kvh = h // G
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     row_ok = offs_m < T
     o_ptrs = (o_ptr + mask_id * stride_ok + b * stride_ob + h * stride_oh
               + offs_m[:, None] * stride_ot + offs_d[None, :])
-    n_heads = tl.load(cnt_ptr + mask_id) * G
-    if h >= n_heads:
-        # Pruned head: zero output, no loads of q/k/v.
+    if h >= tl.load(cnt_ptr + mask_id):
+        # Pruned slot: zero output, no loads of q/k/v (its kv_slot entry may be garbage).
         tl.store(o_ptrs, tl.zeros((BLOCK_M, BLOCK_D), dtype=o_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & d_ok[None, :])
         return
+    kvh = tl.load(slot_ptr + mask_id * HQ + h)
 
     q = tl.load(q_ptr + mask_id * stride_qk + b * stride_qb + h * stride_qh
                 + offs_m[:, None] * stride_qt + offs_d[None, :],
@@ -102,13 +106,12 @@ def _masked_attention_kernel(
     tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
-def masked_attention(q, k, v, counts, scale=None):
-    """Launcher; signature of ``reference.masked_attention`` (inputs validated by ``ops``)."""
+def masked_attention_heads(q, k, v, q_counts, kv_slot, scale=None):
+    """Launcher; signature of ``reference.masked_attention_heads`` (inputs validated by ``ops``)."""
     K, B, T, hq, d = q.shape
-    G = hq // k.shape[3]
     o = torch.empty(q.shape, device=q.device, dtype=out_dtype(q.dtype))
-    if o.numel() == 0:
-        return finish(o, q.dtype)
+    if o.numel() == 0 or k.numel() == 0:  # no KV head (Hkv_cap = 0): no slot can be active
+        return finish(o.zero_(), q.dtype)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(4) != 1:
             raise ValueError(f"{name} must have a contiguous head dimension (stride 1), got "
@@ -120,8 +123,8 @@ def masked_attention(q, k, v, counts, scale=None):
         return (triton.cdiv(T, meta["BLOCK_M"]), B * hq, K)
 
     _masked_attention_kernel[grid](
-        q, k, v, counts, o, scale * 1.4426950408889634,
-        T, hq, G, d, bucket(T),
+        q, k, v, q_counts, kv_slot, o, scale * 1.4426950408889634,
+        T, hq, d, bucket(T),
         q.stride(0), q.stride(1), q.stride(2), q.stride(3),
         k.stride(0), k.stride(1), k.stride(2), k.stride(3),
         v.stride(0), v.stride(1), v.stride(2), v.stride(3),
@@ -129,3 +132,9 @@ def masked_attention(q, k, v, counts, scale=None):
         BLOCK_D=block_d, DOT_PRECISION=dot_precision(q.dtype), DOT_UPCAST=dot_upcast(q.dtype),
     )
     return finish(o, q.dtype)
+
+
+def masked_attention(q, k, v, counts, scale=None):
+    """The KV-group form; signature of ``reference.masked_attention``."""
+    G = q.shape[3] // k.shape[3]
+    return masked_attention_heads(q, k, v, *group_slots(counts, G, q.shape[3]), scale)
