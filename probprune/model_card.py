@@ -65,14 +65,17 @@ def front_matter(manifest: dict) -> dict:
 
 
 def layer_rows(manifest: dict, config: dict) -> list:
-    """Per original layer: (index, kept, KV groups kept, MLP channels kept)."""
+    """Per original layer: (index, kept, KV groups kept, query heads kept, MLP channels kept)."""
     kept = manifest["kept"]
+    group = config["num_attention_heads"] // config["num_key_value_heads"]
     rows = []
     for l in range(manifest["original_num_layers"]):
         if l in kept["layers"]:
-            rows.append((l, True, len(kept["kv_heads"][str(l)]), len(kept["channels"][str(l)])))
+            kv = len(kept["kv_heads"][str(l)])
+            q = len(kept["q_heads"][str(l)]) if "q_heads" in kept else kv * group
+            rows.append((l, True, kv, q, len(kept["channels"][str(l)])))
         else:
-            rows.append((l, False, 0, 0))
+            rows.append((l, False, 0, 0, 0))
     return rows
 
 
@@ -116,11 +119,13 @@ def render(manifest: dict, config: dict, *, perplexities: Optional[dict] = None,
     heads, channels = config["num_key_value_heads"], config["intermediate_size"]
     lines += ["## What was removed", "",
               f"Per layer of the base model (original indices): KV-head groups kept of {heads} "
-              f"(each with its {config['num_attention_heads'] // heads} query heads), MLP "
-              f"channels kept of {channels}.", "",
-              "| layer | status | KV groups kept | MLP channels kept |", "|---:|---|---:|---:|"]
-    for l, is_kept, h, c in layer_rows(manifest, config):
-        lines.append(f"| {l} | {'kept' if is_kept else 'dropped'} | {h} | {c} |")
+              f"(a group is kept while any of its {config['num_attention_heads'] // heads} query "
+              f"heads is), query heads kept of {config['num_attention_heads']}, MLP channels kept "
+              f"of {channels}.", "",
+              "| layer | status | KV groups kept | query heads kept | MLP channels kept |",
+              "|---:|---|---:|---:|---:|"]
+    for l, is_kept, h, q, c in layer_rows(manifest, config):
+        lines.append(f"| {l} | {'kept' if is_kept else 'dropped'} | {h} | {q} | {c} |")
 
     if perplexities:
         shown = [(key, label) for key, label in PERPLEXITY_ROWS if key in perplexities]

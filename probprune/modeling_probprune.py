@@ -24,10 +24,14 @@ QUERY_HEAD_ATTENTION = "probprune_query_heads"
 
 def query_head_attention(module, query, key, value, attention_mask, **kwargs):
     """Attention for KV groups of uneven size: key/value [B, Hkv, T, D] are gathered to one per
-    query head (``module.kv_of_q``), then the model's own attention implementation runs with
+    query head (``module.kv_of_q["list"]``: the KV head of each query head), then the model's own attention implementation runs with
     one query head per KV head. Registered under its own name, so stock layers are untouched."""
-    key = key.index_select(1, module.kv_of_q)
-    value = value.index_select(1, module.kv_of_q)
+    index = module.kv_of_q.get(key.device)
+    if index is None:  # once per device
+        index = module.kv_of_q[key.device] = torch.tensor(module.kv_of_q["list"],
+                                                          device=key.device)
+    key = key.index_select(1, index)
+    value = value.index_select(1, index)
     attention = ALL_ATTENTION_FUNCTIONS.get_interface(
         module.probprune_model_config._attn_implementation, eager_attention_forward)
     return attention(module, query, key, value, attention_mask, **kwargs)
@@ -39,9 +43,9 @@ AttentionInterface.register(QUERY_HEAD_ATTENTION, query_head_attention)
 def _uneven_groups(attn, config, per_group):
     """Makes ``attn`` read each query head's KV head by index: ``per_group`` query heads in
     each kept KV group, in order."""
-    counts = torch.tensor(per_group, dtype=torch.long)
-    attn.register_buffer("kv_of_q", torch.arange(len(per_group)).repeat_interleave(counts),
-                         persistent=False)
+    # A plain list, not a buffer: from_pretrained builds the model on the meta device and would
+    # leave a non-persistent buffer uninitialised.
+    attn.kv_of_q = {"list": [j for j, c in enumerate(per_group) for _ in range(c)]}
     attn.num_key_value_groups = 1
     attn.probprune_model_config = config
     attn.config = copy.copy(config)  # this layer's own attention implementation name

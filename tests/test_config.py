@@ -23,7 +23,7 @@ SETTINGS_KEYS = [
     "val_windows", "eval", "eval_file", "max_eval_windows", "window_stride", "eval_batch_size",
     "eval_tasks", "tasks_path", "task_limit", "speed_tokens",
     "lr", "min_lr_ratio", "init", "init_temperature", "init_attn_sparsity", "init_windows",
-    "channel_block", "budget", "scope", "attn_sparsity", "mlp_sparsity", "prune_layers",
+    "channel_block", "attn_units", "budget", "scope", "attn_sparsity", "mlp_sparsity", "prune_layers",
     "protect_layers", "compensate", "compensate_bias", "compensate_damping", "compensate_windows",
     "select_candidates", "optimizer", "antithetic", "control_variate", "cv_history", "cv_ridge",
     "baseline", "ma_window", "eval_every", "checkpoint_every", "device", "devices", "dtype",
@@ -33,7 +33,7 @@ DEFAULTS = dict(
     val_windows=64, eval="wikitext2", eval_file=None, max_eval_windows=None, eval_batch_size=8,
     speed_tokens=32,
     lr=0.01, min_lr_ratio=0.0, init="wanda-sp", init_temperature=0.1, init_attn_sparsity=0.0,
-    init_windows=64, channel_block=64, budget="global", scope="global", attn_sparsity=None,
+    init_windows=64, channel_block=64, attn_units="kv-group", budget="global", scope="global", attn_sparsity=None,
     mlp_sparsity=None, prune_layers=False, protect_layers=[], baseline="leave-one-out",
     ma_window=5, eval_every=25, checkpoint_every=25, device="cpu", devices=[], dtype="float32", backend=None,
     seed=0, resume=False, progress=True, stop_after=None, window_stride=1,
@@ -46,7 +46,7 @@ RESUME_KEYS = {"model", "sparsity", "steps", "k", "batch_size", "seqlen", "calib
                "scope", "attn_sparsity", "mlp_sparsity", "prune_layers", "protect_layers",
                "baseline", "seed", "dtype", "val_windows", "channel_block", "optimizer",
                "antithetic", "control_variate", "cv_history", "cv_ridge",
-               "select_candidates"}
+               "select_candidates", "attn_units"}
 
 
 def _model_dir(path, model_type="llama", weights=None, tokenizer=True):

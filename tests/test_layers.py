@@ -228,10 +228,11 @@ def test_masked_decoder_layer(backend):
         expected.append(out[0] if isinstance(out, tuple) else out)
     with torch.no_grad():
         assert_close(block(h, cos, sin, heads, chans), torch.stack(expected))
-        idx_h, cnt_h = probprune_kernels.compact_masks(heads)
+        lists = block.self_attn.head_lists(heads)
         idx_c, cnt_c = probprune_kernels.compact_masks(chans)
         keep = torch.tensor([1, 0, 1], dtype=torch.int32, device=DEVICE)
-        y = block.forward_compact(h, cos, sin, (idx_h, cnt_h * keep), (idx_c, cnt_c * keep), keep)
+        lists = lists._replace(q_counts=lists.q_counts * keep, kv_counts=lists.kv_counts * keep)
+        y = block.forward_compact(h, cos, sin, lists, (idx_c, cnt_c * keep), keep)
     assert torch.equal(y[1], h[1])
     assert_close(y[[0, 2]], torch.stack(expected)[[0, 2]])
 

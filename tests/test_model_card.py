@@ -31,15 +31,15 @@ def table_rows(body: str, header: str) -> list:
 
 
 def mask_counts(mask, n_layers, kv, channels):
-    """Per layer (kept, KV groups, channels) read off the flat mask by hand: heads [L*kv], then
-    channels [L*F], then (with layer units) layers [L]."""
+    """Per layer (kept, KV groups, query heads, channels) read off a KV-group mask by hand: heads
+    [L*kv], then channels [L*F], then (with layer units) layers [L]; 3 query heads per group."""
     layer_units = mask.numel() > n_layers * (kv + channels)
     rows = []
     for l in range(n_layers):
         kept = bool(mask[n_layers * (kv + channels) + l]) if layer_units else True
         h = int(mask[l * kv:(l + 1) * kv].sum())
         c = int(mask[n_layers * kv + l * channels: n_layers * kv + (l + 1) * channels].sum())
-        rows.append((kept, h if kept else 0, c if kept else 0))
+        rows.append((kept, h if kept else 0, 3 * h if kept else 0, c if kept else 0))
     return rows
 
 
@@ -60,7 +60,7 @@ def test_run_card_metadata_and_table(run):
     mask = load_file(os.path.join(out, "masks.safetensors"))["mask"]
     rows = table_rows(body, "| layer | status |")
     expected = mask_counts(mask, 3, 2, 72)
-    assert [(int(r[0]), r[1] == "kept", int(r[2]), int(r[3])) for r in rows] == [
+    assert [(int(r[0]), r[1] == "kept", int(r[2]), int(r[3]), int(r[4])) for r in rows] == [
         (l, *e) for l, e in enumerate(expected)]
     assert f"| this model | {report['params']['pruned_model_total']:,} |" in body
 
@@ -105,9 +105,9 @@ def test_card_of_an_export_with_a_dropped_layer(tiny_model_dirs, tmp_path):
     assert "base_model" not in meta and "## Evaluation" not in body and "## Speed" not in body
     rows = table_rows(body, "| layer | status |")
     expected = mask_counts(mask, 3, 2, 72)
-    assert [r[1] for r in rows] == ["kept" if k else "dropped" for k, _, _ in expected]
+    assert [r[1] for r in rows] == ["kept" if k else "dropped" for k, _, _, _ in expected]
     assert "dropped" in [r[1] for r in rows]
-    assert [(int(r[2]), int(r[3])) for r in rows] == [(h, c) for _, h, c in expected]
+    assert [(int(r[2]), int(r[3]), int(r[4])) for r in rows] == [(h, q, c) for _, h, q, c in expected]
     # the load snippet names the directory it is in
     assert f'load_pruned("{os.path.basename(out)}", with_tokenizer=True)' in body
 
@@ -123,5 +123,6 @@ def test_front_matter_names_the_hub_base_model(model, base, license):
     config = {"num_key_value_heads": 2, "num_attention_heads": 4, "intermediate_size": 4}
     meta, body = split_card(render(manifest, config, name="x"))
     assert meta["base_model"] == base and meta.get("license") == license
-    assert table_rows(body, "| layer | status |") == [["0", "kept", "1", "2"]]
+    # a manifest without q_heads (written before query-head units): whole groups of 2
+    assert table_rows(body, "| layer | status |") == [["0", "kept", "1", "2", "2"]]
     assert "50.0% of its prunable parameters" in body
