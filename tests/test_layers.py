@@ -188,6 +188,31 @@ def test_masked_llama_attention(backend, G, K, arch):
     assert_close(y, dense)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_masked_llama_attention_query_head_units(backend, arch):
+    """Single query heads pruned inside KV groups, K masks in one call: the HF attention with
+    those heads' columns zeroed before o_proj. Masks: a group left with one query head, no head
+    at all, every head, groups of different sizes."""
+    G = 3
+    cfg, attn, rope = _hf_attention(G, arch)
+    ma = MaskedLlamaAttention.from_hf(attn, cfg, backend=backend, units="query-head")
+    assert ma.n_units == 2 * G
+    B, T = 2, 13
+    masks = torch.tensor([[1, 0, 0, 1, 1, 1], [0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1],
+                          [0, 1, 1, 0, 0, 1]], dtype=torch.bool, device=DEVICE)
+    x = torch.randn(4, B, T, HIDDEN, device=DEVICE)
+    cos, sin = rope(x[0], torch.arange(T, device=DEVICE)[None].expand(B, T))
+    with torch.no_grad():
+        y = ma(x, cos, sin, masks)
+        dense = torch.stack([_dense_masked(attn, x[k], cos, sin, masks[k], T) for k in range(4)])
+    assert_close(y, dense)
+    with pytest.raises(ValueError, match=r"mask must have shape \(6,\) or \(K, 6\)"):
+        ma(x, cos, sin, masks[:, :2])
+    with pytest.raises(ValueError, match="units must be one of kv-group, query-head"):
+        MaskedLlamaAttention.from_hf(attn, cfg, units="head")
+
+
 def test_q_norm_needs_k_norm():
     _, attn, _ = _hf_attention(1, "qwen3")
     with pytest.raises(ValueError, match="q_norm and k_norm come together"):
