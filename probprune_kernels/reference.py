@@ -102,8 +102,11 @@ def masked_attention(q, k, v, counts, scale: Optional[float] = None):
 def lm_head_ce(h, w, labels, ignore_index: int = -100, chunk_size: int = 4096):
     """Mean next-token NLL per mask: loss[k] = mean_m CE(h[k, m] @ w.T, labels[m]).
 
-    Logits are built ``chunk_size`` rows at a time in fp32 so no [K*M, vocab] tensor exists.
-    Rows whose label is ``ignore_index`` do not count; a mask with no counted row gives NaN.
+    Logits are built ``chunk_size`` rows at a time in fp32 so no [K*M, vocab] tensor exists, and
+    the log-sum-exp runs in place on the chunk: one chunk-sized buffer is live at a time (a
+    log_softmax would add a second, and the next chunk's logits a third before the last is
+    freed). Rows whose label is ``ignore_index`` do not count; a mask with no counted row gives
+    NaN.
     """
     K, M, _ = h.shape
     labels = labels.expand(K, M)
@@ -111,8 +114,11 @@ def lm_head_ce(h, w, labels, ignore_index: int = -100, chunk_size: int = 4096):
     for start in range(0, M, chunk_size):
         hc, lc = h[:, start:start + chunk_size], labels[:, start:start + chunk_size]
         logits = (hc @ w.T).float()
-        nll = F.cross_entropy(logits.flatten(0, 1), lc.flatten(), ignore_index=ignore_index,
-                              reduction="none").view(K, -1)
-        total += nll.sum(dim=1)
+        counted = lc != ignore_index
+        target = logits.gather(-1, torch.where(counted, lc, 0)[..., None]).squeeze(-1)
+        top = logits.amax(-1, keepdim=True)
+        lse = logits.sub_(top).exp_().sum(-1).log_() + top.squeeze(-1)
+        del logits  # before the next chunk's
+        total += torch.where(counted, lse - target, 0.0).sum(dim=1)
     n = (labels != ignore_index).sum(dim=1)
     return total / n
