@@ -196,7 +196,7 @@ def _as_compact(op, name, out, data):
             else tuple(torch.cat(parts) for parts in zip(*out))
     elif isinstance(out, list):
         out = torch.stack(out)
-        if op == "masked_attention":  # [K, B, H, T, D] -> [K, B, T, H, D]
+        if op in ("masked_attention", "masked_attention_heads"):  # [K, B, H, T, D] -> [K, B, T, H, D]
             out = out.transpose(2, 3)
     if op in ("gather_rows_gemm", "gather_rows_swiglu") and name in ("torch-dense",
                                                                     "torch-masked-dense"):

@@ -4,7 +4,8 @@
 
 Shapes come from ``registry.MODEL_REGISTRY``: ``q_proj`` rows per KV group for
 ``gather_rows_gemm``, ``gate/up_proj`` for ``gather_rows_swiglu``, ``down_proj`` columns for
-``gather_cols_gemm``, the attention heads for ``masked_attention``, the vocabulary for
+``gather_cols_gemm``, the attention heads for ``masked_attention`` (KV groups) and
+``masked_attention_heads`` (single query heads), the vocabulary for
 ``lm_head_ce``, all units of the model for the mask ops.
 """
 from __future__ import annotations
@@ -83,6 +84,8 @@ def _units(case: MicroCase):
         return F_, 1, (d, F_)
     if case.op == "masked_attention":
         return hkv, G, None
+    if case.op == "masked_attention_heads":
+        return hkv * G, 1, None
     if case.op == "lm_head_ce":
         return 1, 1, (s["vocab_size"], d)
     n = s["num_hidden_layers"] * (hkv + F_)
@@ -149,6 +152,16 @@ class CaseData:
             self.counts = torch.full((K,), c, dtype=torch.int32, device=device)
             self.head_mask = (torch.arange(hq, device=device) < c * G).to(dtype)  # compact heads
             self.scale = hd ** -0.5
+        if op == "masked_attention_heads":  # c random query heads per mask, over their groups
+            hq, hkv, hd = s["num_attention_heads"], s["num_key_value_heads"], s["head_dim"]
+            lists = pk.head_lists(self.masks, hq // hkv, backend="reference")
+            B, T = case.batch, case.seqlen
+            self.q = rnd(K, B, T, hq, hd)
+            self.k = rnd(K, B, T, hkv, hd)
+            self.v = rnd(K, B, T, hkv, hd)
+            self.q_counts, self.kv_slot = lists.q_counts, lists.kv_slot
+            self.head_mask = (torch.arange(hq, device=device) < c).to(dtype)
+            self.scale = hd ** -0.5
         if op == "lm_head_ce":
             self.labels = torch.randint(0, s["vocab_size"], (M,), generator=g).to(device)
         if op in ("compact_masks", "sample_masks", "sample_and_compact"):
@@ -170,7 +183,7 @@ def case_work(case: MicroCase, dtype: torch.dtype) -> dict:
         flops, wbytes = 4 * K * M * d * c, 2 * K * c * d * elt
     elif case.op == "gather_cols_gemm":
         flops, wbytes = 2 * K * M * d * c, K * c * d * elt
-    elif case.op == "masked_attention":  # QK^T and PV over the causal half
+    elif case.op in ("masked_attention", "masked_attention_heads"):  # QK^T, PV: causal half
         flops = 2 * K * case.batch * c * g * case.seqlen ** 2 * s["head_dim"]
     elif case.op == "lm_head_ce":
         flops, wbytes = 2 * K * M * d * s["vocab_size"], s["vocab_size"] * d * elt
@@ -251,6 +264,20 @@ def make_provider(case: MicroCase, provider: str, data: CaseData) -> Callable[[]
                 sl.append((q, kk, vv))
             return lambda: [F.scaled_dot_product_attention(q, kk, vv, is_causal=True, scale=d.scale)
                             for q, kk, vv in sl]
+    if op == "masked_attention_heads":
+        # every query slot's KV head gathered, as a dense model with one KV head per query head
+        kv_of = d.kv_slot.long()[:, None, None, :, None].expand(-1, *d.q.shape[1:3], -1,
+                                                                  d.q.shape[4])
+        k_all, v_all = d.k.gather(3, kv_of), d.v.gather(3, kv_of)
+        if provider == "torch-dense":
+            return lambda: _dense_attention(d.q, k_all, v_all, d.scale)
+        if provider == "torch-masked-dense":
+            return lambda: _dense_attention(d.q, k_all, v_all, d.scale) * d.head_mask[:, None]
+        if provider == "torch-sliced":
+            sl = [tuple(t[k, :, :, :c].transpose(1, 2).contiguous() for t in (d.q, k_all, v_all))
+                  for k in range(K)]
+            return lambda: [F.scaled_dot_product_attention(q, kk, vv, is_causal=True, scale=d.scale)
+                            for q, kk, vv in sl]
     if op == "lm_head_ce" and provider == "torch-dense":
         labels = d.labels.repeat(K)
         return lambda: F.cross_entropy(F.linear(d.x, d.w).float().flatten(0, 1), labels,
@@ -272,6 +299,10 @@ def _op_call(op: str, d: CaseData, backend: str) -> Callable[[slice], object]:
     if op == "masked_attention":
         return lambda sl: pk.masked_attention(d.q[sl], d.k[sl], d.v[sl], d.counts[sl], d.scale,
                                               backend=backend, validate=False)
+    if op == "masked_attention_heads":
+        return lambda sl: pk.masked_attention_heads(d.q[sl], d.k[sl], d.v[sl], d.q_counts[sl],
+                                                    d.kv_slot[sl], d.scale, backend=backend,
+                                                    validate=False)
     if op == "lm_head_ce":
         return lambda sl: pk.lm_head_ce(d.x[sl], d.w, d.labels, backend=backend, validate=False)
     if op == "compact_masks":
@@ -333,7 +364,7 @@ def active_part(op: str, out: torch.Tensor, data: CaseData) -> torch.Tensor:
     """The part of an op's output that carries results: compact outputs are padded to capacity."""
     if op in ("gather_rows_gemm", "gather_rows_swiglu"):
         return out[:, :, : data.c * data.unit]
-    if op == "masked_attention":
+    if op in ("masked_attention", "masked_attention_heads"):
         return out[:, :, :, : data.c * data.unit]
     return out
 

@@ -88,12 +88,14 @@ def torch_dtype(name: str):
 #                         pays)
 OURS, K_LAUNCHES = "probprune-", "k-launches-"
 GEMM_OPS = ("gather_rows_gemm", "gather_rows_swiglu", "gather_cols_gemm")
-OPS = GEMM_OPS + ("masked_attention", "lm_head_ce", "compact_masks", "sample_masks",
+OPS = GEMM_OPS + ("masked_attention", "masked_attention_heads", "lm_head_ce", "compact_masks",
+                  "sample_masks",
                   "sample_and_compact")
 _MATMUL_BASELINES = ("torch-dense", "torch-masked-dense", "torch-gather", "torch-sliced")
 BASELINES: Dict[str, Tuple[str, ...]] = {
     **{op: _MATMUL_BASELINES for op in GEMM_OPS},
     "masked_attention": ("torch-dense", "torch-masked-dense", "torch-sliced"),
+    "masked_attention_heads": ("torch-dense", "torch-masked-dense", "torch-sliced"),
     "lm_head_ce": ("torch-dense",),
     "compact_masks": (),
     "sample_masks": (),
