@@ -275,3 +275,29 @@ def test_cli_export_refuses_a_run_without_scores_or_settings(run_dir, tiny_model
 def test_export_config_checks_its_flags_before_loading(run_dir, tmp_path):
     with pytest.raises(ConfigError, match="--compensate-windows must be at least 1"):
         export_config(run_dir, tmp_path / "o", 0.5, compensate_windows=0).validate()
+
+
+def test_a_query_head_run_reexports_at_another_budget(tiny_model_dirs, calib_file, tmp_path):
+    """Global allocation over query-head units: the re-export meets the new budget, keeps the
+    sum of its parts, and reloads to its mask's masked loss; the scaled allocation, linear in
+    the heads, is refused."""
+    from probprune.evaluate import masked_nll, model_nll
+
+    run = str(tmp_path / "run")
+    prune(settings(tiny_model_dirs["llama"], calib_file, run, steps=2, speed_tokens=0,
+                   attn_units="query-head", init_attn_sparsity=0.3))
+    out = tmp_path / "at50"
+    record = reexport(export_config(run, out, 0.5, allocation="global"))
+    params = record["params"]
+    assert params["kept_prunable"] <= params["target_prunable"] == 0.5 * PRUNABLE
+    assert params["total"] == sum(p.numel() for p in load_pruned(str(out)).parameters())
+    model, tok = load_model(tiny_model_dirs["llama"])
+    engine = MaskedCausalLM(model, attn_units="query-head")
+    mask = load_file(str(out / "masks.safetensors"))["mask"].bool()
+    assert mask.numel() == engine.units.n_units  # over query heads
+    windows = torch.randint(0, model.config.vocab_size, (4, 16),
+                            generator=torch.Generator().manual_seed(0))
+    assert model_nll(load_pruned(str(out)), windows, 2) == pytest.approx(
+        masked_nll(engine, mask, windows, 2), rel=1e-5)
+    with pytest.raises(ValueError, match="--allocation scaled .* use --allocation global"):
+        reexport(export_config(run, tmp_path / "scaled", 0.5, allocation="scaled"))
