@@ -17,6 +17,15 @@ each refit also absorbs the error the layers before it left. Either way the cali
 states stream through the model one layer at a time (one layer's Gram matrix in memory at once),
 through the engine's own masked layers.
 
+``select="obs"``: each layer keeps as many MLP channels as the mask gives it, but which ones is
+chosen from the Gram of down_proj's inputs (the stream's, so sequential statistics in the
+sequential mode) by greedy structured Optimal Brain Surgeon (as SlimGPT does for columns):
+repeatedly drop the channels whose removal, with the best update of the channels left, raises
+the reconstruction error least, ``||W[:, j]||^2 / [H^-1]_jj``, in blocks of at most
+``OBS_BLOCK_COUNT``-th of the removals. The search then decides how many channels each layer
+keeps, the layer's own statistics which. The exported mask is the one the weights belong to
+(:attr:`Compensation.mask`).
+
 Gram matrices are accumulated in float64 from per-batch float32 products (at most ``batch_size *
 seqlen`` terms each, relative error ~1e-6; ``tests/test_compensate.py`` measures it).
 """
@@ -35,15 +44,20 @@ from .forward import MaskedCausalLM
 from .report import peak_memory_mib
 
 MODES = ("none", "parallel", "sequential")
+SELECT = ("mask", "obs")
+OBS_BLOCKS = 16  # removal rounds per layer of the OBS selection: ceil(removed / 16) channels each
 
 
 class CompensationError(ValueError):
     """Settings with which compensation cannot run."""
 
 
-def check_settings(mode: str, damping: float, windows: int) -> None:
+def check_settings(mode: str, damping: float, windows: int, select: str = "mask") -> None:
     if mode not in MODES:
         raise CompensationError(f"compensation mode must be one of {MODES}, got {mode!r}")
+    if select not in SELECT:
+        raise CompensationError(f"compensation channel selection must be one of {SELECT}, got "
+                                f"{select!r}")
     if not damping >= 0:  # also catches NaN
         raise CompensationError(f"compensation damping must be >= 0, got {damping!r}")
     if windows < 1:
@@ -107,6 +121,35 @@ def relative_error(gram: Gram, weight: torch.Tensor, cols: torch.Tensor, V: torc
     return float(err / ref.clamp_min(torch.finfo(torch.float64).tiny))
 
 
+def obs_keep(gram: Gram, weight: torch.Tensor, n_keep: int, damping: float) -> torch.Tensor:
+    """The ``n_keep`` input columns of ``weight`` [out, in] that greedy structured OBS keeps on
+    the inputs' Gram (ascending, long). Each round drops the block of columns with the smallest
+    error increase ``||W[:, j]||^2 / [H^-1]_jj`` and applies the joint OBS update to the columns
+    left: ``W -= W_R (H^-1_RR)^-1 H^-1_R:``, ``H^-1 -= H^-1_:R (H^-1_RR)^-1 H^-1_R:``."""
+    n = weight.shape[1]
+    if not 0 <= n_keep <= n:
+        raise CompensationError(f"cannot keep {n_keep} of {n} columns")
+    H = gram.moments(centred=False)[0].clone()
+    lam = damping * H.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
+    H.diagonal().add_(lam if damping > 0 else 1e-8 * H.diagonal().mean())
+    Hinv = torch.linalg.inv(H)
+    W = weight.detach().double().clone()
+    alive = torch.ones(n, dtype=torch.bool, device=W.device)
+    remove = n - n_keep
+    block = max(1, -(-remove // OBS_BLOCKS))
+    while remove > 0:
+        score = (W * W).sum(0) / Hinv.diagonal()
+        score[~alive] = float("inf")
+        R = torch.topk(score, min(block, remove), largest=False).indices
+        inv_RR = torch.linalg.inv(Hinv[R][:, R])
+        W -= (W[:, R] @ inv_RR) @ Hinv[R]
+        Hinv -= (Hinv[:, R] @ inv_RR) @ Hinv[R]
+        alive[R] = False
+        W[:, R] = 0
+        remove -= R.numel()
+    return alive.nonzero().flatten()
+
+
 @dataclass
 class Compensation:
     """Refit weights in the export's form: state-dict key (original layer numbering) -> tensor of
@@ -121,12 +164,15 @@ class Compensation:
     peak_memory_mib: float     # the device's peak (CPU: the process's peak RSS)
     working_set_mib: float     # what compensation holds: the hidden states and one Gram matrix
     layers: List[dict] = field(default_factory=list)  # per kept layer: bare vs refit error
+    mask: Optional[torch.Tensor] = None  # the model-unit mask the weights belong to
+    select: str = "mask"
 
     def summary(self) -> dict:
         def mean(key):
             vals = [r[key] for r in self.layers if key in r]
             return sum(vals) / len(vals) if vals else None
-        return {"mode": self.mode, "damping": self.damping, "bias": self.bias,
+        return {"mode": self.mode, "select": self.select, "damping": self.damping,
+                "bias": self.bias,
                 "windows": self.windows, "seconds": self.seconds,
                 "peak_memory_mib": self.peak_memory_mib,
                 "working_set_mib": self.working_set_mib,
@@ -160,10 +206,11 @@ class _Stream:
 
 def _sublayer(stream: _Stream, inputs: Callable, kept_inputs: Callable, linear, cols,
               damping: float, bias: bool, fit: bool, sequential: bool, record: dict,
-              name: str, weights: dict, prefix: str) -> None:
+              name: str, weights: dict, prefix: str, obs: bool = False) -> torch.Tensor:
     """Statistics of one sublayer's input, its refit, and the stream moved past it (dense in the
     parallel mode, pruned and refit in the sequential one). ``inputs(h)``: the sublayer's full
-    input [M, n]; ``kept_inputs(h)``: its kept columns, in ``cols`` order."""
+    input [M, n]; ``kept_inputs(h)``: its kept columns, in ``cols`` order. ``obs``: keep as many
+    columns as ``cols`` holds, chosen by :func:`obs_keep`. Returns the kept columns."""
     W, b0 = linear.weight, linear.bias
     gram = Gram(W.shape[1], W.device) if fit else None
     for i, h in enumerate(stream.batches):
@@ -174,7 +221,10 @@ def _sublayer(stream: _Stream, inputs: Callable, kept_inputs: Callable, linear, 
             y = x @ W.T
             stream.batches[i] = h + (y if b0 is None else y + b0).view_as(h)
     if not fit:
-        return
+        return cols
+    if obs:
+        cols = obs_keep(gram, W, cols.numel(), damping)
+        kept_inputs = lambda h: inputs(h)[:, cols]  # noqa: E731
     V, c = refit(gram, W, cols, damping, bias)
     record[name + "_bare"] = relative_error(gram, W, cols, W[:, cols].double(), None)
     record[name + "_refit"] = relative_error(gram, W, cols, V, c)
@@ -192,15 +242,17 @@ def _sublayer(stream: _Stream, inputs: Callable, kept_inputs: Callable, linear, 
                 # The compact layout pads to the capacity with zero columns after the kept ones.
                 y = y + (kept_inputs(h)[:, :cols.numel()] @ V.T).view_as(h)
             stream.batches[i] = h + y if c is None else h + y + c
+    return cols
 
 
 @torch.no_grad()
 def compensate(engine: MaskedCausalLM, mask: torch.Tensor, windows: torch.Tensor, *,
                mode: str = "sequential", damping: float = 0.01, bias: bool = False,
-               batch_size: int = 8, progress: bool = True) -> Compensation:
+               batch_size: int = 8, progress: bool = True, select: str = "mask") -> Compensation:
     """Refits o_proj and down_proj of every kept layer for the hard model-unit ``mask`` on the
-    calibration ``windows`` [N, T]; returns the refit weights (the model is not changed)."""
-    check_settings(mode, damping, windows.shape[0] if windows.dim() == 2 else 0)
+    calibration ``windows`` [N, T]; returns the refit weights (the model is not changed) and,
+    with ``select="obs"``, the mask of the MLP channels chosen by OBS."""
+    check_settings(mode, damping, windows.shape[0] if windows.dim() == 2 else 0, select)
     if mode == "none":
         raise CompensationError("compensate() called with mode 'none'")
     if windows.dim() != 2:
@@ -214,7 +266,8 @@ def compensate(engine: MaskedCausalLM, mask: torch.Tensor, windows: torch.Tensor
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    m = units.split(mask.bool().to(device))
+    flat = mask.to(device=device, dtype=torch.bool, copy=True)  # the OBS selection edits it
+    m = units.split(flat)
     sequential = mode == "sequential"
     stream = _Stream(engine, windows, batch_size)
     all_kept = {}  # device -> the all-kept compact index lists of heads and channels
@@ -249,13 +302,17 @@ def compensate(engine: MaskedCausalLM, mask: torch.Tensor, windows: torch.Tensor
         _sublayer(stream, attn_inputs, lambda h: attn_inputs(h, kept_h), attn.o_proj,
                   shape.query_columns(query_heads), damping, bias, keep, sequential, record, "attn",
                   weights, f"model.layers.{l}.self_attn.o_proj")
-        _sublayer(stream, mlp_inputs, lambda h: mlp_inputs(h, kept_c), mlp.down_proj, channels,
-                  damping, bias, keep, sequential, record, "mlp", weights,
-                  f"model.layers.{l}.mlp.down_proj")
+        chosen = _sublayer(stream, mlp_inputs, lambda h: mlp_inputs(h, kept_c), mlp.down_proj,
+                           channels, damping, bias, keep, sequential, record, "mlp", weights,
+                           f"model.layers.{l}.mlp.down_proj", obs=select == "obs" and keep)
+        if keep:
+            m.mlp[l] = False
+            m.mlp[l, chosen.to(flat.device)] = True
         if keep:
             records.append(record)
     seconds = time.perf_counter() - t0
     stream_bytes = sum(h.numel() * h.element_size() for h in stream.batches)
     gram_bytes = 8 * max(shape.intermediate, shape.n_kv_heads * shape.q_per_kv * shape.head_dim) ** 2
     return Compensation(weights, mode, damping, bias, windows.shape[0], seconds,
-                        peak_memory_mib(device), (stream_bytes + gram_bytes) / 2**20, records)
+                        peak_memory_mib(device), (stream_bytes + gram_bytes) / 2**20, records,
+                        flat.cpu(), select)

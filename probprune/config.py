@@ -493,6 +493,10 @@ class PruneConfig(_Settings):
         help="refit o_proj and down_proj on the kept heads and channels before export, by least "
              "squares on calibration activations: sequential takes each layer's inputs from the "
              "already pruned and refit layers before it, parallel from the dense model")
+    compensate_select: str = setting(
+        "mask", choices=("mask", "obs"),
+        help="which MLP channels the compensated export keeps: the mask's, or as many per layer "
+             "chosen by greedy structured OBS on that layer's down_proj input statistics")
     compensate_bias: bool = setting(
         False, help="also fit a bias of o_proj and down_proj (the mean shift of the pruned "
                     "inputs); the export's config records it and its modeling file adds it")
@@ -647,8 +651,8 @@ def _run_problem(path: str) -> Problem:
 ExportConfig = _subset(
     "ExportConfig", "What ``probprune-fast export`` needs: a prune run's directory, the new budget, "
                     "and the compensation, device and evaluation fields of :class:`PruneConfig`.",
-    ("sparsity", "compensate", "compensate_bias", "compensate_damping", "compensate_windows",
-     "eval_batch_size", "device", "progress"), {},
+    ("sparsity", "compensate", "compensate_select", "compensate_bias", "compensate_damping",
+     "compensate_windows", "eval_batch_size", "device", "progress"), {},
     own=(("run", str, setting(help="the --out directory of a prune run (its settings and "
                                    "scores.safetensors)", probe=_run_problem)),
          ("out", str, setting(help="directory of the re-exported model", probe=_out_problem)),

@@ -245,7 +245,9 @@ def finish(cfg: PruneConfig, run: Loaded, space: UnitSpace, search: Search, fixe
     init_mask = init_mask.bool()
     units = run.engine.units
 
-    mask, compensation, selection, init_comp = choose_mask(cfg, run, space, st)
+    searched, compensation, selection, init_comp = choose_mask(cfg, run, space, st)
+    # the export's mask: the searched one, or its channels as the compensation chose them
+    mask = compensation.mask if compensation is not None else searched
     chosen_step = next(c["step"] for c in selection if c["chosen"]) if selection else st.best_step
     meta = {"settings": cfg.as_dict(), "probprune_version": __version__,
             "best_step": chosen_step}
@@ -254,20 +256,20 @@ def finish(cfg: PruneConfig, run: Loaded, space: UnitSpace, search: Search, fixe
     save_tensors(cfg.out, "scores.safetensors", metadata=scores_metadata(cfg, units),
                  probs=final_probs, init_probs=init_probs)
     save_tensors(cfg.out, "masks.safetensors", mask=mask.to(torch.uint8),
-                 init_mask=init_mask.to(torch.uint8))
+                 init_mask=init_mask.to(torch.uint8), searched_mask=searched.to(torch.uint8))
 
     perplexities = {"pruned_bare": masked_perplexity(
-        run.engine, mask, run.eval_ids, desc="pruned perplexity (bare slice)",
+        run.engine, searched, run.eval_ids, desc="pruned perplexity (bare slice)",
         **_ppl_kw(cfg)).as_dict()}
     extra = {}
     if compensation is not None:
         extra["compensation"] = compensation.summary()
         # The init mask under the same compensation: the search must beat this, not the bare init.
-        if torch.equal(init_mask, mask):
+        if torch.equal(init_mask, searched):
             init_comp = compensation
         elif init_comp is None:
             init_comp = compensate_mask(cfg, run, init_mask, "init")
-        init_model = pruned_model(run.model, units, init_mask, init_comp.weights)
+        init_model = pruned_model(run.model, units, init_comp.mask, init_comp.weights)
         perplexities["init_compensated"] = perplexity(
             init_model, run.eval_ids, desc="init perplexity (compensated)", **_ppl_kw(cfg)).as_dict()
         extra["compensation_init"] = {k: v for k, v in init_comp.summary().items() if k != "layers"}
@@ -353,7 +355,7 @@ def choose_mask(cfg: PruneConfig, run: Loaded, space: UnitSpace, st: SearchState
     for c in st.candidates:
         mask = space.expand(c["mask"].float().cpu()[None])[0].bool()
         comp = compensate_mask(cfg, run, mask, f"step {c['step']}")
-        model = pruned_model(run.model, units, mask, comp.weights)
+        model = pruned_model(run.model, units, comp.mask, comp.weights)
         loss = model_nll(model, run.data.val, cfg.eval_batch_size)
         del model
         if c["step"] == 0:
@@ -378,7 +380,7 @@ def compensate_mask(cfg: PruneConfig, run: Loaded, mask: torch.Tensor, what: str
     result = compensate(run.engine, mask, run.data.pool[: cfg.compensate_windows],
                         mode=cfg.compensate, damping=cfg.compensate_damping,
                         bias=cfg.compensate_bias, batch_size=cfg.eval_batch_size,
-                        progress=cfg.progress)
+                        progress=cfg.progress, select=cfg.compensate_select)
     log.info("compensation of the %s mask (%s): %.1f s", what, cfg.compensate, result.seconds)
     return result
 

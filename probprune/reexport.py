@@ -63,7 +63,8 @@ def run_config(cfg: ExportConfig) -> PruneConfig:
     # A per-type run's own attention / MLP ratios would override the new sparsity: both take it.
     return dataclasses.replace(
         run, sparsity=cfg.sparsity, attn_sparsity=None, mlp_sparsity=None, out=cfg.out,
-        compensate=cfg.compensate, compensate_bias=cfg.compensate_bias,
+        compensate=cfg.compensate, compensate_select=cfg.compensate_select,
+        compensate_bias=cfg.compensate_bias,
         compensate_damping=cfg.compensate_damping, compensate_windows=cfg.compensate_windows,
         eval_batch_size=cfg.eval_batch_size, device=cfg.device, progress=cfg.progress,
         resume=False, dry_run=False)
@@ -217,6 +218,8 @@ def reexport(cfg: ExportConfig) -> dict:
                     calibration(tokenizer, run) if run.compensate != "none" else None,
                     None, None, time.perf_counter() - t0)
     compensation = compensate_mask(run, loaded, mask, f"sparsity {run.sparsity}")
+    if compensation is not None:  # its channels, where the compensation chose them
+        mask = compensation.mask
     meta = {"settings": run.as_dict(), "probprune_version": __version__,
             "reexport": {"run": os.path.abspath(cfg.run), "sparsity": run.sparsity,
                          "allocation": cfg.allocation, "compensate": run.compensate,

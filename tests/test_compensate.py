@@ -210,3 +210,109 @@ def test_bad_settings_are_named(tiny_model_dirs):
         PruneConfig(**base, compensate_damping=-1.0).validate()
     with pytest.raises(ConfigError, match="--compensate-windows"):
         PruneConfig(**base, compensate_windows=0).validate()
+
+
+# --------------------------------------------------------------------------- OBS channel selection
+
+def _gram_of(X):
+    from probprune.compensate import Gram
+
+    g = Gram(X.shape[1], X.device)
+    g.add(X)
+    return g
+
+
+def _refit_error(gram, W, cols):
+    from probprune.compensate import refit, relative_error
+
+    V, _ = refit(gram, W, cols, 0.0, False)
+    return relative_error(gram, W, cols, V, None)
+
+
+def test_obs_drops_the_column_whose_loss_the_others_refit_best():
+    """One removal is exact OBS: the column dropped is the one whose least-squares refit on the
+    others leaves the smallest error (brute force over every single removal)."""
+    from probprune.compensate import obs_keep
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(5):
+        X = torch.randn(200, 7, generator=g, dtype=torch.float64)
+        X[:, 3] = X[:, 0] * 0.8 + 0.3 * X[:, 3]   # correlated columns: not the smallest norm wins
+        W = torch.randn(5, 7, generator=g, dtype=torch.float64)
+        gram = _gram_of(X)
+        kept = obs_keep(gram, W, 6, 1e-9)
+        errors = [_refit_error(gram, W, torch.tensor([c for c in range(7) if c != j]))
+                  for j in range(7)]
+        dropped = sorted(set(range(7)) - set(kept.tolist()))
+        assert dropped == [min(range(7), key=errors.__getitem__)], (trial, errors)
+
+
+def test_obs_keeps_a_set_that_reproduces_dependent_columns():
+    """Three columns are exact linear combinations of five others: keeping five, OBS finds a set
+    whose refit reproduces the dense output (magnitude would not: the combinations are large)."""
+    from probprune.compensate import obs_keep
+
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(300, 5, generator=g, dtype=torch.float64)
+    mix = torch.randn(5, 3, generator=g, dtype=torch.float64) * 3
+    X = torch.cat([base, base @ mix], dim=1)
+    W = torch.randn(4, 8, generator=g, dtype=torch.float64)
+    gram = _gram_of(X)
+    kept = obs_keep(gram, W, 5, 1e-10)
+    assert kept.numel() == 5 and torch.equal(kept, kept.sort().values)
+    assert _refit_error(gram, W, kept) < 1e-8
+
+
+def test_obs_selection_keeps_each_layers_count_and_the_export_is_its_mask(tiny_model_dirs,
+                                                                           tmp_path):
+    from probprune.compensate import compensate
+    from probprune.export import export_pruned, pruned_model
+    from probprune.forward import MaskedCausalLM
+    from probprune.models import load_model, load_pruned
+
+    model, tok = load_model(tiny_model_dirs["llama"])
+    engine = MaskedCausalLM(model)
+    units = engine.units
+    g = torch.Generator().manual_seed(2)
+    mask = torch.rand(units.n_units, generator=g) < 0.6
+    windows = torch.randint(0, model.config.vocab_size, (8, 16), generator=g)
+    before = mask.clone()
+    obs = compensate(engine, mask, windows, mode="sequential", select="obs", progress=False)
+    plain = compensate(engine, mask, windows, mode="sequential", progress=False)
+    assert torch.equal(mask, before)  # the caller's mask is not edited
+    assert torch.equal(plain.mask, mask)
+    a, b = units.split(obs.mask), units.split(mask)
+    assert torch.equal(a.heads, b.heads)
+    assert torch.equal(a.mlp.sum(-1), b.mlp.sum(-1))  # the same count per layer
+    assert not torch.equal(a.mlp, b.mlp)              # but other channels
+    assert float(units.kept_params(obs.mask)) == float(units.kept_params(mask))
+    out = export_pruned(model, tok, units, obs.mask, str(tmp_path), weights=obs.weights)
+    ids = windows[:2]
+    with torch.no_grad():
+        torch.testing.assert_close(load_pruned(out)(ids).logits,
+                                   pruned_model(model, units, obs.mask, obs.weights)(ids).logits)
+
+
+def test_a_run_with_obs_selection_exports_the_chosen_channels(tiny_model_dirs, calib_file,
+                                                             tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    from probprune.pipeline import prune
+    from tests.test_pipeline import settings
+
+    out = tmp_path / "run"
+    report = prune(settings(tiny_model_dirs["qwen2"], calib_file, out, compensate="sequential",
+                            compensate_select="obs", compensate_windows=6, speed_tokens=0))
+    masks = load_file(str(out / "masks.safetensors"))
+    exported, searched = masks["mask"].bool(), masks["searched_mask"].bool()
+    assert not torch.equal(exported, searched)
+    kept = json.load(open(out / "probprune.json"))["kept"]
+    L, F = 3, 72
+    channels = exported[-L * F:].view(L, F)
+    for l in kept["layers"]:
+        assert kept["channels"][str(l)] == channels[l].nonzero().flatten().tolist()
+        assert len(kept["channels"][str(l)]) == int(searched[-L * F:].view(L, F)[l].sum())
+    assert report["compensation"]["select"] == "obs"
+    assert report["params"]["kept_prunable"] <= report["params"]["target_prunable"]
