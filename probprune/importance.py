@@ -72,7 +72,9 @@ def activation_stats(model, windows: torch.Tensor, batch_size: int = 8, progress
     try:
         for start in tqdm(range(0, len(windows), batch_size), desc="init statistics",
                           disable=not progress, leave=False):
-            model(windows[start:start + batch_size].to(device))
+            # the decoder only: the hooks need no logits ([B, T, vocab] would be the largest
+            # tensor of the whole init)
+            model.model(windows[start:start + batch_size].to(device))
     finally:
         for h in hooks:
             h.remove()
