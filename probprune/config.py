@@ -494,7 +494,7 @@ class PruneConfig(_Settings):
              "squares on calibration activations: sequential takes each layer's inputs from the "
              "already pruned and refit layers before it, parallel from the dense model")
     compensate_select: str = setting(
-        "mask", choices=("mask", "obs"),
+        "obs", choices=("mask", "obs"),
         help="which MLP channels the compensated export keeps: the mask's, or as many per layer "
              "chosen by greedy structured OBS on that layer's down_proj input statistics")
     compensate_bias: bool = setting(

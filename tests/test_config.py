@@ -37,7 +37,7 @@ DEFAULTS = dict(
     mlp_sparsity=None, prune_layers=False, protect_layers=[], baseline="leave-one-out",
     ma_window=5, eval_every=25, checkpoint_every=25, device="cpu", devices=[], dtype="float32", backend=None,
     seed=0, resume=False, progress=True, stop_after=None, window_stride=1,
-    compensate="sequential", compensate_select="mask", compensate_bias=False, compensate_damping=0.01,
+    compensate="sequential", compensate_select="obs", compensate_bias=False, compensate_damping=0.01,
     compensate_windows=256, optimizer="sgd", antithetic=False, control_variate=False,
     cv_history=256, cv_ridge=1.0, select_candidates=1, dist_timeout=1800.0,
     dry_run=False, eval_tasks=[], tasks_path=None, task_limit=None)

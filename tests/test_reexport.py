@@ -173,7 +173,8 @@ def test_bare_reexport_is_the_slice_of_its_mask(run_dir, tiny_model_dirs, calib_
 def test_compensated_reexport_refits_the_same_mask(run_dir, tmp_path):
     bare = reexport(export_config(run_dir, tmp_path / "bare", 0.4))
     comp = reexport(export_config(run_dir, tmp_path / "comp", 0.4, compensate="sequential",
-                                  compensate_windows=8, compensate_bias=True))
+                                  compensate_windows=8, compensate_bias=True,
+                                  compensate_select="mask"))
     assert comp["compensate"] == "sequential" and bare["compensate"] == "none"
     masks = [load_file(str(tmp_path / d / "masks.safetensors"))["mask"] for d in ("bare", "comp")]
     assert torch.equal(*masks)
