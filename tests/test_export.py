@@ -45,15 +45,20 @@ def test_generate_through_a_layer_without_heads(tiny_model_dirs, tmp_path):
     pruned, ptok = load_pruned(export_pruned(model, tok, mm.units, mask, str(tmp_path)),
                                with_tokenizer=True)
     ids = ptok("The quick brown fox", return_tensors="pt").input_ids
-    out = pruned.generate(ids, max_new_tokens=6, do_sample=False)
-    assert out.shape == (1, ids.shape[1] + 6)
-    # Greedy decoding with the KV cache equals greedy decoding by full re-computation.
+    assert generate_matches_recomputation(pruned, ids).shape == (1, ids.shape[1] + 6)
+
+
+def generate_matches_recomputation(model, ids, new_tokens: int = 6):
+    """Greedy ``generate`` with the KV cache equals greedy decoding by full re-computation;
+    returns the sequence."""
+    out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False)
     seq = ids
     with torch.no_grad():
-        for _ in range(6):
-            nxt = pruned(seq).logits[:, -1].argmax(-1, keepdim=True)
+        for _ in range(new_tokens):
+            nxt = model(seq).logits[:, -1].argmax(-1, keepdim=True)
             seq = torch.cat([seq, nxt], dim=1)
     assert torch.equal(out, seq)
+    return seq
 
 
 def test_load_pruned_rejects_a_plain_model(tiny_model_dirs):

@@ -9,6 +9,7 @@ from probprune.export import export_pruned
 from probprune.forward import MaskedCausalLM
 from probprune.models import load_model, load_pruned
 from tests.conftest import ARCHS
+from tests.test_export import generate_matches_recomputation
 
 
 def _engine(path, **kw):
@@ -88,13 +89,7 @@ def test_generate_with_the_kv_cache_through_uneven_groups(tiny_model_dirs, tmp_p
     pruned = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True,
                                                   attn_implementation=attn_implementation)
     ids = tok("The quick brown fox", return_tensors="pt").input_ids
-    gen = pruned.generate(ids, max_new_tokens=6, do_sample=False)
-    seq = ids
-    with torch.no_grad():
-        for _ in range(6):
-            nxt = pruned(seq).logits[:, -1].argmax(-1, keepdim=True)
-            seq = torch.cat([seq, nxt], dim=1)
-    assert torch.equal(gen, seq)
+    seq = generate_matches_recomputation(pruned, ids)
     # and the uneven layer reads each query head's own KV head: the engine's loss
     with torch.no_grad():
         expected = pruned(seq, labels=seq).loss
