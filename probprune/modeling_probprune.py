@@ -24,12 +24,11 @@ QUERY_HEAD_ATTENTION = "probprune_query_heads"
 
 def query_head_attention(module, query, key, value, attention_mask, **kwargs):
     """Attention for KV groups of uneven size: key/value [B, Hkv, T, D] are gathered to one per
-    query head (``module.kv_of_q["list"]``: the KV head of each query head), then the model's own attention implementation runs with
+    query head (``module.kv_of_q``: the KV head of each query head), then the model's own
     one query head per KV head. Registered under its own name, so stock layers are untouched."""
-    index = module.kv_of_q.get(key.device)
+    index = module.kv_index_on.get(key.device)
     if index is None:  # once per device
-        index = module.kv_of_q[key.device] = torch.tensor(module.kv_of_q["list"],
-                                                          device=key.device)
+        index = module.kv_index_on[key.device] = torch.tensor(module.kv_of_q, device=key.device)
     key = key.index_select(1, index)
     value = value.index_select(1, index)
     attention = ALL_ATTENTION_FUNCTIONS.get_interface(
@@ -45,7 +44,8 @@ def _uneven_groups(attn, config, per_group):
     each kept KV group, in order."""
     # A plain list, not a buffer: from_pretrained builds the model on the meta device and would
     # leave a non-persistent buffer uninitialised.
-    attn.kv_of_q = {"list": [j for j, c in enumerate(per_group) for _ in range(c)]}
+    attn.kv_of_q = [j for j, c in enumerate(per_group) for _ in range(c)]
+    attn.kv_index_on = {}  # device -> kv_of_q as a tensor there
     attn.num_key_value_groups = 1
     attn.probprune_model_config = config
     attn.config = copy.copy(config)  # this layer's own attention implementation name
