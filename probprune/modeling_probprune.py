@@ -25,6 +25,7 @@ QUERY_HEAD_ATTENTION = "probprune_query_heads"
 def query_head_attention(module, query, key, value, attention_mask, **kwargs):
     """Attention for KV groups of uneven size: key/value [B, Hkv, T, D] are gathered to one per
     query head (``module.kv_of_q``: the KV head of each query head), then the model's own
+    attention implementation runs with
     one query head per KV head. Registered under its own name, so stock layers are untouched."""
     index = module.kv_index_on.get(key.device)
     if index is None:  # once per device
