@@ -9,13 +9,20 @@ with G = X^T X. The ridge term pulls V towards the bare slice W_S rather than to
 the refit's reconstruction error is never above the bare slice's for any lambda >= 0 (the slice is
 a feasible point of the objective). ``lambda = damping * mean(diag(G_SS))`` (SparseGPT's relative
 damping). With ``bias=True`` a bias c is fitted jointly (the least-squares form of FLAP's
-mean-shift compensation): the same solve on the centred Gram, then c = W mu - V mu_S.
+mean-shift compensation): the same solve on the centred Gram, then c = W mu - V mu_S (the mean
+target less V mu_S).
 
 Two modes: ``parallel`` takes every layer's statistics from the dense model; ``sequential`` (as
-SparseGPT and SlimGPT do) from the model whose earlier layers are already pruned and refit, so
-each refit also absorbs the error the layers before it left. Either way the calibration hidden
-states stream through the model one layer at a time (one layer's Gram matrix in memory at once),
-through the engine's own masked layers.
+SparseGPT and SlimGPT do) from the model whose earlier layers are already pruned and refit.
+Either way the calibration hidden states stream through the model one layer at a time (one layer's
+Gram matrix in memory at once), through the engine's own masked layers.
+
+Two targets in the sequential mode. ``local``: what the dense sublayer would output on the pruned
+model's own inputs, ``X W^T`` (SparseGPT's and SlimGPT's target). ``dense``: the dense model's
+residual stream after the sublayer, less the pruned stream before it, ``T = h_dense' - h``, so the
+refit also corrects the drift the earlier layers left in the residual stream (the dense stream
+is carried along, one more copy of the hidden states). The solve is the same with ``G_S: W^T``
+replaced by ``X_S^T T``; OBS then works on the full-column fit of T.
 
 ``select="obs"``: each layer keeps as many MLP channels as the mask gives it, but which ones is
 chosen from the Gram of down_proj's inputs (the stream's, so sequential statistics in the
@@ -45,6 +52,7 @@ from .report import peak_memory_mib
 
 MODES = ("none", "parallel", "sequential")
 SELECT = ("mask", "obs")
+TARGETS = ("local", "dense")
 OBS_BLOCKS = 16  # removal rounds per layer of the OBS selection: ceil(removed / 16) channels each
 
 
@@ -52,9 +60,16 @@ class CompensationError(ValueError):
     """Settings with which compensation cannot run."""
 
 
-def check_settings(mode: str, damping: float, windows: int, select: str = "mask") -> None:
+def check_settings(mode: str, damping: float, windows: int, select: str = "mask",
+                   target: str = "local") -> None:
     if mode not in MODES:
         raise CompensationError(f"compensation mode must be one of {MODES}, got {mode!r}")
+    if target not in TARGETS:
+        raise CompensationError(f"compensation target must be one of {TARGETS}, got {target!r}")
+    if target == "dense" and mode == "parallel":
+        raise CompensationError("the dense compensation target needs the sequential mode: in the "
+                                "parallel mode the inputs are the dense model's, so the targets "
+                                "are the local ones")
     if select not in SELECT:
         raise CompensationError(f"compensation channel selection must be one of {SELECT}, got "
                                 f"{select!r}")
@@ -65,24 +80,46 @@ def check_settings(mode: str, damping: float, windows: int, select: str = "mask"
 
 
 class Gram:
-    """Running X^T X, sum of rows and row count of a sublayer's inputs X [M, n]."""
+    """Running X^T X, sum of rows and row count of a sublayer's inputs X [M, n]; with
+    ``targets``, also X^T T, the sum of T and ||T||^2 of explicit targets T [M, targets]."""
 
-    def __init__(self, n: int, device):
-        self.xtx = torch.zeros(n, n, dtype=torch.float64, device=device)
-        self.xsum = torch.zeros(n, dtype=torch.float64, device=device)
+    def __init__(self, n: int, device, targets: int = 0):
+        f64 = dict(dtype=torch.float64, device=device)
+        self.xtx = torch.zeros(n, n, **f64)
+        self.xsum = torch.zeros(n, **f64)
         self.rows = 0
+        self.xty = torch.zeros(n, targets, **f64) if targets else None
+        self.ysum = torch.zeros(targets, **f64) if targets else None
+        self.yty = torch.zeros((), **f64)
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, t: Optional[torch.Tensor] = None) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
         self.xtx += (x.T @ x).double()
         self.xsum += x.sum(0).double()
         self.rows += x.shape[0]
+        if self.xty is not None:
+            t = t.reshape(-1, t.shape[-1]).float()
+            self.xty += (x.T @ t).double()
+            self.ysum += t.sum(0).double()
+            self.yty += (t * t).sum().double()
 
     def moments(self, centred: bool):
         """(second moment [n, n], mean [n]) per row; centred: the covariance."""
         mean = self.xsum / self.rows
         second = self.xtx / self.rows
         return (second - torch.outer(mean, mean) if centred else second), mean
+
+    def target_moments(self, W: torch.Tensor, centred: bool):
+        """(E[x t^T] [n, out], E[t] [out], E[||t||^2]) per row, centred or not, of the explicit
+        targets, or of the local ones t = W x when none were given."""
+        C, mean = self.moments(centred)
+        if self.xty is None:
+            return C @ W.T, W @ mean, ((W @ C) * W).sum()
+        tmean = self.ysum / self.rows
+        cross, tt = self.xty / self.rows, self.yty / self.rows
+        if centred:
+            cross, tt = cross - torch.outer(mean, tmean), tt - tmean @ tmean
+        return cross, tmean, tt
 
 
 def refit(gram: Gram, weight: torch.Tensor, cols: torch.Tensor, damping: float,
@@ -91,34 +128,35 @@ def refit(gram: Gram, weight: torch.Tensor, cols: torch.Tensor, damping: float,
     kept input columns ``cols`` (see the module docstring)."""
     W = weight.detach().double()
     C, mean = gram.moments(centred=bias)
+    cross, tmean, _ = gram.target_moments(W, centred=bias)
     if cols.numel() == 0:
         V = W.new_zeros(W.shape[0], 0)
     else:
         C_SS = C[cols][:, cols]
         lam = damping * C_SS.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
         A = C_SS + lam * torch.eye(cols.numel(), dtype=C.dtype, device=C.device)
-        B = C[cols] @ W.T + lam * W[:, cols].T
+        B = cross[cols] + lam * W[:, cols].T
         L, info = torch.linalg.cholesky_ex(A)
         if int(info) == 0:
             Vt = torch.cholesky_solve(B, L)
         else:  # singular without damping (kept inputs that are linearly dependent)
             Vt = torch.linalg.pinv(A, hermitian=True) @ B
         V = Vt.T
-    c = W @ mean - V @ mean[cols] if bias else None
+    c = tmean - V @ mean[cols] if bias else None
     return V, c
 
 
 def relative_error(gram: Gram, weight: torch.Tensor, cols: torch.Tensor, V: torch.Tensor,
                    c: Optional[torch.Tensor]) -> float:
-    """||X W^T - (X_S V^T + c)||^2 / ||X W^T||^2 over the rows the Gram saw, from the Gram alone."""
-    W = weight.detach().double()
-    D = W.clone()
-    D[:, cols] -= V.double()
-    err = ((D @ gram.xtx) * D).sum()
+    """||T - (X_S V^T + c)||^2 / ||T||^2 over the rows the Gram saw (T: the targets, X W^T when
+    local), from the Gram alone."""
+    W, V = weight.detach().double(), V.double()
+    C, mean = gram.moments(centred=False)
+    cross, tmean, tt = gram.target_moments(W, centred=False)
+    err = tt - 2 * (V * cross[cols].T).sum() + ((V @ C[cols][:, cols]) * V).sum()
     if c is not None:
-        err = err - 2 * c @ (D @ gram.xsum) + gram.rows * c @ c
-    ref = ((W @ gram.xtx) * W).sum()
-    return float(err / ref.clamp_min(torch.finfo(torch.float64).tiny))
+        err = err - 2 * c @ (tmean - V @ mean[cols]) + c @ c
+    return float(err / tt.clamp_min(torch.finfo(torch.float64).tiny))
 
 
 def obs_keep(gram: Gram, weight: torch.Tensor, n_keep: int, damping: float) -> torch.Tensor:
@@ -166,12 +204,14 @@ class Compensation:
     layers: List[dict] = field(default_factory=list)  # per kept layer: bare vs refit error
     mask: Optional[torch.Tensor] = None  # the model-unit mask the weights belong to
     select: str = "mask"
+    target: str = "local"
 
     def summary(self) -> dict:
         def mean(key):
             vals = [r[key] for r in self.layers if key in r]
             return sum(vals) / len(vals) if vals else None
-        return {"mode": self.mode, "select": self.select, "damping": self.damping,
+        return {"mode": self.mode, "select": self.select, "target": self.target,
+                "damping": self.damping,
                 "bias": self.bias,
                 "windows": self.windows, "seconds": self.seconds,
                 "peak_memory_mib": self.peak_memory_mib,
@@ -189,18 +229,23 @@ def _compact(mask: torch.Tensor, backend):
 class _Stream:
     """The calibration hidden states [B, T, d] per batch, walked through the layers in place."""
 
-    def __init__(self, engine: MaskedCausalLM, windows: torch.Tensor, batch_size: int):
+    def __init__(self, engine: MaskedCausalLM, windows: torch.Tensor, batch_size: int,
+                 dense: bool = False):
         inner = engine.model.model
         T = windows.shape[1]
         dev = inner.embed_tokens.weight.device
         self.batches = [inner.embed_tokens(windows[i:i + batch_size].to(dev))
                         for i in range(0, windows.shape[0], batch_size)]
+        # The dense model's stream beside the pruned one (the dense target), else None.
+        self.dense = [h.clone() for h in self.batches] if dense else None
         self.cos, self.sin = inner.rotary_emb(self.batches[0], torch.arange(T, device=dev)[None])
 
     def to(self, device: torch.device) -> None:
         """Moves the stream to the next layer's device (layer sharding)."""
         if self.cos.device != device:
             self.batches = [h.to(device) for h in self.batches]
+            if self.dense is not None:
+                self.dense = [h.to(device) for h in self.dense]
             self.cos, self.sin = self.cos.to(device), self.sin.to(device)
 
 
@@ -208,22 +253,39 @@ def _sublayer(stream: _Stream, inputs: Callable, kept_inputs: Callable, linear, 
               damping: float, bias: bool, fit: bool, sequential: bool, record: dict,
               name: str, weights: dict, prefix: str, obs: bool = False) -> torch.Tensor:
     """Statistics of one sublayer's input, its refit, and the stream moved past it (dense in the
-    parallel mode, pruned and refit in the sequential one). ``inputs(h)``: the sublayer's full
-    input [M, n]; ``kept_inputs(h)``: its kept columns, in ``cols`` order. ``obs``: keep as many
-    columns as ``cols`` holds, chosen by :func:`obs_keep`. Returns the kept columns."""
+    parallel mode, pruned and refit in the sequential one; the dense stream too, where the stream
+    carries one). ``inputs(h)``: the sublayer's full input [M, n]; ``kept_inputs(h)``: its kept
+    columns, in ``cols`` order. ``obs``: keep as many columns as ``cols`` holds, chosen by
+    :func:`obs_keep`. Returns the kept columns."""
     W, b0 = linear.weight, linear.bias
-    gram = Gram(W.shape[1], W.device) if fit else None
+
+    def dense_output(x):
+        y = x @ W.T
+        return y if b0 is None else y + b0
+
+    targets = stream.dense is not None
+    gram = Gram(W.shape[1], W.device, W.shape[0] if targets else 0) if fit else None
     for i, h in enumerate(stream.batches):
+        t = None
+        if targets:
+            hd = stream.dense[i] + dense_output(inputs(stream.dense[i])).view_as(h)
+            stream.dense[i] = hd
+            # The model's own bias stays in the export, so the refit's share excludes it.
+            t = (hd - h).reshape(-1, h.shape[-1]) - (0 if b0 is None else b0)
+        if sequential and not fit:
+            continue  # a dropped layer: only the dense stream moves
         x = inputs(h)
         if fit:
-            gram.add(x)
+            gram.add(x, t)
         if not sequential:  # the dense stream
-            y = x @ W.T
-            stream.batches[i] = h + (y if b0 is None else y + b0).view_as(h)
+            stream.batches[i] = h + dense_output(x).view_as(h)
     if not fit:
         return cols
     if obs:
-        cols = obs_keep(gram, W, cols.numel(), damping)
+        # OBS prunes the best full-column fit of the targets: W itself when they are local.
+        full = torch.arange(W.shape[1], device=W.device)
+        fitted = refit(gram, W, full, damping, False)[0] if targets else W
+        cols = obs_keep(gram, fitted, cols.numel(), damping)
         kept_inputs = lambda h: inputs(h)[:, cols]  # noqa: E731
     V, c = refit(gram, W, cols, damping, bias)
     record[name + "_bare"] = relative_error(gram, W, cols, W[:, cols].double(), None)
@@ -248,11 +310,12 @@ def _sublayer(stream: _Stream, inputs: Callable, kept_inputs: Callable, linear, 
 @torch.no_grad()
 def compensate(engine: MaskedCausalLM, mask: torch.Tensor, windows: torch.Tensor, *,
                mode: str = "sequential", damping: float = 0.01, bias: bool = False,
-               batch_size: int = 8, progress: bool = True, select: str = "mask") -> Compensation:
+               batch_size: int = 8, progress: bool = True, select: str = "mask",
+               target: str = "local") -> Compensation:
     """Refits o_proj and down_proj of every kept layer for the hard model-unit ``mask`` on the
     calibration ``windows`` [N, T]; returns the refit weights (the model is not changed) and,
     with ``select="obs"``, the mask of the MLP channels chosen by OBS."""
-    check_settings(mode, damping, windows.shape[0] if windows.dim() == 2 else 0, select)
+    check_settings(mode, damping, windows.shape[0] if windows.dim() == 2 else 0, select, target)
     if mode == "none":
         raise CompensationError("compensate() called with mode 'none'")
     if windows.dim() != 2:
@@ -269,7 +332,7 @@ def compensate(engine: MaskedCausalLM, mask: torch.Tensor, windows: torch.Tensor
     flat = mask.to(device=device, dtype=torch.bool, copy=True)  # the OBS selection edits it
     m = units.split(flat)
     sequential = mode == "sequential"
-    stream = _Stream(engine, windows, batch_size)
+    stream = _Stream(engine, windows, batch_size, dense=target == "dense")
     all_kept = {}  # device -> the all-kept compact index lists of heads and channels
     weights: Dict[str, torch.Tensor] = {}
     records: List[dict] = []
@@ -277,7 +340,7 @@ def compensate(engine: MaskedCausalLM, mask: torch.Tensor, windows: torch.Tensor
                   unit="layer", leave=False):
         layer, dev = engine.layers[l], engine.layer_devices[l]
         keep = bool(m.layers[l])
-        if not keep and sequential:
+        if not keep and sequential and stream.dense is None:
             continue  # a dropped layer: the residual passes through
         stream.to(dev)
         cos, sin = stream.cos, stream.sin
@@ -311,8 +374,9 @@ def compensate(engine: MaskedCausalLM, mask: torch.Tensor, windows: torch.Tensor
         if keep:
             records.append(record)
     seconds = time.perf_counter() - t0
-    stream_bytes = sum(h.numel() * h.element_size() for h in stream.batches)
+    stream_bytes = sum(h.numel() * h.element_size() for h in stream.batches) * (
+        1 if stream.dense is None else 2)
     gram_bytes = 8 * max(shape.intermediate, shape.n_kv_heads * shape.q_per_kv * shape.head_dim) ** 2
     return Compensation(weights, mode, damping, bias, windows.shape[0], seconds,
                         peak_memory_mib(device), (stream_bytes + gram_bytes) / 2**20, records,
-                        flat.cpu(), select)
+                        flat.cpu(), select, target)

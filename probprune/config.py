@@ -497,6 +497,12 @@ class PruneConfig(_Settings):
         "obs", choices=("mask", "obs"),
         help="which MLP channels the compensated export keeps: the mask's, or as many per layer "
              "chosen by greedy structured OBS on that layer's down_proj input statistics")
+    compensate_target: str = setting(
+        "local", choices=("local", "dense"),
+        help="what the sequential refit matches: local, the dense sublayer's output on the "
+             "pruned model's own inputs; dense, the dense model's residual stream, so each "
+             "refit also corrects the drift the earlier layers left (one more copy of the "
+             "calibration hidden states)")
     compensate_bias: bool = setting(
         False, help="also fit a bias of o_proj and down_proj (the mean shift of the pruned "
                     "inputs); the export's config records it and its modeling file adds it")
@@ -651,7 +657,8 @@ def _run_problem(path: str) -> Problem:
 ExportConfig = _subset(
     "ExportConfig", "What ``probprune-fast export`` needs: a prune run's directory, the new budget, "
                     "and the compensation, device and evaluation fields of :class:`PruneConfig`.",
-    ("sparsity", "compensate", "compensate_select", "compensate_bias", "compensate_damping",
+    ("sparsity", "compensate", "compensate_select", "compensate_target", "compensate_bias",
+     "compensate_damping",
      "compensate_windows", "eval_batch_size", "device", "progress"), {},
     own=(("run", str, setting(help="the --out directory of a prune run (its settings and "
                                    "scores.safetensors)", probe=_run_problem)),
@@ -709,6 +716,15 @@ def _history_holds_a_step(c) -> Problem:
     if c.control_variate and c.cv_history < c.k:
         return (f"--cv-history must hold at least one step's --k samples, got --cv-history "
                 f"{c.cv_history} with --k {c.k}")
+    return None
+
+
+@combination("compensate", "compensate_target")
+def _dense_target_is_sequential(c) -> Problem:
+    if c.compensate_target == "dense" and c.compensate != "sequential":
+        return (f"--compensate-target dense needs --compensate sequential, got --compensate "
+                f"{c.compensate} (with parallel the inputs are the dense model's, so the targets "
+                f"are the local ones)")
     return None
 
 

@@ -380,7 +380,8 @@ def compensate_mask(cfg: PruneConfig, run: Loaded, mask: torch.Tensor, what: str
     result = compensate(run.engine, mask, run.data.pool[: cfg.compensate_windows],
                         mode=cfg.compensate, damping=cfg.compensate_damping,
                         bias=cfg.compensate_bias, batch_size=cfg.eval_batch_size,
-                        progress=cfg.progress, select=cfg.compensate_select)
+                        progress=cfg.progress, select=cfg.compensate_select,
+                        target=cfg.compensate_target)
     log.info("compensation of the %s mask (%s): %.1f s", what, cfg.compensate, result.seconds)
     return result
 

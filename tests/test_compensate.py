@@ -92,8 +92,10 @@ def _duplicate_units(model):
         mlp.up_proj.weight[40:] = mlp.up_proj.weight[:n]
 
 
-@pytest.mark.parametrize("mode", ["parallel", "sequential"])
-def test_refit_restores_the_dense_model_when_pruned_units_are_copies(tiny_model_dirs, mode):
+@pytest.mark.parametrize("mode,target", [("parallel", "local"), ("sequential", "local"),
+                                         ("sequential", "dense")])
+def test_refit_restores_the_dense_model_when_pruned_units_are_copies(tiny_model_dirs, mode,
+                                                                     target):
     model, _ = load_model(tiny_model_dirs["llama"])
     _duplicate_units(model)
     engine = MaskedCausalLM(model)
@@ -105,7 +107,7 @@ def test_refit_restores_the_dense_model_when_pruned_units_are_copies(tiny_model_
     mask = torch.cat([m.heads.flatten(), m.mlp.flatten()])
     assert mask.numel() == units.n_units
     ids = torch.randint(0, model.config.vocab_size, (12, 16))
-    comp = compensate(engine, mask, ids, mode=mode, damping=0.0, progress=False)
+    comp = compensate(engine, mask, ids, mode=mode, damping=0.0, progress=False, target=target)
     test = torch.randint(0, model.config.vocab_size, (3, 16))
     with torch.no_grad():
         dense = model(test).logits
@@ -175,6 +177,110 @@ def test_sequential_statistics_come_from_the_pruned_and_refit_layers_before(tiny
         assert rec["mlp_refit"] <= rec["mlp_bare"] + 1e-9
 
 
+def _explicit_gram(x, t):
+    g = Gram(x.shape[1], x.device, t.shape[1])
+    for xc, tc in zip(x.split(7), t.split(7)):
+        g.add(xc, tc)
+    return g
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_refit_on_explicit_targets_is_least_squares_and_never_worse_than_the_slice(bias):
+    torch.manual_seed(4)
+    x = torch.randn(250, 10) @ torch.randn(10, 10) + torch.randn(10)
+    W = torch.randn(3, 10)
+    t = x @ W.T + torch.randn(250, 3) + 0.5  # a target the dense layer does not produce
+    cols = torch.tensor([0, 1, 4, 6, 9])
+    g = _explicit_gram(x, t)
+    V, c = refit(g, W, cols, 0.0, bias)
+    design = x[:, cols].double()
+    if bias:
+        design = torch.cat([design, torch.ones(250, 1, dtype=torch.float64)], 1)
+    sol = torch.linalg.lstsq(design, t.double()).solution
+    tol = dict(atol=1e-5, rtol=1e-5)  # the Gram's float32 products
+    torch.testing.assert_close(V, sol[:cols.numel()].T, **tol)
+    if bias:
+        torch.testing.assert_close(c, sol[-1], **tol)
+
+    def direct(V, c):
+        approx = x[:, cols].double() @ V.double().T + (0 if c is None else c)
+        return float((t.double() - approx).pow(2).sum() / t.double().pow(2).sum())
+
+    assert relative_error(g, W, cols, V, c) == pytest.approx(direct(V, c), rel=1e-6)
+    assert relative_error(g, W, cols, W[:, cols].double(), None) == pytest.approx(
+        direct(W[:, cols], None), rel=1e-6)
+    for damping in (0.01, 1.0, 100.0):
+        Vd, cd = refit(g, W, cols, damping, bias)
+        assert direct(Vd, cd) <= direct(W[:, cols], None) + 1e-12
+
+
+def test_explicit_local_targets_give_the_implicit_refit():
+    torch.manual_seed(5)
+    x, W, cols = torch.randn(120, 8), torch.randn(4, 8), torch.tensor([0, 3, 5])
+    for bias in (False, True):
+        implicit = refit(_gram(x), W, cols, 0.01, bias)
+        explicit = refit(_explicit_gram(x, x @ W.T), W, cols, 0.01, bias)
+        for a, b in zip(implicit, explicit):
+            if a is not None:
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_the_dense_target_is_the_dense_models_residual_stream(tiny_model_dirs):
+    """Last layer's refit with the dense target = a refit on hook-captured statistics of two
+    independent HF forwards: the compensated model's sublayer inputs and residual stream, and the
+    dense model's residual stream."""
+    model, _ = load_model(tiny_model_dirs["llama"])
+    engine = MaskedCausalLM(model)
+    units = engine.units
+    m = units.split(_masks(units, 3, seed=3)[2].clone())
+    mask = torch.cat([m.heads.flatten(), m.mlp.flatten()])
+    mask_m = units.split(mask)
+    ids = torch.randint(0, model.config.vocab_size, (10, 16))
+    comp = compensate(engine, mask, ids, mode="sequential", damping=0.01, bias=True,
+                      progress=False, target="dense")
+    oracle = _hf_compensated(model, units, mask, comp.weights)
+    last = units.n_layers - 1
+    seen = {"dense": {}, "pruned": {}}
+
+    def capture(net, store):
+        layer = net.model.layers[last]
+        put = lambda key: (lambda mod, inp, out: store.setdefault(key, []).append(  # noqa: E731
+            (inp[0].detach(), out.detach())))
+        return [layer.self_attn.o_proj.register_forward_hook(put("o")),
+                layer.mlp.down_proj.register_forward_hook(put("down")),
+                layer.register_forward_pre_hook(lambda mod, args, kwargs: store.setdefault(
+                    "h", []).append((args[0] if args else kwargs["hidden_states"]).detach()),
+                    with_kwargs=True)]
+
+    hooks = capture(model, seen["dense"]) + capture(oracle, seen["pruned"])
+    with torch.no_grad():
+        for batch in ids.split(8):
+            model(batch)
+            oracle(batch)
+    for h in hooks:
+        h.remove()
+    grams = {}
+    d, p = seen["dense"], seen["pruned"]
+    for i in range(len(d["h"])):
+        hd, hp = d["h"][i], p["h"][i]
+        (_, ya_d), (xa_p, ya_p) = d["o"][i], p["o"][i]
+        (_, ym_d), (xm_p, _) = d["down"][i], p["down"][i]
+        targets = {"attn": (xa_p, hd + ya_d - hp), "mlp": (xm_p, hd + ya_d + ym_d - (hp + ya_p))}
+        for name, (x, t) in targets.items():
+            grams.setdefault(name, Gram(x.shape[-1], "cpu", t.shape[-1])).add(x, t)
+    layer = model.model.layers[last]
+    for name, lin, cols, key in (
+            ("attn", layer.self_attn.o_proj,
+             units.shape.head_columns(mask_m.heads[last].nonzero().flatten()), "self_attn.o_proj"),
+            ("mlp", layer.mlp.down_proj, mask_m.mlp[last].nonzero().flatten(), "mlp.down_proj")):
+        V, c = refit(grams[name], lin.weight, cols, 0.01, True)
+        prefix = f"model.layers.{last}.{key}"
+        torch.testing.assert_close(comp.weights[prefix + ".weight"], V.float(), atol=1e-4,
+                                   rtol=1e-3)
+        torch.testing.assert_close(comp.weights[prefix + ".bias"], c.float(), atol=1e-4,
+                                   rtol=1e-3)
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 def test_a_compensated_export_with_biases_reloads_both_ways(tiny_model_dirs, tmp_path, arch):
     model, tok = load_model(tiny_model_dirs[arch])
@@ -205,11 +311,17 @@ def test_bad_settings_are_named(tiny_model_dirs):
         compensate(engine, mask, ids[:0])
     with pytest.raises(CompensationError, match="one hard model-unit mask"):
         compensate(engine, mask[None], ids)
+    with pytest.raises(CompensationError, match="target must be one of"):
+        compensate(engine, mask, ids, target="global")
+    with pytest.raises(CompensationError, match="dense compensation target needs the sequential"):
+        compensate(engine, mask, ids, mode="parallel", target="dense")
     base = dict(model="smollm2-135m", sparsity=0.3, out="/tmp/x")
     with pytest.raises(ConfigError, match="--compensate-damping"):
         PruneConfig(**base, compensate_damping=-1.0).validate()
     with pytest.raises(ConfigError, match="--compensate-windows"):
         PruneConfig(**base, compensate_windows=0).validate()
+    with pytest.raises(ConfigError, match="--compensate-target dense needs --compensate seq"):
+        PruneConfig(**base, compensate="parallel", compensate_target="dense").validate()
 
 
 # --------------------------------------------------------------------------- OBS channel selection

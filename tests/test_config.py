@@ -24,7 +24,8 @@ SETTINGS_KEYS = [
     "eval_tasks", "tasks_path", "task_limit", "speed_tokens",
     "lr", "min_lr_ratio", "init", "init_temperature", "init_attn_sparsity", "init_windows",
     "channel_block", "attn_units", "budget", "scope", "attn_sparsity", "mlp_sparsity", "prune_layers",
-    "protect_layers", "compensate", "compensate_select", "compensate_bias", "compensate_damping", "compensate_windows",
+    "protect_layers", "compensate", "compensate_select", "compensate_target", "compensate_bias",
+    "compensate_damping", "compensate_windows",
     "select_candidates", "optimizer", "antithetic", "control_variate", "cv_history", "cv_ridge",
     "baseline", "ma_window", "eval_every", "checkpoint_every", "device", "devices", "dtype",
     "backend", "seed", "dist_timeout", "dry_run", "resume", "progress", "stop_after"]
@@ -37,7 +38,8 @@ DEFAULTS = dict(
     mlp_sparsity=None, prune_layers=False, protect_layers=[], baseline="leave-one-out",
     ma_window=5, eval_every=25, checkpoint_every=25, device="cpu", devices=[], dtype="float32", backend=None,
     seed=0, resume=False, progress=True, stop_after=None, window_stride=1,
-    compensate="sequential", compensate_select="obs", compensate_bias=False, compensate_damping=0.01,
+    compensate="sequential", compensate_select="obs", compensate_target="local", compensate_bias=False,
+    compensate_damping=0.01,
     compensate_windows=256, optimizer="sgd", antithetic=False, control_variate=False,
     cv_history=256, cv_ridge=1.0, select_candidates=1, dist_timeout=1800.0,
     dry_run=False, eval_tasks=[], tasks_path=None, task_limit=None)
