@@ -35,7 +35,8 @@ PERPLEXITY_ROWS = (  # report.json's names, in the order a reader compares them
 )
 
 KEY_SETTINGS = ("sparsity", "budget", "scope", "prune_layers", "channel_block", "init", "steps",
-                "k", "lr", "calib", "nsamples", "seqlen", "compensate", "compensate_windows",
+                "k", "lr", "calib", "nsamples", "seqlen", "compensate", "compensate_select",
+                "compensate_target", "compensate_windows",
                 "select_candidates", "seed", "dtype")
 
 
