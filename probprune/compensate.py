@@ -156,7 +156,8 @@ def relative_error(gram: Gram, weight: torch.Tensor, cols: torch.Tensor, V: torc
     err = tt - 2 * (V * cross[cols].T).sum() + ((V @ C[cols][:, cols]) * V).sum()
     if c is not None:
         err = err - 2 * c @ (tmean - V @ mean[cols]) + c @ c
-    return float(err / tt.clamp_min(torch.finfo(torch.float64).tiny))
+    # err is a difference of near-equal terms when the fit is exact: no negative rounding.
+    return float(err.clamp_min(0) / tt.clamp_min(torch.finfo(torch.float64).tiny))
 
 
 def obs_keep(gram: Gram, weight: torch.Tensor, n_keep: int, damping: float) -> torch.Tensor:
