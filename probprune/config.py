@@ -411,7 +411,7 @@ class PruneConfig(_Settings):
     calib: str = setting(
         "wiki-summaries", help="calibration text: wiki-summaries, wikitext2, c4, or a local "
                                ".txt/.jsonl/.json file or folder", resume=True)
-    nsamples: int = setting(256, help="calibration windows the steps draw their batches from",
+    nsamples: int = setting(512, help="calibration windows the steps draw their batches from",
                             check=at_least(1), resume=True)
     val_windows: int = setting(64, help="held-out calibration windows that choose the best hard "
                                         "mask", check=at_least(1), resume=True)
@@ -510,7 +510,7 @@ class PruneConfig(_Settings):
         0.01, help="ridge damping of the refit, as a fraction of the mean diagonal of the kept "
                    "inputs' Gram matrix", check=rule(lambda v: v >= 0, "must be >= 0"))
     compensate_windows: int = setting(
-        256, help="calibration windows the refit's statistics are taken on (the first of the "
+        512, help="calibration windows the refit's statistics are taken on (the first of the "
                   "--nsamples pool; at most that many)",
         check=at_least(1))
     select_candidates: int = setting(

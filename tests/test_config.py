@@ -30,7 +30,7 @@ SETTINGS_KEYS = [
     "baseline", "ma_window", "eval_every", "checkpoint_every", "device", "devices", "dtype",
     "backend", "seed", "dist_timeout", "dry_run", "resume", "progress", "stop_after"]
 DEFAULTS = dict(
-    steps=400, k=2, batch_size=4, seqlen=128, calib="wiki-summaries", nsamples=256,
+    steps=400, k=2, batch_size=4, seqlen=128, calib="wiki-summaries", nsamples=512,
     val_windows=64, eval="wikitext2", eval_file=None, max_eval_windows=None, eval_batch_size=8,
     speed_tokens=32,
     lr=0.01, min_lr_ratio=0.0, init="wanda-sp", init_temperature=0.1, init_attn_sparsity=0.0,
@@ -40,7 +40,7 @@ DEFAULTS = dict(
     seed=0, resume=False, progress=True, stop_after=None, window_stride=1,
     compensate="sequential", compensate_select="obs", compensate_target="local", compensate_bias=False,
     compensate_damping=0.01,
-    compensate_windows=256, optimizer="sgd", antithetic=False, control_variate=False,
+    compensate_windows=512, optimizer="sgd", antithetic=False, control_variate=False,
     cv_history=256, cv_ridge=1.0, select_candidates=1, dist_timeout=1800.0,
     dry_run=False, eval_tasks=[], tasks_path=None, task_limit=None)
 RESUME_KEYS = {"model", "sparsity", "steps", "k", "batch_size", "seqlen", "calib", "nsamples",
