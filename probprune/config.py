@@ -516,7 +516,8 @@ class PruneConfig(_Settings):
     select_candidates: int = setting(
         1, check=at_least(1), resume=True,
         help="compensate the N hard masks with the lowest held-out losses seen (bare slices) and "
-             "export the one whose compensated held-out loss is lowest; 1: the best bare mask")
+             "export the one whose compensated held-out loss is lowest; 1: the best bare mask. "
+             "With compensation on, the init mask always competes too")
     optimizer: str = setting(
         "sgd", choices=("sgd", "adam"), resume=True,
         help="update of the keep-probabilities: sgd (the preconditioned REINFORCE step) or adam "

@@ -343,22 +343,27 @@ def scores_metadata(cfg: PruneConfig, units: UnitSpace) -> dict:
 
 def choose_mask(cfg: PruneConfig, run: Loaded, space: UnitSpace, st: SearchState):
     """The hard model-unit mask to export and its compensation (None without one), and the
-    selection's record: with ``select_candidates`` > 1 and compensation on, every candidate
-    mask is compensated and scored on the held-out windows as the export would be, and the
-    lowest wins; otherwise the best bare mask. Also the init mask's compensation when the
-    selection computed it (None otherwise)."""
-    if cfg.select_candidates == 1 or cfg.compensate == "none" or len(st.candidates) == 1:
+    selection's record. With compensation on, the candidates (the best bare mask, or the
+    ``select_candidates`` best) and the init mask are each compensated and scored on the held-out
+    windows as the export would be, and the lowest wins: the search optimises bare slices, so
+    after compensation the init can be the better mask, and the export is never worse than it on
+    the held-out windows. Also the init mask's compensation (None when not computed)."""
+    best_bare = {"step": st.best_step, "val_loss": st.best_val_loss, "mask": st.best_mask}
+    pool = list(st.candidates) if cfg.select_candidates > 1 and st.candidates else [best_bare]
+    if not any(torch.equal(c["mask"], st.init_mask) for c in pool):
+        pool.append({"step": 0, "val_loss": st.init_val_loss, "mask": st.init_mask})
+    if cfg.compensate == "none" or len(pool) == 1:
         mask = space.expand(st.best_mask.float().cpu()[None])[0].bool()
         return mask, compensate_mask(cfg, run, mask, "pruned"), [], None
     units, best, init_comp = run.engine.units, None, None
     selection = []
-    for c in st.candidates:
+    for c in pool:
         mask = space.expand(c["mask"].float().cpu()[None])[0].bool()
         comp = compensate_mask(cfg, run, mask, f"step {c['step']}")
         model = pruned_model(run.model, units, comp.mask, comp.weights)
         loss = model_nll(model, run.data.val, cfg.eval_batch_size)
         del model
-        if c["step"] == 0:
+        if torch.equal(c["mask"], st.init_mask):
             init_comp = comp  # the report's init-compensated perplexity needs it again
         selection.append({"step": c["step"], "val_loss": c["val_loss"],
                           "val_loss_compensated": loss, "chosen": False})
