@@ -44,6 +44,11 @@ def test_terms_by_hand():
     assert p.terms["search [K/W, B, T]: hidden states x2"] == 2 * tokens * 5120 * 2
     assert p.terms["search [K/W, B, T]: widest layer intermediate"] == 3 * tokens * 13824 * 2
     assert p.terms["compensation: one float64 Gram matrix"] == 13825 ** 2 * 8
+    states = 2 * 128 * 128 * 5120 * 4  # a layer's input and output stream, fp32
+    assert p.terms["compensation: calibration hidden states"] == states
+    dense = plan(c, dtype="bfloat16", k=2, batch_size=8, seqlen=128, compensate="sequential",
+                 compensate_windows=128, compensate_target="dense")
+    assert dense.terms["compensation: calibration hidden states"] == states * 3 // 2
     # Evaluation of a batch of 8 windows: chunked lm_head, never the [8, 128, 32000] logits.
     assert p.terms["evaluation [B, T]: lm_head logit chunk"] == (1 << 24) * 4 + 1024 * 5120 * 2
     assert p.peak == p.terms["weights"] + max(p.phases.values())
