@@ -138,6 +138,23 @@ def _hf_compensated(model, units, mask, weights):
     return model
 
 
+def _assert_last_layer_refit_is(comp, model, units, mask_m, grams):
+    """The compensation's last-layer o_proj / down_proj (damping 0.01, bias) equal a refit on the
+    oracle's statistics ``grams`` ("attn", "mlp")."""
+    last = units.n_layers - 1
+    layer = model.model.layers[last]
+    for name, lin, cols, key in (
+            ("attn", layer.self_attn.o_proj,
+             units.shape.head_columns(mask_m.heads[last].nonzero().flatten()), "self_attn.o_proj"),
+            ("mlp", layer.mlp.down_proj, mask_m.mlp[last].nonzero().flatten(), "mlp.down_proj")):
+        V, c = refit(grams[name], lin.weight, cols, 0.01, True)
+        prefix = f"model.layers.{last}.{key}"
+        torch.testing.assert_close(comp.weights[prefix + ".weight"], V.float(), atol=1e-4,
+                                   rtol=1e-3)
+        torch.testing.assert_close(comp.weights[prefix + ".bias"], c.float(), atol=1e-4,
+                                   rtol=1e-3)
+
+
 def test_sequential_statistics_come_from_the_pruned_and_refit_layers_before(tiny_model_dirs):
     model, _ = load_model(tiny_model_dirs["llama"])
     engine = MaskedCausalLM(model)
@@ -161,17 +178,7 @@ def test_sequential_statistics_come_from_the_pruned_and_refit_layers_before(tiny
             oracle(batch)
     for h in hooks:
         h.remove()
-    layer = model.model.layers[last]
-    for name, lin, cols, key in (
-            ("attn", layer.self_attn.o_proj,
-             units.shape.head_columns(mask_m.heads[last].nonzero().flatten()), "self_attn.o_proj"),
-            ("mlp", layer.mlp.down_proj, mask_m.mlp[last].nonzero().flatten(), "mlp.down_proj")):
-        V, c = refit(grams[name], lin.weight, cols, 0.01, True)
-        prefix = f"model.layers.{last}.{key}"
-        torch.testing.assert_close(comp.weights[prefix + ".weight"], V.float(), atol=1e-4,
-                                   rtol=1e-3)
-        torch.testing.assert_close(comp.weights[prefix + ".bias"], c.float(), atol=1e-4,
-                                   rtol=1e-3)
+    _assert_last_layer_refit_is(comp, model, units, mask_m, grams)
     for rec in comp.layers:  # and the refit never does worse than the slice, layer by layer
         assert rec["attn_refit"] <= rec["attn_bare"] + 1e-9
         assert rec["mlp_refit"] <= rec["mlp_bare"] + 1e-9
@@ -268,17 +275,7 @@ def test_the_dense_target_is_the_dense_models_residual_stream(tiny_model_dirs):
         targets = {"attn": (xa_p, hd + ya_d - hp), "mlp": (xm_p, hd + ya_d + ym_d - (hp + ya_p))}
         for name, (x, t) in targets.items():
             grams.setdefault(name, Gram(x.shape[-1], "cpu", t.shape[-1])).add(x, t)
-    layer = model.model.layers[last]
-    for name, lin, cols, key in (
-            ("attn", layer.self_attn.o_proj,
-             units.shape.head_columns(mask_m.heads[last].nonzero().flatten()), "self_attn.o_proj"),
-            ("mlp", layer.mlp.down_proj, mask_m.mlp[last].nonzero().flatten(), "mlp.down_proj")):
-        V, c = refit(grams[name], lin.weight, cols, 0.01, True)
-        prefix = f"model.layers.{last}.{key}"
-        torch.testing.assert_close(comp.weights[prefix + ".weight"], V.float(), atol=1e-4,
-                                   rtol=1e-3)
-        torch.testing.assert_close(comp.weights[prefix + ".bias"], c.float(), atol=1e-4,
-                                   rtol=1e-3)
+    _assert_last_layer_refit_is(comp, model, units, mask_m, grams)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
