@@ -128,6 +128,10 @@ def cmd_prune(args) -> int:
           + (f" -> pruned (compensated, {config.compensate}) {ppl['pruned']['ppl']:.2f}"
              f" [init compensated: {ppl['init_compensated']['ppl']:.2f}]"
              if "init_compensated" in ppl else ""))
+    chosen = next((c for c in report.get("selection", []) if c["chosen"]), None)
+    if chosen is not None and chosen["step"] == 0:
+        print("exported the init mask: after compensation it beat the searched masks on the "
+              "held-out windows (report.json selection)")
     if "zero_shot" in report:
         from .zero_shot import table
 
