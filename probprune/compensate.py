@@ -90,7 +90,7 @@ class Gram:
         self.rows = 0
         self.xty = torch.zeros(n, targets, **f64) if targets else None
         self.ysum = torch.zeros(targets, **f64) if targets else None
-        self.yty = torch.zeros((), **f64)
+        self.yty = torch.zeros((), **f64) if targets else None
 
     def add(self, x: torch.Tensor, t: Optional[torch.Tensor] = None) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
