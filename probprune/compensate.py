@@ -206,6 +206,8 @@ class Compensation:
     mask: Optional[torch.Tensor] = None  # the model-unit mask the weights belong to
     select: str = "mask"
     target: str = "local"
+    # with keep_grams: state-dict prefix of each refit projection -> its inputs' second moment
+    grams: Optional[Dict[str, torch.Tensor]] = None
 
     def summary(self) -> dict:
         def mean(key):
@@ -252,7 +254,8 @@ class _Stream:
 
 def _sublayer(stream: _Stream, inputs: Callable, kept_inputs: Callable, linear, cols,
               damping: float, bias: bool, fit: bool, sequential: bool, record: dict,
-              name: str, weights: dict, prefix: str, obs: bool = False) -> torch.Tensor:
+              name: str, weights: dict, prefix: str, obs: bool = False,
+              grams: Optional[dict] = None) -> torch.Tensor:
     """Statistics of one sublayer's input, its refit, and the stream moved past it (dense in the
     parallel mode, pruned and refit in the sequential one; the dense stream too, where the stream
     carries one). ``inputs(h)``: the sublayer's full input [M, n]; ``kept_inputs(h)``: its kept
@@ -282,6 +285,8 @@ def _sublayer(stream: _Stream, inputs: Callable, kept_inputs: Callable, linear, 
             stream.batches[i] = h + dense_output(x).view_as(h)
     if not fit:
         return cols
+    if grams is not None:
+        grams[prefix] = gram.moments(centred=False)[0].float()
     if obs:
         # OBS prunes the best full-column fit of the targets: W itself when they are local.
         full = torch.arange(W.shape[1], device=W.device)
@@ -312,10 +317,11 @@ def _sublayer(stream: _Stream, inputs: Callable, kept_inputs: Callable, linear, 
 def compensate(engine: MaskedCausalLM, mask: torch.Tensor, windows: torch.Tensor, *,
                mode: str = "sequential", damping: float = 0.01, bias: bool = False,
                batch_size: int = 8, progress: bool = True, select: str = "mask",
-               target: str = "local") -> Compensation:
+               target: str = "local", keep_grams: bool = False) -> Compensation:
     """Refits o_proj and down_proj of every kept layer for the hard model-unit ``mask`` on the
     calibration ``windows`` [N, T]; returns the refit weights (the model is not changed) and,
-    with ``select="obs"``, the mask of the MLP channels chosen by OBS."""
+    with ``select="obs"``, the mask of the MLP channels chosen by OBS. ``keep_grams``: also the
+    second moment of each refit projection's inputs (float32; all layers' at once)."""
     check_settings(mode, damping, windows.shape[0] if windows.dim() == 2 else 0, select, target)
     if mode == "none":
         raise CompensationError("compensate() called with mode 'none'")
@@ -336,6 +342,7 @@ def compensate(engine: MaskedCausalLM, mask: torch.Tensor, windows: torch.Tensor
     stream = _Stream(engine, windows, batch_size, dense=target == "dense")
     all_kept = {}  # device -> the all-kept compact index lists of heads and channels
     weights: Dict[str, torch.Tensor] = {}
+    grams: Optional[Dict[str, torch.Tensor]] = {} if keep_grams else None
     records: List[dict] = []
     for l in tqdm(range(units.n_layers), desc=f"compensation ({mode})", disable=not progress,
                   unit="layer", leave=False):
@@ -365,10 +372,11 @@ def compensate(engine: MaskedCausalLM, mask: torch.Tensor, windows: torch.Tensor
 
         _sublayer(stream, attn_inputs, lambda h: attn_inputs(h, kept_h), attn.o_proj,
                   shape.query_columns(query_heads), damping, bias, keep, sequential, record, "attn",
-                  weights, f"model.layers.{l}.self_attn.o_proj")
+                  weights, f"model.layers.{l}.self_attn.o_proj", grams=grams)
         chosen = _sublayer(stream, mlp_inputs, lambda h: mlp_inputs(h, kept_c), mlp.down_proj,
                            channels, damping, bias, keep, sequential, record, "mlp", weights,
-                           f"model.layers.{l}.mlp.down_proj", obs=select == "obs" and keep)
+                           f"model.layers.{l}.mlp.down_proj", obs=select == "obs" and keep,
+                           grams=grams)
         if keep:
             m.mlp[l] = False
             m.mlp[l, chosen.to(flat.device)] = True
@@ -380,4 +388,14 @@ def compensate(engine: MaskedCausalLM, mask: torch.Tensor, windows: torch.Tensor
     gram_bytes = 8 * max(shape.intermediate, shape.n_kv_heads * shape.q_per_kv * shape.head_dim) ** 2
     return Compensation(weights, mode, damping, bias, windows.shape[0], seconds,
                         peak_memory_mib(device), (stream_bytes + gram_bytes) / 2**20, records,
-                        flat.cpu(), select, target)
+                        flat.cpu(), select, target, grams)
+
+
+def input_grams(engine: MaskedCausalLM, windows: torch.Tensor, batch_size: int = 8,
+                progress: bool = True) -> Dict[str, torch.Tensor]:
+    """The dense model's second moments of every o_proj's and down_proj's inputs on ``windows``
+    (the parallel mode's statistics), by state-dict prefix: what
+    :meth:`MaskedCausalLM.use_refits` scores masks with."""
+    every = torch.ones(engine.units.n_units, dtype=torch.bool, device=engine.device)
+    return compensate(engine, every, windows, mode="parallel", batch_size=batch_size,
+                      progress=progress, keep_grams=True).grams

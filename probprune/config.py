@@ -518,6 +518,18 @@ class PruneConfig(_Settings):
         help="compensate the N hard masks with the lowest held-out losses seen (bare slices) and "
              "export the one whose compensated held-out loss is lowest; 1: the best bare mask. "
              "With compensation on, the init mask always competes too")
+    search_loss: str = setting(
+        "bare", choices=("bare", "refit"), resume=True,
+        help="what scores each sampled mask: bare, the loss of its slice; refit, its loss after "
+             "a least-squares refit of o_proj and down_proj to its own kept heads and channels "
+             "(the dense model's input statistics on --search-refit-windows windows, with "
+             "--compensate-damping), so the search ranks masks as compensation will leave them; "
+             "costs one Cholesky solve per layer and mask in every step and all layers' input "
+             "second moments in memory")
+    search_refit_windows: int = setting(
+        128, check=at_least(1), resume=True,
+        help="with --search-loss refit: calibration windows of the input statistics (the first "
+             "of the --nsamples pool)")
     optimizer: str = setting(
         "sgd", choices=("sgd", "adam"), resume=True,
         help="update of the keep-probabilities: sgd (the preconditioned REINFORCE step) or adam "
@@ -717,6 +729,14 @@ def _history_holds_a_step(c) -> Problem:
     if c.control_variate and c.cv_history < c.k:
         return (f"--cv-history must hold at least one step's --k samples, got --cv-history "
                 f"{c.cv_history} with --k {c.k}")
+    return None
+
+
+@combination("search_loss", "compensate_damping")
+def _refit_loss_needs_damping(c) -> Problem:
+    if c.search_loss == "refit" and not c.compensate_damping > 0:
+        return (f"--search-loss refit needs --compensate-damping > 0 (each step solves one "
+                f"Cholesky system per layer and mask), got {c.compensate_damping}")
     return None
 
 

@@ -9,12 +9,13 @@ exit at once and the residual passes through.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 
 import probprune_kernels as pk
 from probprune_kernels.layers import MaskedDecoderLayer
+from probprune_kernels.refit import LeastSquaresRefit
 
 from .models import check_supported
 from .placement import layer_devices
@@ -60,6 +61,18 @@ class MaskedCausalLM:
     @property
     def device(self) -> torch.device:
         return self.model.lm_head.weight.device
+
+    def use_refits(self, grams: Optional[Dict[str, torch.Tensor]], damping: float = 0.01) -> None:
+        """With ``grams`` (:func:`probprune.compensate.input_grams`), every mask's loss is the
+        one it has after a least-squares refit of o_proj and down_proj to its own kept heads and
+        channels (:mod:`probprune_kernels.refit`); with None, the bare slice's."""
+        for l, layer in enumerate(self.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            for module, linear, name, group in (
+                    (attn, attn.o_proj, f"model.layers.{l}.self_attn.o_proj", attn.head_dim),
+                    (mlp, mlp.down_proj, f"model.layers.{l}.mlp.down_proj", 1)):
+                module.refit = None if grams is None else LeastSquaresRefit(
+                    linear.weight, grams[name], damping, group)
 
     def _compact(self, masks: torch.Tensor):
         """Index lists of all layers in one launch per unit type ([L, K, ...] each), with the

@@ -6,8 +6,9 @@ the weights; the live activations of a forward at its widest layer (the hidden s
 out, plus the larger of attention's q/k/v/o and the MLP's gate/up/product, all units kept, the
 worst a sampled mask can be) and the lm_head's logit chunk with the normed hidden states it
 reads, for the K-mask search batch and for an evaluation batch (evaluation never builds the full
-logits either, :mod:`probprune.evaluate`); and compensation's calibration hidden states with one
-float64 Gram matrix. The search and the evaluations run one after another, so the peak is the
+logits either, :mod:`probprune.evaluate`); with ``--search-loss refit`` every layer's input second
+moments and one layer's solves during the search; and compensation's calibration hidden states
+with one float64 Gram matrix. The search and the evaluations run one after another, so the peak is the
 weights plus the largest of the three phases.
 """
 from __future__ import annotations
@@ -84,7 +85,8 @@ class MemoryPlan:
 
 def plan(config, *, dtype: str, k: int, batch_size: int, seqlen: int, world_size: int = 1,
          eval_batch_size: int = 8, compensate: str = "none", compensate_windows: int = 0,
-         compensate_target: str = "local", devices: int = 1) -> MemoryPlan:
+         compensate_target: str = "local", devices: int = 1,
+         search_loss: str = "bare", search_refit_windows: int = 0) -> MemoryPlan:
     """``devices``: the devices one rank spreads its layers over (the weights term is then the
     fullest device's share; every device may hold the activations of its layers)."""
     b = DTYPE_BYTES[dtype]
@@ -106,9 +108,25 @@ def plan(config, *, dtype: str, k: int, batch_size: int, seqlen: int, world_size
                 f"{what}: lm_head logit chunk": chunk * 4 + tokens * d * b}
 
     search = forward_terms(km * batch_size * seqlen, "search [K/W, B, T]")
+    if search_loss == "refit":
+        # Every layer's fp32 input second moments (o_proj's, down_proj's) and the W C weights
+        # beside them, on the device holding that layer; and the solve of the widest layer:
+        # K/W Cholesky factors (and the gathered systems) and the solved inputs.
+        layers = -(-config.num_hidden_layers // devices)
+        width = max(inter, heads * hd)
+        search["search refit: input second moments"] = layers * (
+            (inter ** 2 + (heads * hd) ** 2) * 4 + d * (inter + heads * hd) * b)
+        search["search refit: one layer's solves"] = km * (2 * width ** 2 + 2 * batch_size *
+                                                           seqlen * width) * 4
     evaluation = forward_terms(eval_batch_size * seqlen, "evaluation [B, T]")
     terms = {"weights": largest_shard(config, devices) * b, **search, **evaluation}
     phases = {"search": sum(search.values()), "evaluation": sum(evaluation.values())}
+    if search_loss == "refit":
+        # Their collection: a parallel compensation pass (hidden states in and out, one Gram).
+        phases["search refit statistics"] = (
+            search["search refit: input second moments"]
+            + 2 * search_refit_windows * seqlen * d * 4
+            + (max(inter, heads * hd) + 1) ** 2 * 8)
     if compensate != "none":
         # The calibration windows' hidden states (in and out of a layer, fp32; the dense
         # target carries the dense model's stream too) and one float64 Gram matrix of the
@@ -176,4 +194,5 @@ def plan_for(cfg, config, world_size: int = 1, devices: int = 1) -> MemoryPlan:
     return plan(config, dtype=cfg.dtype, k=cfg.k, batch_size=cfg.batch_size, seqlen=cfg.seqlen,
                 world_size=world_size, eval_batch_size=cfg.eval_batch_size,
                 compensate=cfg.compensate, compensate_windows=cfg.compensate_windows,
-                compensate_target=cfg.compensate_target, devices=devices)
+                compensate_target=cfg.compensate_target, devices=devices,
+                search_loss=cfg.search_loss, search_refit_windows=cfg.search_refit_windows)

@@ -23,7 +23,7 @@ from .budget import Budget
 from .config import PruneConfig
 from .data import DataError, calibration_texts, eval_text, random_windows, tokenize_joined
 from .evaluate import masked_nll, masked_perplexity, model_nll, perplexity
-from .compensate import compensate
+from .compensate import compensate, input_grams
 from .distributed import (SINGLE, World, close_world, init_world, local_device, local_devices,
                           world_size_from_env)
 from .export import export_pruned, pruned_model
@@ -192,6 +192,7 @@ def initialize(cfg: PruneConfig, run: Loaded) -> Start:
     init_mask = run.budget.hard_mask(probs)
     init_ppl = masked_perplexity(forward, init_mask, run.eval_ids, desc="init perplexity",
                                  **_ppl_kw(cfg))
+    use_search_loss(cfg, run)  # the held-out losses the search compares are scored its way
     init_val = masked_nll(forward, init_mask, run.data.val, cfg.batch_size)
     fixed = {"settings": cfg.as_dict(), "dense": dense.as_dict(), "init": init_ppl.as_dict(),
              "channel_order": space.channel_order}
@@ -203,9 +204,23 @@ def resume(cfg: PruneConfig, run: Loaded, ckpt: dict, announce: bool = True) -> 
     policy = PolicyState.from_state_dict(ckpt["policy"], run.engine.device)
     if announce:
         log.warning("resuming %s at step %d of %d", cfg.out, policy.step, cfg.steps)
+    use_search_loss(cfg, run)
     fixed = {k: ckpt[k] for k in ("settings", "dense", "init", "channel_order")}
     return Start(run.budget.space.with_order(ckpt["channel_order"]), policy,
                  SearchState.from_dict(ckpt), fixed)
+
+
+def use_search_loss(cfg: PruneConfig, run: Loaded) -> None:
+    """Makes the engine score masks as ``--search-loss`` says (refit: after each mask's own
+    least-squares refit, on the dense model's input statistics)."""
+    if cfg.search_loss != "refit":
+        return
+    t0 = time.perf_counter()
+    grams = input_grams(run.engine, run.data.pool[: cfg.search_refit_windows],
+                        cfg.eval_batch_size, cfg.progress)
+    run.engine.use_refits(grams, cfg.compensate_damping)
+    log.info("search loss: refit (input statistics of %d windows, %.1f s)",
+             min(cfg.search_refit_windows, len(run.data.pool)), time.perf_counter() - t0)
 
 
 def search_masks(cfg: PruneConfig, run: Loaded, start: Start, ckpt,
@@ -244,6 +259,7 @@ def finish(cfg: PruneConfig, run: Loaded, space: UnitSpace, search: Search, fixe
         st.init_probs.float().cpu()]))
     init_mask = init_mask.bool()
     units = run.engine.units
+    run.engine.use_refits(None)  # from here on, bare slices are bare
 
     searched, compensation, selection, init_comp = choose_mask(cfg, run, space, st)
     # the export's mask: the searched one, or its channels as the compensation chose them

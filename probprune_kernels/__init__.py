@@ -11,13 +11,14 @@ from . import dispatch, layers, ops
 from .dispatch import BackendUnavailableError, set_default_backend
 from .dispatch import available_backends as backends
 from .layers import MaskedLinear, MaskedLlamaAttention, MaskedSwiGLUMLP
+from .refit import LeastSquaresRefit
 from .ops import (HeadLists, compact_masks, gather_cols_gemm, gather_rows_gemm,
                   gather_rows_swiglu, head_lists, head_lists_from_groups, lm_head_ce,
                   masked_attention, masked_attention_heads, sample_and_compact, sample_masks)
 
 __all__ = ["dispatch", "layers", "ops", "backends", "set_default_backend",
            "BackendUnavailableError", "MaskedLinear", "MaskedLlamaAttention", "MaskedSwiGLUMLP",
-           "compact_masks", "gather_cols_gemm", "gather_rows_gemm", "gather_rows_swiglu",
+           "LeastSquaresRefit", "compact_masks", "gather_cols_gemm", "gather_rows_gemm", "gather_rows_swiglu",
            "lm_head_ce", "masked_attention", "masked_attention_heads", "sample_and_compact",
            "sample_masks", "HeadLists", "head_lists", "head_lists_from_groups"]
 

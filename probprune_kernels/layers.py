@@ -21,6 +21,10 @@ Each layer has ``forward`` (takes bool masks and compacts them) and ``forward_co
 index lists and counts of :func:`~probprune_kernels.compact_masks`, so a caller that compacts
 all layers' masks in one launch, as the engine does, pays no per-layer compaction).
 
+``layer.refit`` (attention and MLP): a :class:`~probprune_kernels.refit.LeastSquaresRefit` of the
+input-side projection (o_proj, down_proj) makes each mask's output the one its least-squares
+refit to the kept inputs would give, instead of the bare slice; None (the default) is the slice.
+
 The layers are for inference/search (forward only; the ops have no autograd formula).
 """
 from __future__ import annotations
@@ -161,6 +165,7 @@ class MaskedSwiGLUMLP(nn.Module):
         self.backend = backend
         self.hidden_size = gate_proj.in_features
         self.n_units = gate_proj.out_features
+        self.refit = None  # a LeastSquaresRefit of down_proj, or None: the bare slice
 
     @classmethod
     def from_mlp(cls, mlp: nn.Module, backend: Optional[str] = None) -> "MaskedSwiGLUMLP":
@@ -177,8 +182,7 @@ class MaskedSwiGLUMLP(nn.Module):
         K = x.shape[0]
         h = self.channel_outputs(x, idx, counts)
         res = None if residual is None else residual.reshape(K, -1, self.hidden_size)
-        y = ops.gather_cols_gemm(h, self.down_proj.weight, idx, counts, 1, res,
-                                 backend=self.backend, validate=False)
+        y = _read_kept(self, h, self.down_proj.weight, idx, counts, 1, res)
         return _add_bias(y, self.down_proj.bias, layer_keep).reshape(x.shape)
 
     def channel_outputs(self, x: Tensor, idx: Tensor, counts: Tensor) -> Tensor:
@@ -194,6 +198,17 @@ class MaskedSwiGLUMLP(nn.Module):
         masks, x3, lead, _ = _as_masks(mask, self.n_units, x, self.hidden_size)
         idx, counts = ops.compact_masks(masks, capacity, backend=self.backend)
         return self.forward_compact(x3, idx, counts).reshape(*lead, self.hidden_size)
+
+
+def _read_kept(layer: nn.Module, x: Tensor, weight: Tensor, idx: Tensor, counts: Tensor,
+               group: int, residual: Optional[Tensor]) -> Tensor:
+    """The input-side GEMM of a layer over its kept units: the bare slice, or with a
+    :class:`~probprune_kernels.refit.LeastSquaresRefit` attached as ``layer.refit``, each mask's
+    refit output."""
+    if layer.refit is None:
+        return ops.gather_cols_gemm(x, weight, idx, counts, group, residual,
+                                    backend=layer.backend, validate=False)
+    return layer.refit.output(x, weight, idx, counts, residual, layer.backend)
 
 
 def _add_bias(y: Tensor, bias: Optional[Tensor], layer_keep: Optional[Tensor]) -> Tensor:
@@ -261,6 +276,7 @@ class MaskedLlamaAttention(nn.Module):
         self.scale, self.backend, self.units = scale, backend, units
         self.hidden_size = q_proj.in_features
         self.n_units = num_heads if units == "query-head" else num_kv_heads
+        self.refit = None  # a LeastSquaresRefit of o_proj, or None: the bare slice
 
     @classmethod
     def from_hf(cls, attn: nn.Module, config=None, backend: Optional[str] = None,
@@ -291,8 +307,8 @@ class MaskedLlamaAttention(nn.Module):
         K, B, T, d = x.shape
         o = self.head_outputs(x, cos, sin, heads)
         res = None if residual is None else residual.reshape(K, B * T, d)
-        y = ops.gather_cols_gemm(o, self.o_proj.weight, heads.q_idx, heads.q_counts,
-                                 self.head_dim, res, backend=self.backend, validate=False)
+        y = _read_kept(self, o, self.o_proj.weight, heads.q_idx, heads.q_counts, self.head_dim,
+                       res)
         return _add_bias(y, self.o_proj.bias, layer_keep).view(K, B, T, d)
 
     def head_outputs(self, x: Tensor, cos: Tensor, sin: Tensor, heads: ops.HeadLists) -> Tensor:

@@ -26,7 +26,7 @@ SETTINGS_KEYS = [
     "channel_block", "attn_units", "budget", "scope", "attn_sparsity", "mlp_sparsity", "prune_layers",
     "protect_layers", "compensate", "compensate_select", "compensate_target", "compensate_bias",
     "compensate_damping", "compensate_windows",
-    "select_candidates", "optimizer", "antithetic", "control_variate", "cv_history", "cv_ridge",
+    "select_candidates", "search_loss", "search_refit_windows", "optimizer", "antithetic", "control_variate", "cv_history", "cv_ridge",
     "baseline", "ma_window", "eval_every", "checkpoint_every", "device", "devices", "dtype",
     "backend", "seed", "dist_timeout", "dry_run", "resume", "progress", "stop_after"]
 DEFAULTS = dict(
@@ -41,14 +41,15 @@ DEFAULTS = dict(
     compensate="sequential", compensate_select="obs", compensate_target="local", compensate_bias=False,
     compensate_damping=0.01,
     compensate_windows=512, optimizer="sgd", antithetic=False, control_variate=False,
-    cv_history=256, cv_ridge=1.0, select_candidates=1, dist_timeout=1800.0,
+    cv_history=256, cv_ridge=1.0, select_candidates=1, search_loss="bare",
+    search_refit_windows=128, dist_timeout=1800.0,
     dry_run=False, eval_tasks=[], tasks_path=None, task_limit=None)
 RESUME_KEYS = {"model", "sparsity", "steps", "k", "batch_size", "seqlen", "calib", "nsamples",
                "lr", "init", "init_temperature", "init_attn_sparsity", "init_windows", "budget",
                "scope", "attn_sparsity", "mlp_sparsity", "prune_layers", "protect_layers",
                "baseline", "seed", "dtype", "val_windows", "channel_block", "optimizer",
                "antithetic", "control_variate", "cv_history", "cv_ridge",
-               "select_candidates", "attn_units"}
+               "select_candidates", "attn_units", "search_loss", "search_refit_windows"}
 
 
 def _model_dir(path, model_type="llama", weights=None, tokenizer=True):

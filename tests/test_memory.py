@@ -52,6 +52,18 @@ def test_terms_by_hand():
     # Evaluation of a batch of 8 windows: chunked lm_head, never the [8, 128, 32000] logits.
     assert p.terms["evaluation [B, T]: lm_head logit chunk"] == (1 << 24) * 4 + 1024 * 5120 * 2
     assert p.peak == p.terms["weights"] + max(p.phases.values())
+    # The refit-scored search: 40 layers' fp32 second moments of down_proj's and o_proj's
+    # inputs with W C beside them (bf16), and one layer's solves for the 2 masks.
+    refit = plan(c, dtype="bfloat16", k=2, batch_size=8, seqlen=128, search_loss="refit",
+                 search_refit_windows=64)
+    moments = 40 * ((13824 ** 2 + 5120 ** 2) * 4 + 5120 * (13824 + 5120) * 2)
+    assert refit.terms["search refit: input second moments"] == moments
+    assert refit.terms["search refit: one layer's solves"] == 2 * (2 * 13824 ** 2 +
+                                                                   2 * 1024 * 13824) * 4
+    assert refit.phases["search"] == p.phases["search"] + moments + refit.terms[
+        "search refit: one layer's solves"]
+    assert refit.phases["search refit statistics"] == moments + 2 * 64 * 128 * 5120 * 4 + \
+        13825 ** 2 * 8
     # Two ranks each evaluate half the masks.
     half = plan(c, dtype="bfloat16", k=2, batch_size=8, seqlen=128, world_size=2)
     assert half.terms["search [K/W, B, T]: hidden states x2"] == tokens * 5120 * 2

@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from probprune.cli import main
+from probprune.compensate import input_grams
 from probprune.config import PruneConfig
 from probprune.data import DataError
 from probprune.evaluate import masked_nll, model_nll
@@ -59,7 +60,8 @@ def test_the_exported_mask_is_the_best_one_seen(tiny_model_dirs, calib_file, tmp
 
 @pytest.mark.parametrize("block,extra", [
     (1, {}), (5, {}),
-    (5, dict(k=4, antithetic=True, control_variate=True, cv_history=8, optimizer="adam"))])
+    (5, dict(k=4, antithetic=True, control_variate=True, cv_history=8, optimizer="adam")),
+    (1, dict(search_loss="refit", search_refit_windows=6))])
 def test_resume_reproduces_the_uninterrupted_run(tiny_model_dirs, calib_file, tmp_path, block,
                                                  extra):
     model = tiny_model_dirs["llama"]
@@ -80,6 +82,26 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_model_dirs, calib_file, tm
     explained = full["search"]["cv_explained"]
     assert (explained is None) == (not extra.get("control_variate"))
     assert explained is None or explained <= 1
+
+
+def test_a_refit_scored_search_ranks_refit_losses_and_reports_bare_slices(tiny_model_dirs,
+                                                                         calib_file, tmp_path):
+    cfg = settings(tiny_model_dirs["llama"], calib_file, tmp_path / "run", steps=6,
+                   search_loss="refit", search_refit_windows=6)
+    report = prune(cfg)
+    ppl = report["perplexity"]
+    # No compensation at export: the reloaded model is the bare slice the report says it is.
+    assert ppl["pruned"]["ppl"] == pytest.approx(ppl["pruned_bare"]["ppl"], rel=1e-4)
+    model, tok = load_model(cfg.model)
+    data = calibration(tok, cfg)
+    mask = load_file(str(tmp_path / "run" / "masks.safetensors"))["mask"].bool()
+    engine = MaskedCausalLM(model)
+    bare = masked_nll(engine, mask, data.val, cfg.batch_size)
+    engine.use_refits(input_grams(engine, data.pool[:6], cfg.eval_batch_size, False),
+                      cfg.compensate_damping)
+    refit = masked_nll(engine, mask, data.val, cfg.batch_size)
+    assert report["val_loss"]["best"] == pytest.approx(refit, rel=1e-5)
+    assert abs(refit - bare) > 1e-4
 
 
 def test_resume_refuses_changed_settings(tiny_model_dirs, calib_file, tmp_path):
