@@ -61,7 +61,7 @@ class CompensationError(ValueError):
 
 
 def check_settings(mode: str, damping: float, windows: int, select: str = "mask",
-                   target: str = "local") -> None:
+                   target: str = "local", correct_inputs: bool = False) -> None:
     if mode not in MODES:
         raise CompensationError(f"compensation mode must be one of {MODES}, got {mode!r}")
     if target not in TARGETS:
@@ -70,6 +70,9 @@ def check_settings(mode: str, damping: float, windows: int, select: str = "mask"
         raise CompensationError("the dense compensation target needs the sequential mode: in the "
                                 "parallel mode the inputs are the dense model's, so the targets "
                                 "are the local ones")
+    if correct_inputs and mode != "sequential":
+        raise CompensationError("the input correction needs the sequential mode: in the "
+                                "parallel mode the inputs are the dense model's")
     if select not in SELECT:
         raise CompensationError(f"compensation channel selection must be one of {SELECT}, got "
                                 f"{select!r}")
@@ -206,6 +209,7 @@ class Compensation:
     mask: Optional[torch.Tensor] = None  # the model-unit mask the weights belong to
     select: str = "mask"
     target: str = "local"
+    correct_inputs: bool = False
     # with keep_grams: state-dict prefix of each refit projection -> its inputs' second moment
     grams: Optional[Dict[str, torch.Tensor]] = None
 
@@ -214,13 +218,15 @@ class Compensation:
             vals = [r[key] for r in self.layers if key in r]
             return sum(vals) / len(vals) if vals else None
         return {"mode": self.mode, "select": self.select, "target": self.target,
+                "correct_inputs": self.correct_inputs,
                 "damping": self.damping,
                 "bias": self.bias,
                 "windows": self.windows, "seconds": self.seconds,
                 "peak_memory_mib": self.peak_memory_mib,
                 "working_set_mib": self.working_set_mib,
                 "mean_relative_error": {k: mean(k) for k in
-                                        ("attn_bare", "attn_refit", "mlp_bare", "mlp_refit")},
+                                        ("attn_bare", "attn_refit", "mlp_bare", "mlp_refit",
+                                         "attn_drift_left", "mlp_drift_left")},
                 "layers": self.layers}
 
 
@@ -233,14 +239,16 @@ class _Stream:
     """The calibration hidden states [B, T, d] per batch, walked through the layers in place."""
 
     def __init__(self, engine: MaskedCausalLM, windows: torch.Tensor, batch_size: int,
-                 dense: bool = False):
+                 dense: bool = False, dense_target: bool = False):
         inner = engine.model.model
         T = windows.shape[1]
         dev = inner.embed_tokens.weight.device
         self.batches = [inner.embed_tokens(windows[i:i + batch_size].to(dev))
                         for i in range(0, windows.shape[0], batch_size)]
-        # The dense model's stream beside the pruned one (the dense target), else None.
-        self.dense = [h.clone() for h in self.batches] if dense else None
+        # The dense model's stream beside the pruned one (the dense target, the input
+        # correction), else None; dense_target: the refits match it.
+        self.dense = [h.clone() for h in self.batches] if dense or dense_target else None
+        self.dense_target = dense_target
         self.cos, self.sin = inner.rotary_emb(self.batches[0], torch.arange(T, device=dev)[None])
 
     def to(self, device: torch.device) -> None:
@@ -255,25 +263,29 @@ class _Stream:
 def _sublayer(stream: _Stream, inputs: Callable, kept_inputs: Callable, linear, cols,
               damping: float, bias: bool, fit: bool, sequential: bool, record: dict,
               name: str, weights: dict, prefix: str, obs: bool = False,
-              grams: Optional[dict] = None) -> torch.Tensor:
+              grams: Optional[dict] = None,
+              dense_inputs: Optional[Callable] = None) -> torch.Tensor:
     """Statistics of one sublayer's input, its refit, and the stream moved past it (dense in the
     parallel mode, pruned and refit in the sequential one; the dense stream too, where the stream
     carries one). ``inputs(h)``: the sublayer's full input [M, n]; ``kept_inputs(h)``: its kept
     columns, in ``cols`` order. ``obs``: keep as many columns as ``cols`` holds, chosen by
-    :func:`obs_keep`. Returns the kept columns."""
+    :func:`obs_keep`. ``dense_inputs``: the dense model's input function, where the pruned
+    model's differs (the input correction). Returns the kept columns."""
     W, b0 = linear.weight, linear.bias
 
     def dense_output(x):
         y = x @ W.T
         return y if b0 is None else y + b0
 
-    targets = stream.dense is not None
+    targets = stream.dense_target
+    dense_inputs = dense_inputs or inputs
     gram = Gram(W.shape[1], W.device, W.shape[0] if targets else 0) if fit else None
     for i, h in enumerate(stream.batches):
-        t = None
-        if targets:
-            hd = stream.dense[i] + dense_output(inputs(stream.dense[i])).view_as(h)
+        t = hd = None
+        if stream.dense is not None:
+            hd = stream.dense[i] + dense_output(dense_inputs(stream.dense[i])).view_as(h)
             stream.dense[i] = hd
+        if targets:
             # The model's own bias stays in the export, so the refit's share excludes it.
             t = (hd - h).reshape(-1, h.shape[-1]) - (0 if b0 is None else b0)
         if sequential and not fit:
@@ -317,12 +329,15 @@ def _sublayer(stream: _Stream, inputs: Callable, kept_inputs: Callable, linear, 
 def compensate(engine: MaskedCausalLM, mask: torch.Tensor, windows: torch.Tensor, *,
                mode: str = "sequential", damping: float = 0.01, bias: bool = False,
                batch_size: int = 8, progress: bool = True, select: str = "mask",
-               target: str = "local", keep_grams: bool = False) -> Compensation:
+               target: str = "local", keep_grams: bool = False,
+               correct_inputs: bool = False) -> Compensation:
     """Refits o_proj and down_proj of every kept layer for the hard model-unit ``mask`` on the
     calibration ``windows`` [N, T]; returns the refit weights (the model is not changed) and,
     with ``select="obs"``, the mask of the MLP channels chosen by OBS. ``keep_grams``: also the
-    second moment of each refit projection's inputs (float32; all layers' at once)."""
-    check_settings(mode, damping, windows.shape[0] if windows.dim() == 2 else 0, select, target)
+    second moment of each refit projection's inputs (float32; all layers' at once).
+    ``correct_inputs`` (sequential): also refit q/k/v and gate/up by :func:`input_map`."""
+    check_settings(mode, damping, windows.shape[0] if windows.dim() == 2 else 0, select, target,
+                   correct_inputs)
     if mode == "none":
         raise CompensationError("compensate() called with mode 'none'")
     if windows.dim() != 2:
@@ -339,7 +354,8 @@ def compensate(engine: MaskedCausalLM, mask: torch.Tensor, windows: torch.Tensor
     flat = mask.to(device=device, dtype=torch.bool, copy=True)  # the OBS selection edits it
     m = units.split(flat)
     sequential = mode == "sequential"
-    stream = _Stream(engine, windows, batch_size, dense=target == "dense")
+    stream = _Stream(engine, windows, batch_size, dense=correct_inputs,
+                     dense_target=target == "dense")
     all_kept = {}  # device -> the all-kept compact index lists of heads and channels
     weights: Dict[str, torch.Tensor] = {}
     grams: Optional[Dict[str, torch.Tensor]] = {} if keep_grams else None
@@ -363,24 +379,42 @@ def compensate(engine: MaskedCausalLM, mask: torch.Tensor, windows: torch.Tensor
                              _compact(torch.ones(shape.intermediate, device=dev), be))
         all_heads, all_channels = all_kept[dev]
         record = {"layer": l}
+        fix = correct_inputs and keep
 
-        def attn_inputs(h, lists=all_heads):
-            return attn.head_outputs(layer.input_layernorm(h)[None], cos, sin, lists)[0]
+        def attn_inputs(h, lists=all_heads, M=None):
+            x = layer.input_layernorm(h)
+            return attn.head_outputs((x if M is None else x @ M)[None], cos, sin, lists)[0]
 
-        def mlp_inputs(h, idx=all_channels):
-            return mlp.channel_outputs(layer.post_attention_layernorm(h)[None], *idx)[0]
+        def mlp_inputs(h, idx=all_channels, M=None):
+            x = layer.post_attention_layernorm(h)
+            return mlp.channel_outputs((x if M is None else x @ M)[None], *idx)[0]
 
-        _sublayer(stream, attn_inputs, lambda h: attn_inputs(h, kept_h), attn.o_proj,
-                  shape.query_columns(query_heads), damping, bias, keep, sequential, record, "attn",
-                  weights, f"model.layers.{l}.self_attn.o_proj", grams=grams)
-        chosen = _sublayer(stream, mlp_inputs, lambda h: mlp_inputs(h, kept_c), mlp.down_proj,
+        M = input_map(stream, layer.input_layernorm, damping, record, "attn") if fix else None
+        _sublayer(stream, lambda h: attn_inputs(h, M=M), lambda h: attn_inputs(h, kept_h, M),
+                  attn.o_proj, shape.query_columns(query_heads), damping, bias, keep, sequential,
+                  record, "attn", weights, f"model.layers.{l}.self_attn.o_proj", grams=grams,
+                  dense_inputs=attn_inputs)
+        if fix:
+            kv = units.kv_kept(m.heads[l]).nonzero().flatten().to(dev)
+            kv_rows = (kv[:, None] * shape.head_dim + torch.arange(shape.head_dim, device=dev))
+            for name, rows in (("q_proj", shape.query_columns(query_heads)),
+                               ("k_proj", kv_rows.flatten()), ("v_proj", kv_rows.flatten())):
+                _store_mapped(weights, f"model.layers.{l}.self_attn.{name}",
+                              getattr(attn, name), rows, M)
+        M = (input_map(stream, layer.post_attention_layernorm, damping, record, "mlp") if fix
+             else None)
+        chosen = _sublayer(stream, lambda h: mlp_inputs(h, M=M),
+                           lambda h: mlp_inputs(h, kept_c, M), mlp.down_proj,
                            channels, damping, bias, keep, sequential, record, "mlp", weights,
                            f"model.layers.{l}.mlp.down_proj", obs=select == "obs" and keep,
-                           grams=grams)
+                           grams=grams, dense_inputs=mlp_inputs)
+        if fix:
+            for name in ("gate_proj", "up_proj"):
+                _store_mapped(weights, f"model.layers.{l}.mlp.{name}", getattr(mlp, name),
+                              chosen, M)
         if keep:
             m.mlp[l] = False
             m.mlp[l, chosen.to(flat.device)] = True
-        if keep:
             records.append(record)
     seconds = time.perf_counter() - t0
     stream_bytes = sum(h.numel() * h.element_size() for h in stream.batches) * (
@@ -388,7 +422,40 @@ def compensate(engine: MaskedCausalLM, mask: torch.Tensor, windows: torch.Tensor
     gram_bytes = 8 * max(shape.intermediate, shape.n_kv_heads * shape.q_per_kv * shape.head_dim) ** 2
     return Compensation(weights, mode, damping, bias, windows.shape[0], seconds,
                         peak_memory_mib(device), (stream_bytes + gram_bytes) / 2**20, records,
-                        flat.cpu(), select, target, grams)
+                        flat.cpu(), select, target, correct_inputs, grams)
+
+
+def input_map(stream: _Stream, norm, damping: float, record: dict, name: str) -> torch.Tensor:
+    """M [d, d]: the ridge least-squares map of the pruned stream's normed sublayer inputs onto
+    the dense stream's, ``x_dense ~ x_pruned M`` over the calibration tokens, pulled towards the
+    identity: ``M = (G_pp + lambda I)^-1 (G_pd + lambda I)``. The sublayer's input projections
+    then read ``x M``, i.e. their weights become ``W M^T``: they see what the dense model's
+    inputs would have been, as far as a linear map of the pruned ones can tell. Records the share
+    of the input drift ``||x_pruned - x_dense||^2`` left, ``<name>_drift_left``."""
+    d = stream.batches[0].shape[-1]
+    f64 = dict(dtype=torch.float64, device=stream.batches[0].device)
+    pp, pd = torch.zeros(d, d, **f64), torch.zeros(d, d, **f64)
+    dd, before = torch.zeros((), **f64), torch.zeros((), **f64)
+    for h, hd in zip(stream.batches, stream.dense):
+        xp, xd = norm(h).reshape(-1, d).float(), norm(hd).reshape(-1, d).float()
+        pp += (xp.T @ xp).double()
+        pd += (xp.T @ xd).double()
+        dd += (xd * xd).sum().double()
+        before += ((xp - xd) ** 2).sum().double()  # directly: exactly 0 without drift
+    eye = torch.eye(d, **f64)
+    lam = damping * pp.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
+    M = torch.linalg.solve(pp + lam * eye, pd + lam * eye)
+    after = dd - 2 * (M * pd).sum() + ((pp @ M) * M).sum()
+    # No drift (the first layer reads the embeddings in both models): none is left either.
+    record[name + "_drift_left"] = float(after.clamp_min(0) / before) if before > 0 else 0.0
+    return M.to(stream.batches[0].dtype)
+
+
+def _store_mapped(weights: dict, prefix: str, linear, rows: torch.Tensor,
+                  M: torch.Tensor) -> None:
+    """The export's kept rows of an input projection that reads ``x M``: ``W[rows] M^T``."""
+    W = linear.weight
+    weights[prefix + ".weight"] = (W[rows].double() @ M.double().T).to(W.dtype).cpu()
 
 
 def input_grams(engine: MaskedCausalLM, windows: torch.Tensor, batch_size: int = 8,

@@ -503,6 +503,11 @@ class PruneConfig(_Settings):
              "pruned model's own inputs; dense, the dense model's residual stream, so each "
              "refit also corrects the drift the earlier layers left (one more copy of the "
              "calibration hidden states)")
+    compensate_inputs: bool = setting(
+        False, help="with --compensate sequential: also refit each kept layer's q/k/v and "
+                    "gate/up projections so that they read, from the pruned model's normed "
+                    "inputs, what the dense model's would have been (one least-squares d x d map "
+                    "per sublayer; carries the dense model's calibration stream)")
     compensate_bias: bool = setting(
         False, help="also fit a bias of o_proj and down_proj (the mean shift of the pruned "
                     "inputs); the export's config records it and its modeling file adds it")
@@ -670,8 +675,8 @@ def _run_problem(path: str) -> Problem:
 ExportConfig = _subset(
     "ExportConfig", "What ``probprune-fast export`` needs: a prune run's directory, the new budget, "
                     "and the compensation, device and evaluation fields of :class:`PruneConfig`.",
-    ("sparsity", "compensate", "compensate_select", "compensate_target", "compensate_bias",
-     "compensate_damping",
+    ("sparsity", "compensate", "compensate_select", "compensate_target", "compensate_inputs",
+     "compensate_bias", "compensate_damping",
      "compensate_windows", "eval_batch_size", "device", "progress"), {},
     own=(("run", str, setting(help="the --out directory of a prune run (its settings and "
                                    "scores.safetensors)", probe=_run_problem)),
@@ -737,6 +742,15 @@ def _refit_loss_needs_damping(c) -> Problem:
     if c.search_loss == "refit" and not c.compensate_damping > 0:
         return (f"--search-loss refit needs --compensate-damping > 0 (each step solves one "
                 f"Cholesky system per layer and mask), got {c.compensate_damping}")
+    return None
+
+
+@combination("compensate", "compensate_inputs")
+def _input_correction_needs_sequential(c) -> Problem:
+    if c.compensate_inputs and c.compensate != "sequential":
+        return (f"--compensate-inputs needs --compensate sequential, got --compensate "
+                f"{c.compensate} (with parallel the inputs are the dense model's: nothing to "
+                f"correct)")
     return None
 
 

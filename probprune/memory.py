@@ -85,7 +85,7 @@ class MemoryPlan:
 
 def plan(config, *, dtype: str, k: int, batch_size: int, seqlen: int, world_size: int = 1,
          eval_batch_size: int = 8, compensate: str = "none", compensate_windows: int = 0,
-         compensate_target: str = "local", devices: int = 1,
+         compensate_target: str = "local", compensate_inputs: bool = False, devices: int = 1,
          search_loss: str = "bare", search_refit_windows: int = 0) -> MemoryPlan:
     """``devices``: the devices one rank spreads its layers over (the weights term is then the
     fullest device's share; every device may hold the activations of its layers)."""
@@ -131,7 +131,7 @@ def plan(config, *, dtype: str, k: int, batch_size: int, seqlen: int, world_size
         # The calibration windows' hidden states (in and out of a layer, fp32; the dense
         # target carries the dense model's stream too) and one float64 Gram matrix of the
         # widest input (the MLP's channels, and a bias column).
-        copies = 3 if compensate_target == "dense" else 2
+        copies = 3 if compensate_target == "dense" or compensate_inputs else 2
         states = copies * compensate_windows * seqlen * d * 4
         gram = (max(inter, heads * hd) + 1) ** 2 * 8
         terms["compensation: calibration hidden states"] = states
@@ -194,5 +194,6 @@ def plan_for(cfg, config, world_size: int = 1, devices: int = 1) -> MemoryPlan:
     return plan(config, dtype=cfg.dtype, k=cfg.k, batch_size=cfg.batch_size, seqlen=cfg.seqlen,
                 world_size=world_size, eval_batch_size=cfg.eval_batch_size,
                 compensate=cfg.compensate, compensate_windows=cfg.compensate_windows,
-                compensate_target=cfg.compensate_target, devices=devices,
+                compensate_target=cfg.compensate_target,
+                compensate_inputs=cfg.compensate_inputs, devices=devices,
                 search_loss=cfg.search_loss, search_refit_windows=cfg.search_refit_windows)

@@ -36,7 +36,8 @@ PERPLEXITY_ROWS = (  # report.json's names, in the order a reader compares them
 
 KEY_SETTINGS = ("sparsity", "budget", "scope", "prune_layers", "channel_block", "init", "steps",
                 "k", "lr", "calib", "nsamples", "seqlen", "compensate", "compensate_select",
-                "compensate_target", "compensate_windows", "search_loss",
+                "compensate_target", "compensate_windows", "compensate_inputs",
+                "search_loss",
                 "select_candidates", "seed", "dtype")
 
 

@@ -402,7 +402,7 @@ def compensate_mask(cfg: PruneConfig, run: Loaded, mask: torch.Tensor, what: str
                         mode=cfg.compensate, damping=cfg.compensate_damping,
                         bias=cfg.compensate_bias, batch_size=cfg.eval_batch_size,
                         progress=cfg.progress, select=cfg.compensate_select,
-                        target=cfg.compensate_target)
+                        target=cfg.compensate_target, correct_inputs=cfg.compensate_inputs)
     log.info("compensation of the %s mask (%s): %.1f s", what, cfg.compensate, result.seconds)
     return result
 

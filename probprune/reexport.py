@@ -64,7 +64,7 @@ def run_config(cfg: ExportConfig) -> PruneConfig:
     return dataclasses.replace(
         run, sparsity=cfg.sparsity, attn_sparsity=None, mlp_sparsity=None, out=cfg.out,
         compensate=cfg.compensate, compensate_select=cfg.compensate_select,
-        compensate_target=cfg.compensate_target,
+        compensate_target=cfg.compensate_target, compensate_inputs=cfg.compensate_inputs,
         compensate_bias=cfg.compensate_bias,
         compensate_damping=cfg.compensate_damping, compensate_windows=cfg.compensate_windows,
         eval_batch_size=cfg.eval_batch_size, device=cfg.device, progress=cfg.progress,

@@ -2,13 +2,14 @@
 import copy
 import json
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from probprune.compensate import (CompensationError, Gram, compensate, refit,
+from probprune.compensate import (CompensationError, Gram, compensate, input_map, refit,
                                   relative_error)
 from probprune.config import ConfigError, PruneConfig
 from probprune.export import export_pruned, pruned_model
@@ -278,13 +279,17 @@ def test_the_dense_target_is_the_dense_models_residual_stream(tiny_model_dirs):
     _assert_last_layer_refit_is(comp, model, units, mask_m, grams)
 
 
+@pytest.mark.parametrize("correct_inputs", [False, True])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
-def test_a_compensated_export_with_biases_reloads_both_ways(tiny_model_dirs, tmp_path, arch):
+def test_a_compensated_export_with_biases_reloads_both_ways(tiny_model_dirs, tmp_path, arch,
+                                                            correct_inputs):
     model, tok = load_model(tiny_model_dirs[arch])
     engine = MaskedCausalLM(model, include_layers=True)
     mask = _masks(engine.units, 3, seed=0)[0]  # layer 0 keeps no heads
     ids = torch.randint(0, model.config.vocab_size, (8, 16))
-    comp = compensate(engine, mask, ids, mode="sequential", bias=True, progress=False)
+    comp = compensate(engine, mask, ids, mode="sequential", bias=True, progress=False,
+                      correct_inputs=correct_inputs)
+    assert any(k.endswith("up_proj.weight") for k in comp.weights) == correct_inputs
     out = export_pruned(model, tok, engine.units, mask, str(tmp_path), weights=comp.weights)
     layout = json.load(open(os.path.join(out, "config.json")))["probprune_layout"]
     assert any(s.get("down_bias") for s in layout) and any(s.get("o_bias") for s in layout)
@@ -295,6 +300,72 @@ def test_a_compensated_export_with_biases_reloads_both_ways(tiny_model_dirs, tmp
         remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)(test).logits
     torch.testing.assert_close(reloaded, in_memory)
     torch.testing.assert_close(remote, in_memory)
+
+
+def _fake_stream(xp, xd):
+    return SimpleNamespace(batches=list(xp.split(50)), dense=list(xd.split(50)))
+
+
+def test_the_input_map_recovers_a_linear_drift():
+    g = torch.Generator().manual_seed(0)
+    xp = torch.randn(300, 8, generator=g)
+    A = torch.eye(8) + 0.3 * torch.randn(8, 8, generator=g)
+    record = {}
+    M = input_map(_fake_stream(xp, xp @ A), lambda x: x, 1e-9, record, "mlp")
+    torch.testing.assert_close(M, A, atol=1e-4, rtol=1e-4)
+    assert record["mlp_drift_left"] < 1e-8
+    # Damping pulls towards the identity, which leaves all the drift; no damping leaves more.
+    for damping in (0.0, 0.1, 10.0, 1e6):
+        unrelated = torch.randn(300, 8, generator=g)
+        input_map(_fake_stream(xp, unrelated), lambda x: x, damping, record, "attn")
+        assert 0 <= record["attn_drift_left"] <= 1 + 1e-9
+    input_map(_fake_stream(xp, xp @ A), lambda x: x, 1e9, record, "attn")
+    assert record["attn_drift_left"] == pytest.approx(1, abs=1e-6)
+
+
+def test_input_correction_maps_the_pruned_inputs_onto_the_dense_ones(tiny_model_dirs):
+    """Layer 0 reads the embeddings in both models, so its q/k/v are unchanged; the last layer's
+    gate/up become W M^T with M fitted on the post-attention norm outputs of two independent HF
+    forwards (the compensated export's and the dense model's)."""
+    model, _ = load_model(tiny_model_dirs["llama"])
+    engine = MaskedCausalLM(model)
+    units = engine.units
+    mask = _masks(units, 3, seed=3)[2].clone()
+    m = units.split(mask)
+    mask = torch.cat([m.heads.flatten(), m.mlp.flatten()])  # every layer kept
+    ids = torch.randint(0, model.config.vocab_size, (10, 16))
+    comp = compensate(engine, mask, ids, mode="sequential", damping=0.01, progress=False,
+                      correct_inputs=True)
+    hd = units.shape.head_dim
+    kv = units.kv_kept(units.split(comp.mask).heads[0]).nonzero().flatten()
+    kv_rows = (kv[:, None] * hd + torch.arange(hd)).flatten()
+    attn0 = model.model.layers[0].self_attn
+    torch.testing.assert_close(comp.weights["model.layers.0.self_attn.k_proj.weight"],
+                               attn0.k_proj.weight[kv_rows], atol=1e-6, rtol=1e-5)
+    assert comp.layers[0]["attn_drift_left"] == 0
+    last = units.n_layers - 1
+    assert 0 < comp.layers[last]["mlp_drift_left"] < 1
+    inputs = {}
+
+    def keep(name):
+        return lambda mod, inp, out: inputs.setdefault(name, []).append(out.reshape(-1, out.shape[-1]))
+    pruned = pruned_model(model, units, comp.mask, comp.weights)
+    hooks = [pruned.model.layers[last].post_attention_layernorm.register_forward_hook(keep("p")),
+             model.model.layers[last].post_attention_layernorm.register_forward_hook(keep("d"))]
+    with torch.no_grad():
+        for batch in ids.split(8):
+            pruned(batch)
+            model(batch)
+    for h in hooks:
+        h.remove()
+    xp, xd = torch.cat(inputs["p"]).double(), torch.cat(inputs["d"]).double()
+    pp, eye = xp.T @ xp / len(xp), torch.eye(xp.shape[1], dtype=torch.float64)
+    lam = 0.01 * pp.diagonal().mean()
+    M = torch.linalg.solve(pp + lam * eye, xp.T @ xd / len(xp) + lam * eye)
+    chans = units.split(comp.mask).mlp[last].nonzero().flatten()
+    gate = model.model.layers[last].mlp.gate_proj.weight[chans].double()
+    torch.testing.assert_close(comp.weights[f"model.layers.{last}.mlp.gate_proj.weight"].double(),
+                               gate @ M.T, atol=2e-4, rtol=2e-3)
 
 
 def test_bad_settings_are_named(tiny_model_dirs):
@@ -312,6 +383,8 @@ def test_bad_settings_are_named(tiny_model_dirs):
         compensate(engine, mask, ids, target="global")
     with pytest.raises(CompensationError, match="dense compensation target needs the sequential"):
         compensate(engine, mask, ids, mode="parallel", target="dense")
+    with pytest.raises(CompensationError, match="input correction needs the sequential mode"):
+        compensate(engine, mask, ids, mode="parallel", correct_inputs=True)
     base = dict(model="smollm2-135m", sparsity=0.3, out="/tmp/x")
     with pytest.raises(ConfigError, match="--compensate-damping"):
         PruneConfig(**base, compensate_damping=-1.0).validate()
@@ -319,6 +392,8 @@ def test_bad_settings_are_named(tiny_model_dirs):
         PruneConfig(**base, compensate_windows=0).validate()
     with pytest.raises(ConfigError, match="--compensate-target dense needs --compensate seq"):
         PruneConfig(**base, compensate="parallel", compensate_target="dense").validate()
+    with pytest.raises(ConfigError, match="--compensate-inputs needs --compensate sequential"):
+        PruneConfig(**base, compensate="parallel", compensate_inputs=True).validate()
 
 
 # --------------------------------------------------------------------------- OBS channel selection

@@ -69,8 +69,11 @@ def test_all_kept_refit_is_the_dense_layer():
     x = torch.randn(2, 5, 16)
     every = torch.ones(2, 24, dtype=torch.bool)
     dense = mlp(x, every)
+    mixed = every.clone()
+    mixed[1, ::3] = False  # so that the first mask's refit goes through the solve
     mlp.refit = pk.LeastSquaresRefit(mlp.down_proj.weight, C, DAMPING)
     torch.testing.assert_close(mlp(x, every), dense, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(mlp(x, mixed)[0], dense[0], atol=1e-5, rtol=1e-4)
 
 
 @torch.no_grad()
