@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from bench.harness import micro
-from bench.harness.registry import DENSE_MASK, ENGINE, LIMIT, PLANS, engine_case, make_plan
+from bench.harness.registry import DENSE_MASK, ENGINE, LIMIT, PLANS, make_plan, step_case_names
 from bench.harness.run import default_dtype
 from bench.harness.timing import ratio
 
@@ -46,7 +46,7 @@ def pytest_generate_tests(metafunc):
                              ids=[f"{c.group}-{p}" for c, p in params])
     if "step_case" in metafunc.fixturenames:
         device = bench_device(config)
-        names = [DENSE_MASK] + [engine_case(b) for b in micro.bench_backends(device)] + [LIMIT]
+        names = step_case_names(micro.bench_backends(device))
         params = [(s, n) for s in bench_plan(config).settings for n in names]
         metafunc.parametrize("step_case", params,
                              ids=[f"{s.label.replace(' ', '-')}-{n}" for s, n in params])

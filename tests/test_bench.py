@@ -9,9 +9,10 @@ import torch
 
 from bench.harness import cli, e2e, micro, run
 from bench.harness.registry import (BASELINES, DENSE_MASK, LIMIT, MODEL_REGISTRY, Rounds,
-                                    StepSetting, engine_case, llama_config, make_plan)
+                                    StepSetting, engine_case, llama_config, make_plan, refit_case)
 
 ENGINE = engine_case("reference")
+REFIT = refit_case("reference")
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +32,13 @@ def test_step_providers_agree_on_losses(tiny_model, tmp_path):
 
     same = e2e.providers(tiny_model, ids, hard.expand(setting.K, -1), pruned, ["reference"])
     losses = {name: fn() for name, fn in same.items()}
-    assert set(losses) == {DENSE_MASK, ENGINE, LIMIT}
+    assert set(losses) == {DENSE_MASK, ENGINE, REFIT, LIMIT}
     for name in (ENGINE, LIMIT):
         torch.testing.assert_close(losses[name], losses[DENSE_MASK], rtol=1e-5, atol=1e-5,
                                    msg=name)
+    # The refit-scored engine: the same mask K times gives one loss, not the bare slice's.
+    assert torch.allclose(losses[REFIT], losses[REFIT][0].expand(setting.K))
+    assert (losses[REFIT] - losses[ENGINE]).abs().max() > 1e-4
 
     sampled = e2e.providers(tiny_model, ids, masks, pruned, ["reference"])
     a, b = sampled[DENSE_MASK](), sampled[ENGINE]()
@@ -69,6 +73,7 @@ SAMPLES = {
     "torch-sliced": [2.0, 2.5, 1.0],          # median 2
     DENSE_MASK: [10.0, 12.0, 30.0],           # median 12, fastest 10
     ENGINE: [4.0, 6.0, 5.0],                  # median 5, fastest 4
+    REFIT: [9.0, 8.0, 7.0],                   # median 8
     LIMIT: [3.0, 2.0, 8.0],                   # median 3, fastest 2
 }
 RATIO_TO = {"torch-dense": ("vs_dense", 3 / 4), "torch-masked-dense": ("vs_masked_dense", 3 / 5),
@@ -111,14 +116,16 @@ def test_ratios_come_from_the_timings_measured(tmp_path):
     assert all(rounds == micro_rounds for _, rounds in seen[:len(cases)])
 
     (row,) = result["end_to_end"]
-    assert row["time_s"] == {"dense_mask": 12.0, "engine": 5.0, "limit": 3.0}
+    assert row["time_s"] == {"dense_mask": 12.0, "engine": 5.0, "limit": 3.0,
+                             "engine_refit": 8.0}
+    assert row["refit_vs_engine"] == pytest.approx(8 / 5)
     assert row["vs_dense_mask"] == pytest.approx(5 / 12)
     assert row["vs_limit"] == pytest.approx(5 / 3)
     assert row["vs_dense_mask_min"] == pytest.approx(4 / 10)
     assert row["vs_limit_min"] == pytest.approx(4 / 2)
     assert row["limit_vs_dense_mask"] == pytest.approx(3 / 12)
     step_names, step_rounds = seen[-1]
-    assert step_names == {DENSE_MASK, ENGINE, LIMIT}
+    assert step_names == {DENSE_MASK, ENGINE, REFIT, LIMIT}
     # quick: the losses call + 0 more warm-up rounds, then 2 timed repeats of one call each
     assert (step_rounds.warmup, step_rounds.repeats, step_rounds.min_time) == (0, 2, 0.0)
 
@@ -225,6 +232,6 @@ def test_memory_child_measures_every_case(tiny_model, tmp_path):
     s = StepSetting("tiny", 2, 16, 2, 0.5)
     dirs = {0.5: e2e.export_limit(tiny_model, s, str(tmp_path))}
     mem = e2e.memory_in_child([("tiny", ([s], dirs))], ["reference"], "float32", 1)
-    assert set(mem[s]) == {DENSE_MASK, ENGINE, LIMIT}
+    assert set(mem[s]) == {DENSE_MASK, ENGINE, REFIT, LIMIT}
     if os.access("/proc/self/clear_refs", os.W_OK):
         assert all(v is not None and v >= 0 for v in mem[s].values())

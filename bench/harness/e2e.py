@@ -37,14 +37,16 @@ import torch
 
 from probprune.baseline import DenseMaskedLM
 from probprune.budget import Budget
+from probprune.compensate import input_grams
 from probprune.export import export_pruned
 from probprune.forward import MaskedCausalLM
 from probprune.models import load_model, load_pruned
 
 from .registry import DENSE_MASK, LIMIT, StepSetting, engine_case, llama_config, model_shape, \
-    torch_dtype
+    refit_case, torch_dtype
 
 log = logging.getLogger(__name__)
+REFIT_DAMPING = 0.01  # --compensate-damping's default
 
 # the checkout holding the (not installed) bench package, for the memory child's imports
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -121,6 +123,12 @@ def providers(model, ids: torch.Tensor, masks: torch.Tensor, pruned,
     for b in backends:
         engine = MaskedCausalLM(model, backend=b)
         cases[engine_case(b)] = (lambda e: lambda: e.losses(ids, masks))(engine)
+    for b in backends:
+        # Input statistics of the step's own windows: the solves cost the same on any Gram.
+        engine = MaskedCausalLM(model, backend=b)
+        engine.use_refits(input_grams(engine, ids, batch_size=ids.shape[0], progress=False),
+                          REFIT_DAMPING)
+        cases[refit_case(b)] = (lambda e: lambda: e.losses(ids, masks))(engine)
     K = masks.shape[0]
 
     @torch.no_grad()

@@ -11,7 +11,7 @@ Kept free of torch so that building the command line stays cheap.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 
 def _llama(d: int, layers: int, heads: int, kv: int, ffn: int, vocab: int, head_dim: int = None,
@@ -107,17 +107,30 @@ KEEP_INDEPENDENT = ("lm_head_ce",)  # no mask: timed at keep 1.0 only
 #   dense-mask        probprune.baseline.DenseMaskedLM: K dense forwards with the masks
 #                     multiplied into the activations (the paper code's way)
 #   engine-<backend>  probprune.forward.MaskedCausalLM: one K-mask forward
+#   engine-refit-<backend>  the same forward scoring each mask after its own least-squares
+#                     refit of o_proj and down_proj (--search-loss refit)
 #   pruned-limit      K forwards of the physically pruned model of the hard mask: the limit
 DENSE_MASK, ENGINE, LIMIT = "dense-mask", "engine-", "pruned-limit"
+REFIT = ENGINE + "refit-"
 
 
 def engine_case(backend: str) -> str:
     return ENGINE + backend
 
 
+def refit_case(backend: str) -> str:
+    return REFIT + backend
+
+
+def step_case_names(backends: List[str]) -> List[str]:
+    """Every provider of an end-to-end setting, in timing order."""
+    return ([DENSE_MASK] + [engine_case(b) for b in backends] + [refit_case(b) for b in backends]
+            + [LIMIT])
+
+
 def provider_backend(provider: str) -> str:
     """The kernel backend a provider runs on; ``torch`` for the torch baselines."""
-    for prefix in (OURS, K_LAUNCHES, ENGINE):
+    for prefix in (OURS, K_LAUNCHES, REFIT, ENGINE):
         if provider.startswith(prefix):
             return provider[len(prefix):]
     return "torch"

@@ -25,6 +25,8 @@ COLUMNS_E2E = """\
   for the hard mask at that sparsity (`export_pruned` + `load_pruned`): the limit;
 - **b/a** (`vs_dense_mask`, lower is better; target ≤ 0.625 at 50% sparsity, i.e. 1.6× faster)
   and **b/c** (`vs_limit`, target ≤ 1.15): ratios of medians timed side by side;
+- **refit/b** (`refit_vs_engine`): the engine scoring each mask after its own least-squares refit
+  of o_proj and down_proj (`--search-loss refit`) against the bare engine, side by side;
 - **peak MiB a / b / c**: weights the case reads plus the memory one call adds (peak RSS rise in a
   fresh process on the CPU, `torch.cuda.max_memory_allocated` on a GPU);
 - **loss gap**: max |b − a| over the K losses (the two compute the same numbers)."""
@@ -109,8 +111,8 @@ def conditions(result: dict) -> str:
 
 def e2e_table(rows: List[dict]) -> str:
     head = ("| model | params | B×T | K | sparsity | backend | dense-mask (a) s | engine (b) s | "
-            "pruned ×K (c) s | b/a | b/c | peak MiB a / b / c | loss gap |\n"
-            "|---|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---|---:|\n")
+            "pruned ×K (c) s | b/a | b/c | refit/b | peak MiB a / b / c | loss gap |\n"
+            "|---|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---|---:|\n")
     lines = []
     for r in rows:
         t, mem = r["time_s"], r["memory"]
@@ -119,7 +121,8 @@ def e2e_table(rows: List[dict]) -> str:
             f"| {r['model']} | {r['params'] / 1e6:.0f}M | {r['batch']}×{r['seqlen']} | {r['K']} | "
             f"{r['sparsity']:.0%} | {r['backend']} | {_f(t['dense_mask'])} | {_f(t['engine'])} | "
             f"{_f(t['limit'])} | **{_f(r['vs_dense_mask'], '{:.2f}')}** | "
-            f"**{_f(r['vs_limit'], '{:.2f}')}** | {peaks} | {_f(r['loss_gap'], '{:.1e}')} |")
+            f"**{_f(r['vs_limit'], '{:.2f}')}** | {_f(r.get('refit_vs_engine'), '{:.2f}')} | "
+            f"{peaks} | {_f(r['loss_gap'], '{:.1e}')} |")
     return head + "\n".join(lines) + "\n"
 
 

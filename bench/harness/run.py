@@ -20,7 +20,8 @@ from typing import Callable, List, Optional
 import torch
 
 from . import micro
-from .registry import DENSE_MASK, LIMIT, OURS, Plan, StepSetting, engine_case, torch_dtype
+from .registry import (DENSE_MASK, LIMIT, OURS, Plan, StepSetting, engine_case, refit_case,
+                       step_case_names, torch_dtype)
 from .report import machine_info, write_markdown, write_plots
 from .timing import error_text, fastest, median, ratio, time_cases
 
@@ -209,8 +210,9 @@ def _step_rows(s: StepSetting, backends, device, dtype, times, losses, facts, me
         if name not in times:  # it raised: an error record says why
             continue
         t_b = med[name]
+        refit = refit_case(b)
         memory = {case: _memory_entry(facts["weights_mib"][case], mem.get(case))
-                  for case in (DENSE_MASK, name, LIMIT)}
+                  for case in (DENSE_MASK, name, refit, LIMIT) if case in facts["weights_mib"]}
         peak_a, peak_b = memory[DENSE_MASK]["peak_mib"], memory[name]["peak_mib"]
         rows.append({
             "model": s.model, "batch": s.batch, "seqlen": s.seqlen, "K": s.K,
@@ -218,18 +220,21 @@ def _step_rows(s: StepSetting, backends, device, dtype, times, losses, facts, me
             "params": facts["params"], "prunable_params": facts["prunable_params"],
             "pruned_params": facts["pruned_params"], "hard_mask_kept": facts["hard_mask_kept"],
             "sampled_masks_kept": facts["sampled_masks_kept"],
-            "time_s": {"dense_mask": a, "engine": t_b, "limit": c},
+            "time_s": {"dense_mask": a, "engine": t_b, "limit": c,
+                       "engine_refit": med.get(refit, math.nan)},
             "samples_s": {"dense_mask": times.get(DENSE_MASK, []), "engine": times[name],
                           "limit": times.get(LIMIT, [])},
             "vs_dense_mask": ratio(t_b, a),
             "vs_limit": ratio(t_b, c),
+            # --search-loss refit's step against the bare one, side by side
+            "refit_vs_engine": ratio(med.get(refit, math.nan), t_b),
             # the same ratios from the fastest sample of each case: load from other processes
             # only adds time, so these bound what a quiet machine would show
             "vs_dense_mask_min": ratio(low[name], low.get(DENSE_MASK)),
             "vs_limit_min": ratio(low[name], low.get(LIMIT)),
             "limit_vs_dense_mask": ratio(c, a),
             "memory": {"dense_mask": memory[DENSE_MASK], "engine": memory[name],
-                       "limit": memory[LIMIT]},
+                       "engine_refit": memory.get(refit), "limit": memory[LIMIT]},
             "mem_vs_dense_mask": None if peak_a is None or peak_b is None else peak_b / peak_a,
             "loss_gap": _loss_gap(losses, name, DENSE_MASK),
         })
@@ -241,7 +246,7 @@ def _step_rows(s: StepSetting, backends, device, dtype, times, losses, facts, me
 def planned_cases(plan: Plan, device: str) -> dict:
     """What a run of the plan would time (a dry run's record)."""
     backends = micro.bench_backends(device)
-    steps = [DENSE_MASK] + [engine_case(b) for b in backends] + [LIMIT]
+    steps = step_case_names(backends)
     return {"micro": [f"{c.group} {p}" for c, p in micro.micro_params(plan, device)],
             "end_to_end": [f"{s.label} {p}" for s in plan.settings for p in steps]}
 
