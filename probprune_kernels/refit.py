@@ -46,11 +46,10 @@ class LeastSquaresRefit:
         self.damping, self.group = float(damping), group
         self.weight_gram = (weight.float() @ self.gram).to(weight.dtype)  # W C
 
-    def solve(self, x: Tensor, idx: Tensor, counts: Tensor):
-        """(z [K, M, width], lambda [K], width): ``z = x_S A_S^-1`` per mask over the first
-        ``width`` compact columns (the widest mask's; narrower masks are zero beyond theirs)."""
+    def solve(self, x: Tensor, idx: Tensor, counts: Tensor, width: int):
+        """(z [K, M, width], lambda [K]): ``z = x_S A_S^-1`` per mask over the first ``width``
+        compact columns (the widest mask's; narrower masks are zero beyond theirs)."""
         n_valid = counts.long() * self.group
-        width = int(n_valid.max()) if n_valid.numel() else 0  # one sync: the solve's size
         cols = _unit_columns(idx, self.group)[:, :width]
         valid = torch.arange(width, device=x.device) < n_valid[:, None]       # [K, width]
         A = self.gram[cols[:, :, None], cols[:, None, :]]
@@ -59,17 +58,22 @@ class LeastSquaresRefit:
         # Identity on the padding: its inputs are zero, so z is zero there too.
         A.diagonal(dim1=1, dim2=2).add_(torch.where(valid, lam[:, None], 1.0))
         z = _solve_right(x[..., :width].float(), A)
-        return z.to(x.dtype), lam, width
+        return z.to(x.dtype), lam
 
     def output(self, x: Tensor, weight: Tensor, idx: Tensor, counts: Tensor,
                residual: Optional[Tensor] = None, backend: Optional[str] = None) -> Tensor:
         """x [K, M, cap*group] compact inputs (zero beyond counts) -> [K, M, out] (+ residual):
         each mask's refit output, as ``ops.gather_cols_gemm`` gives the bare one."""
-        z, lam, width = self.solve(x, idx, counts)
+        # One sync: the solve's size, and whether there is anything to solve.
+        narrowest, width = (torch.stack([counts.min(), counts.max()]).long() * self.group).tolist()
+        if narrowest == weight.shape[1]:  # every mask keeps every input: the refit is W itself
+            return ops.gather_cols_gemm(x, weight, idx, counts, self.group, residual,
+                                        backend=backend, validate=False)
         if width == 0:  # every mask drops all of this layer's inputs
             K, M = x.shape[:2]
             out = x.new_zeros(K, M, weight.shape[0])
             return out if residual is None else out + residual
+        z, lam = self.solve(x, idx, counts, width)
         idx = idx[:, : width // self.group].contiguous()
         y = ops.gather_cols_gemm(z, self.weight_gram, idx, counts, self.group, residual,
                                  backend=backend, validate=False)
