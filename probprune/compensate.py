@@ -24,6 +24,11 @@ refit also corrects the drift the earlier layers left in the residual stream (th
 is carried along, one more copy of the hidden states). The solve is the same with ``G_S: W^T``
 replaced by ``X_S^T T``; OBS then works on the full-column fit of T.
 
+``correct_inputs`` (sequential): the projections that read each sublayer's input (q/k/v,
+gate/up) are refit too, by one ridge least-squares map of the pruned stream's normed inputs onto
+the dense stream's (:func:`input_map`; their kept rows become ``W M^T``), before the sublayer's
+own refit.
+
 ``select="obs"``: each layer keeps as many MLP channels as the mask gives it, but which ones is
 chosen from the Gram of down_proj's inputs (the stream's, so sequential statistics in the
 sequential mode) by greedy structured Optimal Brain Surgeon (as SlimGPT does for columns):

@@ -7,9 +7,9 @@ out, plus the larger of attention's q/k/v/o and the MLP's gate/up/product, all u
 worst a sampled mask can be) and the lm_head's logit chunk with the normed hidden states it
 reads, for the K-mask search batch and for an evaluation batch (evaluation never builds the full
 logits either, :mod:`probprune.evaluate`); with ``--search-loss refit`` every layer's input second
-moments and one layer's solves during the search; and compensation's calibration hidden states
-with one float64 Gram matrix. The search and the evaluations run one after another, so the peak is the
-weights plus the largest of the three phases.
+moments and one layer's solves during the search, and the pass that collects them; and
+compensation's calibration hidden states with one float64 Gram matrix. The phases run one after
+another, so the peak is the weights plus the largest phase.
 """
 from __future__ import annotations
 
