@@ -168,15 +168,17 @@ def relative_error(gram: Gram, weight: torch.Tensor, cols: torch.Tensor, V: torc
     return float(err.clamp_min(0) / tt.clamp_min(torch.finfo(torch.float64).tiny))
 
 
-def obs_keep(gram: Gram, weight: torch.Tensor, n_keep: int, damping: float) -> torch.Tensor:
+def obs_keep(gram: Gram, weight: torch.Tensor, n_keep: int, damping: float,
+             centred: bool = False) -> torch.Tensor:
     """The ``n_keep`` input columns of ``weight`` [out, in] that greedy structured OBS keeps on
-    the inputs' Gram (ascending, long). Each round drops the block of columns with the smallest
+    the inputs' Gram (ascending, long); ``centred``: on their covariance, the objective of a
+    refit that also fits a bias (a column whose input is near constant then costs nothing). Each round drops the block of columns with the smallest
     error increase ``||W[:, j]||^2 / [H^-1]_jj`` and applies the joint OBS update to the columns
     left: ``W -= W_R (H^-1_RR)^-1 H^-1_R:``, ``H^-1 -= H^-1_:R (H^-1_RR)^-1 H^-1_R:``."""
     n = weight.shape[1]
     if not 0 <= n_keep <= n:
         raise CompensationError(f"cannot keep {n_keep} of {n} columns")
-    H = gram.moments(centred=False)[0].clone()
+    H = gram.moments(centred=centred)[0].clone()
     lam = damping * H.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
     H.diagonal().add_(lam if damping > 0 else 1e-8 * H.diagonal().mean())
     Hinv = torch.linalg.inv(H)
@@ -308,7 +310,7 @@ def _sublayer(stream: _Stream, inputs: Callable, kept_inputs: Callable, linear, 
         # OBS prunes the best full-column fit of the targets: W itself when they are local.
         full = torch.arange(W.shape[1], device=W.device)
         fitted = refit(gram, W, full, damping, False)[0] if targets else W
-        cols = obs_keep(gram, fitted, cols.numel(), damping)
+        cols = obs_keep(gram, fitted, cols.numel(), damping, centred=bias)
         kept_inputs = lambda h: inputs(h)[:, cols]  # noqa: E731
     V, c = refit(gram, W, cols, damping, bias)
     record[name + "_bare"] = relative_error(gram, W, cols, W[:, cols].double(), None)

@@ -447,6 +447,26 @@ def test_obs_keeps_a_set_that_reproduces_dependent_columns():
     assert _refit_error(gram, W, kept) < 1e-8
 
 
+def test_centred_obs_drops_a_constant_column_that_the_bias_carries():
+    """A column whose input is constant (the largest, by far, in the uncentred Gram) costs
+    nothing when the refit fits a bias: centred OBS drops it and the refit with a bias is then
+    exact; uncentred OBS keeps it."""
+    from probprune.compensate import obs_keep
+
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(400, 6, generator=g, dtype=torch.float64)
+    X[:, 2] = 5.0
+    X[:, 5] = X[:, 0] - 0.5 * X[:, 1]  # so that one more column can go exactly
+    W = torch.randn(3, 6, generator=g, dtype=torch.float64)
+    gram = _gram_of(X)
+    kept = obs_keep(gram, W, 4, 1e-10, centred=True)
+    assert 2 not in kept.tolist()
+    V, c = refit(gram, W, kept, 0.0, True)
+    assert relative_error(gram, W, kept, V, c) < 1e-10
+    assert _direct_error(X, W, kept, V, c) < 1e-10
+    assert 2 in obs_keep(gram, W, 4, 1e-10, centred=False).tolist()
+
+
 def test_obs_selection_keeps_each_layers_count_and_the_export_is_its_mask(tiny_model_dirs,
                                                                            tmp_path):
     from probprune.compensate import compensate
