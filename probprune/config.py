@@ -276,8 +276,8 @@ class _Settings:
             hidden = default is MISSING or default is None or default is False or default == []
             shown = "" if hidden else f" (default: {default})"
             kw: Dict[str, Any] = dict(dest=f.name, help=meta["help"] + shown)
-            if f.type is bool:
-                kw["action"] = "store_true"
+            if f.type is bool:  # --flag / --no-flag, whichever way the default goes
+                kw.update(action=argparse.BooleanOptionalAction, default=default)
             elif get_origin(f.type) is list and meta["parse"] is None:  # --flag A --flag B
                 kw.update(action="append", type=get_args(f.type)[0], required=default is MISSING,
                           metavar=flag.lstrip("-").upper())
@@ -509,8 +509,10 @@ class PruneConfig(_Settings):
                     "inputs, what the dense model's would have been (one least-squares d x d map "
                     "per sublayer; carries the dense model's calibration stream)")
     compensate_bias: bool = setting(
-        False, help="also fit a bias of o_proj and down_proj (the mean shift of the pruned "
-                    "inputs); the export's config records it and its modeling file adds it")
+        True, help="also fit a bias of o_proj and down_proj (the mean shift of the pruned "
+                   "inputs; OBS then selects on the inputs' covariance); the export's config "
+                   "records it and its modeling file adds it; --no-compensate-bias refits the "
+                   "weights only")
     compensate_damping: float = setting(
         0.01, help="ridge damping of the refit, as a fraction of the mean diagonal of the kept "
                    "inputs' Gram matrix", check=rule(lambda v: v >= 0, "must be >= 0"))

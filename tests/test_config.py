@@ -39,7 +39,7 @@ DEFAULTS = dict(
     ma_window=5, eval_every=25, checkpoint_every=25, device="cpu", devices=[], dtype="float32", backend=None,
     seed=0, resume=False, progress=True, stop_after=None, window_stride=1,
     compensate="sequential", compensate_select="obs", compensate_target="local", compensate_inputs=False,
-    compensate_bias=False,
+    compensate_bias=True,
     compensate_damping=0.01,
     compensate_windows=512, optimizer="sgd", antithetic=False, control_variate=False,
     cv_history=256, cv_ridge=1.0, select_candidates=1, search_loss="bare",
@@ -284,7 +284,9 @@ def test_flags_defaults_and_help_come_from_the_fields():
     for name, action in actions.items():
         meta = fields[name].metadata
         assert action.help.startswith(meta["help"]), name
-        assert action.option_strings == [PruneConfig.flag(name)]
+        flag = PruneConfig.flag(name)
+        negated = ["--no-" + flag[2:]] if fields[name].type is bool else []
+        assert action.option_strings == [flag] + negated, name
         assert action.choices == meta["choices"]
     spelled = {"eval": "--eval", "max_eval_windows": "--max-windows", "eval_file": "--data-file",
                "batch_size": "--batch-size", "protect_layers": "--protect-layers", "k": "--k"}
@@ -303,6 +305,18 @@ def test_defaults_match_the_settings_before():
     parsed = PruneConfig.from_args(parser.parse_args(["--model", "m", "--sparsity", "0.5",
                                                       "--out", "o"]))
     assert parsed == dataclasses.replace(cfg, device=default_device())
+
+
+def test_a_switch_is_turned_either_way():
+    """Boolean settings take --flag and --no-flag, whichever way their default goes."""
+    parser = argparse.ArgumentParser()
+    add_prune_arguments(parser)
+    base = ["--model", "m", "--sparsity", "0.5", "--out", "o"]
+    parsed = lambda *extra: PruneConfig.from_args(parser.parse_args(base + list(extra)))  # noqa: E731
+    assert parsed().compensate_bias is True and parsed().antithetic is False
+    assert parsed("--no-compensate-bias").compensate_bias is False
+    assert parsed("--antithetic").antithetic is True
+    assert parsed("--antithetic", "--no-antithetic").antithetic is False
 
 
 def test_readme_quick_start_parses_to_the_config():

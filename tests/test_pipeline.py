@@ -151,13 +151,13 @@ def test_cli_prune_then_eval_the_pruned_directory(tiny_model_dirs, calib_file, t
 def test_compensated_run_reports_bare_and_compensated_perplexities(tiny_model_dirs, calib_file,
                                                                     tmp_path):
     report = prune(settings(tiny_model_dirs["llama"], calib_file, tmp_path / "run",
-                            compensate="sequential", compensate_bias=True, compensate_windows=8,
+                            compensate="sequential", compensate_windows=8,
                             window_stride=2))
     ppl = report["perplexity"]
     for name in ("dense", "init", "init_compensated", "pruned_bare", "pruned"):
         assert ppl[name]["stride"] == 2 and ppl[name]["windows"] == ppl["dense"]["windows"], name
     assert ppl["pruned"]["ppl"] != pytest.approx(ppl["pruned_bare"]["ppl"], rel=1e-4)
-    comp = report["compensation"]
+    comp = report["compensation"]  # the bias is fitted by default
     assert (comp["mode"], comp["bias"], comp["windows"]) == ("sequential", True, 8)
     for rec in comp["layers"]:
         assert rec["mlp_refit"] <= rec["mlp_bare"] + 1e-9
