@@ -34,7 +34,8 @@ chosen from the Gram of down_proj's inputs (the stream's, so sequential statisti
 sequential mode) by greedy structured Optimal Brain Surgeon (as SlimGPT does for columns):
 repeatedly drop the channels whose removal, with the best update of the channels left, raises
 the reconstruction error least, ``||W[:, j]||^2 / [H^-1]_jj``, in blocks of at most
-``OBS_BLOCK_COUNT``-th of the removals. The search then decides how many channels each layer
+``OBS_BLOCKS``-th of the removals (on the covariance when a bias is fitted, as the refit
+then is). The search then decides how many channels each layer
 keeps, the layer's own statistics which. The exported mask is the one the weights belong to
 (:attr:`Compensation.mask`).
 
@@ -172,9 +173,10 @@ def obs_keep(gram: Gram, weight: torch.Tensor, n_keep: int, damping: float,
              centred: bool = False) -> torch.Tensor:
     """The ``n_keep`` input columns of ``weight`` [out, in] that greedy structured OBS keeps on
     the inputs' Gram (ascending, long); ``centred``: on their covariance, the objective of a
-    refit that also fits a bias (a column whose input is near constant then costs nothing). Each round drops the block of columns with the smallest
-    error increase ``||W[:, j]||^2 / [H^-1]_jj`` and applies the joint OBS update to the columns
-    left: ``W -= W_R (H^-1_RR)^-1 H^-1_R:``, ``H^-1 -= H^-1_:R (H^-1_RR)^-1 H^-1_R:``."""
+    refit that also fits a bias (a column whose input is near constant then costs nothing). Each
+    round drops the block of columns with the smallest error increase ``||W[:, j]||^2 /
+    [H^-1]_jj`` and applies the joint OBS update to the columns left: ``W -= W_R (H^-1_RR)^-1
+    H^-1_R:``, ``H^-1 -= H^-1_:R (H^-1_RR)^-1 H^-1_R:``."""
     n = weight.shape[1]
     if not 0 <= n_keep <= n:
         raise CompensationError(f"cannot keep {n_keep} of {n} columns")
