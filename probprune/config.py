@@ -415,6 +415,10 @@ class PruneConfig(_Settings):
                             check=at_least(1), resume=True)
     val_windows: int = setting(64, help="held-out calibration windows that choose the best hard "
                                         "mask", check=at_least(1), resume=True)
+    select_windows: int = setting(
+        256, check=at_least(1),
+        help="held-out calibration windows, apart from --val-windows, on which the compensated "
+             "search mask and the compensated init mask compete for the export")
     eval: str = setting(
         "wikitext2", help="evaluation text: wikitext2 (hub, or the local file of --data-file / "
                           "$PROBPRUNE_WIKITEXT2), wiki-summaries (held-out part), or a local "

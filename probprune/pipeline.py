@@ -50,13 +50,17 @@ class StopRequested(KeyboardInterrupt):
 
 @dataclass
 class Calibration:
-    pool: torch.Tensor  # [nsamples, seqlen] windows the steps draw their batches from
-    val: torch.Tensor   # [val_windows, seqlen] held-out windows that pick the best hard mask
+    pool: torch.Tensor    # [nsamples, seqlen] windows the steps draw their batches from
+    val: torch.Tensor     # [val_windows, seqlen] held-out windows that pick the best bare mask
+    select: torch.Tensor  # [select_windows, seqlen] held-out windows the compensated masks
+    #                       compete on, apart from val: the best bare mask won its place on val,
+    #                       so its loss there is biased low against the init's
 
 
 def calibration(tokenizer, cfg: PruneConfig) -> Calibration:
     """Random windows of the calibration text; the tail of the stream is held out, so the
-    best-mask choice never sees windows the search trained on."""
+    best-mask choice never sees windows the search trained on. The tail's first half gives the
+    search's held-out windows, its second half the selection's."""
     ids = tokenize_joined(tokenizer, calibration_texts(cfg.calib))
     n_val_tokens = cfg.val_windows * cfg.seqlen
     need = (cfg.nsamples + cfg.val_windows) * cfg.seqlen
@@ -64,8 +68,10 @@ def calibration(tokenizer, cfg: PruneConfig) -> Calibration:
         raise DataError(f"calibration source {cfg.calib!r} has {ids.numel():,} tokens; "
                         f"{cfg.nsamples} + {cfg.val_windows} windows of {cfg.seqlen} need {need:,}")
     cut = max(ids.numel() - 4 * n_val_tokens, ids.numel() * 9 // 10)
+    half = cut + (ids.numel() - cut) // 2
     return Calibration(random_windows(ids[:cut], cfg.nsamples, cfg.seqlen, cfg.seed),
-                       random_windows(ids[cut:], cfg.val_windows, cfg.seqlen, cfg.seed + 1))
+                       random_windows(ids[cut:half], cfg.val_windows, cfg.seqlen, cfg.seed + 1),
+                       random_windows(ids[half:], cfg.select_windows, cfg.seqlen, cfg.seed + 2))
 
 
 def read_checkpoint(cfg: PruneConfig):
@@ -360,10 +366,10 @@ def scores_metadata(cfg: PruneConfig, units: UnitSpace) -> dict:
 def choose_mask(cfg: PruneConfig, run: Loaded, space: UnitSpace, st: SearchState):
     """The hard model-unit mask to export and its compensation (None without one), and the
     selection's record. With compensation on, the candidates (the best bare mask, or the
-    ``select_candidates`` best) and the init mask are each compensated and scored on the held-out
-    windows as the export would be, and the lowest wins: the search optimises bare slices, so
-    after compensation the init can be the better mask, and the export is never worse than it on
-    the held-out windows. Also the init mask's compensation (None when not computed)."""
+    ``select_candidates`` best) and the init mask are each compensated and scored on the
+    selection windows as the export would be, and the lowest wins: the search optimises bare
+    slices, so after compensation the init can be the better mask, and the export is never worse
+    than it on those windows. Also the init mask's compensation (None when not computed)."""
     best_bare = {"step": st.best_step, "val_loss": st.best_val_loss, "mask": st.best_mask}
     pool = list(st.candidates) if cfg.select_candidates > 1 and st.candidates else [best_bare]
     if not any(torch.equal(c["mask"], st.init_mask) for c in pool):
@@ -377,7 +383,7 @@ def choose_mask(cfg: PruneConfig, run: Loaded, space: UnitSpace, st: SearchState
         mask = space.expand(c["mask"].float().cpu()[None])[0].bool()
         comp = compensate_mask(cfg, run, mask, f"step {c['step']}")
         model = pruned_model(run.model, units, comp.mask, comp.weights)
-        loss = model_nll(model, run.data.val, cfg.eval_batch_size)
+        loss = model_nll(model, run.data.select, cfg.eval_batch_size)
         del model
         if torch.equal(c["mask"], st.init_mask):
             init_comp = comp  # the report's init-compensated perplexity needs it again

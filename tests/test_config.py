@@ -20,7 +20,7 @@ NAN, INF = math.nan, math.inf
 # resume had to match), written out here as the oracle the derived views must reproduce.
 SETTINGS_KEYS = [
     "model", "sparsity", "out", "steps", "k", "batch_size", "seqlen", "calib", "nsamples",
-    "val_windows", "eval", "eval_file", "max_eval_windows", "window_stride", "eval_batch_size",
+    "val_windows", "select_windows", "eval", "eval_file", "max_eval_windows", "window_stride", "eval_batch_size",
     "eval_tasks", "tasks_path", "task_limit", "speed_tokens",
     "lr", "min_lr_ratio", "init", "init_temperature", "init_attn_sparsity", "init_windows",
     "channel_block", "attn_units", "budget", "scope", "attn_sparsity", "mlp_sparsity", "prune_layers",
@@ -31,7 +31,7 @@ SETTINGS_KEYS = [
     "backend", "seed", "dist_timeout", "dry_run", "resume", "progress", "stop_after"]
 DEFAULTS = dict(
     steps=400, k=2, batch_size=4, seqlen=128, calib="wiki-summaries", nsamples=512,
-    val_windows=64, eval="wikitext2", eval_file=None, max_eval_windows=None, eval_batch_size=8,
+    val_windows=64, select_windows=256, eval="wikitext2", eval_file=None, max_eval_windows=None, eval_batch_size=8,
     speed_tokens=32,
     lr=0.01, min_lr_ratio=0.0, init="wanda-sp", init_temperature=0.1, init_attn_sparsity=0.0,
     init_windows=64, channel_block=64, attn_units="kv-group", budget="global", scope="global", attn_sparsity=None,
@@ -137,6 +137,7 @@ BAD = [
     (dict(seqlen=1), "--seqlen must be at least 2, got 1"),
     (dict(nsamples=0), "--nsamples must be at least 1, got 0"),
     (dict(val_windows=0), "--val-windows must be at least 1, got 0"),
+    (dict(select_windows=0), "--select-windows must be at least 1, got 0"),
     (dict(max_eval_windows=0), "--max-windows must be at least 1, got 0"),
     (dict(max_eval_windows=2.0), "--max-windows must be an integer or unset (None), got 2.0"),
     (dict(eval_batch_size=0), "--eval-batch-size must be at least 1, got 0"),

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from probprune.cli import main
 from probprune.compensate import input_grams
 from probprune.config import PruneConfig
-from probprune.data import DataError
+from probprune.data import DataError, calibration_texts, tokenize_joined
 from probprune.evaluate import masked_nll, model_nll
 from probprune.forward import MaskedCausalLM
 from probprune.models import load_model, load_pruned
@@ -56,6 +56,29 @@ def test_the_exported_mask_is_the_best_one_seen(tiny_model_dirs, calib_file, tmp
     val = calibration(tok, cfg).val
     recomputed = masked_nll(MaskedCausalLM(model), mask, val, cfg.batch_size)
     assert recomputed == pytest.approx(best, rel=1e-6)
+
+
+def test_search_selection_and_training_windows_never_overlap(tiny_model_dirs, tmp_path):
+    """The steps' pool, the search's held-out windows and the selection's come from disjoint
+    stretches of the text, in that order: the compensated masks compete on text that neither
+    trained the search nor picked its best mask."""
+    text = tmp_path / "count.txt"
+    text.write_text(" ".join(str(i) for i in range(6000)) + "\n")  # every window is unique
+    cfg = settings(tiny_model_dirs["llama"], str(text), tmp_path / "run", nsamples=40,
+                   val_windows=20, select_windows=30)
+    model, tok = load_model(cfg.model)
+    data = calibration(tok, cfg)
+    ids = tokenize_joined(tok, calibration_texts(cfg.calib))
+    spans = ids.unfold(0, cfg.seqlen, 1)
+
+    def starts(windows):
+        hits = (spans[None] == windows[:, None]).all(-1).nonzero()
+        assert hits[:, 0].tolist() == list(range(len(windows)))  # each found, exactly once
+        return hits[:, 1]
+
+    pool, val, select = starts(data.pool), starts(data.val), starts(data.select)
+    assert (len(pool), len(val), len(select)) == (40, 20, 30)
+    assert pool.max() + cfg.seqlen <= val.min() and val.max() + cfg.seqlen <= select.min()
 
 
 @pytest.mark.parametrize("block,extra", [
@@ -185,7 +208,7 @@ def test_selection_exports_the_candidate_best_after_compensation(tiny_model_dirs
     # The export is that mask with that compensation: its reloaded held-out loss is the chosen one.
     _, tok = load_model(cfg.model)
     reloaded = load_pruned(str(tmp_path / "run"))
-    assert model_nll(reloaded, calibration(tok, cfg).val, cfg.batch_size) == pytest.approx(
+    assert model_nll(reloaded, calibration(tok, cfg).select, cfg.batch_size) == pytest.approx(
         chosen[0]["val_loss_compensated"], rel=1e-5)
 
 
@@ -205,5 +228,5 @@ def test_the_init_mask_competes_after_compensation(tiny_model_dirs, calib_file, 
     assert chosen["val_loss_compensated"] == min(c["val_loss_compensated"] for c in sel)
     _, tok = load_model(cfg.model)
     reloaded = load_pruned(str(tmp_path / "run"))
-    assert model_nll(reloaded, calibration(tok, cfg).val, cfg.batch_size) == pytest.approx(
+    assert model_nll(reloaded, calibration(tok, cfg).select, cfg.batch_size) == pytest.approx(
         chosen["val_loss_compensated"], rel=1e-5)
