@@ -388,7 +388,7 @@ def choose_mask(cfg: PruneConfig, run: Loaded, space: UnitSpace, st: SearchState
         if torch.equal(c["mask"], st.init_mask):
             init_comp = comp  # the report's init-compensated perplexity needs it again
         selection.append({"step": c["step"], "val_loss": c["val_loss"],
-                          "val_loss_compensated": loss, "chosen": False})
+                          "select_loss_compensated": loss, "chosen": False})
         if best is None or loss < best[0]:
             best = (loss, len(selection) - 1, mask, comp)
     selection[best[1]]["chosen"] = True

@@ -204,12 +204,12 @@ def test_selection_exports_the_candidate_best_after_compensation(tiny_model_dirs
     assert sel[0]["val_loss"] == pytest.approx(scored[0], rel=1e-12)  # the bare best is among them
     chosen = [c for c in sel if c["chosen"]]
     assert len(chosen) == 1
-    assert chosen[0]["val_loss_compensated"] == min(c["val_loss_compensated"] for c in sel)
+    assert chosen[0]["select_loss_compensated"] == min(c["select_loss_compensated"] for c in sel)
     # The export is that mask with that compensation: its reloaded held-out loss is the chosen one.
     _, tok = load_model(cfg.model)
     reloaded = load_pruned(str(tmp_path / "run"))
     assert model_nll(reloaded, calibration(tok, cfg).select, cfg.batch_size) == pytest.approx(
-        chosen[0]["val_loss_compensated"], rel=1e-5)
+        chosen[0]["select_loss_compensated"], rel=1e-5)
 
 
 def test_the_init_mask_competes_after_compensation(tiny_model_dirs, calib_file, tmp_path):
@@ -225,8 +225,8 @@ def test_the_init_mask_competes_after_compensation(tiny_model_dirs, calib_file, 
         (held_out["best_step"], pytest.approx(held_out["best"], rel=1e-12)),
         (0, pytest.approx(held_out["init"], rel=1e-12))]
     chosen = next(c for c in sel if c["chosen"])
-    assert chosen["val_loss_compensated"] == min(c["val_loss_compensated"] for c in sel)
+    assert chosen["select_loss_compensated"] == min(c["select_loss_compensated"] for c in sel)
     _, tok = load_model(cfg.model)
     reloaded = load_pruned(str(tmp_path / "run"))
     assert model_nll(reloaded, calibration(tok, cfg).select, cfg.batch_size) == pytest.approx(
-        chosen["val_loss_compensated"], rel=1e-5)
+        chosen["select_loss_compensated"], rel=1e-5)
