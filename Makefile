@@ -30,7 +30,8 @@ $(VENV)/.installed: pyproject.toml setup.py $(shell find csrc -type f 2>/dev/nul
 demo: install
 	$(VENV)/bin/probprune-fast prune --model smollm2-135m --sparsity 0.3 --steps 150 --k 2 \
 		--batch-size 4 --seqlen 128 --calib wiki-summaries --eval wikitext2 --window-stride 32 \
-		--eval-every 50 --compensate-windows 64 --out runs/demo-smollm2-30
+		--eval-every 50 --compensate-windows 64 --select-windows 64 \
+		--out runs/demo-smollm2-30
 
 test: install lint
 	$(PY) -m pytest -q
