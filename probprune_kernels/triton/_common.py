@@ -3,6 +3,7 @@
 Under ``TRITON_INTERPRET=1`` every kernel gets a single small config: the interpreter runs each
 program in numpy, so autotuning (which times every config) would take minutes for nothing.
 """
+import contextlib
 import os
 
 import torch
@@ -37,6 +38,15 @@ def gemm_tile(cnt_ptr, M, N, GROUP, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     return mask_id, pid_n, n_active, offs_m, offs_n
+
+
+def on_device(tensor: torch.Tensor):
+    """Context for a launch on ``tensor``'s device. Triton launches into the *current* CUDA
+    context, so without it a kernel on cuda:1 tensors would run in cuda:0's context (invalid
+    addresses, or a silent cross-device read with peer access)."""
+    if tensor.device.type == "cuda":
+        return torch.cuda.device(tensor.device)
+    return contextlib.nullcontext()
 
 
 def configs(gpu_configs, interpret_config):
