@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .._shapes import group_slots
-from ._common import bucket, configs, dot_precision, dot_upcast, finish, out_dtype
+from ._common import bucket, configs, dot_precision, dot_upcast, finish, on_device, out_dtype
 
 _CONFIGS = configs(
     [
@@ -122,15 +122,17 @@ def masked_attention_heads(q, k, v, q_counts, kv_slot, scale=None):
     def grid(meta):
         return (triton.cdiv(T, meta["BLOCK_M"]), B * hq, K)
 
-    _masked_attention_kernel[grid](
-        q, k, v, q_counts, kv_slot, o, scale * 1.4426950408889634,
-        T, hq, d, bucket(T),
-        q.stride(0), q.stride(1), q.stride(2), q.stride(3),
-        k.stride(0), k.stride(1), k.stride(2), k.stride(3),
-        v.stride(0), v.stride(1), v.stride(2), v.stride(3),
-        o.stride(0), o.stride(1), o.stride(2), o.stride(3),
-        BLOCK_D=block_d, DOT_PRECISION=dot_precision(q.dtype), DOT_UPCAST=dot_upcast(q.dtype),
-    )
+    with on_device(q):
+        _masked_attention_kernel[grid](
+            q, k, v, q_counts, kv_slot, o, scale * 1.4426950408889634,
+            T, hq, d, bucket(T),
+            q.stride(0), q.stride(1), q.stride(2), q.stride(3),
+            k.stride(0), k.stride(1), k.stride(2), k.stride(3),
+            v.stride(0), v.stride(1), v.stride(2), v.stride(3),
+            o.stride(0), o.stride(1), o.stride(2), o.stride(3),
+            BLOCK_D=block_d, DOT_PRECISION=dot_precision(q.dtype),
+            DOT_UPCAST=dot_upcast(q.dtype),
+        )
     return finish(o, q.dtype)
 
 

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ._common import (GEMM_CONFIGS, bucket, dot_precision, dot_upcast, finish, gemm_tile,
-                      out_dtype)
+                      on_device, out_dtype)
 
 
 @triton.autotune(configs=GEMM_CONFIGS, key=["M_BUCKET", "DIN", "N_OUT", "GROUP"])
@@ -40,7 +40,9 @@ def _gather_rows_gemm_kernel(
     """
     mask_id, pid_n, n_active, offs_m, offs_n = gemm_tile(cnt_ptr, M, N_OUT, GROUP, BLOCK_M,
                                                          BLOCK_N, GROUP_M)
-    y_ptrs = y_ptr + mask_id * stride_yk + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    # Row offsets in int64: a mask's [M, width] slab may exceed 2**31 elements.
+    m_rows = offs_m.to(tl.int64)[:, None]
+    y_ptrs = y_ptr + mask_id * stride_yk + m_rows * stride_ym + offs_n[None, :] * stride_yn
     y_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N_OUT)
     if pid_n * BLOCK_N >= n_active:
         # Whole tile beyond this mask's kept units: the compact output is zero there.
@@ -52,7 +54,7 @@ def _gather_rows_gemm_kernel(
     unit = tl.load(idx_ptr + mask_id * stride_ik + offs_n // GROUP, mask=col_ok, other=0)
     rows = unit.to(tl.int64) * GROUP + offs_n % GROUP
     offs_d = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + mask_id * stride_xk + offs_m[:, None] * stride_xm + offs_d[None, :] * stride_xd
+    x_ptrs = x_ptr + mask_id * stride_xk + m_rows * stride_xm + offs_d[None, :] * stride_xd
     w_ptrs = w_ptr + rows[None, :] * stride_wo + offs_d[:, None] * stride_wd  # [BLOCK_K, BLOCK_N]
     m_ok = offs_m[:, None] < M
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -94,16 +96,17 @@ def _launch(x, w, w2, bias, idx, counts, group, swiglu):
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(n_out, meta["BLOCK_N"]), K)
 
-    _gather_rows_gemm_kernel[grid](
-        x, w, w2 if w2 is not None else w, bias if bias is not None else w, idx, counts, y,
-        M, din, n_out, group, bucket(M),
-        x.stride(0), x.stride(1), x.stride(2),
-        w.stride(0), w.stride(1),
-        idx.stride(0),
-        y.stride(0), y.stride(1), y.stride(2),
-        HAS_BIAS=bias is not None, SWIGLU=swiglu, DOT_PRECISION=dot_precision(x.dtype),
-        DOT_UPCAST=dot_upcast(x.dtype),
-    )
+    with on_device(x):
+        _gather_rows_gemm_kernel[grid](
+            x, w, w2 if w2 is not None else w, bias if bias is not None else w, idx, counts, y,
+            M, din, n_out, group, bucket(M),
+            x.stride(0), x.stride(1), x.stride(2),
+            w.stride(0), w.stride(1),
+            idx.stride(0),
+            y.stride(0), y.stride(1), y.stride(2),
+            HAS_BIAS=bias is not None, SWIGLU=swiglu, DOT_PRECISION=dot_precision(x.dtype),
+            DOT_UPCAST=dot_upcast(x.dtype),
+        )
     return finish(y, x.dtype)
 
 

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, configs
+from ._common import INTERPRET, configs, on_device
 
 _CONFIGS = configs(
     [  # one program per mask walks all n units: wider blocks and more warps for wide layers
@@ -80,12 +80,13 @@ def _launch(probs, uniforms, masks, capacity, sample, write_mask, compact):
         probs = probs.to(uniforms.dtype)
     if K > 0:
         m8 = masks.view(torch.uint8)  # bool and uint8 share storage: no copy
-        _sample_compact_kernel[(K,)](
-            probs if sample else m8, uniforms if sample else m8, m8, idx, counts,
-            n, cap,
-            src.stride(0), m8.stride(0), idx.stride(0),
-            SAMPLE=sample, WRITE_MASK=write_mask, COMPACT=compact,
-        )
+        with on_device(src):
+            _sample_compact_kernel[(K,)](
+                probs if sample else m8, uniforms if sample else m8, m8, idx, counts,
+                n, cap,
+                src.stride(0), m8.stride(0), idx.stride(0),
+                SAMPLE=sample, WRITE_MASK=write_mask, COMPACT=compact,
+            )
     return masks, idx, counts
 
 
