@@ -321,11 +321,14 @@ Tensor gather_cols_gemm(const Tensor& h, const Tensor& w, const Tensor& idx, con
   check_grid(K, M);
   c10::cuda::CUDAGuard guard(h.device());
   check_arch(h);
-  const Tensor hc = contig(h), wc = contig(w), ic = contig(idx), cc = contig(counts);
+  // A column-major w (the view wt.t() of a contiguous wt) is read as it is: its gathered
+  // columns are contiguous, the layout group 1 needs for vector loads.
+  const bool w_t = !w.is_contiguous() && w.t().is_contiguous();
+  const Tensor hc = contig(h), wc = w_t ? w : contig(w), ic = contig(idx), cc = contig(counts);
   const auto rc = contig(residual);
   Tensor y = at::empty({K, M, dout}, h.options());
   check_launch(probprune::launch_gather_cols_gemm(
-                   dt, hc.data_ptr(), wc.data_ptr(), ic.data_ptr<int>(), cc.data_ptr<int>(),
+                   dt, hc.data_ptr(), wc.data_ptr(), w_t, ic.data_ptr<int>(), cc.data_ptr<int>(),
                    rc.has_value() ? rc->data_ptr() : nullptr, y.data_ptr(), as_int(K, "K"),
                    as_int(M, "M"), as_int(dout, "out_features"), as_int(w.size(1), "in_features"),
                    cap, as_int(group, "group"), stream_of(h)),

@@ -59,6 +59,14 @@ def check_contiguous(name: str, t: torch.Tensor) -> None:
               f"call .contiguous() first")
 
 
+def check_row_or_column_major(name: str, t: torch.Tensor) -> None:
+    """A matrix the kernels read in either order: contiguous, or the transposed view ``wt.t()``
+    of a contiguous ``wt`` (gather-cols reads its gathered columns as contiguous rows of ``wt``)."""
+    if not (t.is_contiguous() or t.t().is_contiguous()):
+        _fail(f"{name} must be contiguous or the transposed view of a contiguous matrix (got "
+              f"strides {t.stride()} for shape {tuple(t.shape)}); call .contiguous() first")
+
+
 def check_compacted(idx: torch.Tensor, counts: torch.Tensor, n_units: int, K: int,
                     validate_values: bool = True, names=("idx", "counts")) -> int:
     """Checks ``idx [K, n_cap]`` / ``counts [K]`` for ``n_units`` units; returns ``n_cap``.

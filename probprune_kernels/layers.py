@@ -10,7 +10,8 @@ dense module with the pruned units zeroed, and returns the dense module's full o
   the compact ``[K, M, n_cap * group]`` result instead, for chaining into a ``side="in"`` layer.
 * :class:`MaskedLinear` ``side="in"``: input features of pruned units are ignored (as if zeroed);
   the bias is added to every output.
-* :class:`MaskedSwiGLUMLP`: ``down(silu(gate(x)) * up(x) * mask)`` over kept channels.
+* :class:`MaskedSwiGLUMLP`: ``down(silu(gate(x)) * up(x) * mask)`` over kept channels. On the
+  kernel backends it stores the shared down_proj weight column-major (see the class).
 * :class:`MaskedLlamaAttention`: attention with whole KV groups (a KV head and its query heads)
   or single query heads removed, i.e. the dense attention whose pruned heads are zeroed before
   ``o_proj``.
@@ -34,7 +35,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from . import ops
+from . import dispatch, ops
 
 
 def _as_masks(mask: Tensor, n_units: int, x: Tensor, in_features: int, name: str = "mask"):
@@ -152,6 +153,12 @@ class MaskedSwiGLUMLP(nn.Module):
 
     gate/up rows and down columns of kept channels only are read: one fused gather-rows SwiGLU
     launch for gate+up, one gather-cols launch for down.
+
+    down_proj's kept columns are single columns (group 1), which a row-major weight scatters over
+    memory: where gather-cols runs on a kernel backend (triton, cuda) for the weight's device, the
+    layer stores the shared down_proj weight column-major, in place (:func:`column_major`). One
+    copy stays: the dense module reads the same values through the same Parameter, and
+    ``F.linear`` takes either layout.
     """
 
     def __init__(self, gate_proj: nn.Linear, up_proj: nn.Linear, down_proj: nn.Linear,
@@ -163,6 +170,8 @@ class MaskedSwiGLUMLP(nn.Module):
                                  f"gate/up projections only (LLaMA-style, mlp_bias=False)")
         self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
         self.backend = backend
+        if _runs_on_kernels("gather_cols_gemm", down_proj.weight.device, backend):
+            column_major(down_proj.weight)
         self.hidden_size = gate_proj.in_features
         self.n_units = gate_proj.out_features
         self.refit = None  # a LeastSquaresRefit of down_proj, or None: the bare slice
@@ -198,6 +207,26 @@ class MaskedSwiGLUMLP(nn.Module):
         masks, x3, lead, _ = _as_masks(mask, self.n_units, x, self.hidden_size)
         idx, counts = ops.compact_masks(masks, capacity, backend=self.backend)
         return self.forward_compact(x3, idx, counts).reshape(*lead, self.hidden_size)
+
+
+def _runs_on_kernels(op: str, device: torch.device, backend: Optional[str]) -> bool:
+    """True when ``op`` on ``device`` resolves to a kernel backend (not the reference); a backend
+    that cannot run here raises later, at the op, as without the layer."""
+    try:
+        return dispatch.resolve(op, device, backend) != "reference"
+    except dispatch.BackendUnavailableError:
+        return False
+
+
+def column_major(weight: Tensor) -> None:
+    """Stores the matrix ``weight`` [out, in] (a Parameter, or a tensor) column-major in place:
+    ``weight.data`` becomes the transposed view of a contiguous [in, out] tensor, the layout in
+    which gather-cols reads single gathered columns as contiguous rows (vector loads). Same values
+    and shape; the old storage is freed once no one else holds it, so one matrix is copied at a
+    time. A no-op on a matrix already column-major."""
+    if not weight.t().is_contiguous():
+        with torch.no_grad():
+            weight.data = weight.data.t().contiguous().t()
 
 
 def _read_kept(layer: nn.Module, x: Tensor, weight: Tensor, idx: Tensor, counts: Tensor,

@@ -131,14 +131,21 @@ for _op, (_schema, _fake) in _OPS.items():
     _register(_op, _schema, _fake)
 
 
+# Arguments the kernels also read column-major: gather-cols' weight, whose gathered columns are
+# then contiguous (vector loads for group 1, see MaskedSwiGLUMLP).
+_COLUMN_MAJOR_OK = {("gather_cols_gemm", "w")}
+
+
 def _call(op: str, device: torch.device, backend: Optional[str], **args):
     """``torch.ops.probprune.<op>(**args)`` on the backend resolved for ``device``; ``args`` are
     named as in the schema. Kernels (triton, cuda) index raw memory: their tensors must be
-    contiguous."""
+    contiguous (or column-major, for those of ``_COLUMN_MAJOR_OK``)."""
     name = dispatch.resolve(op, device, backend)
     if name != "reference":
         for arg, t in args.items():
-            if isinstance(t, Tensor):
+            if (op, arg) in _COLUMN_MAJOR_OK and isinstance(t, Tensor):
+                _shapes.check_row_or_column_major(arg, t)
+            elif isinstance(t, Tensor):
                 _shapes.check_contiguous(arg, t)
     return getattr(torch.ops.probprune, op)(**args, backend=name)
 
@@ -208,7 +215,10 @@ def gather_cols_gemm(h: Tensor, w: Tensor, idx: Tensor, counts: Tensor, group: i
                      residual: Optional[Tensor] = None, *, backend: Optional[str] = None,
                      validate: bool = True) -> Tensor:
     """y[k] = h[k, :, :counts[k]*group] @ w[:, cols_k].T (+ residual[k]); cols_k the active columns
-    ``idx[k, j]*group + g``. h [K, M, n_cap*group], w [Dout, Din] -> y [K, M, Dout]."""
+    ``idx[k, j]*group + g``. h [K, M, n_cap*group], w [Dout, Din] -> y [K, M, Dout].
+
+    ``w`` may be column-major (``wt.t()`` of a contiguous ``wt`` [Din, Dout]): the layout the
+    kernels read fastest with ``group == 1``, where gathered columns are single columns."""
     _shapes.gather_cols_shape(h, w, idx, counts, group, residual, validate_values=validate)
     return _call("gather_cols_gemm", h.device, backend, h=h, w=w, idx=idx, counts=counts,
                  group=group, residual=residual)

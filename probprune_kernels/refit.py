@@ -44,7 +44,11 @@ class LeastSquaresRefit:
             raise ValueError(f"the weight's {weight.shape[1]} inputs are not units of {group}")
         self.gram = gram.to(device=weight.device, dtype=torch.float32)
         self.damping, self.group = float(damping), group
-        self.weight_gram = (weight.float() @ self.gram).to(weight.dtype)  # W C
+        # W C, in the weight's layout (column-major down_proj: see MaskedSwiGLUMLP)
+        if weight.t().is_contiguous() and not weight.is_contiguous():
+            self.weight_gram = (self.gram.mT @ weight.float().mT).to(weight.dtype).mT
+        else:
+            self.weight_gram = (weight.float() @ self.gram).to(weight.dtype)
 
     def solve(self, x: Tensor, idx: Tensor, counts: Tensor, width: int):
         """(z [K, M, width], lambda [K]): ``z = x_S A_S^-1`` per mask over the first ``width``

@@ -181,10 +181,14 @@ def test_gather_rows_swiglu_emulation(emu, case, dtype, engine):
     (3, 20, 33, 30, 1, "zero", None),
     (3, 66, 30, 90, 1, "ragged", 40),
 ])
-def test_gather_cols_emulation(emu, case, dtype, engine):
+@pytest.mark.parametrize("layout", ["row-major", "column-major"])
+def test_gather_cols_emulation(emu, case, dtype, engine, layout):
+    # column-major: w = wt.t() of a contiguous wt, staged k-major (gemm::chunk_coord_kmajor)
     K, M, dout, n, group, kind, cap = case
     cap_ = n if cap is None else cap
     w = _rand(dout, n * group, dtype=dtype)
+    if layout == "column-major":
+        w = w.t().contiguous().t()
     idx, counts = compact_inputs(K, n, counts_for(kind, K, n if cap is None else cap), cap)
     h = _rand(K, M, cap_ * group, dtype=dtype)
     # entries beyond counts*group are never read: poison them
@@ -194,7 +198,8 @@ def test_gather_cols_emulation(emu, case, dtype, engine):
     for r in (None, residual):
         got = emu.gather_cols_gemm(h, w, idx, counts, group, r, _engine(engine, dtype))
         ref = reference.gather_cols_gemm(h.nan_to_num(0.0), w, idx, counts, group, r)
-        assert_close(got, ref, dtype, msg=f"gather_cols {case} residual={r is not None} {engine}")
+        assert_close(got, ref, dtype,
+                     msg=f"gather_cols {case} residual={r is not None} {engine} {layout}")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -120,6 +120,21 @@ def test_masked_swiglu_mlp(backend, K):
     assert_close(y, dense)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_swiglu_mlp_stores_down_proj_for_gather_cols(backend):
+    """On a kernel backend down_proj's weight becomes column-major in place (gathered columns
+    contiguous), still one Parameter shared with the HF module; the reference leaves it as is."""
+    from transformers.models.llama.modeling_llama import LlamaMLP
+    mlp = LlamaMLP(_llama_config()).to(DEVICE)
+    param, before = mlp.down_proj.weight, mlp.down_proj.weight.detach().clone()
+    mm = MaskedSwiGLUMLP.from_mlp(mlp, backend=backend)
+    w = mm.down_proj.weight
+    assert w is param and mlp.down_proj.weight is param and torch.equal(w, before)
+    assert w.stride() == ((1, HIDDEN) if backend == "triton" else (45, 1))
+    MaskedSwiGLUMLP.from_mlp(mlp, backend=backend)  # a second layer on the same module: no copy
+    assert mlp.down_proj.weight.data_ptr() == w.data_ptr()
+
+
 def test_masked_swiglu_rejects_other_activation():
     from transformers.models.llama.modeling_llama import LlamaMLP
     with pytest.raises(ValueError, match="SiLU"):

@@ -45,7 +45,7 @@ for dt, prec in (("fp16", "tf32"), ("fp32", "ieee")):
 compile_first_config(gather_cols._gather_cols_gemm_kernel,
     dict(h_ptr="*bf16", w_ptr="*bf16", r_ptr="*bf16", idx_ptr="*i32", cnt_ptr="*i32",
          y_ptr="*bf16"),
-    dict(HAS_RESIDUAL=True, DOT_PRECISION="tf32", DOT_UPCAST=False))
+    dict(HAS_RESIDUAL=True, W_COL_MAJOR=True, DOT_PRECISION="tf32", DOT_UPCAST=False))
 done.append("gather_cols bf16 residual")
 for d in (64, 128):
     compile_first_config(attention._masked_attention_kernel,

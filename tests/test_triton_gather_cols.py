@@ -38,6 +38,27 @@ def test_gather_cols_gemm(K, pattern, group, with_residual, cap, dtype):
     assert_close(y, expected, dtype)
 
 
+@gemm_grid
+def test_gather_cols_gemm_column_major_weight(K, pattern, group, cap, dtype):
+    """w as the transposed view of a contiguous [Din, Dout] tensor (how MaskedSwiGLUMLP stores
+    down_proj) is read in place, with the same result."""
+    h, w, idx, counts = _setup(K, pattern, group, dtype, cap)
+    res = torch.randn(K, M, DOUT).to(dtype)
+    h, wt, idx, counts, res = on_device(h, w.t().contiguous(), idx, counts, res)
+    assert wt.t().stride() == (1, DOUT)
+    y = ops.gather_cols_gemm(h, wt.t(), idx, counts, group, res, backend="triton").cpu()
+    expected = reference.gather_cols_gemm(h.cpu().float(), w.float(), idx.cpu(), counts.cpu(),
+                                          group, res.cpu().float()).to(dtype)
+    assert_close(y, expected, dtype)
+
+
+def test_gather_cols_rejects_other_weight_strides():
+    h, w, idx, counts = _setup(3, "mixed", 1, torch.float32, None)
+    w2 = torch.randn(DOUT, 2 * DIN)[:, ::2]  # neither row- nor column-major
+    with pytest.raises(ValueError, match="transposed view"):
+        ops.gather_cols_gemm(*on_device(h, w2, idx, counts), 1, backend="triton")
+
+
 def test_gather_cols_residual_not_modified():
     h, w, idx, counts = _setup(3, "mixed", 3, torch.float32, None)
     h, w, idx, counts, res = on_device(h, w, idx, counts, torch.randn(3, M, DOUT))

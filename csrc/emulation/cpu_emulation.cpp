@@ -113,7 +113,8 @@ struct Smem {
 // load(op, tile_row, reduction_col) -> value of operand op (op -1: A).
 
 // The two smem stages of A and of each B operand, staged the way every thread's fetch + stash
-// does it (gemm::chunk_coord, gemm::smem_offset), each element once per stage.
+// does it (gemm::chunk_coord, gemm::smem_offset; B by gemm::chunk_coord_kmajor down the tile
+// rows when the load says B_KMAJOR, as the kernels' loaders do), each element once per stage.
 template <class Cfg, int NB>
 struct Stages {
   std::vector<Smem> a, b;  // a[buf], b[op * 2 + buf]
@@ -126,11 +127,18 @@ struct Stages {
     for (int tid = 0; tid < Cfg::THREADS; ++tid)
       for (int op = -1; op < NB; ++op) {
         Smem& dst = op < 0 ? a[buf] : b[op * 2 + buf];
+        const bool kmajor = op >= 0 && pp::gemm::BKMajor<Load>::value;
         for (int s = 0; s < (op < 0 ? Cfg::A_CHUNKS : Cfg::B_CHUNKS); ++s) {
           int r, c;
-          pp::gemm::chunk_coord<Cfg>(tid, s, r, c);
-          for (int e = 0; e < Cfg::VEC; ++e)
-            dst.store(pp::gemm::smem_offset<Cfg>(r, c) + e, load(op, r, k0 + c + e));
+          if (kmajor) {
+            pp::gemm::chunk_coord_kmajor<Cfg>(tid, s, r, c);
+            for (int e = 0; e < Cfg::VEC; ++e)
+              dst.store(pp::gemm::smem_offset<Cfg>(r + e, c), load(op, r + e, k0 + c));
+          } else {
+            pp::gemm::chunk_coord<Cfg>(tid, s, r, c);
+            for (int e = 0; e < Cfg::VEC; ++e)
+              dst.store(pp::gemm::smem_offset<Cfg>(r, c) + e, load(op, r, k0 + c + e));
+          }
         }
       }
     a[buf].expect_tile(Cfg::BM, Cfg::BK, Cfg::LDS, "A");
@@ -381,12 +389,22 @@ Tensor emu_gather_rows_swiglu(const Tensor& x, const Tensor& wg, const Tensor& w
 // ------------------------------------------------------------------------------------------------
 // gather-cols GEMM (csrc/kernels/gather_cols.cu)
 
+// A load whose B operand is staged k-major (the kernel's loader with B_KMAJOR).
+template <class Load>
+struct KMajorLoad {
+  static constexpr bool B_KMAJOR = true;
+  Load load;
+  float operator()(int op, int r, int kk) const { return load(op, r, kk); }
+};
+
 template <class Cfg, class Engine>
 Tensor cols_impl(const Tensor& h, const Tensor& w, const Tensor& idx, const Tensor& counts,
                  int group, const std::optional<Tensor>& residual) {
   const int K = h.size(0), M = h.size(1), cap = idx.size(1), dout = w.size(0), din = w.size(1);
   const index_t h_cols = static_cast<index_t>(cap) * group;
-  const auto hv = to_vec(h), wv = to_vec(w);
+  // As the binding: a column-major w is read as its row-major transpose wt [din, dout].
+  const bool w_t = !w.is_contiguous() && w.t().is_contiguous();
+  const auto hv = to_vec(h), wv = to_vec(w_t ? w.t() : w);
   const auto iv = to_ivec(idx), cv = to_ivec(counts);
   std::vector<float> rv;
   if (residual.has_value()) rv = to_vec(*residual);
@@ -409,13 +427,20 @@ Tensor cols_impl(const Tensor& h, const Tensor& w, const Tensor& idx, const Tens
       if (n0 + r >= dout || kk >= live) return 0.0f;
       const int col = pp::gemm::expand_index(idx_k, kk, group);
       if (col < 0 || col >= din) fail("gathered column out of range");
-      return wv[static_cast<index_t>(n0 + r) * din + col];
+      return w_t ? wv[static_cast<index_t>(col) * dout + n0 + r]
+                 : wv[static_cast<index_t>(n0 + r) * din + col];
     };
-    gemm_tile<Engine>(pp::gemm::num_k_tiles(live, Cfg::BK), load, [&](int r, int c, const float* v) {
+    auto epi = [&](int r, int c, const float* v) {
       const int m = m0 + r, n = n0 + c;
       if (m >= M || n >= dout) return;
       out.write(ybase + static_cast<index_t>(m) * dout + n, v[0] + res(m, n));
-    });
+    };
+    const int nk = pp::gemm::num_k_tiles(live, Cfg::BK);
+    if (w_t) {
+      gemm_tile<Engine>(nk, KMajorLoad<decltype(load)>{load}, epi);
+    } else {
+      gemm_tile<Engine>(nk, load, epi);
+    }
   });
   return out.finish({K, M, dout});
 }

@@ -91,6 +91,26 @@ __device__ __forceinline__ void store_chunk(T* dst, const Pack<T, VEC>& p) {
   }
 }
 
+// Stores a chunk down a column of a smem tile with row stride LDS: element e at dst[e * LDS].
+template <typename T, int VEC, int LDS>
+__device__ __forceinline__ void store_chunk_down(T* dst, const Pack<T, VEC>& p) {
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) dst[e * LDS] = p.v[e];
+}
+
+// Elements [n0, n0 + VEC) of row expand_index(idx_k, kk, group) of wt [din, dout] (the gathered
+// column kk of the column-major w = wt^T), zero at and beyond dout and for kk at and beyond
+// `live`. `vec_ok`: wt and its row stride are 16-byte aligned, so (n0 being a multiple of VEC) a
+// chunk inside the row is one vector load.
+template <typename T, int VEC>
+__device__ __forceinline__ Pack<T, VEC> load_gathered_row_chunk(const T* wt, const int* idx_k,
+                                                                int kk, int live, int group,
+                                                                int n0, int dout, bool vec_ok) {
+  if (kk >= live) return zero_pack<T, VEC>();
+  const T* row = wt + static_cast<index_t>(gemm::expand_index(idx_k, kk, group)) * dout;
+  return load_row_chunk<T, VEC>(row, n0, dout, vec_ok);
+}
+
 // Elements [kk0, kk0 + VEC) of the gathered row w_row[expand_index(idx_k, kk, group)] (gather on
 // the reduction dimension), zero at and beyond `live`. With `vec_ok` (group a multiple of VEC,
 // aligned rows) a chunk stays inside one unit, so its columns are contiguous in w_row.

@@ -9,7 +9,11 @@
 // a Loader with
 //   Pack a(int slot, int col) const          A chunk of load slot `slot` at reduction column col
 //   Pack b(int op, int slot, int col) const  B chunk of operand op
-// (the tile row of each slot is fixed: gemm::chunk_coord), and an epilogue functor
+// (the tile row of each slot is fixed: gemm::chunk_coord), optionally
+//   static constexpr bool B_KMAJOR = true     B chunks run down VEC tile rows at reduction column
+//                                            col (gemm::chunk_coord_kmajor), for a B whose rows
+//                                            are strided in memory and its columns contiguous
+// and an epilogue functor
 //   epi(int tile_row, int tile_col, const float* v)   v[op] = accumulated value of operand op.
 // All tile coordinates come from csrc/probprune/gemm_logic.h, shared with the CPU emulation.
 #pragma once
@@ -24,23 +28,27 @@
 namespace probprune {
 namespace dev {
 
-// fn(s, row, col) for each load slot s < N of this thread: the tile row and first column of its
-// chunk (gemm::chunk_coord).
-template <class Cfg, int N, class Fn>
+// fn(s, row, col) for each load slot s < N of this thread: the first tile row and column of its
+// chunk (gemm::chunk_coord, or gemm::chunk_coord_kmajor for KMAJOR chunks).
+template <class Cfg, int N, bool KMAJOR = false, class Fn>
 __device__ __forceinline__ void for_each_slot(const Fn& fn) {
 #pragma unroll
   for (int s = 0; s < N; ++s) {
     int r, c;
-    gemm::chunk_coord<Cfg>(threadIdx.x, s, r, c);
+    if constexpr (KMAJOR) {
+      gemm::chunk_coord_kmajor<Cfg>(threadIdx.x, s, r, c);
+    } else {
+      gemm::chunk_coord<Cfg>(threadIdx.x, s, r, c);
+    }
     fn(s, r, c);
   }
 }
 
 // One source row per load slot of this thread: src[s] = row(tile row of slot s). The kernels
 // set the A rows and the B rows of their Loader with it.
-template <class Cfg, int N, typename P, class Row>
+template <class Cfg, int N, bool KMAJOR = false, typename P, class Row>
 __device__ __forceinline__ void slot_rows(P (&src)[N], const Row& row) {
-  for_each_slot<Cfg, N>([&](int s, int r, int) { src[s] = row(r); });
+  for_each_slot<Cfg, N, KMAJOR>([&](int s, int r, int) { src[s] = row(r); });
 }
 
 // The main loop both engines share: global -> registers -> smem, double-buffered smem with
@@ -51,6 +59,7 @@ template <typename T, class Cfg, int NB, bool ALIGNED, class Loader, class Compu
 __device__ __forceinline__ void pipelined_mainloop(unsigned char* smem, const Loader& ld, int nk,
                                                    const Compute& compute) {
   using Chunk = Pack<T, Cfg::VEC>;
+  constexpr bool B_KMAJOR = gemm::BKMajor<Loader>::value;
   if (nk <= 0) return;
   T* As = reinterpret_cast<T*>(smem);        // [2][A_STAGE]
   T* Bs = As + 2 * Cfg::A_STAGE;             // [NB][2][B_STAGE]
@@ -60,7 +69,7 @@ __device__ __forceinline__ void pipelined_mainloop(unsigned char* smem, const Lo
     a_off[s] = gemm::smem_offset<Cfg>(r, c);
     a_col[s] = c;
   });
-  for_each_slot<Cfg, Cfg::B_CHUNKS>([&](int s, int r, int c) {
+  for_each_slot<Cfg, Cfg::B_CHUNKS, B_KMAJOR>([&](int s, int r, int c) {
     b_off[s] = gemm::smem_offset<Cfg>(r, c);
     b_col[s] = c;
   });
@@ -81,9 +90,14 @@ __device__ __forceinline__ void pipelined_mainloop(unsigned char* smem, const Lo
 #pragma unroll
     for (int op = 0; op < NB; ++op)
 #pragma unroll
-      for (int s = 0; s < Cfg::B_CHUNKS; ++s)
-        store_chunk<T, Cfg::VEC, ALIGNED>(Bs + (op * 2 + buf) * Cfg::B_STAGE + b_off[s],
-                                          rb[op][s]);
+      for (int s = 0; s < Cfg::B_CHUNKS; ++s) {
+        T* dst = Bs + (op * 2 + buf) * Cfg::B_STAGE + b_off[s];
+        if constexpr (B_KMAJOR) {
+          store_chunk_down<T, Cfg::VEC, Cfg::LDS>(dst, rb[op][s]);
+        } else {
+          store_chunk<T, Cfg::VEC, ALIGNED>(dst, rb[op][s]);
+        }
+      }
   };
   fetch(0);
   stash(0);

@@ -14,6 +14,7 @@
 #pragma once
 
 #include <cmath>
+#include <type_traits>
 
 #include "probprune/common.h"
 
@@ -80,6 +81,28 @@ PP_HD void chunk_coord(int tid, int slot, int& row, int& col) {
   row = c / Cfg::CHUNKS_PER_ROW;
   col = (c % Cfg::CHUNKS_PER_ROW) * Cfg::VEC;
 }
+
+// The same slots for a B operand read k-major (gather-cols over a column-major weight, i.e. a
+// row-major wt [Din, Dout]): a chunk is VEC consecutive tile rows (output features, contiguous in
+// wt) at one reduction column `col`. KRUN consecutive threads take KRUN reduction columns and the
+// next KRUN the following chunk of rows, so a warp reads 32/KRUN chunks of each gathered row of wt:
+// whole 32-byte sectors, while its transposed smem stores spread over the banks.
+template <class Cfg>
+PP_HD void chunk_coord_kmajor(int tid, int slot, int& row, int& col) {
+  constexpr int KRUN = Cfg::BK < 16 ? Cfg::BK : 16;
+  constexpr int ROW_CHUNKS = Cfg::BN / Cfg::VEC;
+  static_assert(Cfg::BK % KRUN == 0 && Cfg::BN % Cfg::VEC == 0, "k-major chunks tile B");
+  const int c = slot * Cfg::THREADS + tid;
+  const int run = c / KRUN;
+  row = (run % ROW_CHUNKS) * Cfg::VEC;
+  col = (run / ROW_CHUNKS) * KRUN + c % KRUN;
+}
+
+// Loader::B_KMAJOR (B staged with chunk_coord_kmajor), false for a loader that does not define it.
+template <class L, class = void>
+struct BKMajor : std::false_type {};
+template <class L>
+struct BKMajor<L, std::void_t<decltype(L::B_KMAJOR)>> : std::bool_constant<L::B_KMAJOR> {};
 
 // smem element offset of a tile element (row-major, stride LDS) in a stage.
 template <class Cfg>

@@ -37,10 +37,11 @@ cudaError_t launch_gather_rows_swiglu(DType dt, const void* x, const void* w_gat
                                       int K, int M, int Din, int capacity, cudaStream_t stream);
 
 // h [K, M, capacity * group], w [Dout, Din], residual [K, M, Dout] or null -> y [K, M, Dout].
-cudaError_t launch_gather_cols_gemm(DType dt, const void* h, const void* w, const int* idx,
-                                    const int* counts, const void* residual, void* y, int K,
-                                    int M, int Dout, int Din, int capacity, int group,
-                                    cudaStream_t stream);
+// w_t: w is column-major, i.e. the pointer holds a row-major wt [Din, Dout].
+cudaError_t launch_gather_cols_gemm(DType dt, const void* h, const void* w, bool w_t,
+                                    const int* idx, const int* counts, const void* residual,
+                                    void* y, int K, int M, int Dout, int Din, int capacity,
+                                    int group, cudaStream_t stream);
 
 // q [K, B, T, Hq, D], k / v [K, B, T, Hkv, D], q_counts [K] active query slots, kv_slot [K, Hq]
 // the KV head of each active slot (in [0, Hkv); inactive entries are not read)
