@@ -51,9 +51,19 @@ def on_device(tensor: torch.Tensor):
 
 def configs(gpu_configs, interpret_config):
     """``gpu_configs`` (a list of (meta dict, num_warps, num_stages)) on a GPU, one config when
-    interpreting."""
+    interpreting.
+
+    ``PROBPRUNE_TRITON_AUTOTUNE=first`` keeps only the first GPU config, so nothing is tuned: a
+    test run on a fresh GPU (bench/gpu_check.sh) would otherwise compile and time every config
+    of every new shape key, one case after another. Read when the kernel modules are imported
+    (their autotune decorators take the list then)."""
     if INTERPRET:
         return [triton.Config(interpret_config, num_warps=1, num_stages=1)]
+    mode = os.environ.get("PROBPRUNE_TRITON_AUTOTUNE", "full")
+    if mode not in ("full", "first"):
+        raise ValueError(f"PROBPRUNE_TRITON_AUTOTUNE must be full or first, got {mode!r}")
+    if mode == "first":
+        gpu_configs = gpu_configs[:1]
     return [triton.Config(meta, num_warps=w, num_stages=s) for meta, w, s in gpu_configs]
 
 
