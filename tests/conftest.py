@@ -10,12 +10,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# fp32 tight; low precision by dtype. Kernel results must match the reference within these.
-TOLERANCES = {
-    torch.float32: dict(atol=1e-5, rtol=1e-5),
-    torch.float16: dict(atol=2e-3, rtol=2e-3),
-    torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2),
-}
+# Kernel results must match the reference within these (imported after TRITON_INTERPRET is set).
+from probprune_kernels.reference import TOLERANCES  # noqa: E402
+
+# A test's tensors on the CPU, and on a GPU when there is one (marked gpu: ``pytest -m gpu``
+# selects the CUDA runs of every backend's tests).
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU")])
 
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 WIKITEXT_TEST = os.environ.get(
@@ -29,6 +30,14 @@ def _seed_and_no_tf32():
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     yield
+
+
+@pytest.fixture(params=["cpu", CUDA])
+def kernel_device(request):
+    """Runs the test with ``request.param`` as torch's default device: every tensor it makes
+    without naming a device lands there (``pytest.mark.usefixtures("kernel_device")``)."""
+    with torch.device(request.param):
+        yield request.param
 
 
 def assert_close(actual, expected, dtype=None, msg="", **tol):

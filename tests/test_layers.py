@@ -20,6 +20,8 @@ HIDDEN = 48  # a multiple of every head count used below
 _TRITON_SKIP = probprune_kernels.dispatch.triton_unavailable_reason(device=DEVICE)
 BACKENDS = ["reference", pytest.param("triton", marks=pytest.mark.skipif(
     _TRITON_SKIP is not None, reason=f"triton backend: {_TRITON_SKIP}"))]
+# every test runs on DEVICE: the GPU when there is one (``pytest -m gpu``)
+pytestmark = pytest.mark.gpu
 
 
 def _mask(shape, p=0.5):

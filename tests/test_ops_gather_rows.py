@@ -6,6 +6,9 @@ import torch.nn.functional as F
 from probprune_kernels import ops
 from tests.conftest import assert_close
 
+# every test on the CPU, and on the GPU when there is one
+pytestmark = pytest.mark.usefixtures("kernel_device")
+
 
 def _setup(K, M, din, n, group, dtype=torch.float32):
     x = torch.randn(K, M, din, dtype=dtype)

@@ -10,6 +10,9 @@ from tests.conftest import assert_close
 from tests.kernel_cases import (HEAD_KINDS, check_head_attention, head_case, query_head_masks,
                                 routing_case)
 
+# every test on the CPU, and on the GPU when there is one
+pytestmark = pytest.mark.usefixtures("kernel_device")
+
 
 def _naive(q, k, v, counts, scale=None):
     K, B, T, hq, d = q.shape

@@ -21,6 +21,7 @@ def _compact_loop(masks, cap):
     return idx, counts
 
 
+@pytest.mark.usefixtures("kernel_device")
 @pytest.mark.parametrize("K,n", [(1, 1), (1, 37), (3, 37), (4, 130)])
 @pytest.mark.parametrize("cap", [None, "max"])
 def test_compact_masks_reference(K, n, cap):
@@ -35,6 +36,7 @@ def test_compact_masks_reference(K, n, cap):
     assert torch.equal(idx, eidx) and torch.equal(counts, ecounts)
 
 
+@pytest.mark.usefixtures("kernel_device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_sample_masks_reference(dtype):
     probs = torch.rand(37)
@@ -46,6 +48,7 @@ def test_sample_masks_reference(dtype):
     assert torch.equal(m, u.float() < probs.to(dtype).float())
 
 
+@pytest.mark.usefixtures("kernel_device")
 def test_sample_masks_frequency():
     """Kept frequency follows the probabilities (a statistical sanity check, 3 sigma)."""
     probs = torch.tensor([0.1, 0.5, 0.9])
@@ -54,6 +57,7 @@ def test_sample_masks_frequency():
     assert torch.all((freq - probs).abs() < 3 * (probs * (1 - probs) / 20000).sqrt() + 1e-3)
 
 
+@pytest.mark.usefixtures("kernel_device")
 def test_sample_and_compact_reference():
     probs, u = torch.rand(37), torch.rand(3, 37)
     masks, idx, counts = ops.sample_and_compact(probs, u, 30, backend="reference")
@@ -90,6 +94,7 @@ def test_validate_false_truncates_to_capacity(backend):
     assert counts.tolist() == [9] and idx.tolist() == [[0, 1, 2, 3]]
 
 
+@pytest.mark.usefixtures("kernel_device")
 @pytest.mark.parametrize("opname,args", [
     ("sample_masks", lambda: (torch.rand(37), torch.rand(3, 37))),
     ("compact_masks", lambda: (torch.rand(3, 37) < 0.5, 30)),

@@ -2,7 +2,8 @@
 triton backend cannot run there, and the mask patterns every kernel is checked on.
 
 Without a GPU the kernels run under the Triton interpreter: tests/conftest.py sets
-``TRITON_INTERPRET=1`` before anything imports triton.
+``TRITON_INTERPRET=1`` before anything imports triton. With one they run on it, and
+``pytest -m gpu`` selects them.
 """
 import pytest
 import torch
@@ -12,8 +13,23 @@ from probprune_kernels.dispatch import triton_unavailable_reason
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SKIP_REASON = triton_unavailable_reason(device=DEVICE)
-requires_triton = pytest.mark.skipif(SKIP_REASON is not None,
-                                     reason=f"triton backend: {SKIP_REASON}")
+
+
+class _Marks(list):
+    """Several marks usable wherever one is: a module's ``pytestmark``, a param's ``marks``, or a
+    decorator."""
+
+    def __call__(self, test):
+        for mark in self:
+            test = mark(test)
+        return test
+
+
+# A Triton test: gpu (it runs on the GPU when there is one, so ``pytest -m gpu`` selects it), and
+# skipped where the triton backend cannot run on DEVICE.
+requires_triton = _Marks([pytest.mark.gpu,
+                          pytest.mark.skipif(SKIP_REASON is not None,
+                                             reason=f"triton backend: {SKIP_REASON}")])
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (K, pattern): one mask keeping no, every or some units; three masks (empty, full, ragged) in
 # one launch.
