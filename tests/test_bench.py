@@ -235,3 +235,35 @@ def test_memory_child_measures_every_case(tiny_model, tmp_path):
     assert set(mem[s]) == {DENSE_MASK, ENGINE, REFIT, LIMIT}
     if os.access("/proc/self/clear_refs", os.W_OK):
         assert all(v is not None and v >= 0 for v in mem[s].values())
+
+
+def test_an_output_beyond_the_reference_tolerance_is_an_error_record():
+    """The GPU plan's output check fails a run (an error record: exit 1) when a backend's result
+    leaves the reference's tolerance for the dtype, holds a NaN, or has other index lists."""
+    case = micro.MicroCase("gather_rows_gemm", "tiny", 2, 0.5, 2, 8)
+    data = micro.CaseData(case, "cpu", torch.bfloat16)
+    ref = micro.make_provider(case, "probprune-reference", data)
+    out = ref()
+    width = data.c * data.unit
+    nudged, wrong, nan = out.clone(), out.clone(), out.clone()
+    nudged[0, 0, 0] += 0.01 * (1 + nudged[0, 0, 0].abs())   # inside atol + rtol * |ref|
+    wrong[1, 2, width - 1] += 0.1
+    nan[0, 1, 0] = float("nan")
+    fns = {"probprune-reference": ref, "probprune-nudged": lambda: nudged,
+           "probprune-wrong": lambda: wrong, "probprune-nan": lambda: nan}
+    errors = []
+    checks = run._check_outputs(case, data, fns, errors)
+    assert [p for p, c in checks.items() if c["within_tolerance"]] == ["probprune-reference",
+                                                                       "probprune-nudged"]
+    assert {e["provider"] for e in errors} == {"probprune-wrong", "probprune-nan"}
+    assert all("beyond the bfloat16 tolerance (atol 0.016" in e["error"] for e in errors)
+
+    case = micro.MicroCase("compact_masks", "tiny", 2, 0.5, 2, 8)
+    data = micro.CaseData(case, "cpu", torch.float32)
+    ref = micro.make_provider(case, "probprune-reference", data)
+    idx, counts = ref()
+    errors = []
+    run._check_outputs(case, data, {"probprune-reference": ref,
+                                    "probprune-off": lambda: (idx, counts - 1)}, errors)
+    assert [e["provider"] for e in errors] == ["probprune-off"]
+    assert "index lists and counts must be equal" in errors[0]["error"]

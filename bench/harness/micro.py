@@ -11,12 +11,13 @@ Shapes come from ``registry.MODEL_REGISTRY``: ``q_proj`` rows per KV group for
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 
 import probprune_kernels as pk
+from probprune_kernels.reference import TOLERANCES
 
 from .registry import (BASELINES, GEMM_OPS, K_LAUNCHES, KEEP_INDEPENDENT, OPS, OURS, Plan,
                        model_shape, provider_backend)
@@ -370,7 +371,9 @@ def active_part(op: str, out: torch.Tensor, data: CaseData) -> torch.Tensor:
 
 
 def compare_outputs(op: str, out, ref, data: CaseData) -> dict:
-    """How far a backend's output is from the reference backend's on the same data."""
+    """How far a backend's output is from the reference backend's on the same data: index
+    outputs must be equal; values must lie within the reference's tolerance for the inputs'
+    dtype (``|out - ref| <= atol + rtol * |ref|`` everywhere, a NaN never does)."""
     if isinstance(ref, tuple):  # (..., idx, counts): idx past each mask's count is padding
         *rest, idx, counts = out
         *rest_ref, idx_ref, counts_ref = ref
@@ -378,5 +381,20 @@ def compare_outputs(op: str, out, ref, data: CaseData) -> dict:
         same = (torch.equal(counts, counts_ref) and torch.equal(idx[live], idx_ref[live])
                 and all(torch.equal(a, b) for a, b in zip(rest, rest_ref)))
         return {"matches_reference": same}
-    diff = active_part(op, out, data).float() - active_part(op, ref, data).float()
-    return {"max_abs_diff_vs_reference": float(diff.abs().max())}
+    got, want = active_part(op, out, data).float(), active_part(op, ref, data).float()
+    diff = (got - want).abs()
+    tol = TOLERANCES[data.dtype]
+    within = bool((diff <= tol["atol"] + tol["rtol"] * want.abs()).all())
+    return {"max_abs_diff_vs_reference": float(diff.max()), "within_tolerance": within}
+
+
+def output_problem(check: dict, dtype: torch.dtype) -> Optional[str]:
+    """Why a :func:`compare_outputs` result fails the check, or None when it passes."""
+    if check.get("matches_reference") is False:
+        return "output differs from the reference backend's (index lists and counts must be equal)"
+    if check.get("within_tolerance") is False:
+        tol = TOLERANCES[dtype]
+        return (f"output differs from the reference backend's beyond the "
+                f"{str(dtype).replace('torch.', '')} tolerance (atol {tol['atol']:g}, rtol "
+                f"{tol['rtol']:g}): max |diff| {check['max_abs_diff_vs_reference']:.3g}")
+    return None

@@ -130,7 +130,8 @@ def _check(r: dict) -> str:
     """A backend's output against the reference backend's (plans with ``check_outputs``)."""
     if "matches_reference" in r:
         return "same" if r["matches_reference"] else "**differs**"
-    return _f(r.get("max_abs_diff_vs_reference"), "{:.1e}")
+    diff = _f(r.get("max_abs_diff_vs_reference"), "{:.1e}")
+    return f"**{diff} beyond tolerance**" if r.get("within_tolerance") is False else diff
 
 
 def micro_table(rows: List[dict]) -> str:

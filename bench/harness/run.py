@@ -112,7 +112,13 @@ def _check_outputs(case, data, fns: dict, errors: list) -> dict:
     ref = outputs.get(OURS + "reference")
     if ref is None:
         return {}
-    return {p: micro.compare_outputs(case.op, out, ref, data) for p, out in outputs.items()}
+    checks = {p: micro.compare_outputs(case.op, out, ref, data) for p, out in outputs.items()}
+    for p, check in checks.items():
+        problem = micro.output_problem(check, data.dtype)
+        if problem:  # a wrong result fails the run (exit 1), its timing is still reported
+            log.warning("micro %s %s: %s", case.group, p, problem)
+            errors.append({"part": "micro", "case": case.group, "provider": p, "error": problem})
+    return checks
 
 
 # ---------------------------------------------------------------------------------------------
