@@ -49,14 +49,17 @@ def setting(default=MISSING, *, help: str, flag: Optional[str] = None, cli: bool
             choices=None, check: Optional[Callable[[Any], Problem]] = None,
             probe: Optional[Callable[[Any], Problem]] = None, resume: bool = False,
             parse: Optional[Callable[[str], Any]] = None, cli_default=MISSING,
-            from_cli: Optional[Callable[[Any], Any]] = None):
+            from_cli: Optional[Callable[[Any], Any]] = None,
+            dry_probe: Optional[Callable[[Any], Problem]] = None):
     """A config field. ``flag``: its spelling on the command line (default ``--name-with-dashes``;
     ``cli=False``: none). ``check(value)`` and ``probe(value)`` return None or the problem;
     ``probe`` reads files or asks the machine, so it runs after every cheap check. ``resume``:
     a resumed run must match it. ``parse``: how the flag's text becomes a value; ``cli_default``
-    and ``from_cli``: the flag's own default and how its value becomes the field's."""
+    and ``from_cli``: the flag's own default and how its value becomes the field's.
+    ``dry_probe``: the probe of a ``--dry-run``, which reads no weights and needs no device."""
     meta = dict(help=help, flag=flag, cli=cli, choices=choices, check=check, probe=probe,
-                resume=resume, parse=parse, cli_default=cli_default, from_cli=from_cli)
+                resume=resume, parse=parse, cli_default=cli_default, from_cli=from_cli,
+                dry_probe=dry_probe)
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -95,7 +98,9 @@ def _layer_list(text: str) -> List[int]:
 HUB_ID = re.compile(r"[A-Za-z0-9_][\w.-]*/[\w.-]+")
 
 
-def _model_problem(name: str) -> Problem:
+def _model_problem(name: str, files: bool = True) -> Problem:
+    """``files``: a directory must hold weights and a tokenizer too (not for a dry run, which
+    plans from config.json alone)."""
     if name in EMBEDDED:
         return None
     if os.path.isdir(name):
@@ -113,7 +118,7 @@ def _model_problem(name: str) -> Problem:
             check_supported(types.SimpleNamespace(**config))
         except UnsupportedModelError as e:
             return f"{name!r}: {e}"
-        return _files_problem(name)
+        return _files_problem(name) if files else None
     if os.path.exists(name):
         return f"{name!r} is a file, not a model directory"
     if HUB_ID.fullmatch(name):
@@ -203,7 +208,8 @@ def _init_problem(value: str) -> Problem:
     return _scores_problem(value)
 
 
-def _device_problem(value: str) -> Problem:
+def _device_problem(value: str, present: bool = True) -> Problem:
+    """``present``: the device must exist on this machine (not for a dry run's plan)."""
     try:
         device = torch.device(value)
     except (RuntimeError, TypeError):
@@ -212,6 +218,8 @@ def _device_problem(value: str) -> Problem:
         return None
     if device.type != "cuda":
         return f"{value!r} is not supported: use cpu, cuda or cuda:N"
+    if not present:
+        return None
     if not torch.cuda.is_available():
         return f"{value!r} needs a CUDA GPU, and torch {torch.__version__} sees none here; use cpu"
     n = torch.cuda.device_count()
@@ -221,11 +229,11 @@ def _device_problem(value: str) -> Problem:
     return None
 
 
-def _devices_problem(names: List[str]) -> Problem:
+def _devices_problem(names: List[str], present: bool = True) -> Problem:
     if len(names) == 1:
         return "lists one device: use --device for a single device"
     for name in names:
-        problem = _device_problem(name)
+        problem = _device_problem(name, present)
         if problem:
             return problem
     return None
@@ -312,10 +320,12 @@ class _Settings:
         for c in combos:
             if not c.probe:
                 self._raise(None, c.check(self))
+        dry = getattr(self, "dry_run", False)
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.metadata["probe"] and value is not None:
-                self._raise(f.name, f.metadata["probe"](value))
+            probe = (dry and f.metadata["dry_probe"]) or f.metadata["probe"]
+            if probe and value is not None:
+                self._raise(f.name, probe(value))
         for c in combos:
             if c.probe:
                 self._raise(None, c.check(self))
@@ -397,7 +407,9 @@ class PruneConfig(_Settings):
     checked by :meth:`validate`, which :func:`probprune.pipeline.prune` calls first."""
     model: str = setting(
         help="Hugging Face directory or hub name, a probprune pruned directory, or the embedded "
-             "'smollm2-135m'", probe=_model_problem, resume=True)
+             "'smollm2-135m'; with --dry-run a directory holding only config.json will do",
+        probe=_model_problem, dry_probe=lambda name: _model_problem(name, files=False),
+        resume=True)
     sparsity: float = setting(
         help="fraction of the prunable parameters (attention, MLP, and layers with "
              "--prune-layers) to remove, in (0, 1)", check=FRACTION, resume=True)
@@ -567,9 +579,11 @@ class PruneConfig(_Settings):
     checkpoint_every: int = setting(25, help="steps between checkpoints", check=at_least(1))
     device: str = setting(
         "cpu", help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)",
-        probe=_device_problem, cli_default=None, from_cli=lambda v: v or default_device())
+        probe=_device_problem, dry_probe=lambda v: _device_problem(v, present=False),
+        cli_default=None, from_cli=lambda v: v or default_device())
     devices: List[str] = setting(
         [], parse=_name_list, probe=_devices_problem,
+        dry_probe=lambda names: _devices_problem(names, present=False),
         help="several devices, comma-separated (cuda:0,cuda:1): contiguous decoder layers on "
              "each, balanced by parameters, for a model larger than one device; under torchrun "
              "the list is split evenly among the ranks. Takes the place of --device")
@@ -586,7 +600,8 @@ class PruneConfig(_Settings):
         help="seconds a rank of a torchrun launch waits for the others before it stops with an "
              "error (rank 0 runs the init and the export alone)")
     dry_run: bool = setting(False, help="print the memory plan of the run and stop before "
-                                        "loading any weight")
+                                        "loading any weight (the model's config.json is "
+                                        "enough; the device need not be on this machine)")
     resume: bool = setting(False, help="continue the checkpoint in --out")
     progress: bool = setting(True, cli=False, help="show progress bars")
     stop_after: Optional[int] = setting(None, cli=False, check=at_least(1),
