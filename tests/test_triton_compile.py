@@ -15,22 +15,32 @@ import pytest
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                 reason="triton is not installed")
 
-_SCRIPT = r"""
+_PRELUDE = r"""
 import json, os
 os.environ.pop("TRITON_INTERPRET", None)
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.runtime.autotuner import Autotuner
 from probprune_kernels.triton import attention, gather_cols, gather_rows, lm_head_ce, sample_compact
 
-def compile_first_config(autotuner, ptrs, constexprs, arch=90):
-    fn, cfg = autotuner.fn, autotuner.configs[0]
+# an autotuned kernel with its first config, a plain one with `constexprs` alone
+def compile_first_config(kernel, ptrs, constexprs, arch=90):
+    fn, cfg = (kernel.fn, kernel.configs[0]) if isinstance(kernel, Autotuner) else (kernel, None)
     sig = {n: ("constexpr" if p.is_constexpr else ptrs.get(n, "i32"))
            for n, p in zip(fn.arg_names, fn.params)}
-    const = {**constexprs, **cfg.kwargs}
+    const = {**constexprs, **(cfg.kwargs if cfg else {})}
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
-    triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                   options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages) if cfg else {}
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+
+LM_HEAD_PTRS = dict(h_ptr="*bf16", w_ptr="*bf16", lab_ptr="*i64", part_ptr="*fp32",
+                    loss_ptr="*fp32", ignore_index="i64")
+LM_HEAD_CONST = dict(DOT_PRECISION="tf32", DOT_UPCAST=False)
+LM_MERGE_CONST = dict(BLOCK_M=lm_head_ce._MERGE_BLOCK_M, BLOCK_S=lm_head_ce._MERGE_BLOCK_S)
+"""
+
+_SCRIPT = _PRELUDE + r"""
 
 done = []
 for dt, prec in (("fp16", "tf32"), ("fp32", "ieee")):
@@ -53,10 +63,10 @@ for d in (64, 128):
              o_ptr="*fp16", qk_scale="fp32"),
         dict(BLOCK_D=d, DOT_PRECISION="tf32", DOT_UPCAST=False))
     done.append(f"attention fp16 D={d}")
-compile_first_config(lm_head_ce._lm_head_ce_kernel,
-    dict(h_ptr="*bf16", w_ptr="*bf16", lab_ptr="*i64", nll_ptr="*fp32", ignore_index="i64"),
-    dict(DOT_PRECISION="tf32", DOT_UPCAST=False))
+compile_first_config(lm_head_ce._lm_head_ce_kernel, LM_HEAD_PTRS, LM_HEAD_CONST)
 done.append("lm_head_ce bf16")
+compile_first_config(lm_head_ce._lm_head_ce_merge_kernel, LM_HEAD_PTRS, LM_MERGE_CONST)
+done.append("lm_head_ce merge")
 for sample in (True, False):
     compile_first_config(sample_compact._sample_compact_kernel,
         dict(probs_ptr="*fp32", u_ptr="*fp32" if sample else "*u8", m_ptr="*u8", idx_ptr="*i32",
@@ -67,12 +77,47 @@ print(json.dumps(done))
 """
 
 
-@pytest.mark.slow
-def test_triton_kernels_compile_for_sm90():
+def _run_script(script):
+    """The JSON the script prints last, run without TRITON_INTERPRET from the checkout."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.join(os.path.dirname(__file__), "..")
-    out = subprocess.run([sys.executable, "-c", _SCRIPT], cwd=root, env=env,
+    out = subprocess.run([sys.executable, "-c", script], cwd=root, env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
-    done = json.loads(out.stdout.strip().splitlines()[-1])
-    assert len(done) == 10, done
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_triton_kernels_compile_for_sm90():
+    done = _run_script(_SCRIPT)
+    assert len(done) == 11, done
+
+
+_LM_HEAD_IR = _PRELUDE + r"""
+part = compile_first_config(lm_head_ce._lm_head_ce_kernel, LM_HEAD_PTRS, LM_HEAD_CONST)
+merge = compile_first_config(lm_head_ce._lm_head_ce_merge_kernel, LM_HEAD_PTRS, LM_MERGE_CONST)
+print(json.dumps({"partial": part.asm["ttir"], "merge": merge.asm["ttir"],
+                  "block_m": lm_head_ce._lm_head_ce_kernel.configs[0].kwargs["BLOCK_M"],
+                  "merge_block_m": lm_head_ce._MERGE_BLOCK_M,
+                  "merge_block_s": lm_head_ce._MERGE_BLOCK_S}))
+"""
+
+
+@pytest.mark.slow
+def test_lm_head_ce_row_offsets_are_64_bit():
+    """The row offsets of lm_head_ce (rows of h and labels, the partials' rows) are products in
+    64 bits: offs_m * stride_hm in int32 wraps past 2^31 elements of a mask (M = 2^19 rows at
+    d = 4096). Read from the kernels compiled for sm_90 (TTIR): every integer product shaped like
+    the rows ([BLOCK_M], [BLOCK_M, 1]; the merge's [BLOCK_S, 1] and [BLOCK_S, BLOCK_M] slices of
+    rows) is i64, and h's row pointers take i64 offsets."""
+    import re
+
+    ir = _run_script(_LM_HEAD_IR)
+    bm, mbm, mbs = ir["block_m"], ir["merge_block_m"], ir["merge_block_s"]
+    for name, shapes in (("partial", {f"{bm}", f"{bm}x1"}),
+                         ("merge", {f"{mbm}", f"{mbs}x1", f"{mbs}x{mbm}"})):
+        products = {m.group(2) for m in re.finditer(r"arith\.muli [^\n]*: tensor<([\dx]+)x(i\d+)>",
+                                                     ir[name]) if m.group(1) in shapes}
+        assert products == {"i64"}, (name, products)
+    assert re.search(rf"tt\.addptr [^\n]*: tensor<{bm}x1x!tt\.ptr<bf16>>, tensor<{bm}x1xi64>",
+                     ir["partial"])

@@ -47,3 +47,70 @@ def test_opcheck_lm_head_ce_triton():
     h, w, labels = torch.randn(3, M, D), torch.randn(V, D), torch.randint(0, V, (M,))
     torch.library.opcheck(torch.ops.probprune.lm_head_ce.default,
                           (*on_device(h, w, labels), -100, 4096, "triton"))
+
+
+@pytest.mark.parametrize("K,sm_count,splits", [(4, 1, 1), (2, 1, 3), (2, 132, 7)])
+def test_lm_head_ce_vocab_splits(monkeypatch, K, sm_count, splits):
+    """One, a few and many vocabulary slices (the interpreter's 16-wide tiles: V = 200 is 13
+    tiles), labels in every slice, a short last slice: the partial logsumexps merge exactly."""
+    from probprune_kernels.triton import lm_head_ce as kernel
+
+    V = 200
+    monkeypatch.setattr(kernel, "sm_count", lambda device: sm_count)
+    metas = [c.kwargs for c in kernel._CONFIGS]
+    assert kernel.vocab_splits(M, K, V, sm_count, metas)[0] == splits
+    h, w = torch.randn(K, M, D), torch.randn(V, D) / 3
+    labels = torch.randint(0, V, (K, M))
+    labels[:, :4] = torch.tensor([0, V - 1, 100, 15])  # first, last, middle, a slice's end
+    labels[0, 5] = -100
+    loss = ops.lm_head_ce(*on_device(h, w, labels), backend="triton").cpu()
+    assert_close(loss, reference.lm_head_ce(h, w, labels), torch.float32,
+                 **{k: 2 * v for k, v in TOLERANCES[torch.float32].items()})
+
+
+def test_lm_head_ce_no_rows_is_nan():
+    h, w = torch.randn(2, 0, D), torch.randn(V, D)
+    loss = ops.lm_head_ce(*on_device(h, w, torch.zeros(0, dtype=torch.int64)), backend="triton")
+    assert loss.shape == (2,) and torch.isnan(loss.cpu()).all()
+
+
+# --------------------------------------------------------------------------------------------
+# the launch plan (pure Python: the GPU configs, whatever TRITON_INTERPRET says)
+
+def _plan(M, K, V, sm_count=132):
+    from probprune_kernels.triton import lm_head_ce as kernel
+
+    metas = [meta for meta, _, _ in kernel._GPU_CONFIGS]
+    S, span = kernel.vocab_splits(M, K, V, sm_count, metas)
+    return kernel, metas, S, span
+
+
+@pytest.mark.parametrize("V", [32000, 49152, 128256])
+def test_lm_head_ce_grid_fills_132_sms(V):
+    """M = 508 rows of K = 2 masks on 132 SMs: at least 4 programs per SM at every tile config
+    (the grid without the split: cdiv(508, BLOCK_M) * 2 = 8 or 16), slices of whole tiles, at
+    least MIN_SPLIT_TILES of them, none empty."""
+    kernel, metas, S, span = _plan(508, 2, V)
+    for meta in metas:
+        grid = kernel.launch_grid(508, 2, S)(meta)
+        assert grid[0] * grid[1] <= 16
+        assert grid[0] * grid[1] * grid[2] >= 4 * 132, (meta, grid)
+        assert span % meta["BLOCK_V"] == 0
+        assert span // meta["BLOCK_V"] >= kernel.MIN_SPLIT_TILES
+    assert (S - 1) * span < V <= S * span
+
+
+@pytest.mark.parametrize("M", [1, 13, 508, 4096, 65536])
+@pytest.mark.parametrize("K", [1, 2, 8])
+@pytest.mark.parametrize("V", [45, 300, 32000, 128256])
+def test_lm_head_ce_plan_invariants(M, K, V):
+    """Every slice starts inside V and holds whole tiles; the split stops once the row tiles alone
+    fill the GPU (no split at large M)."""
+    kernel, metas, S, span = _plan(M, K, V)
+    unit = max(m["BLOCK_V"] for m in metas)
+    assert S >= 1 and span % unit == 0 and (S - 1) * span < V <= S * span
+    row_programs = -(-M // max(m["BLOCK_M"] for m in metas)) * K
+    if row_programs >= 4 * 132:
+        assert S == 1
+    elif S > 1:
+        assert span >= kernel.MIN_SPLIT_TILES * unit
