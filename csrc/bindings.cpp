@@ -377,6 +377,45 @@ Tensor masked_attention_heads(const Tensor& q, const Tensor& k, const Tensor& v,
   return o;
 }
 
+// chunk_size is the reference's working-set bound; the kernels' tiles bound theirs.
+Tensor lm_head_ce(const Tensor& h, const Tensor& w, const Tensor& labels, int64_t ignore_index,
+                  int64_t chunk_size) {
+  (void)chunk_size;
+  const DType dt = check_operands(PP_ARG(h), {PP_ARG(w)}, {PP_ARG(labels)});
+  check_rank(PP_ARG(h), 3, "[K, M, hidden]");
+  check_rank(PP_ARG(w), 2, "[vocab, hidden]");
+  TORCH_CHECK(w.size(1) == h.size(2), "probprune_cuda: h has hidden size ", h.size(2),
+              " but w has shape ", w.sizes());
+  TORCH_CHECK(w.size(0) >= 1, "probprune_cuda: w has an empty vocabulary");
+  TORCH_CHECK(labels.scalar_type() == at::kLong, "probprune_cuda: labels must be int64, got ",
+              labels.scalar_type());
+  const int64_t K = h.size(0), M = h.size(1);
+  const bool per_mask = labels.dim() == 2;
+  TORCH_CHECK((labels.dim() == 1 && labels.size(0) == M) ||
+                  (per_mask && labels.size(0) == K && labels.size(1) == M),
+              "probprune_cuda: labels must have shape (", M, ",) or (", K, ", ", M, "), got ",
+              labels.sizes());
+  TORCH_CHECK(K <= 65535, "probprune_cuda: at most 65535 masks (K) per launch, got ", K);
+  c10::cuda::CUDAGuard guard(h.device());
+  check_arch(h);
+  int sm_count = 0;
+  TORCH_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount,
+                                     h.get_device()) == cudaSuccess,
+              "probprune_cuda: cannot query the SM count of device ", h.get_device());
+  const int k = as_int(K, "K"), m = as_int(M, "M"), v = as_int(w.size(0), "vocab");
+  const int splits = probprune::lm_head_ce_splits(k, m, v, sm_count);
+  TORCH_CHECK(splits <= 65535, "probprune_cuda: ", splits, " vocabulary slices exceed the grid");
+  const Tensor hc = contig(h), wc = contig(w), lc = contig(labels);
+  Tensor workspace = at::empty({3, K, splits, M}, h.options().dtype(at::kFloat));
+  Tensor loss = at::empty({K}, h.options().dtype(at::kFloat));
+  check_launch(probprune::launch_lm_head_ce(
+                   dt, hc.data_ptr(), wc.data_ptr(), lc.data_ptr<int64_t>(), per_mask ? M : 0,
+                   ignore_index, workspace.data_ptr<float>(), loss.data_ptr<float>(), k, m,
+                   as_int(h.size(2), "hidden"), v, splits, stream_of(h)),
+               "lm_head_ce");
+  return loss;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(probprune_cuda, m) {
@@ -391,6 +430,8 @@ TORCH_LIBRARY(probprune_cuda, m) {
         "Tensor? residual=None) -> Tensor");
   m.def("masked_attention_heads(Tensor q, Tensor k, Tensor v, Tensor q_counts, Tensor kv_slot, "
         "float? scale=None) -> Tensor");
+  m.def("lm_head_ce(Tensor h, Tensor w, Tensor labels, int ignore_index=-100, "
+        "int chunk_size=4096) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(probprune_cuda, CUDA, m) {
@@ -401,6 +442,7 @@ TORCH_LIBRARY_IMPL(probprune_cuda, CUDA, m) {
   m.impl("gather_rows_swiglu", &gather_rows_swiglu);
   m.impl("gather_cols_gemm", &gather_cols_gemm);
   m.impl("masked_attention_heads", &masked_attention_heads);
+  m.impl("lm_head_ce", &lm_head_ce);
 }
 
 // A Python module too, so that `import probprune_kernels._C` loads the library (and registers the
@@ -410,7 +452,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("NAMESPACE") = "probprune_cuda";
   m.attr("OPS") = pybind11::make_tuple("sample_masks", "compact_masks", "sample_and_compact",
                                        "gather_rows_gemm", "gather_rows_swiglu",
-                                       "gather_cols_gemm", "masked_attention_heads");
+                                       "gather_cols_gemm", "masked_attention_heads",
+                                       "lm_head_ce");
   m.attr("CUDA_ARCHS") = PROBPRUNE_CUDA_ARCHS;
   m.attr("CUDART_VERSION") = CUDART_VERSION;
   m.attr("MAX_HEAD_DIM") = probprune::kMaxHeadDim;

@@ -277,3 +277,55 @@ def test_emulation_configs_match_the_shapes_used_here(emu):
     assert cfg["swiglu_tc_BN"] < 90 and cfg["cols_tc_BN"] < 140
     assert cfg["rows_fma_BK"] * 2 < 70 and cfg["attn_tc_bq"] < 70
     assert cfg["attn_fma_bkv"] < 70 and cfg["mask_chunk"] < 2500
+
+
+# ----------------------------------------------------------------------------------------------
+# fused lm_head + cross-entropy
+
+# (K, M, d, V, SMs planned for, vocabulary slices): 64 x 128 tiles; several row tiles, a short
+# last vocabulary tile, one slice (V below a tile, or few SMs) and several.
+LM_HEAD_CASES = [(2, 70, 40, 300, 132, 2), (3, 130, 24, 700, 132, 3), (1, 37, 45, 45, 132, 1),
+                 (2, 70, 40, 300, 1, 1)]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("per_mask_labels", [False, True])
+@pytest.mark.parametrize("case", LM_HEAD_CASES)
+def test_lm_head_ce_emulation(emu, case, per_mask_labels, dtype, engine):
+    """Against the reference on the inputs in fp32 (the kernels never round the logits), with
+    labels at the first and last vocabulary entry and at slice and tile edges."""
+    K, M, d, V, sm_count, splits = case
+    assert emu.lm_head_ce_grid(K, M, V, sm_count)[2] == splits
+    h, w = _rand(K, M, d, dtype=dtype), (_rand(V, d, dtype=torch.float32) / 3).to(dtype)
+    labels = torch.randint(0, V, (K, M) if per_mask_labels else (M,))
+    edges = torch.tensor([0, V - 1, min(127, V - 1), min(128, V - 1), min(256, V - 1)])
+    labels[..., :5] = edges
+    labels[..., 6] = -100
+    got = emu.lm_head_ce(h, w, labels, -100, sm_count, _engine(engine, dtype))
+    ref = reference.lm_head_ce(h.float(), w.float(), labels)
+    assert got.dtype == torch.float32 and got.shape == (K,)
+    assert_close(got, ref, torch.float32, atol=2e-5, rtol=2e-5, msg=f"lm_head_ce {case} {engine}")
+
+
+def test_lm_head_ce_emulation_ignore_index_and_empty(emu):
+    h, w = torch.randn(2, 70, 16), torch.randn(300, 16) / 3
+    labels = torch.randint(0, 300, (2, 70))
+    labels[1] = 7           # custom ignore_index: mask 1 has no counted row -> NaN
+    labels[0, :9] = 7
+    got = emu.lm_head_ce(h, w, labels, 7, 132, "auto")
+    ref = reference.lm_head_ce(h, w, labels, ignore_index=7)
+    assert torch.isnan(got[1]) and torch.isnan(ref[1])
+    assert_close(got[:1], ref[:1], torch.float32, atol=2e-5, rtol=2e-5)
+    empty = emu.lm_head_ce(h[:, :0], w, labels[:, :0], -100, 132, "auto")
+    assert empty.shape == (2,) and torch.isnan(empty).all()
+
+
+@pytest.mark.parametrize("V", [32000, 49152, 128256])
+def test_lm_head_ce_grid_fills_132_sms(emu, V):
+    """M = 508 rows of K = 2 masks on 132 SMs: at least 4 blocks per SM (without the vocabulary
+    split: 8 row tiles x 2 masks = 16), slices of at least 2 vocabulary tiles, none empty."""
+    row_tiles, K, S, span = emu.lm_head_ce_grid(2, 508, V, 132)
+    assert (row_tiles, K) == (8, 2)
+    assert row_tiles * K * S >= 4 * 132
+    assert span % 128 == 0 and span >= 2 * 128 and (S - 1) * span < V <= S * span

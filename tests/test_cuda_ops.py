@@ -218,6 +218,52 @@ def test_masked_attention_heads_hand_built_cuda():
 
 
 # ----------------------------------------------------------------------------------------------
+# lm_head + cross-entropy
+
+LM_HEAD_CASES = [  # K, M, d, V
+    (2, 508, 256, 32000),     # the engine's shape: dozens of vocabulary slices
+    (1, 37, 45, 300),         # rows and hidden size off the tiles and the 16-byte loads
+    (3, 150, 128, 1000),
+]
+
+
+@pytest.mark.parametrize("per_mask_labels", [False, True])
+@_grid(LM_HEAD_CASES)
+def test_lm_head_ce(backend, dtype, case, per_mask_labels):
+    """Against the reference on the inputs in fp32 (the kernels never round the logits); a mask
+    whose rows are all ignored gives NaN."""
+    K, M, d, V = case
+    h = _rand(K, M, d, dtype=dtype)
+    w = _rand(V, d, dtype=dtype, scale=d ** -0.5)
+    labels = torch.randint(0, V, (K, M) if per_mask_labels else (M,), device=DEV)
+    labels[..., :2] = torch.tensor([0, V - 1], device=DEV)
+    labels[..., 3] = -100
+    if per_mask_labels and K > 1:
+        labels[-1] = -100
+    got = _run(backend, "lm_head_ce", h, w, labels)
+    ref = reference.lm_head_ce(h.float(), w.float(), labels)
+    assert got.dtype == torch.float32 and got.shape == (K,)
+    assert_close(got, ref, torch.float32, atol=1e-4, rtol=1e-4, equal_nan=True,
+                 msg=f"{backend} lm_head_ce {case}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lm_head_ce_on_a_second_gpu(backend):
+    """Tensors on cuda:1 while cuda:0 is current: the kernels launch on the tensors' device."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    dev = torch.device("cuda", 1)
+    h = torch.randn(2, 508, 128, device=dev, dtype=torch.bfloat16)
+    w = torch.randn(4000, 128, device=dev, dtype=torch.bfloat16) / 11
+    labels = torch.randint(0, 4000, (508,), device=dev)
+    with torch.cuda.device(0):
+        got = _run(backend, "lm_head_ce", h, w, labels)
+    assert got.device == dev
+    assert_close(got, reference.lm_head_ce(h.float(), w.float(), labels), torch.float32,
+                 atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
 # launch properties
 
 def _small_inputs(dtype, K, M, din, n, group, T, D):
@@ -242,6 +288,7 @@ def _small_inputs(dtype, K, M, din, n, group, T, D):
         "compact_masks": (u < 0.5, None),
         "sample_masks": (p, u),
         "sample_and_compact": (p, u, 30),   # a capacity below the number of units
+        "lm_head_ce": (x, w, torch.randint(0, n * group, (M,), device=DEV), -100, 4096),
     }
 
 
@@ -254,7 +301,8 @@ def test_cuda_ops_do_not_sync():
     torch.cuda.set_sync_debug_mode("error")
     try:
         for op in ("gather_rows_gemm", "gather_rows_swiglu", "gather_cols_gemm",
-                   "masked_attention", "masked_attention_heads", "compact_masks"):
+                   "masked_attention", "masked_attention_heads", "compact_masks",
+                   "lm_head_ce"):
             getattr(_cuda, op)(*args[op])
     finally:
         torch.cuda.set_sync_debug_mode("default")

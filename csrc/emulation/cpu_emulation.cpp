@@ -32,6 +32,7 @@
 
 #include "probprune/attention_logic.h"
 #include "probprune/gemm_logic.h"
+#include "probprune/lm_head_logic.h"
 #include "probprune/mask_logic.h"
 
 namespace {
@@ -236,6 +237,23 @@ struct TcEmu {
         }
     }
   }
+
+  // TcEngine::store: each fragment straight into the row-major tile (row stride ld).
+  static void store(const std::vector<float>& acc, Smem& tile, int ld) {
+    tile.reset_counts();
+    for (int warp = 0; warp < Cfg::WARPS; ++warp) {
+      int wm, wn;
+      pp::gemm::warp_coord<Cfg>(warp, wm, wn);
+      for (int fi = 0; fi < Cfg::FM; ++fi)
+        for (int fj = 0; fj < Cfg::FN; ++fj) {
+          const int row0 = pp::gemm::frag_row0<Cfg>(wm, fi), col0 = pp::gemm::frag_col0<Cfg>(wn, fj);
+          for (int r = 0; r < 16; ++r)
+            for (int c = 0; c < 16; ++c)
+              tile.store((row0 + r) * ld + col0 + c, acc[(row0 + r) * Cfg::BN + col0 + c]);
+        }
+    }
+    tile.expect_tile(Cfg::BM, Cfg::BN, ld, "stored accumulator");
+  }
 };
 
 template <class Cfg, int NB>
@@ -277,6 +295,17 @@ struct FmaEmu {
           for (int op = 0; op < NB; ++op) v[op] = at(acc, op, tid, i, j);
           epi(pp::gemm::fma_row<Cfg>(tid, i), pp::gemm::fma_col<Cfg>(tid, j), v);
         }
+  }
+
+  // FmaEngine::store: each thread's outputs into the row-major tile (row stride ld).
+  static void store(const std::vector<float>& acc, Smem& tile, int ld) {
+    tile.reset_counts();
+    for (int tid = 0; tid < Cfg::THREADS; ++tid)
+      for (int i = 0; i < Cfg::TM; ++i)
+        for (int j = 0; j < Cfg::TN; ++j)
+          tile.store(pp::gemm::fma_row<Cfg>(tid, i) * ld + pp::gemm::fma_col<Cfg>(tid, j),
+                     acc[(static_cast<size_t>(tid) * Cfg::TM + i) * Cfg::TN + j]);
+    tile.expect_tile(Cfg::BM, Cfg::BN, ld, "stored accumulator");
   }
 };
 
@@ -821,6 +850,119 @@ std::tuple<Tensor, Tensor, Tensor> emu_compact(const std::optional<Tensor>& mask
   return {masks, idx, counts};
 }
 
+// ------------------------------------------------------------------------------------------------
+// fused lm_head + cross-entropy (csrc/kernels/lm_head_ce.cu)
+
+template <class Cfg, class Engine>
+Tensor lm_head_impl(const Tensor& h, const Tensor& w, const Tensor& labels, int64_t ignore_index,
+                    int sm_count) {
+  namespace lm = pp::lm_head;
+  using Tl = lm::Tile<Cfg>;
+  const int K = h.size(0), M = h.size(1), D = h.size(2), V = w.size(0);
+  const auto hv = to_vec(h), wv = to_vec(w);
+  const Tensor lc = labels.to(at::kLong).contiguous();
+  const int64_t* lab = lc.data_ptr<int64_t>();
+  const index_t lab_stride_k = labels.dim() == 2 ? M : 0;
+  const int S = lm::num_splits(K, M, V, sm_count), span = lm::span_of(V, S);
+  Output part(3 * static_cast<index_t>(K) * S * M, at::kFloat);
+  for (int s = 0; s < S; ++s)
+    for (int k = 0; k < K; ++k)
+      for (int m0 = 0; m0 < M; m0 += Cfg::BM) {  // block (row tile, k, s)
+        int v_begin, v_end;
+        lm::split_range(s, span, V, v_begin, v_end);
+        if (v_begin >= v_end) fail("vocabulary slice " + std::to_string(s) + " is empty");
+        std::vector<int64_t> lab_s(Cfg::BM);
+        float run_s[3][Cfg::BM];
+        for (int r = 0; r < Cfg::BM; ++r) {
+          lab_s[r] = m0 + r < M ? lab[k * lab_stride_k + m0 + r] : -1;
+          run_s[0][r] = -INFINITY, run_s[1][r] = 0.0f, run_s[2][r] = 0.0f;
+        }
+        Smem tile(Cfg::BM * Tl::LD);
+        for (int n0 = v_begin; n0 < v_end; n0 += Cfg::BN) {
+          auto load = [&](int op, int r, int kk) -> float {
+            if (kk >= D) return 0.0f;
+            if (op < 0) return m0 + r < M ? hv[(static_cast<index_t>(k) * M + m0 + r) * D + kk] : 0.0f;
+            return n0 + r < v_end ? wv[static_cast<index_t>(n0 + r) * D + kk] : 0.0f;
+          };
+          std::vector<float> acc;
+          Engine::mainloop(pp::gemm::num_k_tiles(D, Cfg::BK), load, acc);
+          Engine::store(acc, tile, Tl::LD);
+          // the row pass: warp `warp` folds its rows, lane `lane` reads COLS_PER_LANE columns
+          std::vector<int> read(Cfg::BM * Cfg::BN, 0);
+          for (int warp = 0; warp < Tl::WARPS; ++warp)
+            for (int i = 0; i < Tl::ROWS_PER_WARP; ++i) {
+              const int r = lm::row_of<Cfg>(warp, i);
+              float sc[32][Tl::COLS_PER_LANE];
+              bool ok[32][Tl::COLS_PER_LANE];
+              float tile_max = -INFINITY, target = 0.0f, psum = 0.0f;
+              for (int lane = 0; lane < 32; ++lane)
+                for (int j = 0; j < Tl::COLS_PER_LANE; ++j) {
+                  const int c = lm::col_of(lane, j);
+                  ++read[r * Cfg::BN + c];
+                  const float z = tile.v[r * Tl::LD + c];
+                  ok[lane][j] = n0 + c < v_end;
+                  sc[lane][j] = z * pp::attn::kLog2e;
+                  if (ok[lane][j]) tile_max = std::fmax(tile_max, sc[lane][j]);
+                  if (ok[lane][j] && n0 + c == lab_s[r]) target += z;
+                }
+              float m_new;
+              const float alpha = pp::attn::softmax_rescale(run_s[0][r], tile_max, &m_new);
+              for (int lane = 0; lane < 32; ++lane)
+                for (int j = 0; j < Tl::COLS_PER_LANE; ++j)
+                  psum += pp::attn::softmax_prob(sc[lane][j], m_new, ok[lane][j]);
+              run_s[1][r] = pp::attn::softmax_sum(run_s[1][r], alpha, psum);
+              run_s[0][r] = m_new;
+              run_s[2][r] += target;
+            }
+          expect_once(read, "logit tile element (row pass)");
+        }
+        for (int e = 0; e < 3 * Cfg::BM; ++e) {
+          int q, r;
+          pp::tile_elem_coord(e, Cfg::BM, q, r);
+          if (m0 + r < M) part.write(lm::part_offset(q, k, s, m0 + r, K, S, M), run_s[q][r]);
+        }
+      }
+  part.finish({3, K, S, M});  // every partial written once
+  // merge: one block per mask, thread tid folding rows tid, tid + kMergeThreads, ...
+  std::vector<float> loss(K);
+  for (int k = 0; k < K; ++k) {
+    float total = 0.0f;
+    int count = 0;
+    for (int tid = 0; tid < lm::kMergeThreads; ++tid)
+      for (int m = tid; m < M; m += lm::kMergeThreads) {
+        if (!lm::counted(lab[k * lab_stride_k + m], ignore_index)) continue;
+        float mx = -INFINITY, sum = 0.0f, target = 0.0f;
+        for (int s = 0; s < S; ++s) {
+          lm::lse_fold(mx, sum, part.v[lm::part_offset(0, k, s, m, K, S, M)],
+                       part.v[lm::part_offset(1, k, s, m, K, S, M)]);
+          target += part.v[lm::part_offset(2, k, s, m, K, S, M)];
+        }
+        total += lm::row_nll(mx, sum, target);
+        ++count;
+      }
+    loss[k] = lm::mean_or_nan(total, count);
+  }
+  return at::from_blob(loss.data(), {K}, at::TensorOptions().dtype(at::kFloat)).clone();
+}
+
+// sm_count: the SMs the launch plans for (the vocabulary slices depend on it).
+Tensor emu_lm_head_ce(const Tensor& h, const Tensor& w, const Tensor& labels, int64_t ignore_index,
+                      int64_t sm_count, c10::string_view engine_sv) {
+  namespace lm = pp::lm_head;
+  const std::string engine(engine_sv);
+  if (use_tc(engine, h.scalar_type()))
+    return lm_head_impl<lm::Tc, TcEmu<lm::Tc, 1>>(h, w, labels, ignore_index, sm_count);
+  return lm_head_impl<lm::Fma, FmaEmu<lm::Fma, 1>>(h, w, labels, ignore_index, sm_count);
+}
+
+// The partial kernel's grid (row tiles, K, vocabulary slices) and the slice span.
+std::vector<int64_t> lm_head_ce_grid(int64_t K, int64_t M, int64_t V, int64_t sm_count) {
+  namespace lm = pp::lm_head;
+  const int k = static_cast<int>(K), m = static_cast<int>(M), v = static_cast<int>(V);
+  const int S = lm::num_splits(k, m, v, static_cast<int>(sm_count));
+  return {pp::ceil_div(m, lm::Tc::BM), k, S, lm::span_of(v, S)};
+}
+
 // Tile sizes of the kernels, in the order of CONFIG_NAMES (tests read them to size their shapes).
 Tensor configs() {
   using namespace pp::gemm;
@@ -848,5 +990,8 @@ TORCH_LIBRARY(probprune_emu, m) {
         "Tensor? residual, str engine) -> Tensor", &emu_gather_cols_gemm);
   m.def("masked_attention_heads(Tensor q, Tensor k, Tensor v, Tensor q_counts, Tensor kv_slot, "
         "float? scale, str engine) -> Tensor", &emu_masked_attention_heads);
+  m.def("lm_head_ce(Tensor h, Tensor w, Tensor labels, int ignore_index, int sm_count, "
+        "str engine) -> Tensor", &emu_lm_head_ce);
+  m.def("lm_head_ce_grid(int K, int M, int V, int sm_count) -> int[]", &lm_head_ce_grid);
   m.def("configs() -> Tensor", &configs);
 }

@@ -207,6 +207,25 @@ struct TcEngine {
     }
 #endif
   }
+
+  // The accumulators of operand 0 as a row-major fp32 tile (row stride ld, a multiple of 4) in
+  // shared memory, straight from the fragments: for a block that reduces along the tile's rows
+  // (the scratch of `epilogue` would hand each lane scattered elements).
+  __device__ static void store(float* tile, int ld, const Acc& acc) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+    __trap();
+#else
+    int wm, wn;
+    gemm::warp_coord<Cfg>(threadIdx.x / 32, wm, wn);
+#pragma unroll
+    for (int fi = 0; fi < Cfg::FM; ++fi)
+#pragma unroll
+      for (int fj = 0; fj < Cfg::FN; ++fj)
+        nvcuda::wmma::store_matrix_sync(
+            tile + gemm::frag_row0<Cfg>(wm, fi) * ld + gemm::frag_col0<Cfg>(wn, fj),
+            acc.f[0][fi][fj], ld, nvcuda::wmma::mem_row_major);
+#endif
+  }
 };
 
 template <class Cfg, int NB>
@@ -264,6 +283,34 @@ struct FmaEngine {
         epi(gemm::fma_row<Cfg>(tid, i), gemm::fma_col<Cfg>(tid, j), v);
       }
     }
+  }
+
+  // TcEngine::store for the FMA accumulators.
+  __device__ static void store(float* tile, int ld, const Acc& acc) {
+    const int tid = threadIdx.x;
+#pragma unroll
+    for (int i = 0; i < Cfg::TM; ++i)
+#pragma unroll
+      for (int j = 0; j < Cfg::TN; ++j)
+        tile[gemm::fma_row<Cfg>(tid, i) * ld + gemm::fma_col<Cfg>(tid, j)] = acc.v[0][i][j];
+  }
+};
+
+// A Loader for operands read along contiguous rows: A rows a_src[slot], B rows b_src[op][slot]
+// (null: a row outside the problem, zeros), `din` elements each; vec_a / vec_b: the rows are
+// 16-byte aligned (dev::rows_vectorizable).
+template <typename T, class Cfg, int NB>
+struct RowsLoader {
+  using Chunk = Pack<T, Cfg::VEC>;
+  const T* a_src[Cfg::A_CHUNKS];
+  const T* b_src[NB][Cfg::B_CHUNKS];
+  int din;
+  bool vec_a, vec_b;
+  __device__ Chunk a(int s, int col) const {
+    return load_row_chunk<T, Cfg::VEC>(a_src[s], col, din, vec_a);
+  }
+  __device__ Chunk b(int op, int s, int col) const {
+    return load_row_chunk<T, Cfg::VEC>(b_src[op][s], col, din, vec_b);
   }
 };
 

@@ -6,6 +6,8 @@
 
 #include <cuda_runtime_api.h>
 
+#include <cstdint>
+
 namespace probprune {
 
 enum class DType : int { F32 = 0, F16 = 1, BF16 = 2, F64 = 3 };
@@ -50,5 +52,16 @@ cudaError_t launch_masked_attention(DType dt, const void* q, const void* k, cons
                                     const int* q_counts, const int* kv_slot, void* o, int K,
                                     int B, int T, int Hq, int Hkv, int D, float scale,
                                     cudaStream_t stream);
+
+// Vocabulary slices launch_lm_head_ce runs K masks of M rows over V entries with on a GPU of
+// sm_count SMs: its workspace holds 3 * K * splits * M floats.
+int lm_head_ce_splits(int K, int M, int V, int sm_count);
+
+// h [K, M, D], w [V, D], labels int64 [M] (label_stride_k 0) or [K, M] (label_stride_k M)
+// -> loss fp32 [K] (NaN for a mask whose labels all equal ignore_index); workspace: see above.
+cudaError_t launch_lm_head_ce(DType dt, const void* h, const void* w, const int64_t* labels,
+                              int64_t label_stride_k, int64_t ignore_index, float* workspace,
+                              float* loss, int K, int M, int D, int V, int splits,
+                              cudaStream_t stream);
 
 }  // namespace probprune
