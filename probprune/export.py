@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from . import modeling_probprune
 from .files import atomic_write, atomic_write_text
 from .model_card import write_model_card
+from .placement import move_inputs, move_to
 from .models import MANIFEST
 from .units import UnitSpace
 
@@ -42,60 +43,94 @@ def kept_indices(units: UnitSpace, mask: torch.Tensor) -> dict:
             "channels": {str(l): ids(m.mlp[l]) for l in layers}}
 
 
+def _layer_sizes(kept: dict, l: int, shape, weights: Dict[str, torch.Tensor],
+                 sd_keys) -> dict:
+    """The saved sizes of original layer ``l`` (``probprune_layout``'s entry)."""
+    heads = torch.tensor(kept["kv_heads"][str(l)], dtype=torch.long)
+    q_heads = torch.tensor(kept["q_heads"][str(l)], dtype=torch.long)
+    size = {"kv_heads": int(heads.numel()), "intermediate": len(kept["channels"][str(l)])}
+    per_group = torch.bincount(q_heads // shape.q_per_kv, minlength=shape.n_kv_heads)[heads]
+    if bool((per_group != shape.q_per_kv).any()):  # single query heads pruned in a group
+        size["q_per_kv"] = per_group.tolist()
+    # Biases the original layers lack (compensation's mean shift): the modeling file adds them.
+    src = f"model.layers.{l}."
+    for flag, key in (("o_bias", "self_attn.o_proj.bias"), ("down_bias", "mlp.down_proj.bias")):
+        if src + key in weights and src + key not in sd_keys:
+            size[flag] = True
+    return size
+
+
+def _layer_slices(sd: Dict[str, torch.Tensor], weights: Dict[str, torch.Tensor], kept: dict,
+                  l: int, shape, device=None) -> Dict[str, torch.Tensor]:
+    """Original layer ``l``'s tensors sliced to its kept units, keyed by name inside the layer;
+    ``weights`` replace the slices of their keys. Each slice moves to ``device`` (default: where
+    its weight is) as soon as it is made, so slicing onto the host never holds a second copy of
+    the layer set on the model's device."""
+    src = f"model.layers.{l}."
+    layer_keys = [k for k in sd if k.startswith(src)]
+    layer_keys += [k for k in weights if k.startswith(src) and k not in sd]
+    lists = {"heads": kept["kv_heads"][str(l)], "q_heads": kept["q_heads"][str(l)],
+             "chans": kept["channels"][str(l)]}
+    index_on = {}  # the index lists on the device of the weight they index, made once each
+
+    def index(what: str, dev: torch.device) -> torch.Tensor:
+        if (what, dev) not in index_on:
+            if what == "q_rows":
+                t = shape.query_columns(index("q_heads", dev))
+            elif what == "kv_rows":
+                t = shape.query_columns(index("heads", dev))  # KV head h owns the same rows
+            else:
+                t = torch.tensor(lists[what], dtype=torch.long, device=dev)
+            index_on[what, dev] = t
+        return index_on[what, dev]
+
+    out = {}
+    no_heads = not lists["heads"]
+    for key in layer_keys:
+        name = key[len(src):]
+        t = weights[key] if key in weights else sd[key]
+        if no_heads and name.startswith("self_attn."):
+            if name == "self_attn.o_proj.bias":
+                out["self_attn.o_bias"] = t.to(device or t.device)
+            elif name in QK_NORMS:  # part of the layer's fixed cost: kept with the layer
+                out[name] = t.to(device or t.device)
+            continue
+        if key not in weights:  # the original weight: keep the rows / columns of kept units
+            rows = None
+            if name.startswith("self_attn.q_proj."):
+                dim, rows = 0, "q_rows"
+            elif name.startswith(("self_attn.k_proj.", "self_attn.v_proj.")):
+                dim, rows = 0, "kv_rows"
+            elif name == "self_attn.o_proj.weight":
+                dim, rows = 1, "q_rows"
+            elif name.startswith(("mlp.gate_proj.", "mlp.up_proj.")):
+                dim, rows = 0, "chans"
+            elif name == "mlp.down_proj.weight":
+                dim, rows = 1, "chans"
+            if rows is not None:
+                t = t.index_select(dim, index(rows, t.device))
+        out[name] = t.to(device or t.device)
+    return out
+
+
 def pruned_state_dict(model, units: UnitSpace, mask: torch.Tensor,
-                      weights: Optional[Dict[str, torch.Tensor]] = None):
+                      weights: Optional[Dict[str, torch.Tensor]] = None, device=None):
     """(state dict of the physically pruned model, per-saved-layer sizes, kept indices) for a
     hard model-unit mask. ``weights``: tensors that replace the slices of the same keys (already
     of the kept width, e.g. :class:`probprune.compensate.Compensation` refits; a bias key the model
-    lacks is added)."""
+    lacks is added). ``device``: where every tensor of the result goes, slice by slice (default:
+    where its weight is)."""
     weights = weights or {}
     kept = kept_indices(units, mask)
-    shape = units.shape
-    hd = shape.head_dim
     sd = model.state_dict()
-    out, sizes = {}, []
-    for key, t in sd.items():
-        if not key.startswith("model.layers."):
-            out[key] = t
+    out = {k: t.to(device or t.device) for k, t in sd.items()
+           if not k.startswith("model.layers.")}
+    sizes = []
     for new, l in enumerate(kept["layers"]):
-        heads = torch.tensor(kept["kv_heads"][str(l)], dtype=torch.long)
-        q_heads = torch.tensor(kept["q_heads"][str(l)], dtype=torch.long)
-        chans = torch.tensor(kept["channels"][str(l)], dtype=torch.long)
-        q_rows = shape.query_columns(q_heads)
-        kv_rows = (heads[:, None] * hd + torch.arange(hd)).flatten()
-        src, dst = f"model.layers.{l}.", f"model.layers.{new}."
-        layer_keys = [k for k in sd if k.startswith(src)]
-        layer_keys += [k for k in weights if k.startswith(src) and k not in sd]
-        for key in layer_keys:
-            name = key[len(src):]
-            t = weights[key] if key in weights else sd[key]
-            if heads.numel() == 0 and name.startswith("self_attn."):
-                if name == "self_attn.o_proj.bias":
-                    out[dst + "self_attn.o_bias"] = t
-                elif name in QK_NORMS:  # part of the layer's fixed cost: kept with the layer
-                    out[dst + name] = t
-                continue
-            if key not in weights:  # the original weight: keep the rows / columns of kept units
-                if name.startswith("self_attn.q_proj."):
-                    t = t.index_select(0, q_rows)
-                elif name.startswith(("self_attn.k_proj.", "self_attn.v_proj.")):
-                    t = t.index_select(0, kv_rows)
-                elif name == "self_attn.o_proj.weight":
-                    t = t.index_select(1, q_rows)
-                elif name.startswith(("mlp.gate_proj.", "mlp.up_proj.")):
-                    t = t.index_select(0, chans)
-                elif name == "mlp.down_proj.weight":
-                    t = t.index_select(1, chans)
+        dst = f"model.layers.{new}."
+        for name, t in _layer_slices(sd, weights, kept, l, units.shape, device).items():
             out[dst + name] = t
-        size = {"kv_heads": int(heads.numel()), "intermediate": int(chans.numel())}
-        per_group = torch.bincount(q_heads // shape.q_per_kv, minlength=shape.n_kv_heads)[heads]
-        if bool((per_group != shape.q_per_kv).any()):  # single query heads pruned in a group
-            size["q_per_kv"] = per_group.tolist()
-        # Biases the original layers lack (compensation's mean shift): the modeling file adds them.
-        for flag, key in (("o_bias", "self_attn.o_proj.bias"), ("down_bias", "mlp.down_proj.bias")):
-            if src + key in weights and src + key not in sd:
-                size[flag] = True
-        sizes.append(size)
+        sizes.append(_layer_sizes(kept, l, units.shape, weights, sd))
     return out, sizes, kept
 
 
@@ -113,30 +148,68 @@ def pruned_config(config, sizes, kept_layers):
 
 def pruned_model(model, units: UnitSpace, mask: torch.Tensor,
                  weights: Optional[Dict[str, torch.Tensor]] = None):
-    """The physically pruned model in memory (what :func:`export_pruned` writes and
-    :func:`probprune.models.load_pruned` reads back), on the model's device."""
-    sd, sizes, kept = pruned_state_dict(model, units, mask, weights)
+    """The physically pruned model in memory, for evaluation: the model :func:`export_pruned`
+    writes and :func:`probprune.models.load_pruned` reads back, built without a second copy of
+    the weights. Its embedding, final norm and lm_head are the dense model's tensors (shared);
+    each decoder layer is sliced from the dense layer's weights, on that layer's device, when its
+    forward starts, and released when it ends. So a device holds at most one pruned layer beside
+    the dense model (LLaMA-2-13B in float32 and its 30% pruned copy do not fit 80 GB together),
+    at the cost of one slice of the kept weights per forward."""
+    weights = weights or {}
+    kept = kept_indices(units, mask)
+    sd = model.state_dict()
+    sizes = [_layer_sizes(kept, l, units.shape, weights, sd) for l in kept["layers"]]
     cfg = pruned_config(model.config, sizes, kept["layers"])
     cls = modeling_probprune.CLASSES[model.config.model_type]
     with torch.device("meta"):
         pruned = cls(cfg)
-    ref = model.lm_head.weight
-    sd = {k: v.detach().to(device=ref.device, dtype=ref.dtype if v.is_floating_point() else v.dtype)
-          for k, v in sd.items()}
-    pruned.load_state_dict(sd, strict=False, assign=True)
+    pruned.load_state_dict({k: t for k, t in sd.items() if not k.startswith("model.layers.")},
+                           strict=False, assign=True)
     if getattr(cfg, "tie_word_embeddings", False):
         pruned.tie_weights()
-    missing = [n for n, p in pruned.named_parameters() if p.is_meta]
-    if missing:
-        raise RuntimeError(f"pruned model has no weights for {missing[:4]}")
     # Non-persistent buffers (the rotary frequencies) are not in a state dict: the original
     # model's are the same.
     originals = dict(model.named_buffers())
     for name, buf in list(pruned.named_buffers()):
-        if buf.is_meta:
+        if buf.is_meta and not name.startswith("model.layers."):
             owner, _, attr = name.rpartition(".")
             setattr(pruned.get_submodule(owner), attr, originals[name].clone())
+    missing = [n for n, p in pruned.named_parameters()
+               if p.is_meta and not n.startswith("model.layers.")]
+    if missing:
+        raise RuntimeError(f"pruned model has no weights for {missing[:4]}")
+    inner = model.model
+    for layer, l in zip(pruned.model.layers, kept["layers"]):
+        dev = next(inner.layers[l].parameters()).device
+        _slice_when_called(layer, lambda l=l, dev=dev: _layer_slices(
+            sd, weights, kept, l, units.shape, dev), dev, model.lm_head.weight.dtype)
+    # With the layers spread over devices (or a last kept layer away from the final norm's
+    # device), the hidden states follow each module as in the dense model.
+    move_inputs(pruned.model.norm, inner.norm.weight.device)
+    move_inputs(pruned.lm_head, model.lm_head.weight.device)
     return pruned.eval()
+
+
+def _slice_when_called(layer: torch.nn.Module, slices, device: torch.device,
+                       dtype: torch.dtype) -> None:
+    """Gives ``layer`` the tensors ``slices()`` returns (floating ones in ``dtype``) for the
+    length of each forward, with its inputs moved to ``device``; between calls its parameters
+    are on the meta device."""
+    def fill(module, args, kwargs):
+        module.load_state_dict({k: v.to(dtype=dtype) if v.is_floating_point() else v
+                                for k, v in slices().items()}, strict=True, assign=True)
+        return move_to(args, device), {k: move_to(v, device) for k, v in kwargs.items()}
+
+    def release(module, args, output):
+        # New meta parameters in place of the slices. Not ``to_empty``: it swaps ``.data`` in
+        # place, and an unsliced tensor (a norm) is the dense model's own storage.
+        for name, p in list(module.named_parameters()):
+            owner, _, attr = name.rpartition(".")
+            setattr(module.get_submodule(owner), attr,
+                    torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False))
+
+    layer.register_forward_pre_hook(fill, with_kwargs=True)
+    layer.register_forward_hook(release)
 
 
 def export_pruned(model, tokenizer, units: UnitSpace, mask: torch.Tensor, out_dir: str,
@@ -145,10 +218,11 @@ def export_pruned(model, tokenizer, units: UnitSpace, mask: torch.Tensor, out_di
     """Writes the model physically pruned to a hard model-unit mask to ``out_dir``; ``weights``
     replace slices (see :func:`pruned_state_dict`)."""
     os.makedirs(out_dir, exist_ok=True)
-    sd, sizes, kept = pruned_state_dict(model, units, mask, weights)
+    # Sliced straight to the host: the device never holds the pruned copy beside the dense model.
+    sd, sizes, kept = pruned_state_dict(model, units, mask, weights, device="cpu")
     if getattr(model.config, "tie_word_embeddings", False):
         sd.pop("lm_head.weight", None)  # tied: the embedding is the one copy on disk
-    sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+    sd = {k: v.detach().contiguous() for k, v in sd.items()}
     atomic_write(os.path.join(out_dir, "model.safetensors"),
                  lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
     pruned_config(model.config, sizes, kept["layers"]).save_pretrained(out_dir)

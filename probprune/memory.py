@@ -8,7 +8,8 @@ worst a sampled mask can be) and the lm_head's logit chunk with the normed hidde
 reads, for the K-mask search batch and for an evaluation batch (evaluation never builds the full
 logits either, :mod:`probprune.evaluate`); with ``--search-loss refit`` every layer's input second
 moments and one layer's solves during the search, and the pass that collects them; and
-compensation's calibration hidden states with one float64 Gram matrix. The phases run one after
+compensation's calibration hidden states with one float64 Gram matrix; the pruned model's
+evaluation, which slices one layer at a time beside the dense weights. The phases run one after
 another, so the peak is the weights plus the largest phase.
 """
 from __future__ import annotations
@@ -121,6 +122,12 @@ def plan(config, *, dtype: str, k: int, batch_size: int, seqlen: int, world_size
     evaluation = forward_terms(eval_batch_size * seqlen, "evaluation [B, T]")
     terms = {"weights": largest_shard(config, devices) * b, **search, **evaluation}
     phases = {"search": sum(search.values()), "evaluation": sum(evaluation.values())}
+    # The pruned model is evaluated (selection, the init's compensated perplexity) with each
+    # layer sliced from the dense weights as the forward reaches it (probprune.export
+    # .pruned_model), and the export slices onto the host: one layer at most beside the weights.
+    pruned_layer = param_parts(config)[0] * b
+    terms["pruned model: one layer sliced beside the weights"] = pruned_layer
+    phases["pruned evaluation"] = phases["evaluation"] + pruned_layer
     if search_loss == "refit":
         # Their collection: a parallel compensation pass (hidden states in and out, one Gram).
         phases["search refit statistics"] = (

@@ -62,24 +62,31 @@ def _params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _move(x, device):
+def move_to(x, device):
+    """Tensors in ``x`` (and in its tuples and lists) on ``device``; anything else as it is."""
     if isinstance(x, torch.Tensor):
         return x if x.device == device else x.to(device)
     if isinstance(x, tuple):
-        return tuple(_move(v, device) for v in x)
+        return tuple(move_to(v, device) for v in x)
     if isinstance(x, list):
-        return [_move(v, device) for v in x]
+        return [move_to(v, device) for v in x]
     return x
 
 
-def _on_device(module: nn.Module, device: torch.device) -> None:
-    """Moves ``module`` to ``device``, and its inputs there on every call."""
-    module.to(device)
-
+def move_inputs(module: nn.Module, device: torch.device) -> None:
+    """Moves ``module``'s tensor arguments to ``device`` on every call."""
     def hook(_module, args, kwargs):
-        return _move(args, device), {k: _move(v, device) for k, v in kwargs.items()}
+        return move_to(args, device), {k: move_to(v, device) for k, v in kwargs.items()}
 
     module.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def _on_device(module: nn.Module, device: torch.device) -> None:
+    """Moves ``module`` to ``device`` (unless it is there: loading streams weights to their
+    devices), and its inputs there on every call."""
+    if any(t.device != device for t in list(module.parameters()) + list(module.buffers())):
+        module.to(device)
+    move_inputs(module, device)
 
 
 @dataclass(frozen=True)
