@@ -55,7 +55,7 @@ def cmd_eval(args) -> int:
                         device=config.device,
                         progress=not args.json)
     record = {"model": config.model, "data": text.name, **result.as_dict(),
-              "dtype": config.dtype, "device": config.device, "load_s": round(load_s, 2)}
+              "dtype": _dtype_name(model), "device": config.device, "load_s": round(load_s, 2)}
     if args.json:
         print(json.dumps(record))
     else:
@@ -63,6 +63,11 @@ def cmd_eval(args) -> int:
               f"(mean NLL {result.nll:.4f} over {result.tokens:,} predicted tokens in "
               f"{result.windows:,} windows of {result.seqlen}; model loaded in {load_s:.1f} s)")
     return 0
+
+
+def _dtype_name(model) -> str:
+    """The dtype the model was loaded in (what ``--dtype auto`` chose)."""
+    return str(next(model.parameters()).dtype).replace("torch.", "")
 
 
 def zero_shot_eval(config, as_json: bool) -> int:
@@ -77,7 +82,7 @@ def zero_shot_eval(config, as_json: bool) -> int:
     result = zero_shot(model, tokenizer, config.eval_tasks, config.tasks_path,
                        config.eval_batch_size, config.task_limit)
     if as_json:
-        print(json.dumps({"model": config.model, "zero_shot": result, "dtype": config.dtype,
+        print(json.dumps({"model": config.model, "zero_shot": result, "dtype": _dtype_name(model),
                           "device": config.device, "load_s": round(load_s, 2)}))
     else:
         print(f"{config.model} (lm-eval {result['lm_eval_version']}; model loaded in "

@@ -587,8 +587,10 @@ class PruneConfig(_Settings):
         help="several devices, comma-separated (cuda:0,cuda:1): contiguous decoder layers on "
              "each, balanced by parameters, for a model larger than one device; under torchrun "
              "the list is split evenly among the ranks. Takes the place of --device")
-    dtype: str = setting("float32", choices=("float32", "float16", "bfloat16"),
-                         help="weights and activations dtype", resume=True)
+    dtype: str = setting("auto", choices=("auto", "float32", "float16", "bfloat16"),
+                         help="weights and activations dtype; auto: float32 on the CPU, on a GPU "
+                              "the checkpoint's float16/bfloat16, else bfloat16",
+                         resume=True)
     backend: Optional[str] = setting(
         None, choices=("reference", "triton", "cuda"),
         help="kernel backend (default: $PROBPRUNE_BACKEND, else the best available)")

@@ -40,12 +40,29 @@ def cache_dir() -> str:
     return os.environ.get("PROBPRUNE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "probprune"))
 
 
-def resolve_dtype(dtype) -> torch.dtype:
+def resolve_dtype(dtype, config=None, device="cpu") -> torch.dtype:
+    """A dtype name (or ``"auto"``, see :func:`auto_dtype`) as a torch dtype."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto":
+        return DTYPES[auto_dtype(config, device)]
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(set(DTYPES))}")
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of "
+                         f"{sorted(set(DTYPES)) + ['auto']}")
     return DTYPES[dtype]
+
+
+def auto_dtype(config, device, devices=None) -> str:
+    """What ``--dtype auto`` means: float32 on the CPU (its low-precision matmuls are slow and
+    less exact); on a GPU the checkpoint's own half-precision dtype, and bfloat16 where the
+    checkpoint says float32 or nothing (float32 runs the kernels without tensor cores, about 10x
+    slower, and holds twice the bytes)."""
+    where = [torch.device(d) for d in (devices or [device])]
+    if all(d.type == "cpu" for d in where):
+        return "float32"
+    saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    saved = str(saved).replace("torch.", "") if saved is not None else None
+    return saved if saved in ("float16", "bfloat16") else "bfloat16"
 
 
 def check_supported(config) -> None:
@@ -114,7 +131,7 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
-def load_model(name_or_path: str, dtype="float32", device="cpu", devices=None):
+def load_model(name_or_path: str, dtype="auto", device="cpu", devices=None):
     """Loads (model, tokenizer) for a Hugging Face causal LM directory, hub name, embedded name,
     or a pruned directory written by probprune.
 
@@ -146,7 +163,7 @@ def _read_weights(cls, path: str, config, dtype, device, devices):
     """The model with its weights on ``device`` (or spread over ``devices``), in ``dtype``:
     streamed tensor by tensor from safetensors files (:mod:`probprune.loading`), else through
     ``from_pretrained`` on the host and moved."""
-    dtype = resolve_dtype(dtype)
+    dtype = resolve_dtype(dtype, config, devices[0] if devices else device)
     try:
         if safetensors_files(path) is not None:
             model = stream_model(cls, path, config, dtype,
@@ -176,7 +193,7 @@ def _hook_devices(model, devices):
     return model.eval()
 
 
-def load_pruned(path: str, dtype="float32", device="cpu", with_tokenizer: bool = False,
+def load_pruned(path: str, dtype="auto", device="cpu", with_tokenizer: bool = False,
                 devices=None):
     """Loads a probprune export in one call (no ``trust_remote_code`` needed)."""
     from transformers import AutoConfig

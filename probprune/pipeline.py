@@ -32,7 +32,7 @@ from .forward import MaskedCausalLM
 from .importance import initial_probs
 from .memory import MemoryPlan, check_fits, plan_for, trim_host_memory
 from .model_card import write_model_card
-from .models import load_model, load_pruned, resolve_model_path
+from .models import auto_dtype, load_model, load_pruned, resolve_model_path
 from .policy import Policy, PolicyConfig, PolicyState
 from .report import build_report, write_plots, write_report
 from .search import Search, SearchForward, SearchState
@@ -124,6 +124,9 @@ def prune(cfg: PruneConfig) -> Optional[dict]:
     # With --devices, this rank's share of them; its last device holds lm_head (the engine's).
     devices = local_devices(cfg.devices)
     device = devices[-1] if devices else local_device(cfg.device)
+    if cfg.dtype == "auto":  # the run records, plans and resumes with what auto chose here
+        cfg = dataclasses.replace(cfg, dtype=auto_dtype(model_config, device, devices))
+        log.info("dtype: %s", cfg.dtype)
     memory = plan_for(cfg, model_config, world_size_from_env(), max(1, len(devices)))
     if cfg.dry_run:
         return {"memory_plan": {"peak": memory.peak, **memory.terms},

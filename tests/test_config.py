@@ -36,7 +36,7 @@ DEFAULTS = dict(
     lr=0.01, min_lr_ratio=0.0, init="wanda-sp", init_temperature=0.1, init_attn_sparsity=0.0,
     init_windows=64, channel_block=64, attn_units="kv-group", budget="global", scope="global", attn_sparsity=None,
     mlp_sparsity=None, prune_layers=False, protect_layers=[], baseline="leave-one-out",
-    ma_window=5, eval_every=25, checkpoint_every=25, device="cpu", devices=[], dtype="float32", backend=None,
+    ma_window=5, eval_every=25, checkpoint_every=25, device="cpu", devices=[], dtype="auto", backend=None,
     seed=0, resume=False, progress=True, stop_after=None, window_stride=1,
     compensate="sequential", compensate_select="obs", compensate_target="local", compensate_inputs=False,
     compensate_bias=True,
@@ -163,7 +163,7 @@ BAD = [
     (dict(budget="foo"), "--budget must be one of global, per-type, got 'foo'"),
     (dict(scope="model"), "--scope must be one of global, layer, got 'model'"),
     (dict(baseline="mean"), "--baseline must be one of leave-one-out, moving-average, got 'mean'"),
-    (dict(dtype="fp16"), "--dtype must be one of float32, float16, bfloat16, got 'fp16'"),
+    (dict(dtype="fp16"), "--dtype must be one of auto, float32, float16, bfloat16, got 'fp16'"),
     (dict(backend="tpu"), "--backend must be one of reference, triton, cuda, got 'tpu'"),
     # combinations
     (dict(k=1),
