@@ -24,16 +24,16 @@ from .policy import Policy
 from .units import UnitSpace
 
 
-def draw_uniforms(k: int, n: int, generator: torch.Generator, antithetic: bool) -> torch.Tensor:
-    """[k, n] uniforms for k masks; antithetic: rows k/2.. are 1 - rows ..k/2, so masks k and
-    k + k/2 are an antithetic pair (the layout :func:`probprune.policy.antithetic_gradient`
-    reads)."""
-    if not antithetic:
-        return torch.rand(k, n, generator=generator, device=generator.device)
-    if k % 2:
+def draw_uniforms(k: int, n: int, generator: torch.Generator, antithetic: bool,
+                  device=None) -> torch.Tensor:
+    """[k, n] uniforms for k masks, drawn from ``generator`` and put on ``device`` (default: the
+    generator's); antithetic: rows k/2.. are 1 - rows ..k/2, so masks k and k + k/2 are an
+    antithetic pair (the layout :func:`probprune.policy.antithetic_gradient` reads)."""
+    if k % 2 and antithetic:
         raise ValueError(f"antithetic pairs need an even number of masks, got {k}")
-    u = torch.rand(k // 2, n, generator=generator, device=generator.device)
-    return torch.cat([u, 1 - u])
+    u = torch.rand(k // 2 if antithetic else k, n, generator=generator, device=generator.device)
+    u = u.to(device or generator.device)
+    return torch.cat([u, 1 - u]) if antithetic else u
 
 
 class SearchForward:
@@ -127,7 +127,9 @@ class Search:
         self.steps, self.k, self.batch_size, self.eval_every = steps, k, batch_size, eval_every
         self.backend, self.candidates = backend, candidates
         self.data_gen = torch.Generator().manual_seed(seed)
-        self.mask_gen = torch.Generator(device=forward.device).manual_seed(seed + 7)
+        # On the host whatever the model's device: a run samples the same masks on a GPU as on
+        # the CPU, and a step moves K x units uniforms (kilobytes) to the device.
+        self.mask_gen = torch.Generator().manual_seed(seed + 7)
 
     @property
     def step(self) -> int:
@@ -160,7 +162,8 @@ class Search:
         st = self.policy.state
         space = self.forward.space
         rows = torch.randint(0, len(self.pool), (self.batch_size,), generator=self.data_gen)
-        u = draw_uniforms(self.k, space.n_units, self.mask_gen, self.policy.config.antithetic)
+        u = draw_uniforms(self.k, space.n_units, self.mask_gen, self.policy.config.antithetic,
+                          st.probs.device)
         # The projection keeps probs in [0, 1]: the value check (a host sync) is not needed.
         masks = pk.sample_masks(st.probs, u, backend=self.backend, validate=False)
         losses = self.forward.step_losses(self.pool[rows], masks)
