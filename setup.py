@@ -92,6 +92,10 @@ def _extensions():
         return [], {}
     archs = _arch_list()
     os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+    if not any(a.strip().startswith("9.0") or a.strip().upper().endswith("+PTX")
+               for a in archs.replace(" ", ";").split(";")):
+        _log(f"TORCH_CUDA_ARCH_LIST={archs} holds no sm_90 code and no PTX: on an H100 / H200 "
+             f"the cuda backend stays off and Triton runs the ops")
     if "MAX_JOBS" not in os.environ:
         # nvcc peaks near 4 GiB a job on these templates; never more jobs than cores.
         jobs = max(1, min(os.cpu_count() or 1, int(_free_gib() // 4)))

@@ -21,8 +21,8 @@ first does a dictionary lookup, no environment lookup and no availability check.
 :func:`available_backends` (``probprune_kernels.backends()``) lists the backends usable here, e.g.
 ``["reference"]`` or ``["reference", "triton"]``; it checks afresh on every call.
 
-The CUDA interface (``probprune_kernels/_cuda.py``, written alongside ``csrc/``): ``available(op)``
--> bool, and ``_cuda.<op>(...)`` with the positional signature of ``reference.<op>``
+The CUDA interface (``probprune_kernels/_cuda.py``, written alongside ``csrc/``):
+``available(op, device)`` -> bool, ``why_unavailable(op, device)`` -> the reason or None, and ``_cuda.<op>(...)`` with the positional signature of ``reference.<op>``
 (``sample_and_compact(probs, uniforms, capacity)`` for the fused sampler).
 """
 from __future__ import annotations
@@ -139,8 +139,11 @@ def _why_unusable(backend: str, op: str, device: torch.device) -> Optional[str]:
         mod = _cuda_module()
         if mod is None:
             return "probprune_kernels._cuda is not importable (extension not built?)"
-        if not mod.available(op):
-            return f"probprune_kernels._cuda reports {op!r} unavailable"
+        if device in _failed_cuda:
+            return _failed_cuda[device]
+        if not mod.available(op, device):
+            why = mod.why_unavailable(op, device) if hasattr(mod, "why_unavailable") else None
+            return why or f"probprune_kernels._cuda reports {op!r} unavailable"
         return None
     return f"unknown backend {backend!r}; choose one of {BACKENDS} or 'auto'"
 
@@ -187,6 +190,27 @@ def set_default_backend(backend: Optional[str]) -> None:
         _default.update(name=name, source=source)
 
 
+# device -> why a cuda launch failed there for want of a kernel image (see ``launch_failed``).
+_failed_cuda: Dict[torch.device, str] = {}
+
+
+def launch_failed(device: torch.device, error: BaseException) -> bool:
+    """After a cuda-backend launch on ``device`` raised ``error``: True, with the cuda backend
+    turned off on that device (one warning), when the error says the build has no code for this
+    GPU, so the caller can resolve the op again (Triton then); False for any other error."""
+    text = str(error)
+    if not any(s in text for s in ("no kernel image is available", "invalid device function")):
+        return False
+    device = torch.device(device)
+    _failed_cuda[device] = f"a cuda launch failed on {device} ({text.splitlines()[0]})"
+    warnings.warn(f"{_failed_cuda[device]}: the cuda backend is off on {device}, Triton or the "
+                  f"reference runs instead; rebuild the extension for this GPU "
+                  f"(TORCH_CUDA_ARCH_LIST)", RuntimeWarning, stacklevel=3)
+    for key in [k for k in _resolved if k[1] == device]:
+        del _resolved[key]
+    return True
+
+
 def reset() -> None:
     """Forgets every resolution, the default backend and the discovered CUDA module: the next op
     call reads ``PROBPRUNE_BACKEND`` and ``TRITON_INTERPRET`` again and re-checks availability.
@@ -194,6 +218,7 @@ def reset() -> None:
     _default.clear()
     _resolved.clear()
     _implementations.clear()
+    _failed_cuda.clear()
     _cuda_module.cache_clear()
 
 

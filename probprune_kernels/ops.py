@@ -147,7 +147,14 @@ def _call(op: str, device: torch.device, backend: Optional[str], **args):
                 _shapes.check_row_or_column_major(arg, t)
             elif isinstance(t, Tensor):
                 _shapes.check_contiguous(arg, t)
-    return getattr(torch.ops.probprune, op)(**args, backend=name)
+    try:
+        return getattr(torch.ops.probprune, op)(**args, backend=name)
+    except RuntimeError as e:
+        # A build without code for this GPU fails at the launch: once, then Triton takes over
+        # (an explicit backend="cuda" then raises, naming why).
+        if name == "cuda" and dispatch.launch_failed(device, e):
+            return _call(op, device, backend, **args)
+        raise
 
 
 # ----------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ def fake_cuda(monkeypatch):
     """A stand-in ``probprune_kernels._cuda`` recording calls; only gather_rows_gemm available."""
     calls = []
     mod = types.ModuleType("probprune_kernels._cuda")
-    mod.available = lambda op: op == "gather_rows_gemm"
+    mod.available = lambda op, device=None: op == "gather_rows_gemm"
 
     def gather_rows_gemm(*args):
         calls.append(args)
