@@ -46,7 +46,7 @@ bench: install
 
 # pyflakes' rules through ruff (a test dependency): an unused import or undefined name fails.
 lint: install
-	$(VENV)/bin/ruff check probprune probprune_kernels tests bench setup.py
+	$(VENV)/bin/ruff check probprune probprune_kernels tests bench examples setup.py
 
 clean:
 	rm -rf build *.egg-info $(VENV)

@@ -311,8 +311,10 @@ class _Settings:
         values.update(overrides)
         return cls(**values)
 
-    def validate(self) -> None:
-        """Raises :class:`ConfigError` for the first setting that cannot work."""
+    def validate(self, skip: tuple = ()) -> None:
+        """Raises :class:`ConfigError` for the first setting that cannot work; the fields named
+        in ``skip`` are not probed on the machine (a model already in memory is not looked for
+        on disk)."""
         mine = {f.name for f in fields(self)}
         combos = [c for c in COMBINATIONS if set(c.names) <= mine]
         for f in fields(self):
@@ -324,7 +326,7 @@ class _Settings:
         for f in fields(self):
             value = getattr(self, f.name)
             probe = (dry and f.metadata["dry_probe"]) or f.metadata["probe"]
-            if probe and value is not None:
+            if probe and value is not None and f.name not in skip:
                 self._raise(f.name, probe(value))
         for c in combos:
             if c.probe:

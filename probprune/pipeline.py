@@ -115,12 +115,20 @@ class Start:
     fixed: dict                # checkpoint entries that never change during the search
 
 
-def prune(cfg: PruneConfig) -> Optional[dict]:
+def prune(cfg: PruneConfig, model=None, tokenizer=None) -> Optional[dict]:
     """The run; under torchrun, one rank of a mask-parallel run (:mod:`probprune.distributed`):
-    the report on rank 0, None on the others."""
-    cfg.validate()
-    from transformers import AutoConfig
-    model_config = AutoConfig.from_pretrained(resolve_model_path(cfg.model))
+    the report on rank 0, None on the others. ``model`` and ``tokenizer``: a Hugging Face causal
+    LM already in memory to prune instead of loading ``cfg.model`` (the run takes its device and
+    dtype; it is read, never changed)."""
+    cfg.validate(skip=("model",) if model is not None else ())
+    if model is not None:
+        dtype = str(model.lm_head.weight.dtype).replace("torch.", "")
+        cfg = dataclasses.replace(cfg, device=str(model.lm_head.weight.device), devices=[],
+                                  dtype=dtype)
+        model_config = model.config
+    else:
+        from transformers import AutoConfig
+        model_config = AutoConfig.from_pretrained(resolve_model_path(cfg.model))
     # With --devices, this rank's share of them; its last device holds lm_head (the engine's).
     devices = local_devices(cfg.devices)
     device = devices[-1] if devices else local_device(cfg.device)
@@ -140,7 +148,7 @@ def prune(cfg: PruneConfig) -> Optional[dict]:
                                   progress=cfg.progress and world.is_main)
         os.makedirs(cfg.out, exist_ok=True)
         ckpt = world.broadcast(read_checkpoint(cfg) if world.is_main else None)
-        run = load(cfg)
+        run = load(cfg, model, tokenizer)
         if ckpt is not None:
             start = resume(cfg, run, ckpt, announce=world.is_main)
         elif world.is_main:
@@ -164,9 +172,13 @@ def start_checkpoint(start: Start) -> dict:
     return {**start.fixed, **start.state.to_dict(), "policy": start.policy.state_dict()}
 
 
-def load(cfg: PruneConfig) -> Loaded:
+def load(cfg: PruneConfig, model=None, tokenizer=None) -> Loaded:
     t0 = time.perf_counter()
-    model, tokenizer = load_model(cfg.model, cfg.dtype, cfg.device, cfg.devices)
+    if model is None:
+        model, tokenizer = load_model(cfg.model, cfg.dtype, cfg.device, cfg.devices)
+    elif tokenizer is None:
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     load_s = time.perf_counter() - t0
     engine = MaskedCausalLM(model, include_layers=cfg.prune_layers, backend=cfg.backend,
                             attn_units=cfg.attn_units)
