@@ -20,6 +20,8 @@ from safetensors.torch import save_file
 
 from . import __version__
 from .budget import Budget
+from .checkpoint import load_checkpoint
+from .checkpoint import save_checkpoint as write_checkpoint
 from .config import PruneConfig
 from .data import DataError, calibration_texts, eval_text, random_windows, tokenize_joined
 from .evaluate import masked_nll, masked_perplexity, model_nll, perplexity
@@ -41,7 +43,8 @@ from .units import UnitSpace
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = "checkpoint.safetensors"  # probprune.checkpoint: tensors + JSON, no pickle
+LEGACY_CHECKPOINT = "checkpoint.pt"
 
 
 class StopRequested(KeyboardInterrupt):
@@ -84,8 +87,12 @@ def read_checkpoint(cfg: PruneConfig):
                         cfg.out)
         return None
     if not os.path.exists(path):
+        if os.path.exists(os.path.join(cfg.out, LEGACY_CHECKPOINT)):
+            raise ValueError(f"{cfg.out} holds a {LEGACY_CHECKPOINT} of an older probprune "
+                             f"(a pickle, which this version does not read); start the run "
+                             f"again without --resume")
         return None
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint(path)
     diff = cfg.resume_mismatch(ckpt["settings"])
     if diff:
         raise ValueError(f"cannot resume {path}: settings differ from the checkpoint's in "
@@ -429,7 +436,7 @@ def compensate_mask(cfg: PruneConfig, run: Loaded, mask: torch.Tensor, what: str
 
 
 def save_checkpoint(out: str, ckpt: dict) -> None:
-    atomic_write(os.path.join(out, CHECKPOINT), lambda tmp: torch.save(ckpt, tmp))
+    write_checkpoint(os.path.join(out, CHECKPOINT), ckpt)
 
 
 def save_tensors(out: str, name: str, metadata: Optional[dict] = None, **tensors) -> None:

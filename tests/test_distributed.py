@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from probprune.config import PruneConfig
-from probprune.pipeline import StopRequested, prune
+from probprune.checkpoint import load_checkpoint
+from probprune.pipeline import CHECKPOINT, StopRequested, prune
 
 STEPS = 6
 
@@ -85,7 +86,7 @@ def run_ranks(size, settings, tmp_path, die=None, timeout=240):
 
 
 def outputs(out):
-    ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
+    ckpt = load_checkpoint(os.path.join(out, CHECKPOINT))
     return (torch.tensor([h["losses"] for h in ckpt["history"]], dtype=torch.float64),
             load_file(os.path.join(out, "scores.safetensors"))["probs"],
             load_file(os.path.join(out, "masks.safetensors"))["mask"])
