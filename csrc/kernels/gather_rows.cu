@@ -33,9 +33,13 @@ struct RowsLoader {
 };
 
 // w_up is read only when NB = 2 (the up projection; w is then the gate), bias only when NB = 1.
+// Two blocks per SM cap a thread at 128 registers: the one-operand tensor-core tile (warp tile
+// 64 x 32: 64 accumulator registers, four A fragments, the register prefetch) spills there on
+// sm_90 (docs/gpu-static-checks.md), so it asks for one block; the fused SwiGLU (warp tile
+// 32 x 32) and the FMA engine fit in 128 and keep two.
 template <class Engine, int NB, typename T = typename Engine::Elem,
           class Cfg = typename Engine::Config>
-__global__ void __launch_bounds__(Cfg::THREADS, 2)
+__global__ void __launch_bounds__(Cfg::THREADS, NB == 1 && !std::is_same_v<T, float> ? 1 : 2)
     gather_rows_kernel(const T* __restrict__ x, const T* __restrict__ w,
                        const T* __restrict__ w_up, const int* __restrict__ idx,
                        const int* __restrict__ counts, const T* __restrict__ bias,
