@@ -336,8 +336,8 @@ def _sublayer(stream: _Stream, inputs: Callable, kept_inputs: Callable, linear, 
 
 @torch.no_grad()
 def compensate(engine: MaskedCausalLM, mask: torch.Tensor, windows: torch.Tensor, *,
-               mode: str = "sequential", damping: float = 0.01, bias: bool = False,
-               batch_size: int = 8, progress: bool = True, select: str = "mask",
+               mode: str = "sequential", damping: float = 0.01, bias: bool = True,
+               batch_size: int = 8, progress: bool = True, select: str = "obs",
                target: str = "local", keep_grams: bool = False,
                correct_inputs: bool = False) -> Compensation:
     """Refits o_proj and down_proj of every kept layer for the hard model-unit ``mask`` on the
@@ -473,5 +473,6 @@ def input_grams(engine: MaskedCausalLM, windows: torch.Tensor, batch_size: int =
     (the parallel mode's statistics), by state-dict prefix: what
     :meth:`MaskedCausalLM.use_refits` scores masks with."""
     every = torch.ones(engine.units.n_units, dtype=torch.bool, device=engine.device)
-    return compensate(engine, every, windows, mode="parallel", batch_size=batch_size,
+    return compensate(engine, every, windows, mode="parallel", bias=False, select="mask",
+                      batch_size=batch_size,
                       progress=progress, keep_grams=True).grams

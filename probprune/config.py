@@ -50,16 +50,20 @@ def setting(default=MISSING, *, help: str, flag: Optional[str] = None, cli: bool
             probe: Optional[Callable[[Any], Problem]] = None, resume: bool = False,
             parse: Optional[Callable[[str], Any]] = None, cli_default=MISSING,
             from_cli: Optional[Callable[[Any], Any]] = None,
-            dry_probe: Optional[Callable[[Any], Problem]] = None):
+            dry_probe: Optional[Callable[[Any], Problem]] = None,
+            factory: Optional[Callable[[], Any]] = None):
     """A config field. ``flag``: its spelling on the command line (default ``--name-with-dashes``;
     ``cli=False``: none). ``check(value)`` and ``probe(value)`` return None or the problem;
     ``probe`` reads files or asks the machine, so it runs after every cheap check. ``resume``:
     a resumed run must match it. ``parse``: how the flag's text becomes a value; ``cli_default``
     and ``from_cli``: the flag's own default and how its value becomes the field's.
-    ``dry_probe``: the probe of a ``--dry-run``, which reads no weights and needs no device."""
+    ``dry_probe``: the probe of a ``--dry-run``, which reads no weights and needs no device.
+    ``factory``: the default, computed when a config is made (the machine's device)."""
     meta = dict(help=help, flag=flag, cli=cli, choices=choices, check=check, probe=probe,
                 resume=resume, parse=parse, cli_default=cli_default, from_cli=from_cli,
                 dry_probe=dry_probe)
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -580,7 +584,7 @@ class PruneConfig(_Settings):
                               check=at_least(1))
     checkpoint_every: int = setting(25, help="steps between checkpoints", check=at_least(1))
     device: str = setting(
-        "cpu", help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)",
+        factory=default_device, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)",
         probe=_device_problem, dry_probe=lambda v: _device_problem(v, present=False),
         cli_default=None, from_cli=lambda v: v or default_device())
     devices: List[str] = setting(

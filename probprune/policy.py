@@ -154,7 +154,7 @@ class PolicyState:
 @dataclass
 class PolicyConfig:
     lr: float = 0.01
-    steps: int = 200
+    steps: int = 400
     baseline: str = "leave-one-out"
     ma_window: int = 5
     min_lr_ratio: float = 0.0

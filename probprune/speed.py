@@ -198,7 +198,7 @@ def _measure_here(name: str, dtype: str, device: str, threads: Optional[int], kw
     return result.as_dict()
 
 
-def measure_fresh(name: str, *, dtype: str = "float32", device: str = "cpu", batch: int = 1,
+def measure_fresh(name: str, *, dtype: str = "auto", device: str = "cpu", batch: int = 1,
                   seqlen: int = 128, new_tokens: int = 32, repeats: int = 3) -> Speed:
     """Loads the model ``name`` (directory, hub name, embedded name or probprune export) in a new
     process, measures it there, and returns its :class:`Speed`; errors come back as raised."""

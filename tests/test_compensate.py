@@ -108,7 +108,8 @@ def test_refit_restores_the_dense_model_when_pruned_units_are_copies(tiny_model_
     mask = torch.cat([m.heads.flatten(), m.mlp.flatten()])
     assert mask.numel() == units.n_units
     ids = torch.randint(0, model.config.vocab_size, (12, 16))
-    comp = compensate(engine, mask, ids, mode=mode, damping=0.0, progress=False, target=target)
+    comp = compensate(engine, mask, ids, mode=mode, damping=0.0, progress=False, target=target,
+                      bias=False, select="mask")
     test = torch.randint(0, model.config.vocab_size, (3, 16))
     with torch.no_grad():
         dense = model(test).logits
@@ -166,7 +167,7 @@ def test_sequential_statistics_come_from_the_pruned_and_refit_layers_before(tiny
     mask_m = units.split(mask)
     ids = torch.randint(0, model.config.vocab_size, (10, 16))
     comp = compensate(engine, mask, ids, mode="sequential", damping=0.01, bias=True,
-                      progress=False)
+                      progress=False, select="mask")
     oracle = _hf_compensated(model, units, mask, comp.weights)
     last = units.n_layers - 1
     grams = {}
@@ -245,7 +246,7 @@ def test_the_dense_target_is_the_dense_models_residual_stream(tiny_model_dirs):
     mask_m = units.split(mask)
     ids = torch.randint(0, model.config.vocab_size, (10, 16))
     comp = compensate(engine, mask, ids, mode="sequential", damping=0.01, bias=True,
-                      progress=False, target="dense")
+                      progress=False, target="dense", select="mask")
     oracle = _hf_compensated(model, units, mask, comp.weights)
     last = units.n_layers - 1
     seen = {"dense": {}, "pruned": {}}
@@ -288,7 +289,7 @@ def test_a_compensated_export_with_biases_reloads_both_ways(tiny_model_dirs, tmp
     mask = _masks(engine.units, 3, seed=0)[0]  # layer 0 keeps no heads
     ids = torch.randint(0, model.config.vocab_size, (8, 16))
     comp = compensate(engine, mask, ids, mode="sequential", bias=True, progress=False,
-                      correct_inputs=correct_inputs)
+                      correct_inputs=correct_inputs, select="mask")
     assert any(k.endswith("up_proj.weight") for k in comp.weights) == correct_inputs
     out = export_pruned(model, tok, engine.units, mask, str(tmp_path), weights=comp.weights)
     layout = json.load(open(os.path.join(out, "config.json")))["probprune_layout"]
@@ -335,7 +336,7 @@ def test_input_correction_maps_the_pruned_inputs_onto_the_dense_ones(tiny_model_
     mask = torch.cat([m.heads.flatten(), m.mlp.flatten()])  # every layer kept
     ids = torch.randint(0, model.config.vocab_size, (10, 16))
     comp = compensate(engine, mask, ids, mode="sequential", damping=0.01, progress=False,
-                      correct_inputs=True)
+                      correct_inputs=True, bias=False, select="mask")
     hd = units.shape.head_dim
     kv = units.kv_kept(units.split(comp.mask).heads[0]).nonzero().flatten()
     kv_rows = (kv[:, None] * hd + torch.arange(hd)).flatten()
@@ -481,8 +482,10 @@ def test_obs_selection_keeps_each_layers_count_and_the_export_is_its_mask(tiny_m
     mask = torch.rand(units.n_units, generator=g) < 0.6
     windows = torch.randint(0, model.config.vocab_size, (8, 16), generator=g)
     before = mask.clone()
-    obs = compensate(engine, mask, windows, mode="sequential", select="obs", progress=False)
-    plain = compensate(engine, mask, windows, mode="sequential", progress=False)
+    obs = compensate(engine, mask, windows, mode="sequential", select="obs", bias=False,
+                     progress=False)
+    plain = compensate(engine, mask, windows, mode="sequential", select="mask", bias=False,
+                       progress=False)
     assert torch.equal(mask, before)  # the caller's mask is not edited
     assert torch.equal(plain.mask, mask)
     a, b = units.split(obs.mask), units.split(mask)

@@ -146,7 +146,7 @@ def test_engine_losses_are_the_parallel_compensated_exports(tiny_model_dirs, arc
     scored = engine.losses(ids, masks)
     for k in range(3):
         comp = compensate(engine, masks[k], calib, mode="parallel", damping=DAMPING,
-                          batch_size=4, progress=False)
+                          batch_size=4, progress=False, bias=False, select="mask")
         with torch.no_grad():
             expected = pruned_model(model, units, masks[k], comp.weights)(ids, labels=ids).loss
         torch.testing.assert_close(scored[k], expected, atol=2e-4, rtol=2e-4)
