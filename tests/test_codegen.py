@@ -75,7 +75,7 @@ for layout, (s_wo, s_wd) in (("row", (F, 1)), ("col", (1, D))):
 ints = dict(M=M, DIN=D, N_OUT=F, GROUP=1, M_BUCKET=M, stride_xk=M * D, stride_xm=D, stride_xd=1,
             stride_wo=D, stride_wd=1, stride_ik=F, stride_yk=M * F, stride_ym=F, stride_yn=1)
 out["rows"] = compile_first_config(
-    gather_rows._gather_rows_gemm_kernel,
+    gather_rows._gather_rows_swiglu_kernel,
     dict(x_ptr="*bf16", w_ptr="*bf16", w2_ptr="*bf16", b_ptr="*bf16", idx_ptr="*i32",
          cnt_ptr="*i32", y_ptr="*bf16"), ints,
     dict(HAS_BIAS=False, SWIGLU=True, DOT_PRECISION="tf32", DOT_UPCAST=False))

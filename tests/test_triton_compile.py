@@ -47,7 +47,9 @@ for dt, prec in (("fp16", "tf32"), ("fp32", "ieee")):
     for bias, swiglu in ((False, False), (True, False), (False, True)):
         if dt == "fp32" and (bias or swiglu):
             continue
-        compile_first_config(gather_rows._gather_rows_gemm_kernel,
+        kernel = (gather_rows._gather_rows_swiglu_kernel if swiglu
+                  else gather_rows._gather_rows_gemm_kernel)
+        compile_first_config(kernel,
             dict(x_ptr=f"*{dt}", w_ptr=f"*{dt}", w2_ptr=f"*{dt}", b_ptr=f"*{dt}", idx_ptr="*i32",
                  cnt_ptr="*i32", y_ptr=f"*{dt}"),
             dict(HAS_BIAS=bias, SWIGLU=swiglu, DOT_PRECISION=prec, DOT_UPCAST=False))

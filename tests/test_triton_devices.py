@@ -17,7 +17,8 @@ from probprune_kernels.triton import (_common, attention, gather_cols, gather_ro
                                       sample_compact)
 
 DEVICE = torch.device("cuda:1")
-KERNELS = [(gather_rows, "_gather_rows_gemm_kernel"), (gather_cols, "_gather_cols_gemm_kernel"),
+KERNELS = [(gather_rows, "_gather_rows_gemm_kernel"), (gather_rows, "_gather_rows_swiglu_kernel"),
+           (gather_cols, "_gather_cols_gemm_kernel"),
            (attention, "_masked_attention_kernel"), (sample_compact, "_sample_compact_kernel")]
 
 
@@ -80,7 +81,7 @@ def test_every_launch_runs_under_its_tensors_device(recorder):
     with FakeTensorMode():
         _launches()
     assert [name for name, _ in recorder.launches] == [
-        "_gather_rows_gemm_kernel", "_gather_rows_gemm_kernel", "_gather_cols_gemm_kernel",
+        "_gather_rows_gemm_kernel", "_gather_rows_swiglu_kernel", "_gather_cols_gemm_kernel",
         "_masked_attention_kernel", "_sample_compact_kernel", "_sample_compact_kernel",
         "_sample_compact_kernel"]
     assert all(dev == DEVICE.index for _, dev in recorder.launches), recorder.launches

@@ -42,9 +42,12 @@ struct ColsLoader {
   }
 };
 
+// Two blocks per SM cap a thread at 128 registers, where the tensor-core tile (warp tile 64 x 32)
+// spills its loader's pointers on sm_90 (docs/gpu-static-checks.md): it asks for one block, as
+// gather_rows' one-operand tile does; the FMA engine fits in 128 and keeps two.
 template <class Engine, bool W_T, typename T = typename Engine::Elem,
           class Cfg = typename Engine::Config>
-__global__ void __launch_bounds__(Cfg::THREADS, 2)
+__global__ void __launch_bounds__(Cfg::THREADS, std::is_same_v<T, float> ? 2 : 1)
     gather_cols_kernel(const T* __restrict__ h, const T* __restrict__ w,
                        const int* __restrict__ idx, const int* __restrict__ counts,
                        const T* __restrict__ residual, T* __restrict__ y, int M, int dout,
