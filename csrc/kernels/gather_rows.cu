@@ -15,23 +15,6 @@ using dev::from_f;
 using dev::round_to;
 using dev::to_f;
 
-// A: rows of x[k] (fixed per slot), B: gathered weight rows of each operand (from the block's
-// row table).
-template <typename T, class Cfg, int NB>
-struct RowsLoader {
-  using Chunk = dev::Pack<T, Cfg::VEC>;
-  const T* a_src[Cfg::A_CHUNKS];
-  const T* b_src[NB][Cfg::B_CHUNKS];
-  int din;
-  bool vec_x, vec_w;
-  __device__ Chunk a(int s, int col) const {
-    return dev::load_row_chunk<T, Cfg::VEC>(a_src[s], col, din, vec_x);
-  }
-  __device__ Chunk b(int op, int s, int col) const {
-    return dev::load_row_chunk<T, Cfg::VEC>(b_src[op][s], col, din, vec_w);
-  }
-};
-
 // w_up is read only when NB = 2 (the up projection; w is then the gate), bias only when NB = 1.
 // Two blocks per SM cap a thread at 128 registers: the one-operand tensor-core tile (warp tile
 // 64 x 32: 64 accumulator registers, four A fragments, the register prefetch) spills there on
@@ -61,10 +44,11 @@ __global__ void __launch_bounds__(Cfg::THREADS, NB == 1 && !std::is_same_v<T, fl
     rows_s[j] = gathered_row(idx_k, n0 + j, live, group);
   __syncthreads();
 
-  RowsLoader<T, Cfg, NB> ld;
+  // A: rows of x[k]; B: the gathered weight rows of each operand (the block's row table)
+  dev::RowsLoader<T, Cfg, NB> ld;
   ld.din = din;
-  ld.vec_x = vec_x;
-  ld.vec_w = vec_w;
+  ld.vec_a = vec_x;
+  ld.vec_b = vec_w;
   const T* xk = x + static_cast<index_t>(k) * M * din;
   dev::slot_rows<Cfg>(ld.a_src, [&](int r) {
     return m0 + r < M ? xk + static_cast<index_t>(m0 + r) * din : nullptr;
