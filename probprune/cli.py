@@ -14,13 +14,14 @@ import json
 import logging
 import sys
 import time
+from typing import Optional
 
 from probprune_kernels import BackendUnavailableError
 
 from . import __version__
 from .distributed import PeerFailure
 from .config import (EvalConfig, ExportConfig, PruneConfig, SpeedConfig, add_eval_arguments,
-                     add_prune_arguments, one_line)
+                     add_prune_arguments, one_line, read_config_file)
 
 
 def quiet_libraries() -> None:
@@ -201,7 +202,25 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+SETTINGS = {"eval": EvalConfig, "prune": PruneConfig, "speed": SpeedConfig,
+            "export": ExportConfig}
+
+
+def file_settings(argv) -> dict:
+    """{command: the settings of its ``--config`` file} when the line names one, else {}: they
+    become the flags' defaults, so the line overrides them and the flags they give are no
+    longer required."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    command = next((a for a in argv if a in SETTINGS), None)
+    if not known.config or command is None:
+        return {}
+    return {command: read_config_file(known.config, SETTINGS[command])}
+
+
+def build_parser(defaults: Optional[dict] = None) -> argparse.ArgumentParser:
+    defaults = defaults or {}
     parser = Parser(
         prog="probprune-fast",
         description="Structural pruning of LLaMA-family models by policy gradient, with masked kernels.")
@@ -212,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="perplexity of a model (dense, or a pruned directory), or "
                                     "its lm-eval task scores (--tasks)")
-    add_eval_arguments(p)
+    add_eval_arguments(p, defaults.get("eval"))
     p.add_argument("--json", action="store_true",
                    help="print one JSON line (ppl, nll, tokens, windows, seqlen, ...; "
                         "with --tasks: zero_shot)")
@@ -220,19 +239,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="search a pruning mask by policy gradient and export the "
                                      "smaller model")
-    add_prune_arguments(p)
+    add_prune_arguments(p, defaults.get("prune"))
     p.add_argument("--json", action="store_true", help="print one JSON line with the results")
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("speed", help="parameters, size, prefill latency, decode tokens/s and "
                                      "peak memory of models, side by side")
-    SpeedConfig.add_arguments(p)
+    SpeedConfig.add_arguments(p, defaults.get("speed"))
     p.add_argument("--json", action="store_true", help="print one JSON list, a record per model")
     p.set_defaults(func=cmd_speed)
 
     p = sub.add_parser("export", help="re-export a prune run at another sparsity from its saved "
                                       "scores, without searching")
-    ExportConfig.add_arguments(p)
+    ExportConfig.add_arguments(p, defaults.get("export"))
     p.add_argument("--json", action="store_true", help="print one JSON line with the results")
     p.set_defaults(func=cmd_export)
     return parser
@@ -243,10 +262,14 @@ USER_ERRORS = (ValueError, OSError, BackendUnavailableError)
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(file_settings(argv)).parse_args(argv)
     except SystemExit as e:  # usage errors (2), --help and --version (0): an exit code to return
         return e.code
+    except ValueError as e:  # an unreadable --config file
+        print(f"probprune-fast: error: {one_line(e)}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -264,6 +264,52 @@ def combination(*names: str, probe: bool = False):
     return register
 
 
+class _AppendOverFile(argparse._AppendAction):
+    """``append`` for a list a ``--config`` file set: the first flag on the line starts a new
+    list (the line overrides the file), the next ones add to it."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, None) is self.default:
+            setattr(namespace, self.dest, [])
+        super().__call__(parser, namespace, values, option_string)
+
+
+def read_config_file(path: str, cls) -> Dict[str, Any]:
+    """The settings of a YAML or JSON file, by field name of ``cls``: keys are flag names (with
+    dashes or underscores, with or without the leading --) or field names; a file with a
+    ``settings`` entry (a run's report.json or probprune.json) gives those, so a run's record
+    re-runs it. Fields without a flag (progress) are passed over; any other key is an error."""
+    import yaml  # a dependency of transformers
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = (json.load(f) if path.endswith(".json") else yaml.safe_load(f))
+    except OSError as e:
+        raise ConfigError(f"--config: cannot read {path!r} ({one_line(e)})") from e
+    except (ValueError, yaml.YAMLError) as e:
+        raise ConfigError(f"--config: {path!r} is not valid JSON / YAML ({one_line(e)})") from e
+    if isinstance(data, dict) and isinstance(data.get("settings"), dict):
+        data = data["settings"]
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config: {path!r} holds no mapping of settings")
+    by_key = {}
+    for f in fields(cls):
+        by_key[f.name] = f
+        if f.metadata["cli"]:
+            by_key[cls.flag(f.name).lstrip("-").replace("-", "_")] = f
+    out, unknown = {}, []
+    for key, value in data.items():
+        f = by_key.get(str(key).lstrip("-").replace("-", "_"))
+        if f is None:
+            unknown.append(str(key))
+        elif f.metadata["cli"]:
+            out[f.name] = value
+    if unknown:
+        raise ConfigError(f"--config: {path!r} has settings this command does not take: "
+                          f"{', '.join(sorted(unknown))}")
+    return out
+
+
 class _Settings:
     """What a config class derives from its fields (its subclasses are dataclasses)."""
 
@@ -276,7 +322,15 @@ class _Settings:
         return meta["flag"] or "--" + name.replace("_", "-")
 
     @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+    def add_arguments(cls, parser: argparse.ArgumentParser,
+                      defaults: Optional[Dict[str, Any]] = None) -> None:
+        """The flags of every field; ``defaults`` (a ``--config`` file's settings, by field name)
+        take the place of the fields' own defaults, and the flags on the line override them."""
+        defaults = defaults or {}
+        parser.add_argument("--config", metavar="FILE",
+                            help="settings from a YAML or JSON file (flag names as keys, or a "
+                                 "run's report.json / probprune.json); flags on the line "
+                                 "override it")
         for f in fields(cls):
             meta = f.metadata
             if not meta["cli"]:
@@ -285,14 +339,19 @@ class _Settings:
             default = meta["cli_default"]
             if default is MISSING:
                 default = f.default_factory() if f.default_factory is not MISSING else f.default
+            if f.name in defaults:
+                default = defaults[f.name]
             hidden = default is MISSING or default is None or default is False or default == []
             shown = "" if hidden else f" (default: {default})"
             kw: Dict[str, Any] = dict(dest=f.name, help=meta["help"] + shown)
             if f.type is bool:  # --flag / --no-flag, whichever way the default goes
                 kw.update(action=argparse.BooleanOptionalAction, default=default)
             elif get_origin(f.type) is list and meta["parse"] is None:  # --flag A --flag B
-                kw.update(action="append", type=get_args(f.type)[0], required=default is MISSING,
+                kw.update(action=_AppendOverFile if f.name in defaults else "append",
+                          type=get_args(f.type)[0], required=default is MISSING,
                           metavar=flag.lstrip("-").upper())
+                if f.name in defaults:
+                    kw["default"] = list(default)
             else:
                 kw.update(type=meta["parse"] or _scalar(f.type), choices=meta["choices"])
                 if meta["choices"] is None:
@@ -616,8 +675,8 @@ class PruneConfig(_Settings):
                                         help="end the process after this step (tests of resume)")
 
 
-def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
-    PruneConfig.add_arguments(parser)
+def add_prune_arguments(parser: argparse.ArgumentParser, defaults=None) -> None:
+    PruneConfig.add_arguments(parser, defaults)
 
 
 def _subset(name: str, doc: str, names: tuple, flags: Dict[str, str], own: tuple = ()):
@@ -643,8 +702,8 @@ EvalConfig = _subset(
     {"eval": "--data", "eval_tasks": "--tasks"})
 
 
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    EvalConfig.add_arguments(parser)
+def add_eval_arguments(parser: argparse.ArgumentParser, defaults=None) -> None:
+    EvalConfig.add_arguments(parser, defaults)
 
 
 def _models_problem(names: List[str]) -> Problem:

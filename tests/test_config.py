@@ -278,7 +278,7 @@ def test_config_error_is_a_value_error():
 def test_flags_defaults_and_help_come_from_the_fields():
     parser = argparse.ArgumentParser()
     add_prune_arguments(parser)
-    actions = {a.dest: a for a in parser._actions if a.dest != "help"}
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
     fields = {f.name: f for f in dataclasses.fields(PruneConfig)}
     # every field has a flag but the two that only the library sets
     assert set(actions) == set(fields) - {"progress", "stop_after"}
@@ -336,7 +336,7 @@ def test_readme_quick_start_parses_to_the_config():
 def test_eval_config_shares_the_definitions():
     parser = argparse.ArgumentParser()
     add_eval_arguments(parser)
-    actions = {a.dest: a for a in parser._actions if a.dest != "help"}
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
     prune_fields = {f.name: f for f in dataclasses.fields(PruneConfig)}
     assert set(actions) == {"model", "eval", "eval_file", "seqlen", "max_eval_windows", "window_stride",
                             "eval_batch_size", "eval_tasks", "tasks_path", "task_limit", "device",
