@@ -61,17 +61,20 @@ def _layer_sizes(kept: dict, l: int, shape, weights: Dict[str, torch.Tensor],
 
 
 def _layer_slices(sd: Dict[str, torch.Tensor], weights: Dict[str, torch.Tensor], kept: dict,
-                  l: int, shape, device=None) -> Dict[str, torch.Tensor]:
+                  l: int, shape, device=None, index_on: Optional[dict] = None
+                  ) -> Dict[str, torch.Tensor]:
     """Original layer ``l``'s tensors sliced to its kept units, keyed by name inside the layer;
     ``weights`` replace the slices of their keys. Each slice moves to ``device`` (default: where
     its weight is) as soon as it is made, so slicing onto the host never holds a second copy of
-    the layer set on the model's device."""
+    the layer set on the model's device. ``index_on``: a cache of the index tensors, for a caller
+    that slices the same layer again."""
     src = f"model.layers.{l}."
     layer_keys = [k for k in sd if k.startswith(src)]
     layer_keys += [k for k in weights if k.startswith(src) and k not in sd]
     lists = {"heads": kept["kv_heads"][str(l)], "q_heads": kept["q_heads"][str(l)],
              "chans": kept["channels"][str(l)]}
-    index_on = {}  # the index lists on the device of the weight they index, made once each
+    # the index lists on the device of the weight they index, made once each
+    index_on = {} if index_on is None else index_on
 
     def index(what: str, dev: torch.device) -> torch.Tensor:
         if (what, dev) not in index_on:
@@ -181,8 +184,11 @@ def pruned_model(model, units: UnitSpace, mask: torch.Tensor,
     inner = model.model
     for layer, l in zip(pruned.model.layers, kept["layers"]):
         dev = next(inner.layers[l].parameters()).device
-        _slice_when_called(layer, lambda l=l, dev=dev: _layer_slices(
-            sd, weights, kept, l, units.shape, dev), dev, model.lm_head.weight.dtype)
+        src = f"model.layers.{l}."  # this layer's entries, found once, not on every forward
+        own = ({k: t for k, t in sd.items() if k.startswith(src)},
+               {k: t for k, t in weights.items() if k.startswith(src)})
+        _slice_when_called(layer, lambda l=l, dev=dev, own=own, cache={}: _layer_slices(
+            *own, kept, l, units.shape, dev, cache), dev, model.lm_head.weight.dtype)
     # With the layers spread over devices (or a last kept layer away from the final norm's
     # device), the hidden states follow each module as in the dense model.
     move_inputs(pruned.model.norm, inner.norm.weight.device)
