@@ -202,7 +202,9 @@ def work_memory_mib(fn: Callable, device) -> Optional[float]:
         return None
     base = _status_kib("VmRSS")
     fn()
-    return (_status_kib("VmHWM") - base) / 1024
+    # The kernel raises the high-water mark lazily, and pages freed between the reset and the
+    # read of the base can leave it a few KiB under the base: a call that adds nothing is 0.
+    return max(0.0, (_status_kib("VmHWM") - base) / 1024)
 
 
 def memory_in_child(models, backends: List[str], dtype: str, threads: Optional[int],
