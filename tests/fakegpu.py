@@ -139,11 +139,9 @@ class Replay(TorchDispatchMode):
             return result[1]
         if kind == "tuple":
             return tuple(self._rebuild(r, device) for r in result[1])
-        _, shape, dtype, real = result
-        # The values only matter to later data-dependent ops, which replay their own results;
-        # copied anyway so a fake tensor built from them has the real run's contents' shape.
-        return real.to(device=device, dtype=dtype) if device.type == "cpu" else torch.empty(
-            shape, dtype=dtype, device=device)
+        _, shape, dtype, _ = result
+        # A fake tensor has no values: every later read of them replays a recorded result too.
+        return torch.empty(shape, dtype=dtype, device=device)
 
 
 def fake_mode() -> FakeTensorMode:

@@ -269,18 +269,16 @@ def test_pruned_model_holds_one_layer_on_the_device():
     lazy = pruned_model(model, units, mask)
     live = []
 
-    def count(module, args, kwargs=None):
-        live.append(sum(not p.is_meta for layer in lazy.model.layers
-                        for p in layer.parameters()))
+    def count(module, args, kwargs=None):  # which layers hold real weights, inside a forward
+        live.append([i for i, layer in enumerate(lazy.model.layers)
+                     if any(not p.is_meta for p in layer.parameters())])
 
     for layer in lazy.model.layers:
         layer.register_forward_hook(count, prepend=True)
     assert all(p.is_meta for layer in lazy.model.layers for p in layer.parameters())
     ids = _ids("cpu")
     logits = lazy(ids).logits
-    one_layer = sum(p.numel() > 0 for p in lazy.model.layers[0].parameters())
-    assert live == [one_layer] * 4 or max(live) <= max(
-        len(list(layer.parameters())) for layer in lazy.model.layers)
+    assert live == [[0], [1], [2], [3]]  # each layer alone, while it runs
     assert all(p.is_meta for layer in lazy.model.layers for p in layer.parameters())
 
     sd, sizes, kept = pruned_state_dict(model, units, mask)
