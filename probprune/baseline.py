@@ -25,21 +25,20 @@ from typing import List
 
 import torch
 
-from .models import check_supported
-from .units import UnitSpace
+from .families import family_of, units_of
 
 
 class DenseMaskedLM:
     """``losses(input_ids [B, T], masks bool [K, units.n_units]) -> [K]`` by K dense forwards."""
 
     def __init__(self, model, include_layers: bool = False, attn_units: str = "kv-group"):
-        check_supported(model.config)
+        self.family = family_of(model.config)
         self.model = model
-        self.units = UnitSpace.of_model(model.config, include_layers, attn_units)
+        self.units = units_of(model.config, include_layers, attn_units)
 
     @property
     def device(self) -> torch.device:
-        return self.model.lm_head.weight.device
+        return self.family.head(self.model).weight.device
 
     @torch.no_grad()
     def losses(self, input_ids: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -48,7 +47,7 @@ class DenseMaskedLM:
             raise ValueError(f"masks must be bool [K, {units.n_units}], got {masks.dtype} "
                              f"{tuple(masks.shape)}")
         ids = input_ids.to(self.device)
-        dtype = self.model.lm_head.weight.dtype
+        dtype = self.family.head(self.model).weight.dtype
         m = units.split(masks.to(self.device))
         # Column masks as the paper builds them: a KV group's mask repeated over its G query heads
         # and their head_dim columns; one factor per MLP channel.
@@ -72,9 +71,10 @@ class DenseMaskedLM:
 
         handles: List[torch.utils.hooks.RemovableHandle] = []
         try:
-            for l, layer in enumerate(self.model.model.layers):
-                handles.append(layer.self_attn.o_proj.register_forward_pre_hook(scale_input(o_cols, l)))
-                handles.append(layer.mlp.down_proj.register_forward_pre_hook(scale_input(d_cols, l)))
+            for l, layer in enumerate(self.family.layers(self.model)):
+                for role, cols in (("o", o_cols), ("down", d_cols)):
+                    handles.append(self.family.part(layer, role).register_forward_pre_hook(
+                        scale_input(cols, l)))
                 if units.include_layers:
                     handles.append(layer.register_forward_hook(pass_through(l), with_kwargs=True))
             out = []

@@ -249,24 +249,25 @@ class _Stream:
 
     def __init__(self, engine: MaskedCausalLM, windows: torch.Tensor, batch_size: int,
                  dense: bool = False, dense_target: bool = False):
-        inner = engine.model.model
-        T = windows.shape[1]
-        dev = inner.embed_tokens.weight.device
-        self.batches = [inner.embed_tokens(windows[i:i + batch_size].to(dev))
+        family, model = engine.family, engine.model
+        self.batches = [family.embed(model, windows[i:i + batch_size])
                         for i in range(0, windows.shape[0], batch_size)]
         # The dense model's stream beside the pruned one (the dense target, the input
         # correction), else None; dense_target: the refits match it.
         self.dense = [h.clone() for h in self.batches] if dense or dense_target else None
         self.dense_target = dense_target
-        self.cos, self.sin = inner.rotary_emb(self.batches[0], torch.arange(T, device=dev)[None])
+        self.rotary = family.rotary(model, self.batches[0], engine.units.n_layers)
 
     def to(self, device: torch.device) -> None:
         """Moves the stream to the next layer's device (layer sharding)."""
-        if self.cos.device != device:
+        if self.batches[0].device != device:
             self.batches = [h.to(device) for h in self.batches]
             if self.dense is not None:
                 self.dense = [h.to(device) for h in self.dense]
-            self.cos, self.sin = self.cos.to(device), self.sin.to(device)
+
+    def rotary_of(self, l: int, device: torch.device):
+        """Layer ``l``'s (cos, sin) on ``device``."""
+        return tuple(t.to(device) for t in self.rotary[l])
 
 
 def _sublayer(stream: _Stream, inputs: Callable, kept_inputs: Callable, linear, cols,
@@ -376,7 +377,7 @@ def compensate(engine: MaskedCausalLM, mask: torch.Tensor, windows: torch.Tensor
         if not keep and sequential and stream.dense is None:
             continue  # a dropped layer: the residual passes through
         stream.to(dev)
-        cos, sin = stream.cos, stream.sin
+        cos, sin = stream.rotary_of(l, dev)
         attn, mlp = layer.self_attn, layer.mlp
         query_heads = units.query_kept(m.heads[l]).nonzero().flatten().to(dev)
         channels = m.mlp[l].nonzero().flatten().to(dev)
@@ -391,36 +392,36 @@ def compensate(engine: MaskedCausalLM, mask: torch.Tensor, windows: torch.Tensor
         fix = correct_inputs and keep
 
         def attn_inputs(h, lists=all_heads, M=None):
-            x = layer.input_layernorm(h)
+            x = layer.attn_norm(h)
             return attn.head_outputs((x if M is None else x @ M)[None], cos, sin, lists)[0]
 
         def mlp_inputs(h, idx=all_channels, M=None):
-            x = layer.post_attention_layernorm(h)
+            x = layer.mlp_norm(h)
             return mlp.channel_outputs((x if M is None else x @ M)[None], *idx)[0]
 
-        M = input_map(stream, layer.input_layernorm, damping, record, "attn") if fix else None
+        M = input_map(stream, layer.attn_norm, damping, record, "attn") if fix else None
         _sublayer(stream, lambda h: attn_inputs(h, M=M), lambda h: attn_inputs(h, kept_h, M),
                   attn.o_proj, shape.query_columns(query_heads), damping, bias, keep, sequential,
-                  record, "attn", weights, f"model.layers.{l}.self_attn.o_proj", grams=grams,
+                  record, "attn", weights, engine.key(l, "o"), grams=grams,
                   dense_inputs=attn_inputs)
         if fix:
             kv = units.kv_kept(m.heads[l]).nonzero().flatten().to(dev)
             kv_rows = (kv[:, None] * shape.head_dim + torch.arange(shape.head_dim, device=dev))
-            for name, rows in (("q_proj", shape.query_columns(query_heads)),
-                               ("k_proj", kv_rows.flatten()), ("v_proj", kv_rows.flatten())):
-                _store_mapped(weights, f"model.layers.{l}.self_attn.{name}",
-                              getattr(attn, name), rows, M)
-        M = (input_map(stream, layer.post_attention_layernorm, damping, record, "mlp") if fix
+            for role, rows in (("q", shape.query_columns(query_heads)),
+                               ("k", kv_rows.flatten()), ("v", kv_rows.flatten())):
+                _store_mapped(weights, engine.key(l, role), getattr(attn, f"{role}_proj"), rows,
+                              M)
+        M = (input_map(stream, layer.mlp_norm, damping, record, "mlp") if fix
              else None)
         chosen = _sublayer(stream, lambda h: mlp_inputs(h, M=M),
                            lambda h: mlp_inputs(h, kept_c, M), mlp.down_proj,
                            channels, damping, bias, keep, sequential, record, "mlp", weights,
-                           f"model.layers.{l}.mlp.down_proj", obs=select == "obs" and keep,
+                           engine.key(l, "down"), obs=select == "obs" and keep,
                            grams=grams, dense_inputs=mlp_inputs)
         if fix:
-            for name in ("gate_proj", "up_proj"):
-                _store_mapped(weights, f"model.layers.{l}.mlp.{name}", getattr(mlp, name),
-                              chosen, M)
+            for role in ("gate", "up"):
+                _store_mapped(weights, engine.key(l, role), getattr(mlp, f"{role}_proj"), chosen,
+                              M)
         if keep:
             m.mlp[l] = False
             m.mlp[l, chosen.to(flat.device)] = True

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 import probprune_kernels as pk
 
 from .data import DataError
+from .families import UnsupportedModelError, family_of
 from .forward import LOGIT_CHUNK_VALUES
 
 
@@ -75,14 +76,22 @@ def _as_perplexity(nll: float, windows: torch.Tensor, stride: int) -> Perplexity
                       windows=windows.shape[0], seqlen=windows.shape[1], stride=stride)
 
 
+def _family_or_none(model):
+    try:
+        return family_of(model.config)
+    except (AttributeError, UnsupportedModelError):  # no config, or a family of no adapter
+        return None
+
+
 def _model_batch_nll(model, device):
-    """The summed NLL of a batch. A causal LM with a decoder (``model.model``) and an ``lm_head``
+    """The summed NLL of a batch. A causal LM of a supported family (:mod:`probprune.families`)
     goes through the chunked lm_head cross-entropy: the [B, T, vocab] logits (200 MB for a batch
     of 8 windows of 128 with a 49k vocabulary, and as much again for their log-softmax) are never
     built. Any other module must return ``.logits``."""
-    inner, head = getattr(model, "model", None), getattr(model, "lm_head", None)
-    chunked = (isinstance(inner, torch.nn.Module) and isinstance(head, torch.nn.Linear)
-               and head.bias is None)
+    family = _family_or_none(model)
+    inner = family.decoder(model) if family else None
+    head = family.head(model) if family else None
+    chunked = isinstance(head, torch.nn.Linear) and head.bias is None
 
     def batch_nll(batch):
         batch = batch.to(device)

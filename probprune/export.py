@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from . import modeling_probprune
+from .families import Family, family_of
 from .files import atomic_write, atomic_write_text
 from .model_card import write_model_card
 from .placement import move_inputs, move_to
@@ -26,7 +27,6 @@ from .models import MANIFEST
 from .units import UnitSpace
 
 FORMAT_VERSION = 1
-QK_NORMS = ("self_attn.q_norm.weight", "self_attn.k_norm.weight")  # Qwen3: shared by all heads
 
 
 def kept_indices(units: UnitSpace, mask: torch.Tensor) -> dict:
@@ -43,7 +43,7 @@ def kept_indices(units: UnitSpace, mask: torch.Tensor) -> dict:
             "channels": {str(l): ids(m.mlp[l]) for l in layers}}
 
 
-def _layer_sizes(kept: dict, l: int, shape, weights: Dict[str, torch.Tensor],
+def _layer_sizes(family: Family, kept: dict, l: int, shape, weights: Dict[str, torch.Tensor],
                  sd_keys) -> dict:
     """The saved sizes of original layer ``l`` (``probprune_layout``'s entry)."""
     heads = torch.tensor(kept["kv_heads"][str(l)], dtype=torch.long)
@@ -53,26 +53,26 @@ def _layer_sizes(kept: dict, l: int, shape, weights: Dict[str, torch.Tensor],
     if bool((per_group != shape.q_per_kv).any()):  # single query heads pruned in a group
         size["q_per_kv"] = per_group.tolist()
     # Biases the original layers lack (compensation's mean shift): the modeling file adds them.
-    src = f"model.layers.{l}."
-    for flag, key in (("o_bias", "self_attn.o_proj.bias"), ("down_bias", "mlp.down_proj.bias")):
-        if src + key in weights and src + key not in sd_keys:
+    for flag, role in (("o_bias", "o"), ("down_bias", "down")):
+        key = family.key(l, role) + ".bias"
+        if key in weights and key not in sd_keys:
             size[flag] = True
     return size
 
 
-def _layer_slices(sd: Dict[str, torch.Tensor], weights: Dict[str, torch.Tensor], kept: dict,
-                  l: int, shape, device=None, index_on: Optional[dict] = None
+def _layer_slices(family: Family, sd: Dict[str, torch.Tensor], weights: Dict[str, torch.Tensor],
+                  kept: dict, l: int, shape, device=None, index_on: Optional[dict] = None
                   ) -> Dict[str, torch.Tensor]:
     """Original layer ``l``'s tensors sliced to its kept units, keyed by name inside the layer;
     ``weights`` replace the slices of their keys. Each slice moves to ``device`` (default: where
     its weight is) as soon as it is made, so slicing onto the host never holds a second copy of
     the layer set on the model's device. ``index_on``: a cache of the index tensors, for a caller
     that slices the same layer again."""
-    src = f"model.layers.{l}."
+    src = family.layer_prefix(l)
     layer_keys = [k for k in sd if k.startswith(src)]
     layer_keys += [k for k in weights if k.startswith(src) and k not in sd]
     lists = {"heads": kept["kv_heads"][str(l)], "q_heads": kept["q_heads"][str(l)],
-             "chans": kept["channels"][str(l)]}
+             "channels": kept["channels"][str(l)]}
     # the index lists on the device of the weight they index, made once each
     index_on = {} if index_on is None else index_on
 
@@ -89,29 +89,21 @@ def _layer_slices(sd: Dict[str, torch.Tensor], weights: Dict[str, torch.Tensor],
 
     out = {}
     no_heads = not lists["heads"]
+    o_bias = family.PARTS["o"] + ".bias"
     for key in layer_keys:
         name = key[len(src):]
         t = weights[key] if key in weights else sd[key]
-        if no_heads and name.startswith("self_attn."):
-            if name == "self_attn.o_proj.bias":
-                out["self_attn.o_bias"] = t.to(device or t.device)
-            elif name in QK_NORMS:  # part of the layer's fixed cost: kept with the layer
+        if no_heads and family.is_attention(name):
+            # the modeling file's NoAttention in place of the attention block
+            if name == o_bias:
+                out[family.PARTS["attn"] + ".o_bias"] = t.to(device or t.device)
+            elif family.is_qk_norm(name):  # part of the layer's fixed cost: kept with the layer
                 out[name] = t.to(device or t.device)
             continue
-        if key not in weights:  # the original weight: keep the rows / columns of kept units
-            rows = None
-            if name.startswith("self_attn.q_proj."):
-                dim, rows = 0, "q_rows"
-            elif name.startswith(("self_attn.k_proj.", "self_attn.v_proj.")):
-                dim, rows = 0, "kv_rows"
-            elif name == "self_attn.o_proj.weight":
-                dim, rows = 1, "q_rows"
-            elif name.startswith(("mlp.gate_proj.", "mlp.up_proj.")):
-                dim, rows = 0, "chans"
-            elif name == "mlp.down_proj.weight":
-                dim, rows = 1, "chans"
-            if rows is not None:
-                t = t.index_select(dim, index(rows, t.device))
+        rule = None if key in weights else family.slice_rule(name)
+        if rule is not None:  # the original weight: keep the rows / columns of kept units
+            dim, rows = rule
+            t = t.index_select(dim, index(rows, t.device))
         out[name] = t.to(device or t.device)
     return out
 
@@ -124,22 +116,25 @@ def pruned_state_dict(model, units: UnitSpace, mask: torch.Tensor,
     lacks is added). ``device``: where every tensor of the result goes, slice by slice (default:
     where its weight is)."""
     weights = weights or {}
+    family = family_of(model.config)
     kept = kept_indices(units, mask)
     sd = model.state_dict()
     out = {k: t.to(device or t.device) for k, t in sd.items()
-           if not k.startswith("model.layers.")}
+           if not k.startswith(family.LAYERS + ".")}
     sizes = []
     for new, l in enumerate(kept["layers"]):
-        dst = f"model.layers.{new}."
-        for name, t in _layer_slices(sd, weights, kept, l, units.shape, device).items():
+        dst = family.layer_prefix(new)
+        for name, t in _layer_slices(family, sd, weights, kept, l, units.shape, device).items():
             out[dst + name] = t
-        sizes.append(_layer_sizes(kept, l, units.shape, weights, sd))
+        sizes.append(_layer_sizes(family, kept, l, units.shape, weights, sd))
     return out, sizes, kept
 
 
 def pruned_config(config, sizes, kept_layers):
-    cls = modeling_probprune.CLASSES[config.model_type]
+    family = family_of(config)
+    cls = family.pruned_class(config)
     cfg = copy.deepcopy(config)
+    cfg.probprune_modules = family.modeling_layout()
     cfg.num_hidden_layers = len(sizes)
     cfg.probprune_layout = sizes
     cfg.architectures = [cls.__name__]
@@ -159,14 +154,15 @@ def pruned_model(model, units: UnitSpace, mask: torch.Tensor,
     the dense model (LLaMA-2-13B in float32 and its 30% pruned copy do not fit 80 GB together),
     at the cost of one slice of the kept weights per forward."""
     weights = weights or {}
+    family = family_of(model.config)
+    layers = family.LAYERS + "."
     kept = kept_indices(units, mask)
     sd = model.state_dict()
-    sizes = [_layer_sizes(kept, l, units.shape, weights, sd) for l in kept["layers"]]
+    sizes = [_layer_sizes(family, kept, l, units.shape, weights, sd) for l in kept["layers"]]
     cfg = pruned_config(model.config, sizes, kept["layers"])
-    cls = modeling_probprune.CLASSES[model.config.model_type]
     with torch.device("meta"):
-        pruned = cls(cfg)
-    pruned.load_state_dict({k: t for k, t in sd.items() if not k.startswith("model.layers.")},
+        pruned = family.pruned_class(cfg)(cfg)
+    pruned.load_state_dict({k: t for k, t in sd.items() if not k.startswith(layers)},
                            strict=False, assign=True)
     if getattr(cfg, "tie_word_embeddings", False):
         pruned.tie_weights()
@@ -174,25 +170,25 @@ def pruned_model(model, units: UnitSpace, mask: torch.Tensor,
     # model's are the same.
     originals = dict(model.named_buffers())
     for name, buf in list(pruned.named_buffers()):
-        if buf.is_meta and not name.startswith("model.layers."):
+        if buf.is_meta and not name.startswith(layers):
             owner, _, attr = name.rpartition(".")
             setattr(pruned.get_submodule(owner), attr, originals[name].clone())
     missing = [n for n, p in pruned.named_parameters()
-               if p.is_meta and not n.startswith("model.layers.")]
+               if p.is_meta and not n.startswith(layers)]
     if missing:
         raise RuntimeError(f"pruned model has no weights for {missing[:4]}")
-    inner = model.model
-    for layer, l in zip(pruned.model.layers, kept["layers"]):
-        dev = next(inner.layers[l].parameters()).device
-        src = f"model.layers.{l}."  # this layer's entries, found once, not on every forward
+    dense_layers, head = family.layers(model), family.head(model)
+    for layer, l in zip(family.layers(pruned), kept["layers"]):
+        dev = next(dense_layers[l].parameters()).device
+        src = family.layer_prefix(l)  # this layer's entries, found once, not on every forward
         own = ({k: t for k, t in sd.items() if k.startswith(src)},
                {k: t for k, t in weights.items() if k.startswith(src)})
         _slice_when_called(layer, lambda l=l, dev=dev, own=own, cache={}: _layer_slices(
-            *own, kept, l, units.shape, dev, cache), dev, model.lm_head.weight.dtype)
+            family, *own, kept, l, units.shape, dev, cache), dev, head.weight.dtype)
     # With the layers spread over devices (or a last kept layer away from the final norm's
     # device), the hidden states follow each module as in the dense model.
-    move_inputs(pruned.model.norm, inner.norm.weight.device)
-    move_inputs(pruned.lm_head, model.lm_head.weight.device)
+    move_inputs(family.final_norm(pruned), family.final_norm(model).weight.device)
+    move_inputs(family.head(pruned), head.weight.device)
     return pruned.eval()
 
 
@@ -227,7 +223,7 @@ def export_pruned(model, tokenizer, units: UnitSpace, mask: torch.Tensor, out_di
     # Sliced straight to the host: the device never holds the pruned copy beside the dense model.
     sd, sizes, kept = pruned_state_dict(model, units, mask, weights, device="cpu")
     if getattr(model.config, "tie_word_embeddings", False):
-        sd.pop("lm_head.weight", None)  # tied: the embedding is the one copy on disk
+        sd.pop(family_of(model.config).HEAD + ".weight", None)  # tied: the embedding is the one copy on disk
     sd = {k: v.detach().contiguous() for k, v in sd.items()}
     atomic_write(os.path.join(out_dir, "model.safetensors"),
                  lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))

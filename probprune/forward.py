@@ -1,4 +1,5 @@
-"""The K-mask batched forward of a Llama / Mistral / Qwen2 / Qwen3 Hugging Face model.
+"""The K-mask batched forward of a Hugging Face causal LM of a supported family
+(:mod:`probprune.families`).
 
 Built from the drop-in layers of :mod:`probprune_kernels.layers` (one
 :class:`~probprune_kernels.layers.MaskedDecoderLayer` per decoder layer, sharing the model's
@@ -14,12 +15,10 @@ from typing import Dict, Optional
 import torch
 
 import probprune_kernels as pk
-from probprune_kernels.layers import MaskedDecoderLayer
 from probprune_kernels.refit import LeastSquaresRefit
 
-from .models import check_supported
+from .families import family_of, units_of
 from .placement import layer_devices
-from .units import UnitSpace
 
 # Logit chunks of at most 2**24 fp32 values (64 MiB) over all K masks: the vocabulary is the
 # largest activation of a small model and would otherwise grow with K.
@@ -39,20 +38,18 @@ def _on(device, *xs):
 class MaskedCausalLM:
     """``losses(input_ids, masks)`` -> one mean next-token loss per mask.
 
-    ``masks``: bool [K, units.n_units] over model units (the flat order of :class:`UnitSpace`).
+    ``masks``: bool [K, units.n_units] over model units (the flat order of :class:`~probprune.units.UnitSpace`).
     """
 
     def __init__(self, model, include_layers: bool = False, backend: Optional[str] = None,
                  attn_units: str = "kv-group"):
         config = model.config
-        check_supported(config)
-        if getattr(config, "mlp_bias", False):
-            raise ValueError("MLP biases (mlp_bias=True) are not supported by the masked forward")
+        self.family = family_of(config)
         self.model = model
-        self.units = UnitSpace.of_model(config, include_layers, attn_units)
+        self.units = units_of(config, include_layers, attn_units)
         self.backend = backend
-        self.layers = [MaskedDecoderLayer.from_hf(layer, config, backend, attn_units)
-                       for layer in model.model.layers]
+        self.layers = [self.family.masked_layer(layer, config, backend, attn_units)
+                       for layer in self.family.layers(model)]
         # Layer sharding (probprune.placement): the hidden states move at device boundaries.
         self.layer_devices = layer_devices(model)
         self.sliding_window = getattr(config, "sliding_window", None) if getattr(
@@ -60,7 +57,18 @@ class MaskedCausalLM:
 
     @property
     def device(self) -> torch.device:
-        return self.model.lm_head.weight.device
+        """Where the logits are computed (``lm_head``'s device)."""
+        return self.family.head(self.model).weight.device
+
+    def embed(self, ids: torch.Tensor):
+        """(hidden states [B, T, d], each layer's (cos, sin)) of the token ids, on the
+        embedding's device."""
+        h = self.family.embed(self.model, ids)
+        return h, self.family.rotary(self.model, h, len(self.layers))
+
+    def key(self, l: int, role: str) -> str:
+        """The state-dict name of layer ``l``'s module of ``role`` (``"o"``, ``"down"``, ...)."""
+        return self.family.key(l, role)
 
     def use_refits(self, grams: Optional[Dict[str, torch.Tensor]], damping: float = 0.01) -> None:
         """With ``grams`` (:func:`probprune.compensate.input_grams`), every mask's loss is the
@@ -68,9 +76,8 @@ class MaskedCausalLM:
         channels (:mod:`probprune_kernels.refit`); with None, the bare slice's."""
         for l, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
-            for module, linear, name, group in (
-                    (attn, attn.o_proj, f"model.layers.{l}.self_attn.o_proj", attn.head_dim),
-                    (mlp, mlp.down_proj, f"model.layers.{l}.mlp.down_proj", 1)):
+            for module, linear, name, group in ((attn, attn.o_proj, self.key(l, "o"), attn.head_dim),
+                                                (mlp, mlp.down_proj, self.key(l, "down"), 1)):
                 module.refit = None if grams is None else LeastSquaresRefit(
                     linear.weight, grams[name], damping, group)
 
@@ -110,23 +117,22 @@ class MaskedCausalLM:
         if self.sliding_window is not None and T > self.sliding_window:
             raise ValueError(f"seqlen {T} exceeds the model's sliding window {self.sliding_window}")
         K = masks.shape[0]
-        inner = self.model.model
         ids = input_ids.to(self.device)
         heads, (c_idx, c_cnt), layer_keep = self._compact(masks.to(self.device))
 
-        h = inner.embed_tokens(ids.to(inner.embed_tokens.weight.device))
-        cos, sin = inner.rotary_emb(h, torch.arange(T, device=h.device)[None])  # [1, T, hd]
+        h, rotary = self.embed(ids)
         h = h[None].expand(K, B, T, -1).contiguous()
         for l, layer in enumerate(self.layers):
             dev = self.layer_devices[l]
-            if h.device != dev:
-                h, cos, sin = h.to(dev), cos.to(dev), sin.to(dev)
+            h = h.to(dev)
+            cos, sin = (t.to(dev) for t in rotary[l])  # [1, T, hd]: a copy on other devices only
             lists = pk.HeadLists(*(t[l] for t in heads))
             h = layer.forward_compact(h, cos, sin, *(_on(dev, lists, (c_idx[l], c_cnt[l]),
                                                         layer_keep[l])))
-        h = inner.norm(h[:, :, :-1].to(self.device)).reshape(K, B * (T - 1), -1)
+        h = self.family.final_norm(self.model)(h[:, :, :-1].to(self.device))
+        h = h.reshape(K, B * (T - 1), -1)
         labels = ids[:, 1:].reshape(-1)
-        w = self.model.lm_head.weight
+        w = self.family.head(self.model).weight
         chunk = max(1, LOGIT_CHUNK_VALUES // (K * w.shape[0]))
         # validate=False: no host sync; the embedding lookup has already range-checked the ids.
         return pk.lm_head_ce(h, w, labels, chunk_size=chunk, backend=self.backend,

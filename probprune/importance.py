@@ -34,6 +34,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from .budget import Budget
+from .families import family_of
 from .units import UnitSpace
 
 INIT_METHODS = ("wanda-sp", "magnitude", "constant")
@@ -44,7 +45,8 @@ EDGE_PROB = 0.01  # keep-probability of the least important unit of a type the i
 def activation_stats(model, windows: torch.Tensor, batch_size: int = 8, progress: bool = True):
     """Squared input norms of every o_proj / down_proj column and the block influence of every
     layer, from a dense forward over calibration windows [N, T]."""
-    layers = model.model.layers
+    family = family_of(model.config)
+    layers = family.layers(model)
     sq = {}
     influence = torch.zeros(len(layers), dtype=torch.float64)
     hooks = []
@@ -65,8 +67,8 @@ def activation_stats(model, windows: torch.Tensor, batch_size: int = 8, progress
         return hook
 
     for i, layer in enumerate(layers):
-        hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(col_hook(("o", i))))
-        hooks.append(layer.mlp.down_proj.register_forward_pre_hook(col_hook(("down", i))))
+        for role in ("o", "down"):
+            hooks.append(family.part(layer, role).register_forward_pre_hook(col_hook((role, i))))
         hooks.append(layer.register_forward_hook(layer_hook(i)))
     device = next(model.parameters()).device
     try:
@@ -74,7 +76,7 @@ def activation_stats(model, windows: torch.Tensor, batch_size: int = 8, progress
                           disable=not progress, leave=False):
             # the decoder only: the hooks need no logits ([B, T, vocab] would be the largest
             # tensor of the whole init)
-            model.model(windows[start:start + batch_size].to(device))
+            family.decoder(model)(windows[start:start + batch_size].to(device))
     finally:
         for h in hooks:
             h.remove()
@@ -86,10 +88,11 @@ def activation_stats(model, windows: torch.Tensor, batch_size: int = 8, progress
 def unit_metric(model, units: UnitSpace, method: str, norms=None) -> torch.Tensor:
     """Importance of every model unit but layers: attention units (KV groups or query heads),
     then channels (float64). A unit's metric is the sum over its o_proj / down_proj columns."""
+    family = family_of(model.config)
     heads, chans = [], []
-    for i, layer in enumerate(model.model.layers):
-        w_o = layer.self_attn.o_proj.weight.detach().double().abs().cpu()
-        w_d = layer.mlp.down_proj.weight.detach().double().abs().cpu()
+    for i, layer in enumerate(family.layers(model)):
+        w_o = family.part(layer, "o").weight.detach().double().abs().cpu()
+        w_d = family.part(layer, "down").weight.detach().double().abs().cpu()
         if method == "wanda-sp":
             w_o = w_o * norms[("o", i)]
             w_d = w_d * norms[("down", i)]

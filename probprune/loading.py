@@ -5,7 +5,9 @@ moved: 26 GB of host memory for a 13B model in bf16 headed for a GPU, 140 GB for
 model is built on the meta device (no storage), then each tensor is read from its file, cast and
 placed on the device that will hold it, one tensor at a time; the host holds at most one tensor
 in the file's dtype beyond what lives on the host anyway. The files are memory-mapped, so their
-pages are the kernel's page cache (reclaimable), not process memory.
+pages are the kernel's page cache (reclaimable), not process memory. accelerate's
+``init_empty_weights`` builds the model: parameters without storage, buffers computed as at any
+construction (the rotary frequencies, which no checkpoint holds), then moved to their devices.
 
 Checkpoints without safetensors files (``pytorch_model.bin``) go through ``from_pretrained``.
 """
@@ -65,21 +67,23 @@ def stream_model(cls, path: str, config, dtype: torch.dtype,
     ``ValueError`` naming the tensors a checkpoint lacks or has in another shape."""
     from safetensors import safe_open
 
+    from accelerate import init_empty_weights
+
     files = safetensors_files(path)
     if files is None:
         raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path!r}")
-    with torch.device("meta"):
+    with init_empty_weights(include_buffers=False):
         # AutoModelForCausalLM resolves the architecture's class through from_config
         build = getattr(cls, "_from_config", None) or cls.from_config
         model = build(config, dtype=dtype)
+    model.tie_weights()  # the empty parameters were made apart: one tensor under both names again
     mapping = mapping_of(model)
-    # Every name of every tensor: a tied lm_head is one tensor under two names, and checkpoints
-    # store it under either (save_model keeps one of them).
+    # Every name of every tensor the checkpoint holds: a tied lm_head is one tensor under two
+    # names, and checkpoints store it under either (save_model keeps one of them).
+    wanted = model.state_dict(keep_vars=True)
     names = {}
-    for name, t in list(model.named_parameters(remove_duplicate=False)) + [
-            (n, b) for n, b in model.named_buffers() if _persistent(model, n)]:
+    for name, t in wanted.items():
         names.setdefault(id(t), []).append(name)
-    wanted = {name: t for t in _tensors(model) if id(t) in names for name in names[id(t)]}
     loaded, unexpected = set(), []
     for file in files:
         with safe_open(file, framework="pt", device="cpu") as f:
@@ -100,7 +104,7 @@ def stream_model(cls, path: str, config, dtype: torch.dtype,
                 if isinstance(meta, nn.Parameter):  # one Parameter object under every name
                     placed = nn.Parameter(placed, requires_grad=meta.requires_grad)
                 for name in names[id(meta)]:
-                    _assign(model, name, placed)
+                    _set(model, name, placed)
                 loaded.add(id(meta))
     missing = sorted(names[i][0] for i in set(names) - loaded)
     if missing:
@@ -110,7 +114,9 @@ def stream_model(cls, path: str, config, dtype: torch.dtype,
     if unexpected:
         log.warning("ignored %d checkpoint tensors the model has no place for: %s",
                     len(unexpected), ", ".join(unexpected[:5]))
-    _rebuild_rotary(model, mapping)
+    for name, buf in model.named_buffers():  # those no checkpoint holds, made on the host
+        if buf.device != device_of(name, mapping):
+            _set(model, name, buf.to(device_of(name, mapping)))
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
             if t.is_meta]
     if left:
@@ -119,38 +125,11 @@ def stream_model(cls, path: str, config, dtype: torch.dtype,
     return model.eval()
 
 
-def _persistent(model: nn.Module, name: str) -> bool:
-    module_name, _, attr = name.rpartition(".")
-    module = model.get_submodule(module_name) if module_name else model
-    return attr not in module._non_persistent_buffers_set
-
-
-def _tensors(model: nn.Module):
-    """Parameters and persistent buffers, each tensor once."""
-    seen = {}
-    for _, t in list(model.named_parameters()) + list(model.named_buffers()):
-        seen.setdefault(id(t), t)
-    return list(seen.values())
-
-
-def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
-    module_name, _, attr = name.rpartition(".")
-    module = model.get_submodule(module_name) if module_name else model
-    if attr in module._parameters:
-        module._parameters[attr] = tensor
-    else:
-        module._buffers[attr] = tensor
-
-
-def _rebuild_rotary(model: nn.Module, mapping: Dict[str, torch.device]) -> None:
-    """The rotary table is a non-persistent buffer computed at construction: build it again on
-    its device (it is not in the checkpoint)."""
-    inner = model.model
-    rotary = getattr(inner, "rotary_emb", None)
-    if rotary is None:
-        return
-    dev = device_of("model.rotary_emb", mapping)
-    inner.rotary_emb = type(rotary)(config=model.config).to(dev)
+def _set(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Puts ``tensor`` in the place of the parameter or buffer ``name`` (a parameter must come
+    as an ``nn.Parameter``)."""
+    owner, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(owner) if owner else model, attr, tensor)
 
 
 def _generation_config(model: nn.Module, path: str) -> None:

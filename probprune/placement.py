@@ -17,6 +17,8 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 from torch import nn
 
+from .families import family_of
+
 
 class PlacementError(ValueError):
     pass
@@ -94,6 +96,7 @@ class Placement:
     devices: Tuple[torch.device, ...]
     layers: Tuple[int, ...]  # device index of each decoder layer
     tied: bool  # lm_head shares the embedding matrix: both sit on the last device
+    names: Dict[str, str]  # role -> module name (the family's, probprune.families)
 
     def lines(self) -> List[str]:
         runs = []
@@ -103,24 +106,30 @@ class Placement:
         return runs
 
     def module_devices(self) -> Dict[str, torch.device]:
-        """Module name -> device, for every placed module of an HF causal LM."""
+        """Module name -> device, for every placed module of the model (a ``device_map``)."""
         first = self.devices[-1] if self.tied else self.devices[0]
-        out = {"model.embed_tokens": first, "model.rotary_emb": first,
-               "model.norm": self.devices[-1], "lm_head": self.devices[-1]}
-        out.update((f"model.layers.{l}", self.devices[j]) for l, j in enumerate(self.layers))
-        return out
+        where = {"embed": first, "rotary": first, "final_norm": self.devices[-1],
+                 "head": self.devices[-1]}
+        where.update((f"layer.{l}", self.devices[j]) for l, j in enumerate(self.layers))
+        return {self.names[role]: dev for role, dev in where.items()}
+
+    @property
+    def rotary(self) -> str:
+        return self.names["rotary"]
 
 
 def plan(model: nn.Module, devices: Sequence[str]) -> Placement:
-    """Where each module of an HF causal LM (``model.model.layers``, ``embed_tokens``, ``norm``,
-    ``lm_head``) goes over ``devices``; works on a meta-device model (sizes only)."""
+    """Where each module of a causal LM (decoder layers, embedding, final norm, ``lm_head``)
+    goes over ``devices``; works on a meta-device model (sizes only)."""
     devs = tuple(torch.device(d) for d in devices)
-    inner = model.model
-    tied = model.lm_head.weight is inner.embed_tokens.weight
-    head = _params(model.lm_head) + _params(inner.norm)
-    embed = 0 if tied else _params(inner.embed_tokens)
-    owner = balance([_params(layer) for layer in inner.layers], len(devs), embed, head)
-    return Placement(devs, tuple(owner), tied)
+    family = family_of(model.config)
+    layers, head = family.layers(model), family.head(model)
+    embedding = model.get_input_embeddings()
+    tied = head.weight is embedding.weight
+    head_size = _params(head) + _params(family.final_norm(model))
+    embed = 0 if tied else _params(embedding)
+    owner = balance([_params(layer) for layer in layers], len(devs), embed, head_size)
+    return Placement(devs, tuple(owner), tied, family.module_names(len(layers)))
 
 
 def place(model: nn.Module, devices: Sequence[str]) -> Placement:
@@ -129,7 +138,7 @@ def place(model: nn.Module, devices: Sequence[str]) -> Placement:
     placement = plan(model, devices)
     for name, dev in placement.module_devices().items():
         module = model.get_submodule(name)
-        if name == "model.rotary_emb":
+        if name == placement.rotary:
             module.to(dev)  # called by the model, not on hidden states: no hook
         else:
             _on_device(module, dev)
@@ -138,4 +147,4 @@ def place(model: nn.Module, devices: Sequence[str]) -> Placement:
 
 def layer_devices(model: nn.Module) -> List[torch.device]:
     """The device of every decoder layer (its first parameter's)."""
-    return [next(layer.parameters()).device for layer in model.model.layers]
+    return [next(layer.parameters()).device for layer in family_of(model.config).layers(model)]

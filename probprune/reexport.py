@@ -37,6 +37,7 @@ from .config import ExportConfig, PruneConfig
 from .data import eval_text, tokenize_joined
 from .evaluate import perplexity
 from .export import export_pruned
+from .families import units_of
 from .forward import MaskedCausalLM
 from .importance import load_probs
 from .model_card import write_model_card
@@ -195,8 +196,8 @@ def reexport(cfg: ExportConfig) -> dict:
     from transformers import AutoConfig
 
     run = run_config(cfg)
-    units = UnitSpace.of_model(AutoConfig.from_pretrained(resolve_model_path(run.model)),
-                               run.prune_layers, run.attn_units)
+    units = units_of(AutoConfig.from_pretrained(resolve_model_path(run.model)),
+                     run.prune_layers, run.attn_units)
     probs = read_scores(os.path.join(cfg.run, SCORES), run, units)
     # a budget that cannot be met fails here, before loading
     if cfg.allocation == "scaled":

@@ -61,16 +61,7 @@ class ModelShape:
     intermediate: int
     attn_bias: bool  # q/k/v bias (Qwen2)
     o_bias: bool
-    qk_norm: bool = False  # Qwen3's q_norm / k_norm: one head_dim weight each, shared by the heads
-
-    @classmethod
-    def from_config(cls, config) -> "ModelShape":
-        hq, hkv = config.num_attention_heads, config.num_key_value_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // hq
-        qkv_bias = bool(getattr(config, "attention_bias", False)) or config.model_type == "qwen2"
-        o_bias = bool(getattr(config, "attention_bias", False)) and config.model_type != "qwen2"
-        return cls(config.num_hidden_layers, hkv, hq // hkv, head_dim, config.hidden_size,
-                   config.intermediate_size, qkv_bias, o_bias, config.model_type == "qwen3")
+    qk_norm: bool = False  # per-head q/k norms (Qwen3): one head_dim weight each, shared by the heads
 
     @property
     def n_query_heads(self) -> int:
@@ -150,12 +141,6 @@ class UnitSpace:
             expected = torch.arange(shape.intermediate).expand(shape.n_layers, -1)
             if not torch.equal(order.sort(-1).values.cpu(), expected):
                 raise ValueError("channel order must be a permutation of each layer's channels")
-
-    @classmethod
-    def of_model(cls, config, include_layers: bool = False,
-                 attn_units: str = "kv-group") -> "UnitSpace":
-        """The model units of a Hugging Face config."""
-        return cls(ModelShape.from_config(config), include_layers, attn_units=attn_units)
 
     @cached_property
     def model_units(self) -> "UnitSpace":

@@ -393,6 +393,16 @@ class MaskedDecoderLayer(nn.Module):
         self.input_layernorm, self.self_attn = input_layernorm, self_attn
         self.post_attention_layernorm, self.mlp = post_attention_layernorm, mlp
 
+    @property
+    def attn_norm(self) -> nn.Module:
+        """The norm of the attention block's input."""
+        return self.input_layernorm
+
+    @property
+    def mlp_norm(self) -> nn.Module:
+        """The norm of the MLP block's input."""
+        return self.post_attention_layernorm
+
     @classmethod
     def from_hf(cls, layer: nn.Module, config=None, backend: Optional[str] = None,
                 attn_units: str = "kv-group") -> "MaskedDecoderLayer":

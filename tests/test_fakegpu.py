@@ -259,11 +259,11 @@ def test_pruned_model_holds_one_layer_on_the_device():
     dense model. It is sliced layer by layer as the forward reaches each layer, and only that
     layer holds real weights; the result equals the fully sliced model's."""
     from probprune.export import pruned_model, pruned_state_dict
-    from probprune.units import UnitSpace
+    from probprune.families import units_of
 
     config = tiny_config("llama", num_hidden_layers=4)
     model = build_model(config, "cpu", torch.float32)
-    units = UnitSpace.of_model(config, True)
+    units = units_of(config, True)
     mask = _mask(units, seed=3)
     mask[units.n_units - units.n_layers:] = True  # every layer kept: four to watch
     lazy = pruned_model(model, units, mask)
@@ -283,8 +283,9 @@ def test_pruned_model_holds_one_layer_on_the_device():
 
     sd, sizes, kept = pruned_state_dict(model, units, mask)
     from probprune.export import pruned_config
-    from probprune.modeling_probprune import CLASSES
-    eager = CLASSES["llama"](pruned_config(config, sizes, kept["layers"]))
+    from probprune.families import family_of
+    pruned = pruned_config(config, sizes, kept["layers"])
+    eager = family_of(config).pruned_class(pruned)(pruned)
     eager.load_state_dict(sd)
     torch.testing.assert_close(logits, eager.eval()(ids).logits)
 
@@ -293,12 +294,12 @@ def test_pruned_model_holds_one_layer_on_the_device():
 def test_reload_of_an_export_onto_the_device(tmp_path, dtype):
     from probprune.export import export_pruned
     from probprune.models import load_pruned
-    from probprune.units import UnitSpace
+    from probprune.families import units_of
     from tests.tiny_models import make_tokenizer
 
     config = tiny_config("llama")
     model = build_model(config, "cpu", torch.float32)
-    units = UnitSpace.of_model(config, True)
+    units = units_of(config, True)
     out = export_pruned(model, make_tokenizer(), units, _mask(units), str(tmp_path / "export"))
     assert os.path.isfile(os.path.join(out, "model.safetensors"))
 

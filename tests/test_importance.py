@@ -5,14 +5,14 @@ from safetensors.torch import save_file
 
 from probprune.budget import Budget
 from probprune.importance import activation_stats, initial_probs, unit_metric
+from probprune.families import units_of
 from probprune.models import load_model
-from probprune.units import UnitSpace
 
 
 @pytest.fixture(scope="module")
 def llama(tiny_model_dirs):
     model, _ = load_model(tiny_model_dirs["llama"])
-    return model, UnitSpace.of_model(model.config)
+    return model, units_of(model.config)
 
 
 def test_wanda_sp_metric_by_hand(llama):

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from probprune.budget import Budget
+from probprune.families import units_of
 from probprune.importance import initial_probs, unit_metric
 from probprune.models import load_model
 from probprune.units import ModelShape, UnitSpace
@@ -78,7 +79,7 @@ def test_blocked_init_keeps_the_top_channels_of_each_layer(tiny_model_dirs):
     """With blocks, the init's hard mask keeps in every layer channels that are a prefix of the
     metric's ranking: the metric, not the block boundaries, decides which channels stay."""
     model, _ = load_model(tiny_model_dirs["llama"])
-    layout = UnitSpace.of_model(model.config)
+    layout = units_of(model.config)
     budget = Budget.build(SearchSpace(layout, channel_block=3), 0.3)
     windows = torch.randint(0, model.config.vocab_size, (4, 12))
     space, probs = initial_probs(model, budget, "magnitude", windows, progress=False)
