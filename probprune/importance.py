@@ -34,9 +34,9 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from .budget import Budget
+from .settings.search import INIT_METHODS
 from .units import UnitSpace
 
-INIT_METHODS = ("wanda-sp", "magnitude", "constant")
 EDGE_PROB = 0.01  # keep-probability of the least important unit of a type the init does not prune
 
 
