@@ -7,6 +7,7 @@ import math
 from dataclasses import MISSING, fields
 from typing import Any, Dict, Optional, Union, get_args, get_origin
 
+from .config import EvalConfig, PruneConfig
 from .settings import ConfigError, Problem, one_line
 
 
@@ -66,14 +67,10 @@ def add_arguments(cls, parser: argparse.ArgumentParser,
 
 
 def add_prune_arguments(parser: argparse.ArgumentParser, defaults=None) -> None:
-    from .config import PruneConfig
-
     add_arguments(PruneConfig, parser, defaults)
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser, defaults=None) -> None:
-    from .config import EvalConfig
-
     add_arguments(EvalConfig, parser, defaults)
 
 
