@@ -1,5 +1,6 @@
-"""``probprune-fast``: the command line, thin over :mod:`probprune.config` (every flag and its
-rule) and :func:`probprune.pipeline.prune`.
+"""``probprune-fast``: the command line, thin over :mod:`probprune.config` (every setting),
+:mod:`probprune.flags` (their flags), :mod:`probprune.preflight` (their checks) and
+:func:`probprune.pipeline.prune`.
 
     probprune-fast eval  --model smollm2-135m --data wikitext2 --seqlen 128
     probprune-fast eval  --model runs/smollm2-30 --tasks piqa,hellaswag
@@ -20,8 +21,8 @@ from probprune_kernels import BackendUnavailableError
 
 from . import __version__
 from .distributed import PeerFailure
-from .config import (EvalConfig, ExportConfig, PruneConfig, SpeedConfig, add_eval_arguments,
-                     add_prune_arguments, one_line, read_config_file)
+from .config import EvalConfig, ExportConfig, PruneConfig, SpeedConfig, one_line
+from .flags import add_arguments, read_config_file
 
 
 def quiet_libraries() -> None:
@@ -104,7 +105,7 @@ def cmd_prune(args) -> int:
     config.validate()
     from .pipeline import prune
 
-    report = prune(config)
+    report = prune(config)  # validated above: not probed again
     if report is None:  # a rank other than 0 of a torchrun launch: rank 0 reports
         return 0
     if config.dry_run:
@@ -231,7 +232,7 @@ def build_parser(defaults: Optional[dict] = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="perplexity of a model (dense, or a pruned directory), or "
                                     "its lm-eval task scores (--tasks)")
-    add_eval_arguments(p, defaults.get("eval"))
+    add_arguments(EvalConfig, p, defaults.get("eval"))
     p.add_argument("--json", action="store_true",
                    help="print one JSON line (ppl, nll, tokens, windows, seqlen, ...; "
                         "with --tasks: zero_shot)")
@@ -239,19 +240,19 @@ def build_parser(defaults: Optional[dict] = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="search a pruning mask by policy gradient and export the "
                                      "smaller model")
-    add_prune_arguments(p, defaults.get("prune"))
+    add_arguments(PruneConfig, p, defaults.get("prune"))
     p.add_argument("--json", action="store_true", help="print one JSON line with the results")
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("speed", help="parameters, size, prefill latency, decode tokens/s and "
                                      "peak memory of models, side by side")
-    SpeedConfig.add_arguments(p, defaults.get("speed"))
+    add_arguments(SpeedConfig, p, defaults.get("speed"))
     p.add_argument("--json", action="store_true", help="print one JSON list, a record per model")
     p.set_defaults(func=cmd_speed)
 
     p = sub.add_parser("export", help="re-export a prune run at another sparsity from its saved "
                                       "scores, without searching")
-    ExportConfig.add_arguments(p, defaults.get("export"))
+    add_arguments(ExportConfig, p, defaults.get("export"))
     p.add_argument("--json", action="store_true", help="print one JSON line with the results")
     p.set_defaults(func=cmd_export)
     return parser

@@ -55,6 +55,7 @@ import probprune_kernels as pk
 
 from .forward import MaskedCausalLM
 from .report import peak_memory_mib
+from .settings.compensation import CompensationSettings
 
 MODES = ("none", "parallel", "sequential")
 SELECT = ("mask", "obs")
@@ -336,16 +337,20 @@ def _sublayer(stream: _Stream, inputs: Callable, kept_inputs: Callable, linear, 
 
 
 @torch.no_grad()
-def compensate(engine: MaskedCausalLM, mask: torch.Tensor, windows: torch.Tensor, *,
-               mode: str = "sequential", damping: float = 0.01, bias: bool = True,
-               batch_size: int = 8, progress: bool = True, select: str = "obs",
-               target: str = "local", keep_grams: bool = False,
-               correct_inputs: bool = False) -> Compensation:
+def compensate(engine: MaskedCausalLM, mask: torch.Tensor, windows: torch.Tensor,
+               settings: CompensationSettings = CompensationSettings(), *,
+               batch_size: int = 8, progress: bool = True,
+               keep_grams: bool = False) -> Compensation:
     """Refits o_proj and down_proj of every kept layer for the hard model-unit ``mask`` on the
-    calibration ``windows`` [N, T]; returns the refit weights (the model is not changed) and,
-    with ``select="obs"``, the mask of the MLP channels chosen by OBS. ``keep_grams``: also the
-    second moment of each refit projection's inputs (float32; all layers' at once).
-    ``correct_inputs`` (sequential): also refit q/k/v and gate/up by :func:`input_map`."""
+    calibration ``windows`` [N, T] by ``settings`` (a run's config will do; all of ``windows``
+    are used); returns the refit weights (the model is not changed) and, with
+    ``compensate_select="obs"``, the mask of the MLP channels chosen by OBS. ``keep_grams``:
+    also the second moment of each refit projection's inputs (float32; all layers' at once).
+    ``compensate_inputs`` (sequential): also refit q/k/v and gate/up by :func:`input_map`."""
+    mode, damping, bias = (settings.compensate, settings.compensate_damping,
+                           settings.compensate_bias)
+    select, target = settings.compensate_select, settings.compensate_target
+    correct_inputs = settings.compensate_inputs
     check_settings(mode, damping, windows.shape[0] if windows.dim() == 2 else 0, select, target,
                    correct_inputs)
     if mode == "none":
@@ -474,6 +479,7 @@ def input_grams(engine: MaskedCausalLM, windows: torch.Tensor, batch_size: int =
     (the parallel mode's statistics), by state-dict prefix: what
     :meth:`MaskedCausalLM.use_refits` scores masks with."""
     every = torch.ones(engine.units.n_units, dtype=torch.bool, device=engine.device)
-    return compensate(engine, every, windows, mode="parallel", bias=False, select="mask",
-                      batch_size=batch_size,
+    plain = CompensationSettings(compensate="parallel", compensate_bias=False,
+                                 compensate_select="mask")
+    return compensate(engine, every, windows, plain, batch_size=batch_size,
                       progress=progress, keep_grams=True).grams

@@ -35,9 +35,9 @@ from tqdm.auto import tqdm
 
 from .budget import Budget
 from .families import family_of
+from .settings.search import INIT_METHODS
 from .units import UnitSpace
 
-INIT_METHODS = ("wanda-sp", "magnitude", "constant")
 EDGE_PROB = 0.01  # keep-probability of the least important unit of a type the init does not prune
 
 

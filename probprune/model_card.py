@@ -43,7 +43,7 @@ KEY_SETTINGS = ("sparsity", "budget", "scope", "prune_layers", "channel_block", 
 
 def _hub_id(model: Optional[str]) -> Optional[str]:
     """The Hub id of the base model, where it has one (not a local directory)."""
-    from .config import HUB_ID
+    from .preflight import HUB_ID
 
     if model in EMBEDDED_ORIGINS:
         return EMBEDDED_ORIGINS[model][0]

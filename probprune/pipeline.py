@@ -255,11 +255,7 @@ def search_masks(cfg: PruneConfig, run: Loaded, start: Start, ckpt,
                  world: World = SINGLE) -> Search:
     """The search loop, checkpointed (by rank 0) every ``checkpoint_every`` steps and at the
     end."""
-    policy = Policy(PolicyConfig(cfg.lr, cfg.steps, cfg.baseline, cfg.ma_window,
-                                 cfg.min_lr_ratio, optimizer=cfg.optimizer,
-                                 antithetic=cfg.antithetic, control_variate=cfg.control_variate,
-                                 cv_history=cfg.cv_history, cv_ridge=cfg.cv_ridge),
-                    start.policy)
+    policy = Policy(PolicyConfig.taken_from(cfg), start.policy)
     search = Search(SearchForward(run.engine, start.space, world), run.budget, policy, start.state,
                     run.data.pool, run.data.val, steps=cfg.steps, k=cfg.k,
                     batch_size=cfg.batch_size, eval_every=cfg.eval_every, seed=cfg.seed,
@@ -426,11 +422,8 @@ def compensate_mask(cfg: PruneConfig, run: Loaded, mask: torch.Tensor, what: str
     if cfg.compensate_windows > len(run.data.pool):
         log.warning("--compensate-windows %d exceeds the %d calibration windows of --nsamples; "
                     "using %d", cfg.compensate_windows, len(run.data.pool), len(run.data.pool))
-    result = compensate(run.engine, mask, run.data.pool[: cfg.compensate_windows],
-                        mode=cfg.compensate, damping=cfg.compensate_damping,
-                        bias=cfg.compensate_bias, batch_size=cfg.eval_batch_size,
-                        progress=cfg.progress, select=cfg.compensate_select,
-                        target=cfg.compensate_target, correct_inputs=cfg.compensate_inputs)
+    result = compensate(run.engine, mask, run.data.pool[: cfg.compensate_windows], cfg,
+                        batch_size=cfg.eval_batch_size, progress=cfg.progress)
     log.info("compensation of the %s mask (%s): %.1f s", what, cfg.compensate, result.seconds)
     return result
 

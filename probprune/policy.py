@@ -25,9 +25,7 @@ from typing import Optional
 import torch
 
 from .control_variate import LinearControlVariate
-
-BASELINES = ("moving-average", "leave-one-out")
-OPTIMIZERS = ("sgd", "adam")
+from .settings.search import BASELINES, OPTIMIZERS, SearchSettings
 
 
 def advantages(losses: torch.Tensor, finite: torch.Tensor, baseline: str,
@@ -151,22 +149,14 @@ class PolicyState:
                    {k: v.to(device) for k, v in d["control_variate"].items()})
 
 
-@dataclass
-class PolicyConfig:
-    lr: float = 0.01
-    steps: int = 400
-    baseline: str = "leave-one-out"
-    ma_window: int = 5
-    min_lr_ratio: float = 0.0
+@dataclass(kw_only=True)
+class PolicyConfig(SearchSettings):
+    """The search's settings (their defaults are the command line's) and the update's own
+    constants, which no flag sets; ``PolicyConfig.taken_from(cfg)`` reads a run's."""
     eps: float = 1e-2
     normalize: bool = True  # advantages in units of their running RMS: lr independent of loss scale
-    optimizer: str = "sgd"  # "adam": Adam on the step direction (the paper's code: betas 0.5, 0.999)
-    betas: tuple = (0.5, 0.999)
+    betas: tuple = (0.5, 0.999)  # of --optimizer adam (the paper's code)
     adam_eps: float = 1e-8
-    antithetic: bool = False  # masks k and k + K/2 are antithetic; DisARM instead of a baseline
-    control_variate: bool = False  # subtract a linear model of the loss in the mask, add its gradient
-    cv_history: int = 256     # samples the control variate is fitted on
-    cv_ridge: float = 1.0     # its ridge, in units of the mean squared mask deviation
 
 
 class Policy:

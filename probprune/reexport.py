@@ -43,6 +43,7 @@ from .importance import load_probs
 from .model_card import write_model_card
 from .models import MANIFEST, load_model, load_pruned, resolve_model_path
 from .pipeline import Loaded, _ppl_kw, calibration, compensate_mask, save_tensors
+from .settings import CompensationSettings
 from .units import UnitSpace
 
 log = logging.getLogger(__name__)
@@ -62,14 +63,11 @@ def run_config(cfg: ExportConfig) -> PruneConfig:
     known = {f.name for f in fields(PruneConfig)}
     run = PruneConfig(**{k: v for k, v in settings.items() if k in known})
     # A per-type run's own attention / MLP ratios would override the new sparsity: both take it.
+    compensation = {f.name: getattr(cfg, f.name) for f in fields(CompensationSettings)}
     return dataclasses.replace(
         run, sparsity=cfg.sparsity, attn_sparsity=None, mlp_sparsity=None, out=cfg.out,
-        compensate=cfg.compensate, compensate_select=cfg.compensate_select,
-        compensate_target=cfg.compensate_target, compensate_inputs=cfg.compensate_inputs,
-        compensate_bias=cfg.compensate_bias,
-        compensate_damping=cfg.compensate_damping, compensate_windows=cfg.compensate_windows,
-        eval_batch_size=cfg.eval_batch_size, device=cfg.device, progress=cfg.progress,
-        resume=False, dry_run=False)
+        **compensation, eval_batch_size=cfg.eval_batch_size, device=cfg.device,
+        progress=cfg.progress, resume=False, dry_run=False)
 
 
 def read_scores(path: str, run: PruneConfig, units: UnitSpace) -> torch.Tensor:

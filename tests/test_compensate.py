@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from probprune.compensate import (CompensationError, Gram, compensate, input_map, refit,
                                   relative_error)
+from probprune.settings import CompensationSettings
 from probprune.config import ConfigError, PruneConfig
 from probprune.export import export_pruned, pruned_model
 from probprune.forward import MaskedCausalLM
@@ -108,8 +109,11 @@ def test_refit_restores_the_dense_model_when_pruned_units_are_copies(tiny_model_
     mask = torch.cat([m.heads.flatten(), m.mlp.flatten()])
     assert mask.numel() == units.n_units
     ids = torch.randint(0, model.config.vocab_size, (12, 16))
-    comp = compensate(engine, mask, ids, mode=mode, damping=0.0, progress=False, target=target,
-                      bias=False, select="mask")
+    comp = compensate(engine, mask, ids,
+                      CompensationSettings(compensate=mode, compensate_damping=0.0,
+                                           compensate_target=target, compensate_bias=False,
+                                           compensate_select="mask"),
+                      progress=False)
     test = torch.randint(0, model.config.vocab_size, (3, 16))
     with torch.no_grad():
         dense = model(test).logits
@@ -166,8 +170,10 @@ def test_sequential_statistics_come_from_the_pruned_and_refit_layers_before(tiny
     mask = torch.cat([m.heads.flatten(), m.mlp.flatten()])  # every layer kept
     mask_m = units.split(mask)
     ids = torch.randint(0, model.config.vocab_size, (10, 16))
-    comp = compensate(engine, mask, ids, mode="sequential", damping=0.01, bias=True,
-                      progress=False, select="mask")
+    comp = compensate(engine, mask, ids,
+                      CompensationSettings(compensate="sequential", compensate_damping=0.01,
+                                           compensate_bias=True, compensate_select="mask"),
+                      progress=False)
     oracle = _hf_compensated(model, units, mask, comp.weights)
     last = units.n_layers - 1
     grams = {}
@@ -245,8 +251,11 @@ def test_the_dense_target_is_the_dense_models_residual_stream(tiny_model_dirs):
     mask = torch.cat([m.heads.flatten(), m.mlp.flatten()])
     mask_m = units.split(mask)
     ids = torch.randint(0, model.config.vocab_size, (10, 16))
-    comp = compensate(engine, mask, ids, mode="sequential", damping=0.01, bias=True,
-                      progress=False, target="dense", select="mask")
+    comp = compensate(engine, mask, ids,
+                      CompensationSettings(compensate="sequential", compensate_damping=0.01,
+                                           compensate_bias=True, compensate_target="dense",
+                                           compensate_select="mask"),
+                      progress=False)
     oracle = _hf_compensated(model, units, mask, comp.weights)
     last = units.n_layers - 1
     seen = {"dense": {}, "pruned": {}}
@@ -288,8 +297,11 @@ def test_a_compensated_export_with_biases_reloads_both_ways(tiny_model_dirs, tmp
     engine = MaskedCausalLM(model, include_layers=True)
     mask = _masks(engine.units, 3, seed=0)[0]  # layer 0 keeps no heads
     ids = torch.randint(0, model.config.vocab_size, (8, 16))
-    comp = compensate(engine, mask, ids, mode="sequential", bias=True, progress=False,
-                      correct_inputs=correct_inputs, select="mask")
+    comp = compensate(engine, mask, ids,
+                      CompensationSettings(compensate="sequential", compensate_bias=True,
+                                           compensate_inputs=correct_inputs,
+                                           compensate_select="mask"),
+                      progress=False)
     assert any(k.endswith("up_proj.weight") for k in comp.weights) == correct_inputs
     out = export_pruned(model, tok, engine.units, mask, str(tmp_path), weights=comp.weights)
     layout = json.load(open(os.path.join(out, "config.json")))["probprune_layout"]
@@ -335,8 +347,11 @@ def test_input_correction_maps_the_pruned_inputs_onto_the_dense_ones(tiny_model_
     m = units.split(mask)
     mask = torch.cat([m.heads.flatten(), m.mlp.flatten()])  # every layer kept
     ids = torch.randint(0, model.config.vocab_size, (10, 16))
-    comp = compensate(engine, mask, ids, mode="sequential", damping=0.01, progress=False,
-                      correct_inputs=True, bias=False, select="mask")
+    comp = compensate(engine, mask, ids,
+                      CompensationSettings(compensate="sequential", compensate_damping=0.01,
+                                           compensate_inputs=True, compensate_bias=False,
+                                           compensate_select="mask"),
+                      progress=False)
     hd = units.shape.head_dim
     kv = units.kv_kept(units.split(comp.mask).heads[0]).nonzero().flatten()
     kv_rows = (kv[:, None] * hd + torch.arange(hd)).flatten()
@@ -375,17 +390,19 @@ def test_bad_settings_are_named(tiny_model_dirs):
     mask = torch.ones(engine.units.n_units, dtype=torch.bool)
     ids = torch.randint(0, 100, (4, 8))
     with pytest.raises(CompensationError, match="damping must be >= 0"):
-        compensate(engine, mask, ids, damping=-0.1)
+        compensate(engine, mask, ids, CompensationSettings(compensate_damping=-0.1))
     with pytest.raises(CompensationError, match="at least 1 calibration window"):
         compensate(engine, mask, ids[:0])
     with pytest.raises(CompensationError, match="one hard model-unit mask"):
         compensate(engine, mask[None], ids)
     with pytest.raises(CompensationError, match="target must be one of"):
-        compensate(engine, mask, ids, target="global")
+        compensate(engine, mask, ids, CompensationSettings(compensate_target="global"))
     with pytest.raises(CompensationError, match="dense compensation target needs the sequential"):
-        compensate(engine, mask, ids, mode="parallel", target="dense")
+        compensate(engine, mask, ids,
+                   CompensationSettings(compensate="parallel", compensate_target="dense"))
     with pytest.raises(CompensationError, match="input correction needs the sequential mode"):
-        compensate(engine, mask, ids, mode="parallel", correct_inputs=True)
+        compensate(engine, mask, ids,
+                   CompensationSettings(compensate="parallel", compensate_inputs=True))
     base = dict(model="smollm2-135m", sparsity=0.3, out="/tmp/x")
     with pytest.raises(ConfigError, match="--compensate-damping"):
         PruneConfig(**base, compensate_damping=-1.0).validate()
@@ -482,9 +499,13 @@ def test_obs_selection_keeps_each_layers_count_and_the_export_is_its_mask(tiny_m
     mask = torch.rand(units.n_units, generator=g) < 0.6
     windows = torch.randint(0, model.config.vocab_size, (8, 16), generator=g)
     before = mask.clone()
-    obs = compensate(engine, mask, windows, mode="sequential", select="obs", bias=False,
+    obs = compensate(engine, mask, windows,
+                     CompensationSettings(compensate="sequential", compensate_select="obs",
+                                          compensate_bias=False),
                      progress=False)
-    plain = compensate(engine, mask, windows, mode="sequential", select="mask", bias=False,
+    plain = compensate(engine, mask, windows,
+                       CompensationSettings(compensate="sequential", compensate_select="mask",
+                                            compensate_bias=False),
                        progress=False)
     assert torch.equal(mask, before)  # the caller's mask is not edited
     assert torch.equal(plain.mask, mask)

@@ -10,25 +10,30 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from probprune.config import (ConfigError, EvalConfig, PruneConfig, add_eval_arguments,
-                              add_prune_arguments, default_device)
+from probprune.config import ConfigError, EvalConfig, PruneConfig, default_device
+from probprune.flags import add_eval_arguments, add_prune_arguments
 from tests.tiny_models import CORPUS
 
 NAN, INF = math.nan, math.inf
 
 # The settings of a pruning run before the config module existed (its dataclass and the keys a
-# resume had to match), written out here as the oracle the derived views must reproduce.
+# resume had to match), written out here as the oracle the derived views must reproduce; the
+# keys in the order of the stages (model and data, budget, search, compensation, evaluation,
+# system).
 SETTINGS_KEYS = [
-    "model", "sparsity", "out", "steps", "k", "batch_size", "seqlen", "calib", "nsamples",
-    "val_windows", "select_windows", "eval", "eval_file", "max_eval_windows", "window_stride", "eval_batch_size",
-    "eval_tasks", "tasks_path", "task_limit", "speed_tokens",
-    "lr", "min_lr_ratio", "init", "init_temperature", "init_attn_sparsity", "init_windows",
-    "channel_block", "attn_units", "budget", "scope", "attn_sparsity", "mlp_sparsity", "prune_layers",
-    "protect_layers", "compensate", "compensate_select", "compensate_target", "compensate_inputs",
+    "model", "seqlen", "calib", "nsamples", "val_windows", "select_windows",
+    "sparsity", "attn_units", "budget", "scope", "attn_sparsity", "mlp_sparsity", "prune_layers",
+    "protect_layers",
+    "steps", "k", "batch_size", "lr", "min_lr_ratio", "init", "init_temperature",
+    "init_attn_sparsity", "init_windows", "channel_block", "select_candidates", "search_loss",
+    "search_refit_windows", "optimizer", "antithetic", "control_variate", "cv_history",
+    "cv_ridge", "baseline", "ma_window", "eval_every", "checkpoint_every",
+    "compensate", "compensate_select", "compensate_target", "compensate_inputs",
     "compensate_bias", "compensate_damping", "compensate_windows",
-    "select_candidates", "search_loss", "search_refit_windows", "optimizer", "antithetic", "control_variate", "cv_history", "cv_ridge",
-    "baseline", "ma_window", "eval_every", "checkpoint_every", "device", "devices", "dtype",
-    "backend", "seed", "dist_timeout", "dry_run", "resume", "progress", "stop_after"]
+    "eval", "eval_file", "max_eval_windows", "window_stride", "eval_batch_size", "eval_tasks",
+    "tasks_path", "task_limit", "speed_tokens",
+    "out", "device", "devices", "dtype", "backend", "seed", "dist_timeout", "dry_run", "resume",
+    "progress", "stop_after"]
 DEFAULTS = dict(
     steps=400, k=2, batch_size=4, seqlen=128, calib="wiki-summaries", nsamples=512,
     val_windows=64, select_windows=256, eval="wikitext2", eval_file=None, max_eval_windows=None, eval_batch_size=8,
@@ -366,11 +371,11 @@ def test_resume_mismatch_lists_each_differing_resume_key():
     now = PruneConfig(model="m", sparsity=0.3, out="elsewhere", lr=0.02, seed=4,
                       protect_layers=[1], eval_every=5, device="cuda", resume=True)
     # out, eval_every, device and resume may change between a run and its resume
-    assert now.resume_mismatch(saved) == ["lr (0.01 there, 0.02 now)",
-                                          "protect_layers ([] there, [1] now)",
+    assert now.resume_mismatch(saved) == ["protect_layers ([] there, [1] now)",
+                                          "lr (0.01 there, 0.02 now)",
                                           "seed (0 there, 4 now)"]
     del saved["init_windows"]  # a checkpoint written before that setting existed
-    assert now.resume_mismatch(saved)[1] == "init_windows (None there, 64 now)"
+    assert now.resume_mismatch(saved)[2] == "init_windows (None there, 64 now)"
     assert set(PruneConfig.resume_keys()) == RESUME_KEYS
 
 

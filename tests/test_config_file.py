@@ -6,7 +6,8 @@ import pytest
 from safetensors.torch import load_file
 
 from probprune.cli import build_parser, file_settings, main
-from probprune.config import ConfigError, PruneConfig, read_config_file
+from probprune.config import ConfigError, PruneConfig
+from probprune.flags import read_config_file
 
 TINY = {"sparsity": 0.3, "steps": 4, "k": 2, "batch-size": 2, "seqlen": 24, "nsamples": 12,
         "val-windows": 3, "select-windows": 3, "max-windows": 4, "compensate-windows": 6,

@@ -186,13 +186,16 @@ def test_compensation_statistics_and_solve_on_the_device(tiny_model_dirs, dtype,
     """The sequential refit with the bias and the OBS channel selection (the CLI's defaults):
     the refit weights come back on the host in the model's dtype, the mask with them."""
     from probprune.compensate import compensate
+    from probprune.settings import CompensationSettings
 
     def stage(device, dtype):
         model, engine = _engine(tiny_model_dirs["llama"], device, dtype, devices)
         budget, space, probs = _init(model, engine, device)
         mask = space.expand(budget.hard_mask(probs).float().cpu()[None])[0].bool()
-        comp = compensate(engine, mask, _ids(device, 6), mode="sequential", bias=True,
-                          select="obs", progress=False)
+        comp = compensate(engine, mask, _ids(device, 6),
+                          CompensationSettings(compensate="sequential", compensate_bias=True,
+                                               compensate_select="obs"),
+                          progress=False)
         return comp
 
     real, comp = shadow(stage, cache="compensation", dtype=dtype)
@@ -241,12 +244,14 @@ def test_export_with_refit_weights_on_the_device(tiny_model_dirs, dtype):
     """Compensation's weights live on the host; the pruned model moves them to the layer's
     device as it slices."""
     from probprune.compensate import compensate
+    from probprune.settings import CompensationSettings
     from probprune.export import pruned_model
 
     def stage(device, dtype):
         model, engine = _engine(tiny_model_dirs["llama"], device, dtype)
         mask = _mask(engine.units, seed=1)
-        comp = compensate(engine, mask, _ids(device, 6), mode="parallel", bias=True,
+        comp = compensate(engine, mask, _ids(device, 6),
+                          CompensationSettings(compensate="parallel", compensate_bias=True),
                           progress=False)
         return pruned_model(model, engine.units, comp.mask, comp.weights)(_ids(device)).logits
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from probprune.compensate import compensate
+from probprune.settings import CompensationSettings
 from probprune.config import ConfigError, PruneConfig
 from probprune.data import tokenize_joined
 from probprune.evaluate import perplexity
@@ -62,8 +63,12 @@ def test_a_model_over_two_devices_gives_the_unsplit_losses(tiny_model_dirs, arch
     assert perplexity(split, stream, seqlen=16, progress=False).nll == pytest.approx(
         perplexity(whole, stream, seqlen=16, progress=False).nll, rel=1e-6)
     mask = masks[0]
-    ca = compensate(a, mask, ids, progress=False, bias=False, select="mask")
-    cb = compensate(b, mask, ids, progress=False, bias=False, select="mask")
+    ca = compensate(a, mask, ids,
+                    CompensationSettings(compensate_bias=False, compensate_select="mask"),
+                    progress=False)
+    cb = compensate(b, mask, ids,
+                    CompensationSettings(compensate_bias=False, compensate_select="mask"),
+                    progress=False)
     assert ca.weights.keys() == cb.weights.keys()
     for key in ca.weights:
         torch.testing.assert_close(cb.weights[key], ca.weights[key], rtol=0, atol=0)

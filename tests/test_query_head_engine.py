@@ -98,13 +98,15 @@ def test_generate_with_the_kv_cache_through_uneven_groups(tiny_model_dirs, tmp_p
 
 def test_compensated_export_reloads_with_its_refit(tiny_model_dirs, tmp_path):
     from probprune.compensate import compensate
+    from probprune.settings import CompensationSettings
 
     model, tok, mm = _engine(tiny_model_dirs["qwen2"])
     mask = _masks(mm.units, seed=3)[1]
     windows = torch.randint(0, model.config.vocab_size, (8, 16),
                             generator=torch.Generator().manual_seed(0))
-    comp = compensate(mm, mask, windows, mode="sequential", damping=0.01, bias=False,
-                      select="mask")
+    comp = compensate(mm, mask, windows,
+                      CompensationSettings(compensate="sequential", compensate_damping=0.01,
+                                           compensate_bias=False, compensate_select="mask"))
     for rec in comp.layers:  # the refit never reconstructs worse than the bare slice
         for part in ("attn", "mlp"):
             assert rec[f"{part}_refit"] <= rec[f"{part}_bare"] * (1 + 1e-6) + 1e-9

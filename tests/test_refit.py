@@ -6,6 +6,7 @@ from torch import nn
 
 import probprune_kernels as pk
 from probprune.compensate import compensate, input_grams
+from probprune.settings import CompensationSettings
 from probprune.config import ConfigError, PruneConfig
 from probprune.export import pruned_model
 from probprune.forward import MaskedCausalLM
@@ -145,8 +146,10 @@ def test_engine_losses_are_the_parallel_compensated_exports(tiny_model_dirs, arc
     engine.use_refits(input_grams(engine, calib, batch_size=4, progress=False), DAMPING)
     scored = engine.losses(ids, masks)
     for k in range(3):
-        comp = compensate(engine, masks[k], calib, mode="parallel", damping=DAMPING,
-                          batch_size=4, progress=False, bias=False, select="mask")
+        comp = compensate(engine, masks[k], calib,
+                          CompensationSettings(compensate="parallel", compensate_damping=DAMPING,
+                                               compensate_bias=False, compensate_select="mask"),
+                          batch_size=4, progress=False)
         with torch.no_grad():
             expected = pruned_model(model, units, masks[k], comp.weights)(ids, labels=ids).loss
         torch.testing.assert_close(scored[k], expected, atol=2e-4, rtol=2e-4)
