@@ -22,7 +22,8 @@ from probprune_kernels import BackendUnavailableError
 from . import __version__
 from .distributed import PeerFailure
 from .config import EvalConfig, ExportConfig, PruneConfig, SpeedConfig, one_line
-from .flags import add_arguments, read_config_file
+from .flags import add_arguments, from_args, read_config_file
+from .preflight import check
 
 
 def quiet_libraries() -> None:
@@ -42,8 +43,8 @@ def cmd_eval(args) -> int:
 
     if args.json:
         quiet_libraries()
-    config = EvalConfig.from_args(args)
-    config.validate()
+    config = from_args(EvalConfig, args)
+    check(config)
     if config.eval_tasks:
         return zero_shot_eval(config, args.json)
     text = eval_text(config.eval, config.eval_file)
@@ -101,8 +102,8 @@ def ordinal(n: int) -> str:
 def cmd_prune(args) -> int:
     if args.json:
         quiet_libraries()
-    config = PruneConfig.from_args(args, progress=not args.json)
-    config.validate()
+    config = from_args(PruneConfig, args, progress=not args.json)
+    check(config)
     from .pipeline import prune
 
     report = prune(config)  # validated above: not probed again
@@ -161,8 +162,8 @@ def cmd_prune(args) -> int:
 def cmd_speed(args) -> int:
     if args.json:
         quiet_libraries()
-    config = SpeedConfig.from_args(args)
-    config.validate()
+    config = from_args(SpeedConfig, args)
+    check(config)
     from .speed import measure_in_turn, speed_table
 
     records = measure_in_turn(config.models, config.rounds, dtype=config.dtype,
@@ -175,7 +176,7 @@ def cmd_speed(args) -> int:
 def cmd_export(args) -> int:
     if args.json:
         quiet_libraries()
-    config = ExportConfig.from_args(args, progress=not args.json)
+    config = from_args(ExportConfig, args, progress=not args.json)
     from .reexport import reexport
 
     record = reexport(config)

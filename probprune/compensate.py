@@ -45,7 +45,7 @@ seqlen`` terms each, relative error ~1e-6; ``tests/test_compensate.py`` measures
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -57,9 +57,10 @@ from .forward import MaskedCausalLM
 from .report import peak_memory_mib
 from .settings.compensation import CompensationSettings
 
-MODES = ("none", "parallel", "sequential")
-SELECT = ("mask", "obs")
-TARGETS = ("local", "dense")
+# the allowed values, as the settings define them
+MODES, SELECT, TARGETS = (next(f.metadata["choices"] for f in fields(CompensationSettings)
+                               if f.name == name)
+                          for name in ("compensate", "compensate_select", "compensate_target"))
 OBS_BLOCKS = 16  # removal rounds per layer of the OBS selection: ceil(removed / 16) channels each
 
 

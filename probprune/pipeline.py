@@ -23,6 +23,7 @@ from .budget import Budget
 from .checkpoint import load_checkpoint
 from .checkpoint import save_checkpoint as write_checkpoint
 from .config import PruneConfig
+from .preflight import check
 from .data import DataError, calibration_texts, eval_text, random_windows, tokenize_joined
 from .evaluate import masked_nll, masked_perplexity, model_nll, perplexity
 from .compensate import compensate, input_grams
@@ -127,7 +128,7 @@ def prune(cfg: PruneConfig, model=None, tokenizer=None) -> Optional[dict]:
     the report on rank 0, None on the others. ``model`` and ``tokenizer``: a Hugging Face causal
     LM already in memory to prune instead of loading ``cfg.model`` (the run takes its device and
     dtype; it is read, never changed)."""
-    cfg.validate(skip=("model",) if model is not None else ())
+    check(cfg, skip=("model",) if model is not None else ())
     if model is not None:
         head = model.get_output_embeddings().weight
         cfg = dataclasses.replace(cfg, device=str(head.device), devices=[],

@@ -34,6 +34,7 @@ from safetensors.torch import load_file
 from . import __version__
 from .budget import Budget, BudgetError
 from .config import ExportConfig, PruneConfig
+from .preflight import check
 from .data import eval_text, tokenize_joined
 from .evaluate import perplexity
 from .export import export_pruned
@@ -190,7 +191,7 @@ def mask_at_budget(probs: torch.Tensor, budget: Budget) -> torch.Tensor:
 
 def reexport(cfg: ExportConfig) -> dict:
     """Writes the run's model at ``cfg.sparsity`` to ``cfg.out``; returns what was exported."""
-    cfg.validate()
+    check(cfg)
     from transformers import AutoConfig
 
     run = run_config(cfg)

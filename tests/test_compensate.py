@@ -13,6 +13,7 @@ from probprune.compensate import (CompensationError, Gram, compensate, input_map
                                   relative_error)
 from probprune.settings import CompensationSettings
 from probprune.config import ConfigError, PruneConfig
+from probprune.preflight import check
 from probprune.export import export_pruned, pruned_model
 from probprune.forward import MaskedCausalLM
 from probprune.models import load_model, load_pruned
@@ -405,13 +406,13 @@ def test_bad_settings_are_named(tiny_model_dirs):
                    CompensationSettings(compensate="parallel", compensate_inputs=True))
     base = dict(model="smollm2-135m", sparsity=0.3, out="/tmp/x")
     with pytest.raises(ConfigError, match="--compensate-damping"):
-        PruneConfig(**base, compensate_damping=-1.0).validate()
+        check(PruneConfig(**base, compensate_damping=-1.0))
     with pytest.raises(ConfigError, match="--compensate-windows"):
-        PruneConfig(**base, compensate_windows=0).validate()
+        check(PruneConfig(**base, compensate_windows=0))
     with pytest.raises(ConfigError, match="--compensate-target dense needs --compensate seq"):
-        PruneConfig(**base, compensate="parallel", compensate_target="dense").validate()
+        check(PruneConfig(**base, compensate="parallel", compensate_target="dense"))
     with pytest.raises(ConfigError, match="--compensate-inputs needs --compensate sequential"):
-        PruneConfig(**base, compensate="parallel", compensate_inputs=True).validate()
+        check(PruneConfig(**base, compensate="parallel", compensate_inputs=True))
 
 
 # --------------------------------------------------------------------------- OBS channel selection

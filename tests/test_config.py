@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import save_file
 
 from probprune.config import ConfigError, EvalConfig, PruneConfig, default_device
-from probprune.flags import add_eval_arguments, add_prune_arguments
+from probprune.flags import add_eval_arguments, add_prune_arguments, from_args
+from probprune.preflight import check
 from tests.tiny_models import CORPUS
 
 NAN, INF = math.nan, math.inf
@@ -248,7 +249,7 @@ BAD = [
 def test_bad_setting_is_one_line_naming_flag_and_rule(root, kw, message):
     cfg = config(root, **kw)
     with pytest.raises(ConfigError) as e:
-        cfg.validate()
+        check(cfg)
     assert message.format(root=root) in str(e.value)
     assert "\n" not in str(e.value)
 
@@ -265,15 +266,15 @@ def test_bad_setting_is_one_line_naming_flag_and_rule(root, kw, message):
     dict(device="cpu:0"),
 ])
 def test_good_settings_pass(root, kw):
-    config(root, **kw).validate()
+    check(config(root, **kw))
 
 
 def test_environment_copy_of_wikitext2_is_checked(root, monkeypatch):
     monkeypatch.setenv("PROBPRUNE_WIKITEXT2", str(root / "missing.raw"))
     with pytest.raises(ConfigError, match=r"^\$PROBPRUNE_WIKITEXT2: data file .* does not exist"):
-        config(root, eval="wikitext2").validate()
+        check(config(root, eval="wikitext2"))
     monkeypatch.setenv("PROBPRUNE_WIKITEXT2", str(root / "eval.txt"))
-    config(root, eval="wikitext2").validate()
+    check(config(root, eval="wikitext2"))
 
 
 def test_config_error_is_a_value_error():
@@ -308,7 +309,7 @@ def test_defaults_match_the_settings_before():
     assert cfg.as_dict() == dict(model="m", sparsity=0.5, out="o", **DEFAULTS)
     parser = argparse.ArgumentParser()
     add_prune_arguments(parser)
-    parsed = PruneConfig.from_args(parser.parse_args(["--model", "m", "--sparsity", "0.5",
+    parsed = from_args(PruneConfig, parser.parse_args(["--model", "m", "--sparsity", "0.5",
                                                       "--out", "o"]))
     assert parsed == dataclasses.replace(cfg, device=default_device())
 
@@ -318,7 +319,7 @@ def test_a_switch_is_turned_either_way():
     parser = argparse.ArgumentParser()
     add_prune_arguments(parser)
     base = ["--model", "m", "--sparsity", "0.5", "--out", "o"]
-    parsed = lambda *extra: PruneConfig.from_args(parser.parse_args(base + list(extra)))  # noqa: E731
+    parsed = lambda *extra: from_args(PruneConfig, parser.parse_args(base + list(extra)))  # noqa: E731
     assert parsed().compensate_bias is True and parsed().antithetic is False
     assert parsed("--no-compensate-bias").compensate_bias is False
     assert parsed("--antithetic").antithetic is True
@@ -331,7 +332,7 @@ def test_readme_quick_start_parses_to_the_config():
     argv = ("--model smollm2-135m --sparsity 0.3 --steps 400 --k 2 --batch-size 4 --seqlen 128 "
             "--calib wiki-summaries --eval wikitext2 --out runs/smollm2-30 --protect-layers 0,29 "
             "--max-windows 64 --data-file w.raw --prune-layers --device cpu").split()
-    cfg = PruneConfig.from_args(parser.parse_args(argv), progress=False)
+    cfg = from_args(PruneConfig, parser.parse_args(argv), progress=False)
     assert cfg == PruneConfig(model="smollm2-135m", sparsity=0.3, out="runs/smollm2-30",
                               steps=400, k=2, batch_size=4, seqlen=128, calib="wiki-summaries",
                               eval="wikitext2", protect_layers=[0, 29], max_eval_windows=64,
@@ -351,18 +352,18 @@ def test_eval_config_shares_the_definitions():
     for f in dataclasses.fields(EvalConfig):
         assert f.default == prune_fields[f.name].default
         assert actions[f.name].help.startswith(prune_fields[f.name].metadata["help"])
-    cfg = EvalConfig.from_args(parser.parse_args(["--model", "m", "--data", "x.txt"]))
+    cfg = from_args(EvalConfig, parser.parse_args(["--model", "m", "--data", "x.txt"]))
     assert (cfg.model, cfg.eval, cfg.seqlen, cfg.device) == ("m", "x.txt", 128, default_device())
 
 
 def test_eval_config_messages_name_its_own_flags(root):
     with pytest.raises(ConfigError, match=r"^--data: data file .*missing.txt' does not exist"):
-        config(root, EvalConfig, eval="{root}/missing.txt").validate()
+        check(config(root, EvalConfig, eval="{root}/missing.txt"))
     with pytest.raises(ConfigError, match="--data-file is the local copy of --data wikitext2"):
-        config(root, EvalConfig, eval_file="{root}/eval.txt").validate()
+        check(config(root, EvalConfig, eval_file="{root}/eval.txt"))
     with pytest.raises(ConfigError, match="--seqlen must be at least 2, got 0"):
-        config(root, EvalConfig, seqlen=0).validate()
-    config(root, EvalConfig).validate()
+        check(config(root, EvalConfig, seqlen=0))
+    check(config(root, EvalConfig))
 
 
 def test_resume_mismatch_lists_each_differing_resume_key():

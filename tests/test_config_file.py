@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from probprune.cli import build_parser, file_settings, main
 from probprune.config import ConfigError, PruneConfig
-from probprune.flags import read_config_file
+from probprune.flags import from_args, read_config_file
 
 TINY = {"sparsity": 0.3, "steps": 4, "k": 2, "batch-size": 2, "seqlen": 24, "nsamples": 12,
         "val-windows": 3, "select-windows": 3, "max-windows": 4, "compensate-windows": 6,
@@ -15,7 +15,7 @@ TINY = {"sparsity": 0.3, "steps": 4, "k": 2, "batch-size": 2, "seqlen": 24, "nsa
 
 
 def _parse(argv):
-    return PruneConfig.from_args(build_parser(file_settings(argv)).parse_args(argv))
+    return from_args(PruneConfig, build_parser(file_settings(argv)).parse_args(argv))
 
 
 def test_yaml_keys_are_flags_and_the_line_overrides_them(tmp_path, tiny_model_dirs, calib_file):

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from probprune.config import PruneConfig
+from probprune.preflight import check
 from probprune.checkpoint import load_checkpoint
 from probprune.pipeline import CHECKPOINT, StopRequested, prune
 
@@ -203,7 +204,7 @@ def test_masks_must_share_evenly(tiny_model_dirs, calib_file, tmp_path, monkeypa
                                      antithetic=False))
     with pytest.raises(ValueError, match=r"--k 3 masks cannot be shared evenly by the 2 "
                                          r"processes of this launch \(WORLD_SIZE\)"):
-        cfg.validate()
+        check(cfg)
 
 
 @pytest.mark.parametrize("n", [0, 1, 2, 5, 7, 12])

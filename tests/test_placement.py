@@ -8,6 +8,7 @@ import torch
 from probprune.compensate import compensate
 from probprune.settings import CompensationSettings
 from probprune.config import ConfigError, PruneConfig
+from probprune.preflight import check
 from probprune.data import tokenize_joined
 from probprune.evaluate import perplexity
 from probprune.forward import MaskedCausalLM
@@ -96,13 +97,13 @@ def test_devices_are_checked(calib_file, tmp_path, monkeypatch):
     base = dict(model="smollm2-135m", sparsity=0.3, out=str(tmp_path / "o"), calib=calib_file,
                 eval=calib_file)
     with pytest.raises(ConfigError, match="--devices.*lists one device: use --device"):
-        PruneConfig(devices=["cpu"], **base).validate()
+        check(PruneConfig(devices=["cpu"], **base))
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="--devices.*needs a CUDA GPU"):
-            PruneConfig(devices=["cuda:0", "cuda:1"], **base).validate()
+            check(PruneConfig(devices=["cuda:0", "cuda:1"], **base))
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="lists 3 devices.*multiple of 2"):
-        PruneConfig(devices=["cpu", "cpu", "cpu"], **base).validate()
+        check(PruneConfig(devices=["cpu", "cpu", "cpu"], **base))
 
 
 def test_each_rank_takes_its_group_of_this_machines_devices(monkeypatch):

@@ -10,6 +10,7 @@ import probprune.pipeline
 import probprune.preflight
 from probprune.cli import main
 from probprune.config import ConfigError, PruneConfig
+from probprune.preflight import check
 
 
 class Stop(ValueError):
@@ -51,11 +52,11 @@ def test_the_python_api_checks_once(tiny_model_dirs, calib_file, checks):
 def test_a_changed_config_is_checked_again(tiny_model_dirs, calib_file, tmp_path, checks):
     cfg = PruneConfig(model=tiny_model_dirs["llama"], sparsity=0.3, out=str(tmp_path / "run"),
                       calib=calib_file, eval=calib_file, device="cpu")
-    cfg.validate()
-    cfg.validate()
+    check(cfg)
+    check(cfg)
     assert len(checks) == 1
-    dataclasses.replace(cfg, steps=3).validate()
+    check(dataclasses.replace(cfg, steps=3))
     cfg.lr = -1.0
     with pytest.raises(ConfigError, match="--lr must be > 0"):
-        cfg.validate()
+        check(cfg)
     assert len(checks) == 3

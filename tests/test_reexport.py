@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from probprune.cli import main
 from probprune.config import ConfigError, ExportConfig
+from probprune.preflight import check
 from probprune.data import eval_text, tokenize_joined
 from probprune.evaluate import masked_perplexity
 from probprune.forward import MaskedCausalLM
@@ -275,7 +276,7 @@ def test_cli_export_refuses_a_run_without_scores_or_settings(run_dir, tiny_model
 
 def test_export_config_checks_its_flags_before_loading(run_dir, tmp_path):
     with pytest.raises(ConfigError, match="--compensate-windows must be at least 1"):
-        export_config(run_dir, tmp_path / "o", 0.5, compensate_windows=0).validate()
+        check(export_config(run_dir, tmp_path / "o", 0.5, compensate_windows=0))
 
 
 def test_a_query_head_run_reexports_at_another_budget(tiny_model_dirs, calib_file, tmp_path):

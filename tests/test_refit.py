@@ -8,6 +8,7 @@ import probprune_kernels as pk
 from probprune.compensate import compensate, input_grams
 from probprune.settings import CompensationSettings
 from probprune.config import ConfigError, PruneConfig
+from probprune.preflight import check
 from probprune.export import pruned_model
 from probprune.forward import MaskedCausalLM
 from probprune.models import load_model
@@ -126,8 +127,8 @@ def test_bad_refits_are_named():
     with pytest.raises(ValueError, match="units of 4"):
         pk.LeastSquaresRefit(W, torch.eye(6), DAMPING, group=4)
     with pytest.raises(ConfigError, match="--search-loss refit needs --compensate-damping > 0"):
-        PruneConfig(model="smollm2-135m", sparsity=0.3, out="/tmp/x", search_loss="refit",
-                    compensate_damping=0.0).validate()
+        check(PruneConfig(model="smollm2-135m", sparsity=0.3, out="/tmp/x", search_loss="refit",
+                    compensate_damping=0.0))
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])

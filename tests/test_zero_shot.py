@@ -9,6 +9,7 @@ import torch
 
 from probprune.cli import main
 from probprune.config import ConfigError, EvalConfig, PruneConfig
+from probprune.preflight import check
 from probprune.export import export_pruned
 from probprune.forward import MaskedCausalLM
 from probprune.models import load_model, load_pruned
@@ -179,7 +180,7 @@ def test_missing_lm_eval_names_the_extra(tiny_model_dirs, monkeypatch):
     with pytest.raises(ConfigError, match=r"^--tasks: zero-shot tasks need lm-evaluation-harness, "
                                           r"which is not installed: pip install "
                                           r"'probprune\[lmeval\]'$"):
-        cfg.validate()
+        check(cfg)
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -199,4 +200,4 @@ def test_prune_names_its_flag(tiny_model_dirs, tmp_path):
     cfg = PruneConfig(model=tiny_model_dirs["llama"], sparsity=0.3, out=str(tmp_path),
                       task_limit=2)
     with pytest.raises(ConfigError, match="^--task-limit applies only with --eval-tasks"):
-        cfg.validate()
+        check(cfg)

@@ -107,21 +107,6 @@ class Settings:
                   if f.init and hasattr(settings, f.name)}
         return cls(**{**values, **overrides})
 
-    @classmethod
-    def from_args(cls, args, **overrides):
-        """The settings of parsed flags; ``overrides`` set fields directly (those without a
-        flag)."""
-        from ..flags import from_args  # the flags are derived from these classes, not the reverse
-
-        return from_args(cls, args, **overrides)
-
-    def validate(self, skip: tuple = ()) -> None:
-        """Raises :class:`ConfigError` for the first setting that cannot work (see
-        :func:`probprune.preflight.check`)."""
-        from ..preflight import check  # the checks read files through the engine's own loaders
-
-        check(self, skip)
-
     def resume_mismatch(self, saved_settings: dict) -> List[str]:
         """One entry per setting a resumed run must match that differs from the checkpoint's."""
         return [f"{f.name} ({saved_settings.get(f.name)!r} there, {getattr(self, f.name)!r} now)"
