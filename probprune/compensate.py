@@ -276,14 +276,20 @@ def _sublayer(stream: _Stream, inputs: Callable, kept_inputs: Callable, linear, 
               damping: float, bias: bool, fit: bool, sequential: bool, record: dict,
               name: str, weights: dict, prefix: str, obs: bool = False,
               grams: Optional[dict] = None,
-              dense_inputs: Optional[Callable] = None) -> torch.Tensor:
+              dense_inputs: Optional[Callable] = None,
+              out: Optional[Callable] = None) -> torch.Tensor:
     """Statistics of one sublayer's input, its refit, and the stream moved past it (dense in the
     parallel mode, pruned and refit in the sequential one; the dense stream too, where the stream
     carries one). ``inputs(h)``: the sublayer's full input [M, n]; ``kept_inputs(h)``: its kept
     columns, in ``cols`` order. ``obs``: keep as many columns as ``cols`` holds, chosen by
     :func:`obs_keep`. ``dense_inputs``: the dense model's input function, where the pruned
-    model's differs (the input correction). Returns the kept columns."""
+    model's differs (the input correction). ``out``: the norm of the sublayer's output before it
+    joins the residual stream (Gemma's), None where it joins as it is; the refit matches the
+    output before that norm. Returns the kept columns."""
     W, b0 = linear.weight, linear.bias
+
+    def joined(h, y):  # the stream past the sublayer whose output is y
+        return h + y if out is None else h + out(y)
 
     def dense_output(x):
         y = x @ W.T
@@ -295,7 +301,7 @@ def _sublayer(stream: _Stream, inputs: Callable, kept_inputs: Callable, linear, 
     for i, h in enumerate(stream.batches):
         t = hd = None
         if stream.dense is not None:
-            hd = stream.dense[i] + dense_output(dense_inputs(stream.dense[i])).view_as(h)
+            hd = joined(stream.dense[i], dense_output(dense_inputs(stream.dense[i])).view_as(h))
             stream.dense[i] = hd
         if targets:
             # The model's own bias stays in the export, so the refit's share excludes it.
@@ -306,7 +312,7 @@ def _sublayer(stream: _Stream, inputs: Callable, kept_inputs: Callable, linear, 
         if fit:
             gram.add(x, t)
         if not sequential:  # the dense stream
-            stream.batches[i] = h + dense_output(x).view_as(h)
+            stream.batches[i] = joined(h, dense_output(x).view_as(h))
     if not fit:
         return cols
     if grams is not None:
@@ -333,7 +339,10 @@ def _sublayer(stream: _Stream, inputs: Callable, kept_inputs: Callable, linear, 
             if cols.numel():
                 # The compact layout pads to the capacity with zero columns after the kept ones.
                 y = y + (kept_inputs(h)[:, :cols.numel()] @ V.T).view_as(h)
-            stream.batches[i] = h + y if c is None else h + y + c
+            if out is not None:
+                stream.batches[i] = joined(h, y if c is None else y + c)
+            else:
+                stream.batches[i] = h + y if c is None else h + y + c
     return cols
 
 
@@ -360,6 +369,11 @@ def compensate(engine: MaskedCausalLM, mask: torch.Tensor, windows: torch.Tensor
         raise CompensationError(f"calibration windows must be [N, T] token ids, got "
                                 f"{tuple(windows.shape)}")
     units, shape, be = engine.units, engine.units.shape, engine.backend
+    if target == "dense" and engine.layers[0].attn_out_norm is not None:
+        raise CompensationError(
+            f"the dense compensation target needs blocks that add their output to the residual "
+            f"stream as it is; {engine.family.name} norms it first, so its refits match the "
+            f"local targets (--compensate-target local)")
     if mask.shape != (units.n_units,):
         raise CompensationError(f"mask must be one hard model-unit mask [{units.n_units}], got "
                                 f"{tuple(mask.shape)}")
@@ -409,7 +423,7 @@ def compensate(engine: MaskedCausalLM, mask: torch.Tensor, windows: torch.Tensor
         _sublayer(stream, lambda h: attn_inputs(h, M=M), lambda h: attn_inputs(h, kept_h, M),
                   attn.o_proj, shape.query_columns(query_heads), damping, bias, keep, sequential,
                   record, "attn", weights, engine.key(l, "o"), grams=grams,
-                  dense_inputs=attn_inputs)
+                  dense_inputs=attn_inputs, out=layer.attn_out_norm)
         if fix:
             kv = units.kv_kept(m.heads[l]).nonzero().flatten().to(dev)
             kv_rows = (kv[:, None] * shape.head_dim + torch.arange(shape.head_dim, device=dev))
@@ -423,7 +437,7 @@ def compensate(engine: MaskedCausalLM, mask: torch.Tensor, windows: torch.Tensor
                            lambda h: mlp_inputs(h, kept_c, M), mlp.down_proj,
                            channels, damping, bias, keep, sequential, record, "mlp", weights,
                            engine.key(l, "down"), obs=select == "obs" and keep,
-                           grams=grams, dense_inputs=mlp_inputs)
+                           grams=grams, dense_inputs=mlp_inputs, out=layer.mlp_out_norm)
         if fix:
             for role in ("gate", "up"):
                 _store_mapped(weights, engine.key(l, role), getattr(mlp, f"{role}_proj"), chosen,

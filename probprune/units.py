@@ -62,6 +62,7 @@ class ModelShape:
     attn_bias: bool  # q/k/v bias (Qwen2)
     o_bias: bool
     qk_norm: bool = False  # per-head q/k norms (Qwen3): one head_dim weight each, shared by the heads
+    norms: int = 2  # norms over the residual width per layer (Gemma's sandwich norms: 4)
 
     @property
     def n_query_heads(self) -> int:
@@ -102,10 +103,10 @@ class ModelShape:
 
     @property
     def layer_fixed_cost(self) -> int:
-        """Parameters that go only with the whole layer: two norms, an o_proj bias, and q/k norms
+        """Parameters that go only with the whole layer: its norms, an o_proj bias, and q/k norms
         (no head owns them; a kept layer without heads keeps them too, so the count stays linear
         in the mask)."""
-        return (2 * self.hidden + (self.hidden if self.o_bias else 0)
+        return (self.norms * self.hidden + (self.hidden if self.o_bias else 0)
                 + (2 * self.head_dim if self.qk_norm else 0))
 
     @property

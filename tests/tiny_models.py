@@ -35,7 +35,7 @@ def make_tokenizer():
 
 
 def tiny_config(arch: str, **overrides):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=72, num_hidden_layers=3,
                   num_attention_heads=6, num_key_value_heads=2, head_dim=8,
@@ -54,12 +54,17 @@ def tiny_config(arch: str, **overrides):
         return Qwen2Config(use_sliding_window=False, **common)
     if arch == "qwen3":  # q_norm / k_norm over each head; head_dim * heads != hidden, as Qwen3's
         return Qwen3Config(use_sliding_window=False, **{**common, "head_dim": 12, **overrides})
+    if arch == "gemma3":  # sandwich norms, GeGLU, scaled embeddings, local and global layers
+        return Gemma3TextConfig(**{**common, "head_dim": 16, "query_pre_attn_scalar": 16,
+                                   "sliding_window": 64, "tie_word_embeddings": True,
+                                   "layer_types": ["sliding_attention", "full_attention",
+                                                   "sliding_attention"], **overrides})
     raise ValueError(arch)
 
 
 def make_model_dir(path: str, arch: str = "llama", seed: int = 0, **overrides) -> str:
     """Writes a random-weight model (weights large enough to give non-trivial logits) + tokenizer."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(arch, **overrides))
@@ -69,6 +74,8 @@ def make_model_dir(path: str, arch: str = "llama", seed: int = 0, **overrides) -
                 p.normal_(0, 0.2)
             elif name.endswith("bias"):  # Qwen2's q/k/v biases start at zero: make them count
                 p.normal_(0, 0.1)
+            elif "norm" in name and isinstance(model.config, Gemma3TextConfig):
+                p.normal_(0.0, 0.3)  # Gemma's scale is 1 + weight, which starts at zero
             elif name.endswith(("q_norm.weight", "k_norm.weight")):  # Qwen3's start at ones
                 p.normal_(1.0, 0.3)
     os.makedirs(path, exist_ok=True)

@@ -12,10 +12,11 @@ from typing import Dict
 
 from ..units import UnitSpace
 from .base import Family, UnsupportedModelError
+from .gemma import Gemma3
 from .llama import Llama, Mistral
 from .qwen import Qwen2, Qwen3
 
-FAMILIES = (Llama(), Mistral(), Qwen2(), Qwen3())
+FAMILIES = (Llama(), Mistral(), Qwen2(), Qwen3(), Gemma3())
 BY_MODEL_TYPE: Dict[str, Family] = {t: f for f in FAMILIES for t in f.model_types}
 
 

@@ -50,6 +50,7 @@ class Family:
     }
     # Per-head norms that no head owns (one head_dim weight each): kept with the layer.
     QK_NORMS: Tuple[str, ...] = ()
+    NORMS = 2  # norms over the residual width in one layer
 
     # -- shape -----------------------------------------------------------------------------------
 
@@ -71,7 +72,8 @@ class Family:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // hq
         qkv_bias, o_bias = self.attention_biases(config)
         return ModelShape(config.num_hidden_layers, hkv, hq // hkv, head_dim, config.hidden_size,
-                          config.intermediate_size, qkv_bias, o_bias, bool(self.QK_NORMS))
+                          config.intermediate_size, qkv_bias, o_bias, bool(self.QK_NORMS),
+                          self.NORMS)
 
     # -- where -----------------------------------------------------------------------------------
 
