@@ -4,6 +4,11 @@ report.
 ``prune(config)`` validates every setting before anything is loaded, checkpoints the search
 atomically every ``checkpoint_every`` steps, and with ``resume=True`` continues a killed run so
 that it ends exactly as the uninterrupted run would.
+
+What passes between the stages is typed: the :class:`Start` of the search (its
+:class:`probprune.checkpoint.RunCheckpoint`), the :class:`probprune.selection.Selection` of the
+mask to export, the :class:`probprune.report.Measurements` of the export, and the
+:class:`probprune.report.Report` they make.
 """
 from __future__ import annotations
 
@@ -262,7 +267,7 @@ class SearchOutcome:
     init_probs: torch.Tensor
 
 
-def outcome(space: UnitSpace, search: Search) -> SearchOutcome:
+def search_outcome(space: UnitSpace, search: Search) -> SearchOutcome:
     st = search.state
     init_mask, probs, init_probs = space.expand(torch.stack([
         st.init_mask.float().cpu(), search.policy.probs.detach().float().cpu(),
@@ -273,7 +278,7 @@ def outcome(space: UnitSpace, search: Search) -> SearchOutcome:
 def finish(cfg: PruneConfig, run: Loaded, start: Start, search: Search,
            memory: Optional[MemoryPlan] = None) -> dict:
     """Best mask -> export -> evaluate -> report; report.json's content is returned."""
-    units, found = run.engine.units, outcome(start.space, search)
+    units, found = run.engine.units, search_outcome(start.space, search)
     run.engine.use_refits(None)  # from here on, bare slices are bare
     selection = choose_mask(cfg, run, start.space, search.state)
     export(cfg, run, selection, found)

@@ -11,19 +11,18 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, List, Optional
+from typing import List, Optional
 
 import torch
 
 from .compensate import Compensation, compensate
 from .evaluate import model_nll
 from .export import pruned_model
+from .config import PruneConfig
 from .units import UnitSpace
 
-if TYPE_CHECKING:  # the run's types; their modules import this one
-    from .config import PruneConfig
-    from .pipeline import Loaded
-    from .search import SearchState
+# ``run`` below: the run's :class:`probprune.pipeline.Loaded`, and ``state`` the search's
+# :class:`probprune.search.SearchState` (both modules import this one: not imported here).
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +66,7 @@ def model_mask(space: UnitSpace, mask: torch.Tensor) -> torch.Tensor:
     return space.expand(mask.float().cpu()[None])[0].bool()
 
 
-def competitors(cfg: PruneConfig, state: SearchState) -> List[Candidate]:
+def competitors(cfg: PruneConfig, state) -> List[Candidate]:
     """The best bare mask (or the ``select_candidates`` best), then the init mask unless it is
     among them."""
     best_bare = Candidate(state.best_step, state.best_val_loss, state.best_mask)
@@ -78,7 +77,7 @@ def competitors(cfg: PruneConfig, state: SearchState) -> List[Candidate]:
     return pool
 
 
-def choose_mask(cfg: PruneConfig, run: Loaded, space: UnitSpace, state: SearchState) -> Selection:
+def choose_mask(cfg: PruneConfig, run, space: UnitSpace, state) -> Selection:
     """The hard model-unit mask to export, with its compensation: the best bare mask when there
     is no compensation or nothing to compete with it, else the competitor with the lowest
     compensated loss on the selection windows."""
@@ -105,7 +104,7 @@ def choose_mask(cfg: PruneConfig, run: Loaded, space: UnitSpace, state: SearchSt
     return Selection(mask, comp, winner.step, scores, init_comp)
 
 
-def compensated_init(cfg: PruneConfig, run: Loaded, selection: Selection,
+def compensated_init(cfg: PruneConfig, run, selection: Selection,
                      init_mask: torch.Tensor) -> Optional[Compensation]:
     """The model-unit init mask under the export's compensation (None without one): what the
     search must beat, not the bare init. Computed only when the selection has not already."""
@@ -118,7 +117,7 @@ def compensated_init(cfg: PruneConfig, run: Loaded, selection: Selection,
     return compensate_mask(cfg, run, init_mask, "init")
 
 
-def compensate_mask(cfg: PruneConfig, run: Loaded, mask: torch.Tensor, what: str):
+def compensate_mask(cfg: PruneConfig, run, mask: torch.Tensor, what: str):
     """The refit of a hard model-unit mask by ``cfg.compensate`` (None when it is 'none')."""
     if cfg.compensate == "none":
         return None
