@@ -216,9 +216,11 @@ def _slice_when_called(layer: torch.nn.Module, slices, device: torch.device,
 
 def export_pruned(model, tokenizer, units: UnitSpace, mask: torch.Tensor, out_dir: str,
                   metadata: Optional[Dict] = None,
-                  weights: Optional[Dict[str, torch.Tensor]] = None) -> str:
+                  weights: Optional[Dict[str, torch.Tensor]] = None,
+                  model_card: bool = True) -> str:
     """Writes the model physically pruned to a hard model-unit mask to ``out_dir``; ``weights``
-    replace slices (see :func:`pruned_state_dict`)."""
+    replace slices (see :func:`pruned_state_dict`). ``model_card``: False for a caller that
+    writes the card itself, once it has measured the figures the card shows."""
     os.makedirs(out_dir, exist_ok=True)
     # Sliced straight to the host: the device never holds the pruned copy beside the dense model.
     sd, sizes, kept = pruned_state_dict(model, units, mask, weights, device="cpu")
@@ -239,5 +241,6 @@ def export_pruned(model, tokenizer, units: UnitSpace, mask: torch.Tensor, out_di
                            "total": sum(v.numel() for v in sd.values())},
                 **(metadata or {})}
     atomic_write_text(os.path.join(out_dir, MANIFEST), json.dumps(manifest, indent=1))
-    write_model_card(out_dir)  # without figures yet: whoever measures them writes it again
+    if model_card:
+        write_model_card(out_dir)
     return out_dir

@@ -4,6 +4,11 @@ report.
 ``prune(config)`` validates every setting before anything is loaded, checkpoints the search
 atomically every ``checkpoint_every`` steps, and with ``resume=True`` continues a killed run so
 that it ends exactly as the uninterrupted run would.
+
+What passes between the stages is typed: the :class:`Start` of the search (its
+:class:`probprune.checkpoint.RunCheckpoint`), the :class:`probprune.selection.Selection` of the
+mask to export, the :class:`probprune.report.Measurements` of the export, and the
+:class:`probprune.report.Report` they make.
 """
 from __future__ import annotations
 
@@ -20,13 +25,12 @@ from safetensors.torch import save_file
 
 from . import __version__
 from .budget import Budget
-from .checkpoint import load_checkpoint
-from .checkpoint import save_checkpoint as write_checkpoint
+from .checkpoint import CHECKPOINT, RunCheckpoint, read_checkpoint
 from .config import PruneConfig
 from .preflight import check
 from .data import DataError, calibration_texts, eval_text, random_windows, tokenize_joined
-from .evaluate import masked_nll, masked_perplexity, model_nll, perplexity
-from .compensate import compensate, input_grams
+from .evaluate import masked_perplexity, masked_nll, perplexity
+from .compensate import input_grams
 from .distributed import (SINGLE, World, close_world, init_world, local_device, local_devices,
                           world_size_from_env)
 from .export import export_pruned, pruned_model
@@ -37,16 +41,13 @@ from .memory import MemoryPlan, check_fits, plan_for, trim_host_memory
 from .model_card import write_model_card
 from .models import auto_dtype, load_model, load_pruned, resolve_model_path
 from .policy import Policy, PolicyConfig, PolicyState
-from .report import build_report, write_plots, write_report
+from .report import Measurements, Report, build_report, peak_memory_mib, write_plots, write_report
 from .search import Search, SearchForward, SearchState
+from .selection import Selection, choose_mask, compensated_init
 from .speed import measure
 from .units import UnitSpace
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT = "checkpoint.safetensors"  # probprune.checkpoint: tensors + JSON, no pickle
-LEGACY_CHECKPOINT = "checkpoint.pt"
-
 
 class StopRequested(KeyboardInterrupt):
     """Raised after ``config.stop_after`` steps (the resume tests' stand-in for a killed run)."""
@@ -78,29 +79,6 @@ def calibration(tokenizer, cfg: PruneConfig) -> Calibration:
                        random_windows(ids[half:], cfg.select_windows, cfg.seqlen, cfg.seed + 2))
 
 
-def read_checkpoint(cfg: PruneConfig):
-    """The run directory's checkpoint when resuming (None when there is none), after checking
-    that the settings a resume must match are those of the checkpoint."""
-    path = os.path.join(cfg.out, CHECKPOINT)
-    if not cfg.resume:
-        if os.path.exists(path):
-            log.warning("%s holds a checkpoint; starting over (pass --resume to continue it)",
-                        cfg.out)
-        return None
-    if not os.path.exists(path):
-        if os.path.exists(os.path.join(cfg.out, LEGACY_CHECKPOINT)):
-            raise ValueError(f"{cfg.out} holds a {LEGACY_CHECKPOINT} of an older probprune "
-                             f"(a pickle, which this version does not read); start the run "
-                             f"again without --resume")
-        return None
-    ckpt = load_checkpoint(path)
-    diff = cfg.resume_mismatch(ckpt["settings"])
-    if diff:
-        raise ValueError(f"cannot resume {path}: settings differ from the checkpoint's in "
-                         + ", ".join(diff))
-    return ckpt
-
-
 @dataclass
 class Loaded:
     """What every stage reads: the model, its K-mask forward, the budget and the data."""
@@ -118,9 +96,12 @@ class Loaded:
 class Start:
     """Where the search starts: fresh from the init, or from a checkpoint."""
     space: UnitSpace           # search units, channels ranked by the init metric
-    policy: PolicyState
-    state: SearchState
-    fixed: dict                # checkpoint entries that never change during the search
+    policy: PolicyState        # on the engine's device
+    checkpoint: RunCheckpoint  # the start in checkpoint form; its search state is the search's
+
+    @property
+    def state(self) -> SearchState:
+        return self.checkpoint.search
 
 
 def prune(cfg: PruneConfig, model=None, tokenizer=None) -> Optional[dict]:
@@ -155,29 +136,32 @@ def prune(cfg: PruneConfig, model=None, tokenizer=None) -> Optional[dict]:
         cfg = dataclasses.replace(cfg, device=device, devices=devices,
                                   progress=cfg.progress and world.is_main)
         os.makedirs(cfg.out, exist_ok=True)
-        ckpt = world.broadcast(read_checkpoint(cfg) if world.is_main else None)
+        ckpt = shared(world, read_checkpoint(cfg) if world.is_main else None)
         run = load(cfg, model, tokenizer)
-        if ckpt is not None:
-            start = resume(cfg, run, ckpt, announce=world.is_main)
-        elif world.is_main:
-            start = initialize(cfg, run)
-        if world.size > 1 and ckpt is None:
-            # Rank 0 alone runs the init (its perplexities included); the others start from its
-            # result in checkpoint form, so every rank starts from the same state bit for bit.
-            shared = world.broadcast(start_checkpoint(start) if world.is_main else None)
-            if not world.is_main:
-                start, ckpt = resume(cfg, run, shared, announce=False), shared
-        search = search_masks(cfg, run, start, ckpt, world)
+        start = (resume(cfg, run, ckpt, announce=world.is_main) if ckpt is not None
+                 else start_fresh(cfg, run, world))
+        search = search_masks(cfg, run, start, world)
         if not world.is_main:
             return None
-        return finish(cfg, run, start.space, search, start.fixed, memory)
+        return finish(cfg, run, start, search, memory)
     finally:
         close_world(world)
 
 
-def start_checkpoint(start: Start) -> dict:
-    """A fresh start in the checkpoint's format (what :func:`resume` reads)."""
-    return {**start.fixed, **start.state.to_dict(), "policy": start.policy.state_dict()}
+def shared(world: World, ckpt: Optional[RunCheckpoint]) -> Optional[RunCheckpoint]:
+    """Rank 0's checkpoint on every rank (sent as its tree, whose tensors travel on the host)."""
+    if world.size == 1:
+        return ckpt
+    tree = world.broadcast(ckpt.to_tree() if world.is_main and ckpt is not None else None)
+    return None if tree is None else RunCheckpoint.from_tree(tree)
+
+
+def start_fresh(cfg: PruneConfig, run: Loaded, world: World = SINGLE) -> Start:
+    """Rank 0 alone runs the init (its perplexities included); the other ranks start from its
+    result in checkpoint form, so every rank starts from the same state bit for bit."""
+    start = initialize(cfg, run) if world.is_main else None
+    ckpt = shared(world, start.checkpoint if world.is_main else None)
+    return start if world.is_main else resume(cfg, run, ckpt, announce=False)
 
 
 def load(cfg: PruneConfig, model=None, tokenizer=None) -> Loaded:
@@ -223,20 +207,18 @@ def initialize(cfg: PruneConfig, run: Loaded) -> Start:
                                  **_ppl_kw(cfg))
     use_search_loss(cfg, run)  # the held-out losses the search compares are scored its way
     init_val = masked_nll(forward, init_mask, run.data.val, cfg.batch_size)
-    fixed = {"settings": cfg.as_dict(), "dense": dense.as_dict(), "init": init_ppl.as_dict(),
-             "channel_order": space.channel_order}
-    return Start(space, PolicyState(probs.to(run.engine.device)),
-                 SearchState.start(probs, init_mask, init_val), fixed)
+    policy = PolicyState(probs.to(run.engine.device))
+    ckpt = RunCheckpoint(cfg.as_dict(), dense.as_dict(), init_ppl.as_dict(), space.channel_order,
+                         policy.state_dict(), SearchState.start(probs, init_mask, init_val))
+    return Start(space, policy, ckpt)
 
 
-def resume(cfg: PruneConfig, run: Loaded, ckpt: dict, announce: bool = True) -> Start:
-    policy = PolicyState.from_state_dict(ckpt["policy"], run.engine.device)
+def resume(cfg: PruneConfig, run: Loaded, ckpt: RunCheckpoint, announce: bool = True) -> Start:
+    policy = PolicyState.from_state_dict(ckpt.policy, run.engine.device)
     if announce:
         log.warning("resuming %s at step %d of %d", cfg.out, policy.step, cfg.steps)
     use_search_loss(cfg, run)
-    fixed = {k: ckpt[k] for k in ("settings", "dense", "init", "channel_order")}
-    return Start(run.budget.space.with_order(ckpt["channel_order"]), policy,
-                 SearchState.from_dict(ckpt), fixed)
+    return Start(run.budget.space.with_order(ckpt.channel_order), policy, ckpt)
 
 
 def use_search_loss(cfg: PruneConfig, run: Loaded) -> None:
@@ -252,8 +234,7 @@ def use_search_loss(cfg: PruneConfig, run: Loaded) -> None:
              min(cfg.search_refit_windows, len(run.data.pool)), time.perf_counter() - t0)
 
 
-def search_masks(cfg: PruneConfig, run: Loaded, start: Start, ckpt,
-                 world: World = SINGLE) -> Search:
+def search_masks(cfg: PruneConfig, run: Loaded, start: Start, world: World = SINGLE) -> Search:
     """The search loop, checkpointed (by rank 0) every ``checkpoint_every`` steps and at the
     end."""
     policy = Policy(PolicyConfig.taken_from(cfg), start.policy)
@@ -261,12 +242,12 @@ def search_masks(cfg: PruneConfig, run: Loaded, start: Start, ckpt,
                     run.data.pool, run.data.val, steps=cfg.steps, k=cfg.k,
                     batch_size=cfg.batch_size, eval_every=cfg.eval_every, seed=cfg.seed,
                     backend=cfg.backend, candidates=cfg.select_candidates)
-    if ckpt is not None and "data_rng" in ckpt:  # a fresh start's streams are the seed's
-        search.restore_rng(ckpt)
+    if start.checkpoint.rng is not None:  # a fresh start's streams are the seed's
+        search.restore_rng(start.checkpoint.rng)
 
     def on_step(record):
         if world.is_main and (search.step % cfg.checkpoint_every == 0 or search.done):
-            save_checkpoint(cfg.out, {**start.fixed, **search.checkpoint()})
+            start.checkpoint.at_step_of(search).save(os.path.join(cfg.out, CHECKPOINT))
         if cfg.stop_after is not None and search.step >= cfg.stop_after:
             raise StopRequested(f"stopped after step {search.step} (stop_after)")
 
@@ -274,75 +255,103 @@ def search_masks(cfg: PruneConfig, run: Loaded, start: Start, ckpt,
     return search
 
 
-def finish(cfg: PruneConfig, run: Loaded, space: UnitSpace, search: Search, fixed: dict,
-           memory: Optional[MemoryPlan] = None) -> dict:
-    """Best mask -> compensation -> export -> evaluate -> report. Everything written out is in
-    model units, usable without knowing the search space."""
+@dataclass
+class SearchOutcome:
+    """The search's masks and probabilities in model units (what the run writes out: usable
+    without knowing the search space)."""
+    init_mask: torch.Tensor   # bool
+    probs: torch.Tensor       # final keep-probabilities
+    init_probs: torch.Tensor
+
+
+def search_outcome(space: UnitSpace, search: Search) -> SearchOutcome:
     st = search.state
-    init_mask, final_probs, init_probs = space.expand(torch.stack([
+    init_mask, probs, init_probs = space.expand(torch.stack([
         st.init_mask.float().cpu(), search.policy.probs.detach().float().cpu(),
         st.init_probs.float().cpu()]))
-    init_mask = init_mask.bool()
-    units = run.engine.units
+    return SearchOutcome(init_mask.bool(), probs, init_probs)
+
+
+def finish(cfg: PruneConfig, run: Loaded, start: Start, search: Search,
+           memory: Optional[MemoryPlan] = None) -> dict:
+    """Best mask -> export -> evaluate -> report; report.json's content is returned."""
+    units, found = run.engine.units, search_outcome(start.space, search)
     run.engine.use_refits(None)  # from here on, bare slices are bare
-
-    searched, compensation, selection, init_comp = choose_mask(cfg, run, space, st)
-    # the export's mask: the searched one, or its channels as the compensation chose them
-    mask = compensation.mask if compensation is not None else searched
-    chosen_step = next(c["step"] for c in selection if c["chosen"]) if selection else st.best_step
-    meta = {"settings": cfg.as_dict(), "probprune_version": __version__,
-            "best_step": chosen_step}
-    export_pruned(run.model, run.tokenizer, units, mask, cfg.out, meta,
-                  weights=compensation.weights if compensation else None)
-    save_tensors(cfg.out, "scores.safetensors", metadata=scores_metadata(cfg, units),
-                 probs=final_probs, init_probs=init_probs)
-    save_tensors(cfg.out, "masks.safetensors", mask=mask.to(torch.uint8),
-                 init_mask=init_mask.to(torch.uint8), searched_mask=searched.to(torch.uint8))
-
-    perplexities = {"pruned_bare": masked_perplexity(
-        run.engine, searched, run.eval_ids, desc="pruned perplexity (bare slice)",
-        **_ppl_kw(cfg)).as_dict()}
-    extra = {}
-    if compensation is not None:
-        extra["compensation"] = compensation.summary()
-        # The init mask under the same compensation: the search must beat this, not the bare init.
-        if torch.equal(init_mask, searched):
-            init_comp = compensation
-        elif init_comp is None:
-            init_comp = compensate_mask(cfg, run, init_mask, "init")
-        init_model = pruned_model(run.model, units, init_comp.mask, init_comp.weights)
-        perplexities["init_compensated"] = perplexity(
-            init_model, run.eval_ids, desc="init perplexity (compensated)", **_ppl_kw(cfg)).as_dict()
-        extra["compensation_init"] = {k: v for k, v in init_comp.summary().items() if k != "layers"}
-        del init_model
-    dense_params = sum(p.numel() for p in run.model.parameters())
-    speed = ({"dense": model_speed(cfg, run.model, cfg.model, resolve_model_path(cfg.model))}
-             if cfg.speed_tokens else None)
-    del compensation, init_comp
+    selection = choose_mask(cfg, run, start.space, search.state)
+    export(cfg, run, selection, found)
+    measured = measure_beside_dense_model(cfg, run, selection, found.init_mask)
+    mask, scores = selection.mask, selection.scores
+    del selection  # its refits: the reloaded export is measured without them beside it
     release_dense_model(run, search)
-    reloaded = load_pruned(cfg.out, dtype=cfg.dtype, device=cfg.device, devices=cfg.devices)
-    perplexities["pruned"] = perplexity(reloaded, run.eval_ids,
-                                        desc="pruned perplexity (export, reloaded)",
-                                        **_ppl_kw(cfg)).as_dict()
-    if cfg.eval_tasks:
-        extra["zero_shot"] = zero_shot_of_export(cfg, reloaded, run.tokenizer)
+    measure_export(cfg, run, measured)
+    report = build_report(cfg, measured=measured, units=units, space=start.space,
+                          budget=run.budget, mask=mask, ckpt=start.checkpoint,
+                          policy_state=search.policy.state, selection=scores, memory=memory,
+                          eval_data=run.eval_name, load_s=run.load_s)
+    write_outputs(cfg, report, units, mask, found.probs, search.state.history)
+    return report.as_dict()
 
-    report = build_report(cfg, dense_params=dense_params, reloaded=reloaded, units=units,
-                          space=space, budget=run.budget, mask=mask, ckpt=fixed, search=search,
-                          perplexities=perplexities, eval_data=run.eval_name, load_s=run.load_s)
-    report.update(extra)
-    if selection:
-        report["selection"] = selection
-    if memory is not None:  # planned before loading, next to the measured peak_memory_mib
-        report["memory_plan_mib"] = {"peak": memory.peak / 2**20,
-                                     **{k: v / 2**20 for k, v in memory.terms.items()}}
-    if speed is not None:
-        report["speed"] = {**speed, "pruned": model_speed(cfg, reloaded, cfg.out, cfg.out)}
+
+def export(cfg: PruneConfig, run: Loaded, selection: Selection, found: SearchOutcome) -> None:
+    """The pruned model (without its card: that waits for the figures), its scores and masks."""
+    meta = {"settings": cfg.as_dict(), "probprune_version": __version__,
+            "best_step": selection.step}
+    comp = selection.compensation
+    export_pruned(run.model, run.tokenizer, run.engine.units, selection.mask, cfg.out, meta,
+                  weights=comp.weights if comp else None, model_card=False)
+    save_tensors(cfg.out, "scores.safetensors", metadata=scores_metadata(cfg, run.engine.units),
+                 probs=found.probs, init_probs=found.init_probs)
+    save_tensors(cfg.out, "masks.safetensors", mask=selection.mask.to(torch.uint8),
+                 init_mask=found.init_mask.to(torch.uint8),
+                 searched_mask=selection.searched.to(torch.uint8))
+
+
+def measure_beside_dense_model(cfg: PruneConfig, run: Loaded, selection: Selection,
+                               init_mask: torch.Tensor) -> Measurements:
+    """What needs the dense model: the searched mask's bare slice, the compensated init, the
+    dense model's size and speed."""
+    measured = Measurements(
+        dense_params=sum(p.numel() for p in run.model.parameters()),
+        perplexity={"pruned_bare": masked_perplexity(
+            run.engine, selection.searched, run.eval_ids, desc="pruned perplexity (bare slice)",
+            **_ppl_kw(cfg)).as_dict()})
+    init_comp = compensated_init(cfg, run, selection, init_mask)
+    if init_comp is not None:
+        measured.compensation = selection.compensation.summary()
+        init_model = pruned_model(run.model, run.engine.units, init_comp.mask, init_comp.weights)
+        measured.perplexity["init_compensated"] = perplexity(
+            init_model, run.eval_ids, desc="init perplexity (compensated)", **_ppl_kw(cfg)).as_dict()
+        measured.compensation_init = {k: v for k, v in init_comp.summary().items()
+                                      if k != "layers"}
+    if cfg.speed_tokens:
+        measured.dense_speed = model_speed(cfg, run.model, cfg.model,
+                                           resolve_model_path(cfg.model))
+    return measured
+
+
+def measure_export(cfg: PruneConfig, run: Loaded, measured: Measurements) -> None:
+    """Adds the reloaded export's figures to ``measured``: the model the run wrote, as a user
+    loads it."""
+    reloaded = load_pruned(cfg.out, dtype=cfg.dtype, device=cfg.device, devices=cfg.devices)
+    measured.pruned_params = sum(p.numel() for p in reloaded.parameters())
+    measured.perplexity["pruned"] = perplexity(reloaded, run.eval_ids,
+                                               desc="pruned perplexity (export, reloaded)",
+                                               **_ppl_kw(cfg)).as_dict()
+    if cfg.eval_tasks:
+        measured.zero_shot = zero_shot_of_export(cfg, reloaded, run.tokenizer)
+    # the peak of the run's work, before the speed measurement adds its own
+    measured.peak_memory_mib = peak_memory_mib(cfg.device)
+    if cfg.speed_tokens:
+        measured.pruned_speed = model_speed(cfg, reloaded, cfg.out, cfg.out)
+
+
+def write_outputs(cfg: PruneConfig, report: Report, units: UnitSpace, mask: torch.Tensor,
+                  probs: torch.Tensor, history: list) -> None:
+    """report.json, the export's model card (now that its figures are known) and the plots."""
     write_report(cfg.out, report)
-    write_model_card(cfg.out, perplexities=report["perplexity"], eval_data=run.eval_name,
-                     speed=report.get("speed"))
-    write_plots(cfg.out, units, mask, final_probs, st.history)
-    return report
+    write_model_card(cfg.out, perplexities=report.perplexity, eval_data=report.eval_data,
+                     speed=report.speed)
+    write_plots(cfg.out, units, mask, probs, history)
 
 
 def release_dense_model(run: Loaded, search: Search) -> None:
@@ -380,57 +389,6 @@ def scores_metadata(cfg: PruneConfig, units: UnitSpace) -> dict:
     re-export can tell scores of another model from this one's."""
     return {"model": cfg.model, "n_units": str(units.n_units),
             "prune_layers": str(units.include_layers)}
-
-
-def choose_mask(cfg: PruneConfig, run: Loaded, space: UnitSpace, st: SearchState):
-    """The hard model-unit mask to export and its compensation (None without one), and the
-    selection's record. With compensation on, the candidates (the best bare mask, or the
-    ``select_candidates`` best) and the init mask are each compensated and scored on the
-    selection windows as the export would be, and the lowest wins: the search optimises bare
-    slices, so after compensation the init can be the better mask, and the export is never worse
-    than it on those windows. Also the init mask's compensation (None when not computed)."""
-    best_bare = {"step": st.best_step, "val_loss": st.best_val_loss, "mask": st.best_mask}
-    pool = list(st.candidates) if cfg.select_candidates > 1 and st.candidates else [best_bare]
-    if not any(torch.equal(c["mask"], st.init_mask) for c in pool):
-        pool.append({"step": 0, "val_loss": st.init_val_loss, "mask": st.init_mask})
-    if cfg.compensate == "none" or len(pool) == 1:
-        mask = space.expand(st.best_mask.float().cpu()[None])[0].bool()
-        return mask, compensate_mask(cfg, run, mask, "pruned"), [], None
-    units, best, init_comp = run.engine.units, None, None
-    selection = []
-    for c in pool:
-        mask = space.expand(c["mask"].float().cpu()[None])[0].bool()
-        comp = compensate_mask(cfg, run, mask, f"step {c['step']}")
-        model = pruned_model(run.model, units, comp.mask, comp.weights)
-        loss = model_nll(model, run.data.select, cfg.eval_batch_size)
-        del model
-        if torch.equal(c["mask"], st.init_mask):
-            init_comp = comp  # the report's init-compensated perplexity needs it again
-        selection.append({"step": c["step"], "val_loss": c["val_loss"],
-                          "select_loss_compensated": loss, "chosen": False})
-        if best is None or loss < best[0]:
-            best = (loss, len(selection) - 1, mask, comp)
-    selection[best[1]]["chosen"] = True
-    log.info("selection: step %d (compensated held-out loss %.4f)",
-             selection[best[1]]["step"], best[0])
-    return best[2], best[3], selection, init_comp
-
-
-def compensate_mask(cfg: PruneConfig, run: Loaded, mask: torch.Tensor, what: str):
-    """The refit of a hard model-unit mask by ``cfg.compensate`` (None when it is 'none')."""
-    if cfg.compensate == "none":
-        return None
-    if cfg.compensate_windows > len(run.data.pool):
-        log.warning("--compensate-windows %d exceeds the %d calibration windows of --nsamples; "
-                    "using %d", cfg.compensate_windows, len(run.data.pool), len(run.data.pool))
-    result = compensate(run.engine, mask, run.data.pool[: cfg.compensate_windows], cfg,
-                        batch_size=cfg.eval_batch_size, progress=cfg.progress)
-    log.info("compensation of the %s mask (%s): %.1f s", what, cfg.compensate, result.seconds)
-    return result
-
-
-def save_checkpoint(out: str, ckpt: dict) -> None:
-    write_checkpoint(os.path.join(out, CHECKPOINT), ckpt)
 
 
 def save_tensors(out: str, name: str, metadata: Optional[dict] = None, **tensors) -> None:

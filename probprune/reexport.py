@@ -43,7 +43,8 @@ from .forward import MaskedCausalLM
 from .importance import load_probs
 from .model_card import write_model_card
 from .models import MANIFEST, load_model, load_pruned, resolve_model_path
-from .pipeline import Loaded, _ppl_kw, calibration, compensate_mask, save_tensors
+from .pipeline import Loaded, _ppl_kw, calibration, save_tensors
+from .selection import compensate_mask
 from .settings import CompensationSettings
 from .units import UnitSpace
 
@@ -227,7 +228,7 @@ def reexport(cfg: ExportConfig) -> dict:
                          "scores": SCORES}}
     os.makedirs(cfg.out, exist_ok=True)
     export_pruned(model, tokenizer, engine.units, mask, cfg.out, meta,
-                  weights=compensation.weights if compensation else None)
+                  weights=compensation.weights if compensation else None, model_card=False)
     save_tensors(cfg.out, "masks.safetensors", mask=mask.to(torch.uint8))
 
     reloaded = load_pruned(cfg.out, dtype=run.dtype, device=run.device)

@@ -6,7 +6,8 @@ import json
 import os
 import resource
 import statistics
-from typing import List
+from dataclasses import asdict, dataclass, fields
+from typing import Dict, List, Optional
 
 import torch
 
@@ -39,43 +40,108 @@ def search_summary(history: List[dict], times: List[float]) -> dict:
             "cv_explained": statistics.median(explained) if explained else None}
 
 
-def build_report(cfg, *, dense_params: int, reloaded, units: UnitSpace, space: UnitSpace, budget, mask,
-                 ckpt: dict, search, perplexities: dict, eval_data: str, load_s: float) -> dict:
-    st, policy_state = search.state, search.policy.state
+@dataclass
+class Measurements:
+    """What a run measures after its search, for the report."""
+    dense_params: int
+    perplexity: Dict[str, dict]  # pruned_bare, init_compensated (compensated runs), pruned
+    compensation: Optional[dict] = None       # the export's Compensation.summary()
+    compensation_init: Optional[dict] = None  # the init mask's, without its per-layer records
+    dense_speed: Optional[dict] = None        # Speed.as_dict(), with --speed-tokens
+    pruned_params: int = 0                    # of the export, reloaded
+    peak_memory_mib: float = 0.0              # after its evaluation, before its speed
+    zero_shot: Optional[dict] = None          # with --eval-tasks
+    pruned_speed: Optional[dict] = None
+
+
+@dataclass
+class Report:
+    """``report.json``: one entry per field, in this order; an optional entry that is None is
+    left out of the file."""
+    settings: dict
+    eval_data: str
+    params: dict
+    perplexity: Dict[str, dict]
+    val_loss: dict
+    search_units: dict
+    layers: List[dict]
+    median_step_s: Optional[float]
+    search: dict
+    steps_timed: int
+    peak_memory_mib: float
+    peak_memory_kind: str
+    nan_samples: int
+    skipped_steps: int
+    model_load_s: float
+    backend: str
+    backends_available: list
+    compensation: Optional[dict] = None
+    compensation_init: Optional[dict] = None
+    zero_shot: Optional[dict] = None
+    selection: Optional[List[dict]] = None
+    memory_plan_mib: Optional[dict] = None
+    speed: Optional[dict] = None
+
+    OPTIONAL = ("compensation", "compensation_init", "zero_shot", "selection",
+                "memory_plan_mib", "speed")
+
+    def as_dict(self) -> dict:
+        entries = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {k: v for k, v in entries.items() if v is not None or k not in self.OPTIONAL}
+
+
+def build_report(cfg, *, measured: Measurements, units: UnitSpace, space: UnitSpace, budget,
+                 mask: torch.Tensor, ckpt, policy_state, selection: list, memory=None,
+                 eval_data: str, load_s: float) -> Report:
+    """The report of a finished run. ``ckpt``: its :class:`probprune.checkpoint.RunCheckpoint`
+    (the dense and init records, the search state); ``selection``: the
+    :class:`probprune.selection.CandidateScore` of each candidate that competed; ``memory``: the
+    :class:`probprune.memory.MemoryPlan` made before loading, if any."""
+    st = ckpt.search
     times = st.step_times
     device = torch.device(cfg.device)
-    return {
-        "settings": cfg.as_dict(),
-        "eval_data": eval_data,
-        "params": {"total": dense_params,
-                   "prunable": units.prunable_params,
-                   "kept_prunable": float(units.kept_params(mask)),
-                   "target_prunable": budget.total_target,
-                   "pruned_model_total": sum(p.numel() for p in reloaded.parameters())},
-        "perplexity": {"dense": ckpt["dense"], "init": ckpt["init"], **perplexities},
-        "val_loss": {"init": st.init_val_loss, "best": st.best_val_loss,
-                     "best_step": st.best_step,
-                     "history": [{"step": h["step"], "val_loss": h["val_loss"]}
-                                 for h in st.history if "val_loss" in h]},
-        "search_units": {"heads": space.n_heads, "channel_blocks": space.n_mlp,
-                         "channel_block": space.channel_block,
-                         "layers": space.n_layers if space.include_layers else 0},
-        "layers": layer_sizes(units, mask),
-        "median_step_s": statistics.median(times) if times else None,
-        "search": search_summary(st.history, times),
-        "steps_timed": len(times),
-        "peak_memory_mib": peak_memory_mib(device),
-        "peak_memory_kind": "cuda max allocated" if device.type == "cuda" else "process peak RSS",
-        "nan_samples": int(policy_state.nan_samples),
-        "skipped_steps": int(policy_state.skipped_steps),
-        "model_load_s": load_s,
-        "backend": cfg.backend or "auto",
-        "backends_available": pk.backends(),
-    }
+    return Report(
+        settings=cfg.as_dict(),
+        eval_data=eval_data,
+        params={"total": measured.dense_params,
+                "prunable": units.prunable_params,
+                "kept_prunable": float(units.kept_params(mask)),
+                "target_prunable": budget.total_target,
+                "pruned_model_total": measured.pruned_params},
+        perplexity={"dense": ckpt.dense, "init": ckpt.init, **measured.perplexity},
+        val_loss={"init": st.init_val_loss, "best": st.best_val_loss,
+                  "best_step": st.best_step,
+                  "history": [{"step": h["step"], "val_loss": h["val_loss"]}
+                              for h in st.history if "val_loss" in h]},
+        search_units={"heads": space.n_heads, "channel_blocks": space.n_mlp,
+                      "channel_block": space.channel_block,
+                      "layers": space.n_layers if space.include_layers else 0},
+        layers=layer_sizes(units, mask),
+        median_step_s=statistics.median(times) if times else None,
+        search=search_summary(st.history, times),
+        steps_timed=len(times),
+        peak_memory_mib=measured.peak_memory_mib,
+        peak_memory_kind="cuda max allocated" if device.type == "cuda" else "process peak RSS",
+        nan_samples=int(policy_state.nan_samples),
+        skipped_steps=int(policy_state.skipped_steps),
+        model_load_s=load_s,
+        backend=cfg.backend or "auto",
+        backends_available=pk.backends(),
+        compensation=measured.compensation,
+        compensation_init=measured.compensation_init,
+        zero_shot=measured.zero_shot,
+        selection=[asdict(s) for s in selection] or None,
+        # planned before loading, next to the measured peak_memory_mib
+        memory_plan_mib=None if memory is None else {
+            "peak": memory.peak / 2**20, **{k: v / 2**20 for k, v in memory.terms.items()}},
+        speed=None if measured.dense_speed is None else {
+            "dense": measured.dense_speed, "pruned": measured.pruned_speed},
+    )
 
 
-def write_report(out: str, report: dict) -> str:
-    return atomic_write_text(os.path.join(out, "report.json"), json.dumps(report, indent=1))
+def write_report(out: str, report: Report) -> str:
+    return atomic_write_text(os.path.join(out, "report.json"),
+                             json.dumps(report.as_dict(), indent=1))
 
 
 def write_plots(out: str, units: UnitSpace, mask: torch.Tensor, probs: torch.Tensor,

@@ -21,6 +21,7 @@ from .distributed import SINGLE, World
 from .evaluate import masked_nll
 from .forward import MaskedCausalLM
 from .policy import Policy
+from .selection import Candidate
 from .units import UnitSpace
 
 
@@ -79,24 +80,24 @@ class SearchState:
     best_step: int = 0
     history: List[dict] = field(default_factory=list)
     step_times: List[float] = field(default_factory=list)
-    # The distinct hard masks with the lowest held-out losses, lowest first: {step, val_loss,
-    # mask}; the final choice may re-rank them after compensation.
-    candidates: List[dict] = field(default_factory=list)
+    # The distinct hard masks with the lowest held-out losses, lowest first; the final choice
+    # may re-rank them after compensation.
+    candidates: List[Candidate] = field(default_factory=list)
 
     @classmethod
     def start(cls, init_probs, init_mask, init_val_loss) -> "SearchState":
         return cls(init_probs.clone(), init_mask, init_val_loss, init_mask, init_val_loss,
-                   candidates=[{"step": 0, "val_loss": init_val_loss, "mask": init_mask}])
+                   candidates=[Candidate(0, init_val_loss, init_mask)])
 
     def offer(self, step: int, val_loss: float, mask: torch.Tensor, keep: int) -> None:
         """A scored hard mask: the best one if it beats it, a candidate if among the ``keep``
         lowest (a mask already held is not held twice)."""
         if val_loss < self.best_val_loss:
             self.best_mask, self.best_val_loss, self.best_step = mask, val_loss, step
-        if any(torch.equal(c["mask"], mask) for c in self.candidates):
+        if any(torch.equal(c.mask, mask) for c in self.candidates):
             return
-        self.candidates.append({"step": step, "val_loss": val_loss, "mask": mask})
-        self.candidates.sort(key=lambda c: c["val_loss"])
+        self.candidates.append(Candidate(step, val_loss, mask))
+        self.candidates.sort(key=lambda c: c.val_loss)
         del self.candidates[keep:]
 
     def to_dict(self) -> dict:
@@ -105,13 +106,15 @@ class SearchState:
                 "best": {"mask": self.best_mask, "val_loss": self.best_val_loss,
                          "step": self.best_step},
                 "history": self.history, "step_times": self.step_times,
-                "candidates": self.candidates}
+                "candidates": [{"step": c.step, "val_loss": c.val_loss, "mask": c.mask}
+                               for c in self.candidates]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "SearchState":
         b = d["best"]
         return cls(d["init_probs"], d["init_mask"], d["init_val_loss"], b["mask"], b["val_loss"],
-                   b["step"], d["history"], d["step_times"], d.get("candidates", []))
+                   b["step"], d["history"], d["step_times"],
+                   [Candidate(**c) for c in d.get("candidates", [])])
 
 
 class Search:

@@ -8,7 +8,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from probprune.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from probprune.checkpoint import (CHECKPOINT, CheckpointError, RunCheckpoint, load_checkpoint,
+                                  read_checkpoint, save_checkpoint)
+from probprune.policy import PolicyState
+from probprune.search import SearchState
+from probprune.selection import Candidate
+from tests.test_pipeline import same
 
 
 def test_round_trip_of_a_search_state(tmp_path):
@@ -60,8 +65,51 @@ def test_other_files_are_named_not_loaded(tmp_path):
 def test_a_pickled_checkpoint_of_an_older_version_is_named_not_unpickled(tmp_path):
     import types
 
-    from probprune.pipeline import read_checkpoint
-
     (tmp_path / "checkpoint.pt").write_bytes(b"not read")
     with pytest.raises(ValueError, match="checkpoint.pt of an older probprune"):
         read_checkpoint(types.SimpleNamespace(out=str(tmp_path), resume=True))
+
+
+def _run_checkpoint(rng: bool) -> RunCheckpoint:
+    g = torch.Generator().manual_seed(2)
+    probs = torch.rand(6, generator=g)
+    state = SearchState.start(probs, probs > 0.5, 3.0)
+    state.offer(2, 2.5, probs > 0.3, keep=3)
+    state.history.append({"step": 1, "losses": [3.5, 3.25], "baseline": None, "val_loss": 2.5})
+    state.step_times.append(0.25)
+    streams = {"data_rng": g.get_state(), "mask_rng": torch.Generator().manual_seed(3).get_state()}
+    return RunCheckpoint({"k": 2, "backend": None}, {"ppl": 10.5}, {"ppl": 20.25},
+                         torch.arange(6).view(2, 3), PolicyState(probs).state_dict(), state,
+                         streams if rng else None)
+
+
+@pytest.mark.parametrize("rng", [True, False])
+def test_a_run_checkpoint_reads_back_as_written(tmp_path, rng):
+    ckpt = _run_checkpoint(rng)
+    path = str(tmp_path / CHECKPOINT)
+    ckpt.save(path)
+    back = RunCheckpoint.load(path)
+    same(back.to_tree(), ckpt.to_tree())
+    assert (back.rng is None) == (not rng)
+    assert all(isinstance(c, Candidate) for c in back.search.candidates)
+    assert [(c.step, c.val_loss) for c in back.search.candidates] == [(2, 2.5), (0, 3.0)]
+    # the file's entries are those of the format resume has always read
+    assert list(load_checkpoint(path)) == [
+        "settings", "dense", "init", "channel_order", "init_probs", "init_mask", "init_val_loss",
+        "best", "history", "step_times", "candidates", "policy"] + (
+        ["data_rng", "mask_rng"] if rng else [])
+    assert set(load_checkpoint(path)["candidates"][0]) == {"step", "val_loss", "mask"}
+
+
+def test_resume_reads_the_run_directory_checkpoint_and_checks_its_settings(tmp_path):
+    import types
+
+    _run_checkpoint(True).save(str(tmp_path / CHECKPOINT))
+
+    def cfg(resume, mismatch=()):
+        return types.SimpleNamespace(out=str(tmp_path), resume=resume,
+                                     resume_mismatch=lambda settings: list(mismatch))
+    assert read_checkpoint(cfg(False)) is None  # starting over: the checkpoint is not read
+    assert read_checkpoint(cfg(True)).settings == {"k": 2, "backend": None}
+    with pytest.raises(ValueError, match="settings differ from the checkpoint's in k"):
+        read_checkpoint(cfg(True, ["k (2 there, 3 now)"]))

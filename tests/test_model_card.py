@@ -96,6 +96,18 @@ def test_run_records_the_speed_of_its_export(run):
     assert "## Speed" in body and "decode 3 greedy tokens" in body
 
 
+def test_a_run_writes_its_card_once_with_its_figures(tiny_model_dirs, calib_file, tmp_path,
+                                                      monkeypatch):
+    import probprune.model_card as model_card
+
+    cards, render_card = [], model_card.render
+    monkeypatch.setattr(model_card, "render",
+                        lambda *a, **kw: cards.append(kw) or render_card(*a, **kw))
+    report = prune(settings(tiny_model_dirs["llama"], calib_file, tmp_path / "run", steps=2,
+                            speed_tokens=0))
+    assert len(cards) == 1 and cards[0]["perplexities"] == report["perplexity"]
+
+
 def test_card_of_an_export_with_a_dropped_layer(tiny_model_dirs, tmp_path):
     model, tok = load_model(tiny_model_dirs["llama"])
     units = MaskedCausalLM(model, include_layers=True).units

@@ -5,6 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from probprune.checkpoint import CHECKPOINT, RunCheckpoint
 from probprune.cli import main
 from probprune.compensate import input_grams
 from probprune.config import PruneConfig
@@ -81,10 +82,45 @@ def test_search_selection_and_training_windows_never_overlap(tiny_model_dirs, tm
     assert pool.max() + cfg.seqlen <= val.min() and val.max() + cfg.seqlen <= select.min()
 
 
+TIMINGS = {"median_step_s", "peak_memory_mib", "model_load_s", "wall_s", "seconds", "speed",
+           "step_times"}
+RUN_DIRECTORY = {"out", "resume", "stop_after"}  # settings that name the run, not its result
+
+
+def same(a, b, where="") -> None:
+    """Asserts two report or checkpoint trees are equal bit for bit (tensors and NaNs too)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and list(a) == list(b), where
+        for k in a:
+            same(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            same(x, y, f"{where}/{i}")
+    elif isinstance(a, float) and a != a:
+        assert isinstance(b, float) and b != b, where
+    else:
+        assert type(a) is type(b) and a == b, f"{where}: {a!r} != {b!r}"
+
+
+def result_of_run(tree):
+    """A report's or checkpoint's tree without what differs between two runs of one search:
+    timings, and the settings that name the run directory."""
+    if isinstance(tree, list):
+        return [result_of_run(v) for v in tree]
+    if not isinstance(tree, dict):
+        return tree
+    return {k: ({s: v for s, v in tree[k].items() if s not in RUN_DIRECTORY} if k == "settings"
+                else result_of_run(v)) for k, v in tree.items() if k not in TIMINGS}
+
+
 @pytest.mark.parametrize("block,extra", [
     (1, {}), (5, {}),
     (5, dict(k=4, antithetic=True, control_variate=True, cv_history=8, optimizer="adam")),
-    (1, dict(search_loss="refit", search_refit_windows=6))])
+    (1, dict(search_loss="refit", search_refit_windows=6)),
+    (1, dict(compensate="sequential", compensate_windows=8, select_candidates=3, lr=0.5))])
 def test_resume_reproduces_the_uninterrupted_run(tiny_model_dirs, calib_file, tmp_path, block,
                                                  extra):
     model = tiny_model_dirs["llama"]
@@ -95,13 +131,19 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_model_dirs, calib_file, tm
     # The checkpoint of step 4 is the last one; the resumed run replays step 5 identically.
     resumed = prune(settings(model, calib_file, tmp_path / "cut", resume=True,
                              channel_block=block, **extra))
-    a = load_file(str(tmp_path / "full" / "scores.safetensors"))["probs"]
-    b = load_file(str(tmp_path / "cut" / "scores.safetensors"))["probs"]
-    assert torch.equal(a, b)
-    assert torch.equal(load_file(str(tmp_path / "full" / "masks.safetensors"))["mask"],
-                       load_file(str(tmp_path / "cut" / "masks.safetensors"))["mask"])
-    assert full["perplexity"]["pruned"] == resumed["perplexity"]["pruned"]
-    assert resumed["steps_timed"] == 8
+    for name in ("scores.safetensors", "masks.safetensors", "model.safetensors"):
+        a, b = (load_file(str(tmp_path / run / name)) for run in ("full", "cut"))
+        same(a, b, name)
+    # every figure of the report but the timings, and the final checkpoint, bit for bit
+    same(result_of_run(full), result_of_run(resumed))
+    same(result_of_run(json.load(open(tmp_path / "cut" / "report.json"))), result_of_run(resumed))
+    a, b = (RunCheckpoint.load(str(tmp_path / run / CHECKPOINT)).to_tree()
+            for run in ("full", "cut"))
+    same(result_of_run(a), result_of_run(b))
+    assert resumed["steps_timed"] == 8 and len(b["step_times"]) == 8
+    assert b["policy"]["step"] == 8 and b["history"][-1]["step"] == 8
+    if "select_candidates" in extra:  # the candidates went through the checkpoint and competed
+        assert len(b["candidates"]) == 3 and len(resumed["selection"]) >= 3
     explained = full["search"]["cv_explained"]
     assert (explained is None) == (not extra.get("control_variate"))
     assert explained is None or explained <= 1
