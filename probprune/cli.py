@@ -39,6 +39,7 @@ def quiet_libraries() -> None:
 def cmd_eval(args) -> int:
     from .data import eval_text, tokenize_joined
     from .evaluate import perplexity
+    from .families import family_of
     from .models import load_model
 
     if args.json:
@@ -55,8 +56,8 @@ def cmd_eval(args) -> int:
     ids = tokenize_joined(tokenizer, [text.text])
     result = perplexity(model, ids, seqlen=config.seqlen, batch_size=config.eval_batch_size,
                         max_windows=config.max_eval_windows, stride=config.window_stride,
-                        device=config.device,
-                        progress=not args.json)
+                        device=config.device, progress=not args.json,
+                        bos=family_of(model.config).window_bos(tokenizer))
     record = {"model": config.model, "data": text.name, **result.as_dict(),
               "dtype": _dtype_name(model), "device": config.device, "load_s": round(load_s, 2)}
     if args.json:

@@ -188,13 +188,25 @@ def tokenize_joined(tokenizer, texts: List[str], sep: str = "\n\n") -> torch.Ten
     return ids
 
 
-def random_windows(ids: torch.Tensor, n: int, seqlen: int, seed: int) -> torch.Tensor:
-    """``n`` windows of ``seqlen`` tokens at random offsets drawn from ``seed``: [n, seqlen]."""
-    if ids.numel() < seqlen:
+def random_windows(ids: torch.Tensor, n: int, seqlen: int, seed: int,
+                   bos: Optional[int] = None) -> torch.Tensor:
+    """``n`` windows of ``seqlen`` tokens at random offsets drawn from ``seed``: [n, seqlen].
+    ``bos``: each window is that token and ``seqlen - 1`` tokens of text (:func:`with_bos`)."""
+    text = seqlen - (bos is not None)
+    if ids.numel() < text:
         raise DataError(f"the text has {ids.numel()} tokens, fewer than one window of {seqlen}")
     g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seqlen + 1, (n,), generator=g)
-    return torch.stack([ids[s:s + seqlen] for s in starts.tolist()])
+    starts = torch.randint(0, ids.numel() - text + 1, (n,), generator=g)
+    return with_bos(torch.stack([ids[s:s + text] for s in starts.tolist()]), bos)
+
+
+def with_bos(windows: torch.Tensor, bos: Optional[int]) -> torch.Tensor:
+    """``windows`` [n, T] with the token ``bos`` before each ([n, T + 1]); as they are when None.
+    Gemma reads garbage without BOS at position 0 (WikiText-2 perplexity 416 instead of 45), so
+    its windows carry one; the LLaMA protocol of the literature cuts windows without."""
+    if bos is None:
+        return windows
+    return torch.cat([windows.new_full((windows.shape[0], 1), bos), windows], dim=1)
 
 
 def calibration_windows(tokenizer, source: str, n: int, seqlen: int, seed: int = 0) -> torch.Tensor:

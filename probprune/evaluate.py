@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 import probprune_kernels as pk
 
-from .data import DataError
+from .data import DataError, with_bos
 from .families import UnsupportedModelError, family_of
 from .forward import LOGIT_CHUNK_VALUES
 
@@ -29,24 +29,27 @@ class Perplexity:
     windows: int
     seqlen: int
     stride: int = 1  # every stride-th non-overlapping window, from the first
+    bos: bool = False  # each window a BOS token and seqlen - 1 tokens of text
 
     def as_dict(self):
         return asdict(self)
 
 
 def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: Optional[int] = None,
-                 stride: int = 1) -> torch.Tensor:
+                 stride: int = 1, bos: Optional[int] = None) -> torch.Tensor:
     """[n, seqlen] non-overlapping windows of a 1-D token tensor: every ``stride``-th one from
-    the first, then the first ``max_windows`` of those."""
+    the first, then the first ``max_windows`` of those. ``bos``: each window is that token and
+    ``seqlen - 1`` tokens of text (:func:`probprune.data.with_bos`)."""
     if stride < 1:
         raise DataError(f"window stride must be at least 1, got {stride}")
     if seqlen < 2:
         raise DataError(f"seqlen must be at least 2, got {seqlen}")
-    n = ids.numel() // seqlen
+    text = seqlen - (bos is not None)
+    n = ids.numel() // text
     if n == 0:
         raise DataError(f"the evaluation text has {ids.numel()} tokens, fewer than one window "
                         f"of {seqlen}")
-    windows = ids[: n * seqlen].view(n, seqlen)[::stride]
+    windows = with_bos(ids[: n * text].view(n, text)[::stride], bos)
     if max_windows is not None:
         if max_windows < 1:
             raise DataError(f"max_windows must be at least 1, got {max_windows}")
@@ -71,9 +74,11 @@ def mean_nll(batch_nll: Callable[[torch.Tensor], torch.Tensor], windows: torch.T
     return float(total) / n_tokens
 
 
-def _as_perplexity(nll: float, windows: torch.Tensor, stride: int) -> Perplexity:
+def _as_perplexity(nll: float, windows: torch.Tensor, stride: int,
+                   bos: Optional[int]) -> Perplexity:
     return Perplexity(ppl=math.exp(nll), nll=nll, tokens=windows[:, 1:].numel(),
-                      windows=windows.shape[0], seqlen=windows.shape[1], stride=stride)
+                      windows=windows.shape[0], seqlen=windows.shape[1], stride=stride,
+                      bos=bos is not None)
 
 
 def _family_or_none(model):
@@ -110,12 +115,14 @@ def _model_batch_nll(model, device):
 @torch.no_grad()
 def perplexity(model, ids: torch.Tensor, seqlen: int = 128, batch_size: int = 8,
                max_windows: Optional[int] = None, device=None, progress: bool = True,
-               desc: str = "perplexity", stride: int = 1) -> Perplexity:
-    """Perplexity of ``model`` (any module whose output has ``.logits``) on token ids ``ids``."""
-    windows = eval_windows(ids, seqlen, max_windows, stride)
+               desc: str = "perplexity", stride: int = 1,
+               bos: Optional[int] = None) -> Perplexity:
+    """Perplexity of ``model`` (any module whose output has ``.logits``) on token ids ``ids``
+    (windows of :func:`eval_windows`)."""
+    windows = eval_windows(ids, seqlen, max_windows, stride, bos)
     device = device or next(model.parameters()).device
     nll = mean_nll(_model_batch_nll(model, device), windows, batch_size, progress, desc)
-    return _as_perplexity(nll, windows, stride)
+    return _as_perplexity(nll, windows, stride, bos)
 
 
 @torch.no_grad()
@@ -131,12 +138,12 @@ def model_nll(model, windows: torch.Tensor, batch_size: int = 8, progress: bool 
 def masked_perplexity(masked_model, mask: torch.Tensor, ids: torch.Tensor, seqlen: int = 128,
                       batch_size: int = 8, max_windows: Optional[int] = None,
                       progress: bool = True, desc: str = "masked perplexity",
-                      stride: int = 1) -> Perplexity:
+                      stride: int = 1, bos: Optional[int] = None) -> Perplexity:
     """Perplexity of the model under one hard model-unit mask, through the masked forward (the
     same windows and token count as :func:`perplexity`)."""
-    windows = eval_windows(ids, seqlen, max_windows, stride)
+    windows = eval_windows(ids, seqlen, max_windows, stride, bos)
     nll = masked_nll(masked_model, mask, windows, batch_size, progress, desc)
-    return _as_perplexity(nll, windows, stride)
+    return _as_perplexity(nll, windows, stride, bos)
 
 
 @torch.no_grad()

@@ -62,10 +62,11 @@ class Calibration:
     #                       so its loss there is biased low against the init's
 
 
-def calibration(tokenizer, cfg: PruneConfig) -> Calibration:
+def calibration(tokenizer, cfg: PruneConfig, bos: Optional[int] = None) -> Calibration:
     """Random windows of the calibration text; the tail of the stream is held out, so the
     best-mask choice never sees windows the search trained on. The tail's first half gives the
-    search's held-out windows, its second half the selection's."""
+    search's held-out windows, its second half the selection's. ``bos``: the token each window
+    starts with (:meth:`probprune.families.base.Family.window_bos`)."""
     ids = tokenize_joined(tokenizer, calibration_texts(cfg.calib))
     n_val_tokens = cfg.val_windows * cfg.seqlen
     need = (cfg.nsamples + cfg.val_windows) * cfg.seqlen
@@ -74,9 +75,10 @@ def calibration(tokenizer, cfg: PruneConfig) -> Calibration:
                         f"{cfg.nsamples} + {cfg.val_windows} windows of {cfg.seqlen} need {need:,}")
     cut = max(ids.numel() - 4 * n_val_tokens, ids.numel() * 9 // 10)
     half = cut + (ids.numel() - cut) // 2
-    return Calibration(random_windows(ids[:cut], cfg.nsamples, cfg.seqlen, cfg.seed),
-                       random_windows(ids[cut:half], cfg.val_windows, cfg.seqlen, cfg.seed + 1),
-                       random_windows(ids[half:], cfg.select_windows, cfg.seqlen, cfg.seed + 2))
+    return Calibration(
+        random_windows(ids[:cut], cfg.nsamples, cfg.seqlen, cfg.seed, bos),
+        random_windows(ids[cut:half], cfg.val_windows, cfg.seqlen, cfg.seed + 1, bos),
+        random_windows(ids[half:], cfg.select_windows, cfg.seqlen, cfg.seed + 2, bos))
 
 
 @dataclass
@@ -90,6 +92,7 @@ class Loaded:
     eval_name: str
     eval_ids: torch.Tensor
     load_s: float
+    bos: Optional[int] = None  # the token every window starts with (the family's protocol)
 
 
 @dataclass
@@ -184,27 +187,29 @@ def load(cfg: PruneConfig, model=None, tokenizer=None) -> Loaded:
     budget = Budget.build(UnitSpace(shape, cfg.prune_layers, block, attn_units=cfg.attn_units),
                           cfg.sparsity, cfg.budget,
                           cfg.scope, cfg.attn_sparsity, cfg.mlp_sparsity, cfg.protect_layers)
-    data = calibration(tokenizer, cfg)
+    bos = engine.family.window_bos(tokenizer)
+    data = calibration(tokenizer, cfg, bos)
     eval_src = eval_text(cfg.eval, cfg.eval_file)
     return Loaded(model, tokenizer, engine, budget, data, eval_src.name,
-                  tokenize_joined(tokenizer, [eval_src.text]), load_s)
+                  tokenize_joined(tokenizer, [eval_src.text]), load_s, bos)
 
 
-def _ppl_kw(cfg: PruneConfig) -> dict:
+def _ppl_kw(cfg: PruneConfig, bos: Optional[int] = None) -> dict:
     return dict(seqlen=cfg.seqlen, batch_size=cfg.eval_batch_size,
-                max_windows=cfg.max_eval_windows, stride=cfg.window_stride, progress=cfg.progress)
+                max_windows=cfg.max_eval_windows, stride=cfg.window_stride, progress=cfg.progress,
+                bos=bos)
 
 
 def initialize(cfg: PruneConfig, run: Loaded) -> Start:
     """Dense perplexity, the init's probabilities and hard mask, and their scores."""
-    dense = perplexity(run.model, run.eval_ids, desc="dense perplexity", **_ppl_kw(cfg))
+    dense = perplexity(run.model, run.eval_ids, desc="dense perplexity", **_ppl_kw(cfg, run.bos))
     space, probs = initial_probs(run.model, run.budget, cfg.init, run.data.pool[: cfg.init_windows],
                                  cfg.init_temperature, cfg.eval_batch_size, cfg.progress,
                                  cfg.init_attn_sparsity)
     forward = SearchForward(run.engine, space)
     init_mask = run.budget.hard_mask(probs)
     init_ppl = masked_perplexity(forward, init_mask, run.eval_ids, desc="init perplexity",
-                                 **_ppl_kw(cfg))
+                                 **_ppl_kw(cfg, run.bos))
     use_search_loss(cfg, run)  # the held-out losses the search compares are scored its way
     init_val = masked_nll(forward, init_mask, run.data.val, cfg.batch_size)
     policy = PolicyState(probs.to(run.engine.device))
@@ -314,13 +319,14 @@ def measure_beside_dense_model(cfg: PruneConfig, run: Loaded, selection: Selecti
         dense_params=sum(p.numel() for p in run.model.parameters()),
         perplexity={"pruned_bare": masked_perplexity(
             run.engine, selection.searched, run.eval_ids, desc="pruned perplexity (bare slice)",
-            **_ppl_kw(cfg)).as_dict()})
+            **_ppl_kw(cfg, run.bos)).as_dict()})
     init_comp = compensated_init(cfg, run, selection, init_mask)
     if init_comp is not None:
         measured.compensation = selection.compensation.summary()
         init_model = pruned_model(run.model, run.engine.units, init_comp.mask, init_comp.weights)
         measured.perplexity["init_compensated"] = perplexity(
-            init_model, run.eval_ids, desc="init perplexity (compensated)", **_ppl_kw(cfg)).as_dict()
+            init_model, run.eval_ids, desc="init perplexity (compensated)",
+            **_ppl_kw(cfg, run.bos)).as_dict()
         measured.compensation_init = {k: v for k, v in init_comp.summary().items()
                                       if k != "layers"}
     if cfg.speed_tokens:
@@ -336,7 +342,7 @@ def measure_export(cfg: PruneConfig, run: Loaded, measured: Measurements) -> Non
     measured.pruned_params = sum(p.numel() for p in reloaded.parameters())
     measured.perplexity["pruned"] = perplexity(reloaded, run.eval_ids,
                                                desc="pruned perplexity (export, reloaded)",
-                                               **_ppl_kw(cfg)).as_dict()
+                                               **_ppl_kw(cfg, run.bos)).as_dict()
     if cfg.eval_tasks:
         measured.zero_shot = zero_shot_of_export(cfg, reloaded, run.tokenizer)
     # the peak of the run's work, before the speed measurement adds its own

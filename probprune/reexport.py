@@ -216,9 +216,10 @@ def reexport(cfg: ExportConfig) -> dict:
     model, tokenizer = load_model(run.model, run.dtype, run.device)
     engine = MaskedCausalLM(model, include_layers=run.prune_layers, backend=run.backend,
                             attn_units=run.attn_units)
+    bos = engine.family.window_bos(tokenizer)
     loaded = Loaded(model, tokenizer, engine, budget,
-                    calibration(tokenizer, run) if run.compensate != "none" else None,
-                    None, None, time.perf_counter() - t0)
+                    calibration(tokenizer, run, bos) if run.compensate != "none" else None,
+                    None, None, time.perf_counter() - t0, bos)
     compensation = compensate_mask(run, loaded, mask, f"sparsity {run.sparsity}")
     if compensation is not None:  # its channels, where the compensation chose them
         mask = compensation.mask
@@ -246,7 +247,7 @@ def reexport(cfg: ExportConfig) -> dict:
         eval_name = src.name
         ids = tokenize_joined(tokenizer, [src.text])
         record["perplexity"] = {"pruned": perplexity(
-            reloaded, ids, desc="perplexity (export, reloaded)", **_ppl_kw(run)).as_dict()}
+            reloaded, ids, desc="perplexity (export, reloaded)", **_ppl_kw(run, bos)).as_dict()}
         record["eval_data"] = eval_name
     write_model_card(cfg.out, perplexities=record["perplexity"], eval_data=eval_name)
     return record

@@ -46,7 +46,7 @@ def assert_close(actual, expected, dtype=None, msg="", **tol):
     torch.testing.assert_close(actual, expected, msg=lambda m: f"{msg}\n{m}", **tol)
 
 
-ARCHS = ("llama", "llama3", "mistral", "qwen2", "qwen3")  # names of tests/tiny_models.py
+ARCHS = ("llama", "llama3", "mistral", "qwen2", "qwen3", "gemma3")  # names of tests/tiny_models.py
 
 
 @pytest.fixture(scope="session")

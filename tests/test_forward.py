@@ -81,5 +81,5 @@ def test_unsupported_model_is_refused():
 
     from probprune.models import UnsupportedModelError
 
-    with pytest.raises(UnsupportedModelError, match="Llama, Mistral, Qwen2, Qwen3$"):
+    with pytest.raises(UnsupportedModelError, match="Llama, Mistral, Qwen2, Qwen3, Gemma3$"):
         MaskedCausalLM(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)))

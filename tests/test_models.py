@@ -11,7 +11,7 @@ from tests.conftest import ARCHS
 @pytest.mark.parametrize("arch", ARCHS)
 def test_loads_supported_architectures(tiny_model_dirs, arch):
     model, tok = load_model(tiny_model_dirs[arch])
-    assert model.config.model_type == {"llama3": "llama"}.get(arch, arch)
+    assert model.config.model_type == {"llama3": "llama", "gemma3": "gemma3_text"}.get(arch, arch)
     assert not model.training
     ids = tok("The quick brown fox", return_tensors="pt").input_ids
     assert model(ids).logits.shape == (1, ids.shape[1], model.config.vocab_size)
@@ -41,7 +41,7 @@ def test_unsupported_architecture_names_supported_ones(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(tmp_path)
-    with pytest.raises(UnsupportedModelError, match="'gpt2'.*Llama, Mistral, Qwen2, Qwen3$"):
+    with pytest.raises(UnsupportedModelError, match="'gpt2'.*Llama, Mistral, Qwen2, Qwen3, Gemma3$"):
         load_model(str(tmp_path))
 
 

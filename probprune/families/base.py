@@ -51,6 +51,7 @@ class Family:
     # Per-head norms that no head owns (one head_dim weight each): kept with the layer.
     QK_NORMS: Tuple[str, ...] = ()
     NORMS = 2  # norms over the residual width in one layer
+    BOS_WINDOWS = False  # windows start with the tokenizer's BOS token (LLaMA protocol: no)
 
     # -- shape -----------------------------------------------------------------------------------
 
@@ -129,6 +130,17 @@ class Family:
         """What the export's modeling file needs to resize a layer (config.json's
         ``probprune_modules``)."""
         return {"layers": self.LAYERS, "parts": dict(self.PARTS), "qk_norms": list(self.QK_NORMS)}
+
+    def window_bos(self, tokenizer) -> Optional[int]:
+        """The token every calibration and evaluation window starts with, or None: windows cut
+        from the text as they are."""
+        if not self.BOS_WINDOWS:
+            return None
+        bos = getattr(tokenizer, "bos_token_id", None)
+        if bos is None:
+            raise UnsupportedModelError(f"{self.name} windows start with a BOS token, and this "
+                                        f"tokenizer has none")
+        return bos
 
     # -- how -------------------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ class Gemma3(Family):
              "mlp_out_norm": "post_feedforward_layernorm"}
     QK_NORMS = ("self_attn.q_norm", "self_attn.k_norm")
     NORMS = 4
+    BOS_WINDOWS = True  # without BOS at position 0 Gemma's perplexity is ~10x higher
     ACTIVATION = "gelu_pytorch_tanh"
 
     def check(self, config) -> None:
