@@ -70,6 +70,14 @@ class MaskedCausalLM:
         """The state-dict name of layer ``l``'s module of ``role`` (``"o"``, ``"down"``, ...)."""
         return self.family.key(l, role)
 
+    def check_seqlen(self, seqlen: int) -> None:
+        """Raises for windows longer than the model's sliding window: the kernels attend to every
+        earlier token, which within the window is what the model does, and beyond it is not."""
+        if self.sliding_window is not None and seqlen > self.sliding_window:
+            raise ValueError(f"--seqlen {seqlen} exceeds the model's sliding window of "
+                             f"{self.sliding_window} tokens, which the masked attention kernels "
+                             f"do not apply: use --seqlen {self.sliding_window} or less")
+
     def use_refits(self, grams: Optional[Dict[str, torch.Tensor]], damping: float = 0.01) -> None:
         """With ``grams`` (:func:`probprune.compensate.input_grams`), every mask's loss is the
         one it has after a least-squares refit of o_proj and down_proj to its own kept heads and
@@ -114,8 +122,7 @@ class MaskedCausalLM:
             raise ValueError(f"masks must be bool [K, {n_units}], got {masks.dtype} "
                              f"{tuple(masks.shape)}")
         B, T = input_ids.shape
-        if self.sliding_window is not None and T > self.sliding_window:
-            raise ValueError(f"seqlen {T} exceeds the model's sliding window {self.sliding_window}")
+        self.check_seqlen(T)
         K = masks.shape[0]
         ids = input_ids.to(self.device)
         heads, (c_idx, c_cnt), layer_keep = self._compact(masks.to(self.device))

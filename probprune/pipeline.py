@@ -177,6 +177,7 @@ def load(cfg: PruneConfig, model=None, tokenizer=None) -> Loaded:
     load_s = time.perf_counter() - t0
     engine = MaskedCausalLM(model, include_layers=cfg.prune_layers, backend=cfg.backend,
                             attn_units=cfg.attn_units)
+    engine.check_seqlen(cfg.seqlen)  # before the init and the search, not at their first step
     shape = engine.units.shape
     block = min(cfg.channel_block, shape.intermediate)
     if block < cfg.channel_block:

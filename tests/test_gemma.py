@@ -134,3 +134,23 @@ def test_every_backend_gives_the_references_losses(gemma, backend):
                          for s, d in ((5, None), (6, 2))])
     torch.testing.assert_close(engine.losses(ids, masks), reference.losses(ids, masks),
                                rtol=1e-4, atol=1e-5)
+
+
+def test_windows_beyond_the_sliding_window_are_refused_before_any_work(
+        tiny_model_dirs, calib_file, tmp_path, gemma):
+    from probprune.config import PruneConfig
+    from probprune.pipeline import prune
+
+    model, _ = gemma
+    window = model.config.sliding_window  # 64 in the tiny config
+    engine = MaskedCausalLM(model)
+    engine.check_seqlen(window)  # within the window: plain causal attention, as the model does
+    with pytest.raises(ValueError, match=f"--seqlen {window + 1} exceeds the model's sliding "
+                                         f"window of {window} tokens"):
+        engine.losses(torch.zeros(1, window + 1, dtype=torch.long), engine.all_ones())
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="sliding window"):
+        prune(PruneConfig(model=tiny_model_dirs["gemma3"], sparsity=0.3, out=str(out), steps=2,
+                          seqlen=window + 1, calib=calib_file, nsamples=4, val_windows=2,
+                          select_windows=2, eval=calib_file, progress=False))
+    assert not (out / "checkpoint.safetensors").exists()  # refused before the init
