@@ -209,6 +209,20 @@ class MaskedSwiGLUMLP(nn.Module):
         return self.forward_compact(x3, idx, counts).reshape(*lead, self.hidden_size)
 
 
+class MaskedGeGLUMLP(MaskedSwiGLUMLP):
+    """Gemma's MLP ``down(gelu_tanh(gate(x)) * up(x))`` with a mask over its intermediate
+    channels: gate and up as two gather-rows GEMMs and the GELU between them (the fused kernel is
+    SwiGLU's), down as one gather-cols launch."""
+
+    def channel_outputs(self, x: Tensor, idx: Tensor, counts: Tensor) -> Tensor:
+        x3 = x.reshape(x.shape[0], -1, self.hidden_size)
+        gate, up = (ops.gather_rows_gemm(x3, w, idx, counts, 1, None, backend=self.backend,
+                                         validate=False)
+                    for w in (self.gate_proj.weight, self.up_proj.weight))
+        # columns past a mask's count are zero in both, and stay zero: gelu(0) * 0
+        return torch.nn.functional.gelu(gate, approximate="tanh") * up
+
+
 def _runs_on_kernels(op: str, device: torch.device, backend: Optional[str]) -> bool:
     """True when ``op`` on ``device`` resolves to a kernel backend (not the reference); a backend
     that cannot run here raises later, at the op, as without the layer."""
@@ -388,10 +402,18 @@ class MaskedDecoderLayer(nn.Module):
     """
 
     def __init__(self, input_layernorm: nn.Module, self_attn: MaskedLlamaAttention,
-                 post_attention_layernorm: nn.Module, mlp: MaskedSwiGLUMLP):
+                 post_attention_layernorm: nn.Module, mlp: MaskedSwiGLUMLP,
+                 attn_out_norm: Optional[nn.Module] = None,
+                 mlp_out_norm: Optional[nn.Module] = None):
+        """``attn_out_norm`` / ``mlp_out_norm``: norms of each block's output before it joins the
+        residual (Gemma's "sandwich" norms); then ``post_attention_layernorm`` is the MLP's
+        input norm (Gemma's ``pre_feedforward_layernorm``)."""
         super().__init__()
+        if (attn_out_norm is None) != (mlp_out_norm is None):
+            raise ValueError("attn_out_norm and mlp_out_norm come together: give both or neither")
         self.input_layernorm, self.self_attn = input_layernorm, self_attn
         self.post_attention_layernorm, self.mlp = post_attention_layernorm, mlp
+        self.attn_out_norm, self.mlp_out_norm = attn_out_norm, mlp_out_norm
 
     @property
     def attn_norm(self) -> nn.Module:
@@ -402,6 +424,14 @@ class MaskedDecoderLayer(nn.Module):
     def mlp_norm(self) -> nn.Module:
         """The norm of the MLP block's input."""
         return self.post_attention_layernorm
+
+    def attn_out(self, y: Tensor) -> Tensor:
+        """What the attention block's output ``y`` adds to the residual stream."""
+        return y if self.attn_out_norm is None else self.attn_out_norm(y)
+
+    def mlp_out(self, y: Tensor) -> Tensor:
+        """What the MLP block's output ``y`` adds to the residual stream."""
+        return y if self.mlp_out_norm is None else self.mlp_out_norm(y)
 
     @classmethod
     def from_hf(cls, layer: nn.Module, config=None, backend: Optional[str] = None,
@@ -417,10 +447,16 @@ class MaskedDecoderLayer(nn.Module):
         """h [K, B, T, d]; ``heads``: the attention's index lists; ``channels``: (idx, counts) of
         ``compact_masks`` over the MLP channels; ``layer_keep`` [K] folds a dropped layer in (its
         counts must be 0 too) -> [K, B, T, d]."""
-        h = self.self_attn.forward_compact(self.input_layernorm(h), cos, sin, heads, residual=h,
-                                           layer_keep=layer_keep)
-        return self.mlp.forward_compact(self.post_attention_layernorm(h), *channels, residual=h,
-                                        layer_keep=layer_keep)
+        if self.attn_out_norm is None:  # the residual add fused into each block's last GEMM
+            h = self.self_attn.forward_compact(self.input_layernorm(h), cos, sin, heads,
+                                               residual=h, layer_keep=layer_keep)
+            return self.mlp.forward_compact(self.post_attention_layernorm(h), *channels,
+                                            residual=h, layer_keep=layer_keep)
+        # A dropped layer's blocks output zeros, which the (RMS) out norms keep at zero.
+        h = h + self.attn_out_norm(self.self_attn.forward_compact(
+            self.input_layernorm(h), cos, sin, heads, layer_keep=layer_keep))
+        return h + self.mlp_out_norm(self.mlp.forward_compact(
+            self.post_attention_layernorm(h), *channels, layer_keep=layer_keep))
 
     def forward(self, h: Tensor, cos: Tensor, sin: Tensor, head_mask: Tensor,
                 channel_mask: Tensor) -> Tensor:
