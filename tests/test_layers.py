@@ -237,6 +237,22 @@ def test_q_norm_needs_k_norm():
                              q_norm=attn.q_norm)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_geglu_mlp(backend):
+    """Gemma's MLP: the masked channels of ``down(gelu_tanh(gate x) * up x)``."""
+    from transformers import Gemma3TextConfig
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3MLP
+    from probprune_kernels import MaskedGeGLUMLP
+    mlp = Gemma3MLP(Gemma3TextConfig(hidden_size=HIDDEN, intermediate_size=45)).to(DEVICE)
+    mm = MaskedGeGLUMLP(mlp.gate_proj, mlp.up_proj, mlp.down_proj, backend=backend)
+    x = torch.randn(3, 2, 5, HIDDEN, device=DEVICE)
+    mask = _mask((3, 45)).to(DEVICE)
+    with torch.no_grad():
+        act = F.gelu(mlp.gate_proj(x), approximate="tanh") * mlp.up_proj(x)
+        assert_close(mm(x, mask), mlp.down_proj(act * mask.float()[:, None, None, :]))
+        assert_close(mm(x, torch.ones_like(mask)), mlp(x))  # all-ones mask = the HF module
+
+
 # --------------------------------------------------------------------------- MaskedDecoderLayer
 
 @pytest.mark.parametrize("backend", BACKENDS)
