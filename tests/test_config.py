@@ -212,7 +212,7 @@ BAD = [
     (dict(init="{root}/nan.pt"), "'probs' holds values outside [0, 1] (or NaN)"),
     # model
     (dict(model="nosuch"), "--model 'nosuch' is neither a model directory, a hub name "
-                           "(org/name) nor an embedded model (smollm2-135m)"),
+                           "(org/name) nor an embedded model (smollm2-135m, gemma3-270m)"),
     (dict(model="{root}/missing"), "--model '{root}/missing' does not exist"),
     (dict(model="{root}/nocfg"), "is a directory without a config.json, not a model directory"),
     (dict(model="{root}/badcfg"), "config.json cannot be read"),
