@@ -52,6 +52,8 @@ class Family:
     QK_NORMS: Tuple[str, ...] = ()
     NORMS = 2  # norms over the residual width in one layer
     BOS_WINDOWS = False  # windows start with the tokenizer's BOS token (LLaMA protocol: no)
+    # Roles of the norms each block's output passes before it joins the residual: none here.
+    OUT_NORMS: Tuple[str, ...] = ()
 
     # -- shape -----------------------------------------------------------------------------------
 
@@ -147,8 +149,7 @@ class Family:
     def masked_layer(self, layer: nn.Module, config, backend: Optional[str] = None,
                      attn_units: str = "kv-group"):
         """The engine's masked decoder layer over ``layer``'s own modules (no copy)."""
-        from probprune_kernels.layers import (MaskedDecoderLayer, MaskedLlamaAttention,
-                                              MaskedSwiGLUMLP)
+        from probprune_kernels.layers import MaskedDecoderLayer, MaskedLlamaAttention
 
         shape = self.shape(config)
         part = lambda role: self.part(layer, role)  # noqa: E731
@@ -157,8 +158,16 @@ class Family:
             part("q"), part("k"), part("v"), part("o"), shape.n_query_heads, shape.n_kv_heads,
             shape.head_dim, scale=getattr(part("attn"), "scaling", None), backend=backend,
             q_norm=norms[0], k_norm=norms[1], units=attn_units)
-        mlp = MaskedSwiGLUMLP(part("gate"), part("up"), part("down"), backend=backend)
-        return MaskedDecoderLayer(part("attn_norm"), attn, part("mlp_norm"), mlp)
+        mlp = self.masked_mlp_class()(part("gate"), part("up"), part("down"), backend=backend)
+        out_norms = [part(role) for role in self.OUT_NORMS] or [None, None]
+        return MaskedDecoderLayer(part("attn_norm"), attn, part("mlp_norm"), mlp, *out_norms)
+
+    @staticmethod
+    def masked_mlp_class():
+        """The kernel library's masked MLP of the family's activation."""
+        from probprune_kernels.layers import MaskedSwiGLUMLP
+
+        return MaskedSwiGLUMLP
 
     def embed(self, model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         """The input hidden states [B, T, d] of token ids, on the embedding's device."""

@@ -22,6 +22,7 @@ class Gemma3(Family):
              "mlp_out_norm": "post_feedforward_layernorm"}
     QK_NORMS = ("self_attn.q_norm", "self_attn.k_norm")
     NORMS = 4
+    OUT_NORMS = ("attn_out_norm", "mlp_out_norm")
     BOS_WINDOWS = True  # without BOS at position 0 Gemma's perplexity is ~10x higher
     ACTIVATION = "gelu_pytorch_tanh"
 
@@ -38,16 +39,11 @@ class Gemma3(Family):
             raise UnsupportedModelError(f"Gemma 3 with the MLP activation {act!r} is not "
                                         f"supported (only {self.ACTIVATION!r})")
 
-    def masked_layer(self, layer, config, backend=None, attn_units="kv-group"):
-        from probprune_kernels.layers import MaskedDecoderLayer, MaskedGeGLUMLP
+    @staticmethod
+    def masked_mlp_class():
+        from probprune_kernels.layers import MaskedGeGLUMLP
 
-        llama = super().masked_layer(layer, config, backend, attn_units)
-        mlp = MaskedGeGLUMLP(*(self.part(layer, r) for r in ("gate", "up", "down")),
-                             backend=backend)
-        return MaskedDecoderLayer(llama.input_layernorm, llama.self_attn,
-                                  llama.post_attention_layernorm, mlp,
-                                  attn_out_norm=self.part(layer, "attn_out_norm"),
-                                  mlp_out_norm=self.part(layer, "mlp_out_norm"))
+        return MaskedGeGLUMLP
 
     def rotary(self, model, h, n_layers):
         """Each layer's (cos, sin) by its kind: local (sliding-window) layers and global ones
