@@ -205,6 +205,27 @@ def test_compensation_statistics_and_solve_on_the_device(tiny_model_dirs, dtype,
         assert t.shape == real.weights[key].shape, key
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_NAMES[d])
+def test_gemma_init_forward_and_compensation_on_the_device(tiny_model_dirs, dtype):
+    """Gemma 3's own paths: two rotary tables, the sandwich norms, the GeGLU MLP, and the
+    refit through the out norms, from the init's mask."""
+    from probprune.compensate import compensate
+    from probprune.settings import CompensationSettings
+
+    def stage(device, dtype):
+        model, engine = _engine(tiny_model_dirs["gemma3"], device, dtype)
+        budget, space, probs = _init(model, engine, device)
+        mask = space.expand(budget.hard_mask(probs).float().cpu()[None])[0].bool()
+        losses = engine.losses(_ids(device, 2), torch.stack([mask, engine.all_ones()[0].cpu()]))
+        return losses, compensate(engine, mask, _ids(device, 6), CompensationSettings(),
+                                  progress=False)
+
+    real, (losses, comp) = shadow(stage, cache="gemma", dtype=dtype)
+    assert losses.device == torch.device("cuda:0") and losses.dtype == torch.float32
+    assert comp.weights.keys() == real[1].weights.keys() and comp.weights
+    assert_all_on(comp.weights, "cpu", dtype, "refit ")
+
+
 # ---------------------------------------------------------------------------------------------
 # the export and the reload
 
