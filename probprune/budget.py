@@ -3,7 +3,9 @@ final hard mask.
 
 Budget groups: ``global`` puts every unit in one group; ``per-type`` gives heads and channels
 their own budgets (the paper's separate attention and MLP ratios); ``scope="layer"`` splits each of
-those by layer. The projection is the one of DESIGN.md: a shift ``v`` per group, found by
+those by layer. ``shape="uniform"`` gives every layer the same two budgets (a number of KV groups
+and a number of MLP channels), so the pruned layers all have one shape: the export is then the
+plain architecture, which serving engines load (:func:`probprune.export.plain_config`). The projection is the one of DESIGN.md: a shift ``v`` per group, found by
 bisection, with ``s_u <- clamp(s_u - v, lo_u, hi_u)`` and ``sum_u w_u s_u = B``.
 """
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from .units import ModelShape, UnitSpace
 
 BISECTION_STEPS = 60
+SHAPES = ("free", "uniform")
 
 
 class BudgetError(ValueError):
@@ -44,9 +47,17 @@ class Budget:
     @classmethod
     def build(cls, space: UnitSpace, sparsity: Optional[float] = None, mode: str = "global",
               scope: str = "global", attn_sparsity: Optional[float] = None,
-              mlp_sparsity: Optional[float] = None, protect_layers=()) -> "Budget":
+              mlp_sparsity: Optional[float] = None, protect_layers=(),
+              shape: str = "free") -> "Budget":
         """``space``: the search units. ``sparsity``: the fraction of prunable parameters to
-        remove, in (0, 1)."""
+        remove, in (0, 1). ``shape="uniform"``: see :meth:`uniform`."""
+        if shape not in SHAPES:
+            raise BudgetError(f"shape must be one of {', '.join(SHAPES)}, got {shape!r}")
+        if shape == "uniform":
+            if (mode, scope, mlp_sparsity, tuple(protect_layers)) != ("global", "global", None, ()):
+                raise BudgetError("a uniform shape is its own allocation: it takes no per-type "
+                                  "budget, layer scope, MLP ratio or protected layers")
+            return cls.uniform(space, sparsity, attn_sparsity or 0.0)
         ratios = {"heads": attn_sparsity if attn_sparsity is not None else sparsity,
                   "mlp": mlp_sparsity if mlp_sparsity is not None else sparsity,
                   "layers": sparsity}
@@ -109,6 +120,49 @@ class Budget:
         budget = cls(space, group_of, targets, lo, hi, names, mode, ratios)
         budget._check_feasible()
         return budget
+
+    @classmethod
+    def uniform(cls, space: UnitSpace, sparsity: float, attn_sparsity: float = 0.0) -> "Budget":
+        """Every layer keeps ``round((1 - attn_sparsity) * n_kv_heads)`` KV groups and as many
+        MLP channels as the rest of its share of the budget pays for: one budget per layer and
+        unit type, equal across layers. All units of a group cost the same, so the hard mask
+        keeps the same count in every layer."""
+        sh = space.shape
+        if not 0.0 < sparsity < 1.0:
+            raise BudgetError(f"sparsity must lie strictly between 0 and 1, got {sparsity}")
+        if space.include_layers or space.query_heads:
+            raise BudgetError("a uniform shape keeps every layer and prunes whole KV groups: it "
+                              "takes neither layer units nor query-head units")
+        if sh.intermediate % space.channel_block:
+            raise BudgetError(f"a uniform shape needs MLP blocks of one size: the channel block "
+                              f"{space.channel_block} does not divide the {sh.intermediate} MLP "
+                              f"channels of a layer")
+        heads = sh.n_kv_heads - round(attn_sparsity * sh.n_kv_heads)
+        if heads < 1:
+            raise BudgetError(f"attention sparsity {attn_sparsity} leaves no KV group of the "
+                              f"{sh.n_kv_heads} in a layer")
+        per_layer = (1.0 - sparsity) * space.prunable_params / sh.n_layers
+        mlp = per_layer - heads * sh.head_cost
+        block = space.channel_block * sh.channel_cost
+        if mlp < block:
+            raise BudgetError(f"sparsity {sparsity} with {heads} of {sh.n_kv_heads} KV groups "
+                              f"kept per layer leaves a layer's MLP less than one block of "
+                              f"{space.channel_block} channels")
+        # Group of each unit: (type, layer); the targets sit half a unit above the counts kept
+        # (or at all of them), so rounding never drops one.
+        type_of = torch.zeros(space.n_units, dtype=torch.long)
+        type_of[space.type_slices()["mlp"]] = 1
+        group_of = type_of * sh.n_layers + space.unit_layer()
+        blocks = int(mlp // block)
+        targets = torch.tensor(
+            [min(heads + 0.5, sh.n_kv_heads) * sh.head_cost] * sh.n_layers
+            + [min(blocks + 0.5, space.blocks_per_layer) * block] * sh.n_layers,
+            dtype=torch.float64)
+        names = [f"{t} layer {l}" for t in ("heads", "mlp") for l in range(sh.n_layers)]
+        ratios = {"heads": 1.0 - heads / sh.n_kv_heads, "mlp": 1.0 - blocks * space.channel_block
+                  / sh.intermediate, "layers": None}
+        return cls(space, group_of, targets, torch.zeros(space.n_units, dtype=torch.float64),
+                   torch.ones(space.n_units, dtype=torch.float64), names, "uniform", ratios)
 
     # ------------------------------------------------------------------------------------------
     def kept_by_group(self, values: torch.Tensor,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from typing import Optional
@@ -154,10 +155,18 @@ def cmd_prune(args) -> int:
         print(f"speed ({p['device']}, prefill of 1x{p['seqlen']}, {p['new_tokens']} decode tokens): "
               f"prefill {d['prefill_ms']:.1f} -> {p['prefill_ms']:.1f} ms, decode "
               f"{d['decode_tokens_per_s']:.1f} -> {p['decode_tokens_per_s']:.1f} tokens/s")
-    print(f"wrote {config.out}: pruned model (probprune.load_pruned or from_pretrained with "
-          f"trust_remote_code=True) with its model card README.md, masks.safetensors, "
-          f"scores.safetensors, report.json, *.png")
+    print(f"wrote {config.out}: pruned model ({_how_to_load(config.out)}) with its model card "
+          f"README.md, masks.safetensors, scores.safetensors, report.json, *.png")
     return 0
+
+
+def _how_to_load(export_dir: str) -> str:
+    from .models import MANIFEST
+
+    with open(os.path.join(export_dir, MANIFEST), encoding="utf-8") as f:
+        plain = json.load(f).get("architecture") == "plain"
+    return ("plain architecture: from_pretrained loads it, no remote code" if plain else
+            "probprune.load_pruned or from_pretrained with trust_remote_code=True")
 
 
 def cmd_speed(args) -> int:

@@ -357,8 +357,7 @@ def compensate(engine: MaskedCausalLM, mask: torch.Tensor, windows: torch.Tensor
     ``compensate_select="obs"``, the mask of the MLP channels chosen by OBS. ``keep_grams``:
     also the second moment of each refit projection's inputs (float32; all layers' at once).
     ``compensate_inputs`` (sequential): also refit q/k/v and gate/up by :func:`input_map`."""
-    mode, damping, bias = (settings.compensate, settings.compensate_damping,
-                           settings.compensate_bias)
+    mode, damping, bias = settings.compensate, settings.compensate_damping, settings.fits_bias
     select, target = settings.compensate_select, settings.compensate_target
     correct_inputs = settings.compensate_inputs
     check_settings(mode, damping, windows.shape[0] if windows.dim() == 2 else 0, select, target,

@@ -1,16 +1,24 @@
 """Export of a physically smaller model and its reload in one call.
 
 A pruned model is a directory: ``model.safetensors`` (sliced weights; dropped layers removed and
-the rest renumbered), ``config.json`` (the original config with the kept layer count, the per-layer
-sizes in ``probprune_layout`` and an ``auto_map`` to ``modeling_probprune.py``), the tokenizer, and
-``probprune.json`` (kept KV groups, channels and layers by original index, and the settings)
-and ``README.md``, the model card (:mod:`probprune.model_card`).
-Reading it back is :func:`probprune.models.load_pruned`.
+the rest renumbered), ``config.json``, the tokenizer, ``probprune.json`` (kept KV groups, channels
+and layers by original index, and the settings) and ``README.md``, the model card
+(:mod:`probprune.model_card`). Its ``config.json`` is one of two kinds:
+
+* **plain** (:func:`plain_config`): where every kept layer has the same shape and no weight the
+  architecture lacks, the original architecture with smaller sizes. Anything that loads the
+  original family loads it: ``AutoModelForCausalLM`` without remote code, vLLM, TGI, llama.cpp's
+  converter.
+* **per-layer**: otherwise the original config with the per-layer sizes in ``probprune_layout``
+  and an ``auto_map`` to ``modeling_probprune.py``, copied beside it.
+
+Reading either back is :func:`probprune.models.load_pruned`.
 """
 from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import shutil
 from typing import Dict, Optional
@@ -27,6 +35,9 @@ from .models import MANIFEST
 from .units import UnitSpace
 
 FORMAT_VERSION = 1
+log = logging.getLogger(__name__)
+# the base model's sizes, which a plain export's config.json no longer holds (the model card's)
+BASE_SIZES = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
 
 
 def kept_indices(units: UnitSpace, mask: torch.Tensor) -> dict:
@@ -144,6 +155,32 @@ def pruned_config(config, sizes, kept_layers):
     return cfg
 
 
+def plain_config(config, sizes, kept_layers):
+    """The original architecture's config at the pruned sizes, or None where the saved layers
+    (``sizes``: :func:`_layer_sizes` of each) are not all alike or carry a bias or an attention-
+    less layer the architecture has no place for."""
+    first = sizes[0] if sizes else None
+    if (first is None or any(s != first for s in sizes) or first["kv_heads"] == 0
+            or first["intermediate"] == 0 or first.get("o_bias") or first.get("down_bias")):
+        return None
+    shape = family_of(config).shape(config)
+    q_per_kv = first.get("q_per_kv", [shape.q_per_kv] * first["kv_heads"])
+    if len(set(q_per_kv)) != 1:  # uneven KV groups: the stock attention repeats evenly
+        return None
+    cfg = copy.deepcopy(config)
+    cfg.head_dim = shape.head_dim  # explicit: the narrower attention no longer implies it
+    cfg.num_key_value_heads = first["kv_heads"]
+    cfg.num_attention_heads = first["kv_heads"] * q_per_kv[0]
+    cfg.intermediate_size = first["intermediate"]
+    cfg.num_hidden_layers = len(sizes)
+    if getattr(cfg, "layer_types", None) is not None:
+        cfg.layer_types = [cfg.layer_types[l] for l in kept_layers]
+    for name in ("auto_map", "probprune_layout", "probprune_modules"):
+        if hasattr(cfg, name):
+            delattr(cfg, name)
+    return cfg
+
+
 def pruned_model(model, units: UnitSpace, mask: torch.Tensor,
                  weights: Optional[Dict[str, torch.Tensor]] = None):
     """The physically pruned model in memory, for evaluation: the model :func:`export_pruned`
@@ -192,6 +229,19 @@ def pruned_model(model, units: UnitSpace, mask: torch.Tensor,
     return pruned.eval()
 
 
+def why_not_plain(sizes) -> str:
+    """Why saved layers of these sizes need the per-layer export, in words."""
+    if not sizes:
+        return "no layer kept"
+    if any(s.get("o_bias") or s.get("down_bias") for s in sizes):
+        return "the refit's biases"
+    if any(s["kv_heads"] == 0 for s in sizes):
+        return "a layer without attention"
+    if len({(s["kv_heads"], s["intermediate"]) for s in sizes}) > 1:
+        return "layers of different sizes"
+    return "KV groups of different sizes"
+
+
 def _slice_when_called(layer: torch.nn.Module, slices, device: torch.device,
                        dtype: torch.dtype) -> None:
     """Gives ``layer`` the tensors ``slices()`` returns (floating ones in ``dtype``) for the
@@ -229,11 +279,25 @@ def export_pruned(model, tokenizer, units: UnitSpace, mask: torch.Tensor, out_di
     sd = {k: v.detach().contiguous() for k, v in sd.items()}
     atomic_write(os.path.join(out_dir, "model.safetensors"),
                  lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
-    pruned_config(model.config, sizes, kept["layers"]).save_pretrained(out_dir)
-    shutil.copyfile(modeling_probprune.__file__, os.path.join(out_dir, "modeling_probprune.py"))
+    config = plain_config(model.config, sizes, kept["layers"])
+    modeling = os.path.join(out_dir, "modeling_probprune.py")
+    if config is None:
+        pruned_config(model.config, sizes, kept["layers"]).save_pretrained(out_dir)
+        shutil.copyfile(modeling_probprune.__file__, modeling)
+        log.info("export: per-layer sizes (%s); loads with trust_remote_code=True or "
+                 "probprune.load_pruned", why_not_plain(sizes))
+    else:
+        config.save_pretrained(out_dir)
+        if os.path.exists(modeling):  # an earlier per-layer export into the same directory
+            os.remove(modeling)
+        log.info("export: plain %s, every layer alike (%d KV groups, %d MLP channels); loads "
+                 "without remote code", config.architectures[0], config.num_key_value_heads,
+                 config.intermediate_size)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     manifest = {"format": FORMAT_VERSION, "model_type": model.config.model_type,
+                "architecture": "per-layer" if config is None else "plain",
+                "base": {k: getattr(model.config, k) for k in BASE_SIZES},
                 "original_num_layers": units.n_layers, "kept": kept,
                 "kept_params": float(units.kept_params(mask)),
                 "prunable_params": units.prunable_params,

@@ -47,7 +47,7 @@ def add_arguments(cls, parser: argparse.ArgumentParser,
         hidden = default is MISSING or default is None or default is False or default == []
         shown = "" if hidden else f" (default: {default})"
         kw: Dict[str, Any] = dict(dest=f.name, help=meta["help"] + shown)
-        if f.type is bool:  # --flag / --no-flag, whichever way the default goes
+        if scalar_type(f.type) is bool:  # --flag / --no-flag (unset: the field's rule decides)
             kw.update(action=argparse.BooleanOptionalAction, default=default)
         elif get_origin(f.type) is list and meta["parse"] is None:  # --flag A --flag B
             kw.update(action=_AppendOverFile if f.name in defaults else "append",

@@ -130,15 +130,15 @@ def sigmoid_around_ratio(z: torch.Tensor, ratio: float, temperature: float) -> t
 def init_ratios(budget: Budget, attn_sparsity: float):
     """(attention, MLP) ratios of the init that together remove the budget's parameters.
 
-    The one place that decides the attention share of the init: a per-type budget's own attention
-    ratio, else ``attn_sparsity`` (the MLP then gives the rest, up to 90% of it)."""
+    The one place that decides the attention share of the init: a per-type or uniform budget's
+    own attention ratio, else ``attn_sparsity`` (the MLP then gives the rest, up to 90% of it)."""
     space, shape = budget.space, budget.shape
     att = space.n_layers * shape.n_kv_heads * shape.head_cost  # all attention parameters
     mlp = space.n_layers * shape.intermediate * shape.channel_cost
     removed = space.prunable_params - budget.total_target
     if space.include_layers:
         removed = max(0.0, removed - space.n_layers * shape.layer_fixed_cost)
-    a = budget.ratios["heads"] if budget.mode == "per-type" else attn_sparsity
+    a = budget.ratios["heads"] if budget.mode in ("per-type", "uniform") else attn_sparsity
     m = (removed - a * att) / mlp
     if m > 0.9:  # the MLP alone cannot give that much: attention gives the rest
         m = 0.9

@@ -64,14 +64,28 @@ def front_matter(manifest: dict) -> dict:
         meta["base_model"] = hub
     if model in EMBEDDED_ORIGINS:
         meta["license"] = EMBEDDED_ORIGINS[model][1]
+    tags = ["pruned", "probprune", "structured-pruning"]
+    if _per_layer(manifest):
+        tags.append("custom_code")
     meta.update({"library_name": "transformers", "pipeline_tag": "text-generation",
-                 "tags": ["pruned", "probprune", "structured-pruning", "custom_code"]})
+                 "tags": tags})
     return meta
+
+
+def _per_layer(manifest: dict) -> bool:
+    """The export needs its modeling file (exports before plain ones existed all did)."""
+    return manifest.get("architecture", "per-layer") == "per-layer"
+
+
+def base_sizes(manifest: dict, config: dict) -> dict:
+    """The base model's head and channel counts: a plain export's config holds the pruned ones."""
+    return manifest.get("base") or config
 
 
 def layer_rows(manifest: dict, config: dict) -> list:
     """Per original layer: (index, kept, KV groups kept, query heads kept, MLP channels kept)."""
     kept = manifest["kept"]
+    config = base_sizes(manifest, config)
     group = config["num_attention_heads"] // config["num_key_value_heads"]
     rows = []
     for l in range(manifest["original_num_layers"]):
@@ -121,11 +135,12 @@ def render(manifest: dict, config: dict, *, perplexities: Optional[dict] = None,
         lines.append(f"| this model | {params['total']:,} |")
     lines += [f"| prunable (attention + MLP) kept | {kept:,.0f} of {prunable:,} |", ""]
 
-    heads, channels = config["num_key_value_heads"], config["intermediate_size"]
+    base = base_sizes(manifest, config)
+    heads, channels = base["num_key_value_heads"], base["intermediate_size"]
     lines += ["## What was removed", "",
               f"Per layer of the base model (original indices): KV-head groups kept of {heads} "
-              f"(a group is kept while any of its {config['num_attention_heads'] // heads} query "
-              f"heads is), query heads kept of {config['num_attention_heads']}, MLP channels kept "
+              f"(a group is kept while any of its {base['num_attention_heads'] // heads} query "
+              f"heads is), query heads kept of {base['num_attention_heads']}, MLP channels kept "
               f"of {channels}.", "",
               "| layer | status | KV groups kept | query heads kept | MLP channels kept |",
               "|---:|---|---:|---:|---:|"]
@@ -141,22 +156,33 @@ def render(manifest: dict, config: dict, *, perplexities: Optional[dict] = None,
     if speed:
         lines += ["", "## Speed", ""]
         lines += _speed_lines(speed)
-    lines += ["", "## How to load", "", "```python",
-              "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-              f'path = "{name}"  # this directory, or the Hub id it was pushed to',
-              "# trust_remote_code: the per-layer sizes are built by the modeling_probprune.py",
-              "# shipped here (torch and transformers only)",
-              "model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)",
-              "tokenizer = AutoTokenizer.from_pretrained(path)", "```", "",
-              "With probprune installed, no remote code is needed:", "", "```python",
-              "from probprune.models import load_pruned", "",
-              'model, tokenizer = load_pruned("' + name + '", with_tokenizer=True)', "```"]
+    lines += ["", "## How to load", ""] + _load_lines(manifest, config, name)
     if settings:
         lines += ["", "## Settings", ""]
         lines += [f"- `{k}`: `{settings[k]}`" for k in KEY_SETTINGS if k in settings]
         lines += ["", "<details><summary>every setting of the run</summary>", "", "```json",
                   json.dumps(settings, indent=1), "```", "", "</details>"]
     return "\n".join(lines) + "\n"
+
+
+def _load_lines(manifest: dict, config: dict, name: str) -> list:
+    path = f'path = "{name}"  # this directory, or the Hub id it was pushed to'
+    if not _per_layer(manifest):
+        arch = (config.get("architectures") or ["its base architecture"])[0]
+        return [f"Every layer has the same shape, so this is a plain `{arch}`: anything that "
+                f"loads the base model loads it (transformers, vLLM, TGI, llama.cpp's GGUF "
+                f"converter), no remote code.", "", "```python",
+                "from transformers import AutoModelForCausalLM, AutoTokenizer", "", path,
+                "model = AutoModelForCausalLM.from_pretrained(path)",
+                "tokenizer = AutoTokenizer.from_pretrained(path)", "```"]
+    return ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "", path,
+            "# trust_remote_code: the per-layer sizes are built by the modeling_probprune.py",
+            "# shipped here (torch and transformers only)",
+            "model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)",
+            "tokenizer = AutoTokenizer.from_pretrained(path)", "```", "",
+            "With probprune installed, no remote code is needed:", "", "```python",
+            "from probprune.models import load_pruned", "",
+            'model, tokenizer = load_pruned("' + name + '", with_tokenizer=True)', "```"]
 
 
 def _speed_lines(speed: dict) -> list:

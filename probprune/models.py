@@ -196,13 +196,15 @@ def _hook_devices(model, devices):
 def load_pruned(path: str, dtype="auto", device="cpu", with_tokenizer: bool = False,
                 devices=None):
     """Loads a probprune export in one call (no ``trust_remote_code`` needed)."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     if not os.path.isfile(os.path.join(path, MANIFEST)):
         raise FileNotFoundError(f"{path!r} is not a probprune export (no {MANIFEST})")
     config = AutoConfig.from_pretrained(path)
-    model = _read_weights(family_of(config).pruned_class(config), path, config, dtype,
-                          device, devices)
+    # a plain export is the original architecture; a per-layer one has its own class
+    per_layer = getattr(config, "probprune_layout", None) is not None
+    cls = family_of(config).pruned_class(config) if per_layer else AutoModelForCausalLM
+    model = _read_weights(cls, path, config, dtype, device, devices)
     if not with_tokenizer:
         return model
     from transformers import AutoTokenizer

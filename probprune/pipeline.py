@@ -187,7 +187,8 @@ def load(cfg: PruneConfig, model=None, tokenizer=None) -> Loaded:
     # now, bad budgets fail before any long work.
     budget = Budget.build(UnitSpace(shape, cfg.prune_layers, block, attn_units=cfg.attn_units),
                           cfg.sparsity, cfg.budget,
-                          cfg.scope, cfg.attn_sparsity, cfg.mlp_sparsity, cfg.protect_layers)
+                          cfg.scope, cfg.attn_sparsity, cfg.mlp_sparsity, cfg.protect_layers,
+                          cfg.shape)
     bos = engine.family.window_bos(tokenizer)
     data = calibration(tokenizer, cfg, bos)
     eval_src = eval_text(cfg.eval, cfg.eval_file)

@@ -359,9 +359,36 @@ def _layers_need_one_budget(c) -> Problem:
     return None
 
 
-@combination("budget", "attn_sparsity", "mlp_sparsity", "init_attn_sparsity")
+@combination("shape", "budget", "scope", "prune_layers", "protect_layers", "attn_units",
+             "mlp_sparsity", "init_attn_sparsity")
+def _uniform_shape_is_its_own_allocation(c) -> Problem:
+    if c.shape != "uniform":
+        return None
+    for name, free in (("budget", "global"), ("scope", "global"), ("attn_units", "kv-group")):
+        if getattr(c, name) != free:
+            return (f"--shape uniform needs {c.flag(name)} {free}: every layer keeps the same "
+                    f"number of whole KV groups and MLP channels")
+    for name in ("prune_layers", "protect_layers", "mlp_sparsity", "init_attn_sparsity"):
+        if getattr(c, name):
+            return (f"{c.flag(name)} does not apply with --shape uniform: every layer keeps the "
+                    f"same number of KV groups (--attn-sparsity) and MLP channels (the rest of "
+                    f"--sparsity)")
+    return None
+
+
+@combination("shape", "compensate", "compensate_bias")
+def _uniform_shape_has_no_bias(c) -> Problem:
+    if c.shape == "uniform" and c.compensate != "none" and c.compensate_bias:
+        return ("--compensate-bias gives o_proj and down_proj a bias that the plain architecture "
+                "of a --shape uniform export has no place for; leave it unset")
+    return None
+
+
+@combination("budget", "attn_sparsity", "mlp_sparsity", "init_attn_sparsity", "shape")
 def _ratios_match_the_budget(c) -> Problem:
     # Each of these is read under one budget mode only; under the other it would be ignored.
+    if c.shape == "uniform":  # its own rule above
+        return None
     if c.budget == "per-type":
         if c.init_attn_sparsity:
             return ("--init-attn-sparsity applies only with --budget global (with --budget "

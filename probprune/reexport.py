@@ -65,9 +65,11 @@ def run_config(cfg: ExportConfig) -> PruneConfig:
     known = {f.name for f in fields(PruneConfig)}
     run = PruneConfig(**{k: v for k, v in settings.items() if k in known})
     # A per-type run's own attention / MLP ratios would override the new sparsity: both take it.
+    # A uniform run's attention ratio is its shape's share, kept at any sparsity.
     compensation = {f.name: getattr(cfg, f.name) for f in fields(CompensationSettings)}
+    attn = run.attn_sparsity if run.shape == "uniform" else None
     return dataclasses.replace(
-        run, sparsity=cfg.sparsity, attn_sparsity=None, mlp_sparsity=None, out=cfg.out,
+        run, sparsity=cfg.sparsity, attn_sparsity=attn, mlp_sparsity=None, out=cfg.out,
         **compensation, eval_batch_size=cfg.eval_batch_size, device=cfg.device,
         progress=cfg.progress, resume=False, dry_run=False)
 
@@ -96,7 +98,7 @@ def budget_for(run: PruneConfig, units: UnitSpace) -> Budget:
     return Budget.build(UnitSpace(units.shape, run.prune_layers, block,
                                   attn_units=run.attn_units), run.sparsity,
                         run.budget, run.scope, run.attn_sparsity, run.mlp_sparsity,
-                        run.protect_layers)
+                        run.protect_layers, run.shape)
 
 
 def scaled_budget(run: PruneConfig, units: UnitSpace, run_mask: torch.Tensor) -> Budget:
@@ -200,7 +202,7 @@ def reexport(cfg: ExportConfig) -> dict:
                      run.prune_layers, run.attn_units)
     probs = read_scores(os.path.join(cfg.run, SCORES), run, units)
     # a budget that cannot be met fails here, before loading
-    if cfg.allocation == "scaled":
+    if cfg.allocation == "scaled" and run.shape != "uniform":  # a uniform run's is its shape
         if units.query_heads:
             raise ValueError("--allocation scaled scales each layer's kept heads linearly, "
                               "which query-head units (a KV group's keys and values shared by "

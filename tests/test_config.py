@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import json
 import math
+from typing import Optional
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ NAN, INF = math.nan, math.inf
 # system).
 SETTINGS_KEYS = [
     "model", "seqlen", "calib", "nsamples", "val_windows", "select_windows",
-    "sparsity", "attn_units", "budget", "scope", "attn_sparsity", "mlp_sparsity", "prune_layers",
+    "sparsity", "attn_units", "budget", "scope", "shape", "attn_sparsity", "mlp_sparsity", "prune_layers",
     "protect_layers",
     "steps", "k", "batch_size", "lr", "min_lr_ratio", "init", "init_temperature",
     "init_attn_sparsity", "init_windows", "channel_block", "select_candidates", "search_loss",
@@ -40,12 +41,12 @@ DEFAULTS = dict(
     val_windows=64, select_windows=256, eval="wikitext2", eval_file=None, max_eval_windows=None, eval_batch_size=8,
     speed_tokens=32,
     lr=0.01, min_lr_ratio=0.0, init="wanda-sp", init_temperature=0.1, init_attn_sparsity=0.0,
-    init_windows=64, channel_block=64, attn_units="kv-group", budget="global", scope="global", attn_sparsity=None,
+    init_windows=64, channel_block=64, attn_units="kv-group", budget="global", scope="global", shape="free", attn_sparsity=None,
     mlp_sparsity=None, prune_layers=False, protect_layers=[], baseline="leave-one-out",
     ma_window=5, eval_every=25, checkpoint_every=25, device="cpu", devices=[], dtype="auto", backend=None,
     seed=0, resume=False, progress=True, stop_after=None, window_stride=1,
     compensate="sequential", compensate_select="obs", compensate_target="local", compensate_inputs=False,
-    compensate_bias=True,
+    compensate_bias=None,  # unset: on, except with a uniform shape (``fits_bias``)
     compensate_damping=0.01,
     compensate_windows=512, optimizer="sgd", antithetic=False, control_variate=False,
     cv_history=256, cv_ridge=1.0, select_candidates=1, search_loss="bare",
@@ -56,7 +57,8 @@ RESUME_KEYS = {"model", "sparsity", "steps", "k", "batch_size", "seqlen", "calib
                "scope", "attn_sparsity", "mlp_sparsity", "prune_layers", "protect_layers",
                "baseline", "seed", "dtype", "val_windows", "channel_block", "optimizer",
                "antithetic", "control_variate", "cv_history", "cv_ridge",
-               "select_candidates", "attn_units", "search_loss", "search_refit_windows"}
+               "select_candidates", "attn_units", "search_loss", "search_refit_windows",
+               "shape"}
 
 
 def _model_dir(path, model_type="llama", weights=None, tokenizer=True):
@@ -292,7 +294,7 @@ def test_flags_defaults_and_help_come_from_the_fields():
         meta = fields[name].metadata
         assert action.help.startswith(meta["help"]), name
         flag = PruneConfig.flag(name)
-        negated = ["--no-" + flag[2:]] if fields[name].type is bool else []
+        negated = ["--no-" + flag[2:]] if fields[name].type in (bool, Optional[bool]) else []
         assert action.option_strings == [flag] + negated, name
         assert action.choices == meta["choices"]
     spelled = {"eval": "--eval", "max_eval_windows": "--max-windows", "eval_file": "--data-file",
@@ -320,8 +322,11 @@ def test_a_switch_is_turned_either_way():
     add_prune_arguments(parser)
     base = ["--model", "m", "--sparsity", "0.5", "--out", "o"]
     parsed = lambda *extra: from_args(PruneConfig, parser.parse_args(base + list(extra)))  # noqa: E731
-    assert parsed().compensate_bias is True and parsed().antithetic is False
+    assert parsed().compensate_bias is None and parsed().antithetic is False
+    assert parsed().fits_bias is True
+    assert parsed("--shape", "uniform").fits_bias is False
     assert parsed("--no-compensate-bias").compensate_bias is False
+    assert parsed("--compensate-bias").compensate_bias is True
     assert parsed("--antithetic").antithetic is True
     assert parsed("--antithetic", "--no-antithetic").antithetic is False
 

@@ -12,6 +12,7 @@ from dataclasses import MISSING, fields
 import pytest
 
 from probprune.cli import SETTINGS, build_parser
+from probprune.budget import Budget
 from probprune.compensate import compensate
 from probprune.config import STAGES, PruneConfig
 from probprune.evaluate import masked_perplexity, model_nll, perplexity
@@ -56,6 +57,7 @@ LIBRARY = {
     "backend": [(MaskedCausalLM, "backend"), (Search, "backend")],
     "select_candidates": [(Search, "candidates")],
     "dtype": [(load_model, "dtype"), (measure_fresh, "dtype")],
+    "shape": [(Budget.build, "shape")],
 }
 # flags with no library default to match: the run's inputs and outputs, the run's own loop and
 # system settings (the library takes these as required arguments, or they only exist for a run)

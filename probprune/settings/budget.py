@@ -18,8 +18,15 @@ class BudgetSettings(Settings):
                                "attention/MLP ratios")
     scope: str = setting("global", choices=("global", "layer"), resume=True,
                          help="budget over the whole model, or the same ratio in every layer")
+    shape: str = setting(
+        "free", choices=("free", "uniform"), resume=True,
+        help="free: each layer keeps its own numbers of KV groups and MLP channels; uniform: "
+             "every layer keeps the same numbers (all KV groups unless --attn-sparsity says "
+             "otherwise), so the export is the plain architecture that vLLM, TGI and "
+             "llama.cpp load")
     attn_sparsity: Optional[float] = setting(
-        None, help="with --budget per-type: attention ratio (default: --sparsity)",
+        None, help="with --budget per-type: attention ratio (default: --sparsity); with "
+                   "--shape uniform: the share of each layer's KV groups removed (default: 0)",
         check=FRACTION, resume=True)
     mlp_sparsity: Optional[float] = setting(
         None, help="with --budget per-type: MLP ratio (default: --sparsity)", check=FRACTION,

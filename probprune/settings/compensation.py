@@ -1,4 +1,6 @@
 """The least-squares refit of the kept weights before export."""
+from typing import Optional
+
 from .base import Settings, at_least, rule, setting, stage
 
 
@@ -24,11 +26,12 @@ class CompensationSettings(Settings):
                     "gate/up projections so that they read, from the pruned model's normed "
                     "inputs, what the dense model's would have been (one least-squares d x d map "
                     "per sublayer; carries the dense model's calibration stream)")
-    compensate_bias: bool = setting(
-        True, help="also fit a bias of o_proj and down_proj (the mean shift of the pruned "
+    compensate_bias: Optional[bool] = setting(
+        None, help="also fit a bias of o_proj and down_proj (the mean shift of the pruned "
                    "inputs; OBS then selects on the inputs' covariance); the export's config "
                    "records it and its modeling file adds it; --no-compensate-bias refits the "
-                   "weights only")
+                   "weights only (default: on, except with --shape uniform, whose plain "
+                   "architecture has no place for the bias)")
     compensate_damping: float = setting(
         0.01, help="ridge damping of the refit, as a fraction of the mean diagonal of the kept "
                    "inputs' Gram matrix", check=rule(lambda v: v >= 0, "must be >= 0"))
@@ -36,3 +39,12 @@ class CompensationSettings(Settings):
         512, help="calibration windows the refit's statistics are taken on (the first of the "
                   "--nsamples pool; at most that many)",
         check=at_least(1))
+
+    @property
+    def fits_bias(self) -> bool:
+        """Whether the refit fits a bias: ``compensate_bias``, or where it is unset, yes unless
+        the run's layers are uniform (a run's config is a ``CompensationSettings`` too, with its
+        budget's ``shape``)."""
+        if self.compensate_bias is not None:
+            return self.compensate_bias
+        return getattr(self, "shape", "free") != "uniform"
