@@ -151,13 +151,25 @@ def cmd_prune(args) -> int:
     print(f"median step {report['median_step_s']:.3f} s, peak memory "
           f"{report['peak_memory_mib']:.0f} MiB ({report['peak_memory_kind']})")
     if "speed" in report:
-        d, p = report["speed"]["dense"], report["speed"]["pruned"]
-        print(f"speed ({p['device']}, prefill of 1x{p['seqlen']}, {p['new_tokens']} decode tokens): "
-              f"prefill {d['prefill_ms']:.1f} -> {p['prefill_ms']:.1f} ms, decode "
-              f"{d['decode_tokens_per_s']:.1f} -> {p['decode_tokens_per_s']:.1f} tokens/s")
+        for line in speed_lines(report["speed"]):
+            print(line)
     print(f"wrote {config.out}: pruned model ({_how_to_load(config.out)}) with its model card "
           f"README.md, masks.safetensors, scores.safetensors, report.json, *.png")
     return 0
+
+
+def speed_lines(speed: dict) -> list:
+    """The run's speed in one line, then a warning line for each reason to doubt it."""
+    d, p, c = speed["dense"], speed["pruned"], speed["check"]
+    rounds = (f"median of {p['rounds']} rounds, the models in turn" if p["rounds"] > 1 else
+              "one round")
+    flops = (f"; the smaller matrix multiplies explain up to {c['flop_ratio']:.2f}x"
+             if c["flop_ratio"] else "")
+    return ([f"speed ({p['device']}, prefill of 1x{p['seqlen']}, {p['new_tokens']} decode "
+             f"tokens, {rounds}): prefill {d['prefill_ms']:.1f} -> {p['prefill_ms']:.1f} ms "
+             f"({c['prefill_speedup']:.2f}x), decode {d['decode_tokens_per_s']:.1f} -> "
+             f"{p['decode_tokens_per_s']:.1f} tokens/s ({c['decode_speedup']:.2f}x){flops}"]
+            + [f"warning: {w}" for w in c["warnings"]])
 
 
 def _how_to_load(export_dir: str) -> str:
@@ -176,7 +188,7 @@ def cmd_speed(args) -> int:
     check(config)
     from .speed import measure_in_turn, speed_table
 
-    records = measure_in_turn(config.models, config.rounds, dtype=config.dtype,
+    records = measure_in_turn(config.models, config.speed_rounds, dtype=config.dtype,
                               device=config.device, batch=config.batch, seqlen=config.seqlen,
                               new_tokens=config.new_tokens, repeats=config.repeats)
     print(json.dumps([r.as_dict() for r in records]) if args.json else speed_table(records))

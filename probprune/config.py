@@ -51,7 +51,7 @@ EvalConfig = _subset(
 SpeedConfig = _subset(
     "SpeedConfig", "What ``probprune-fast speed`` needs: the models to time side by side, the "
                    "batch, and the device and dtype fields of :class:`PruneConfig`.",
-    ("device", "dtype"), {},
+    ("device", "dtype", "speed_rounds"), {"speed_rounds": "--rounds"},
     own=(("models", List[str], setting(
             flag="--model",
             help="a model to time (directory, hub name, pruned directory or the embedded "
@@ -63,12 +63,7 @@ SpeedConfig = _subset(
          ("new_tokens", int, setting(32, help="tokens each decode generates (greedy, exactly "
                                               "this many)", check=at_least(2))),
          ("repeats", int, setting(3, help="timed repeats after a warm-up; the median is shown",
-                                  check=at_least(1))),
-         ("rounds", int, setting(1, check=at_least(1),
-                                 help="measure every model this many times, the models in turn "
-                                      "(each in a fresh process), and show the medians: on a "
-                                      "shared machine, background load then falls on all "
-                                      "alike"))))
+                                  check=at_least(1)))))
 
 ExportConfig = _subset(
     "ExportConfig", "What ``probprune-fast export`` needs: a prune run's directory, the new budget, "

@@ -21,6 +21,15 @@ class _AppendOverFile(argparse._AppendAction):
         super().__call__(parser, namespace, values, option_string)
 
 
+REQUIRED = "required (a first run needs only these; every other flag has a default)"
+
+
+def _required(f, defaults: Dict[str, Any]) -> bool:
+    """A flag the command cannot run without: no default of its own or from a --config file."""
+    return (f.default is MISSING and f.default_factory is MISSING
+            and f.metadata.get("cli_default", MISSING) is MISSING and f.name not in defaults)
+
+
 def add_arguments(cls, parser: argparse.ArgumentParser,
                   defaults: Optional[Dict[str, Any]] = None) -> None:
     """The flags of every field of ``cls``, each stage's in its own group; ``defaults`` (a
@@ -31,11 +40,15 @@ def add_arguments(cls, parser: argparse.ArgumentParser,
                         help="settings from a YAML or JSON file (flag names as keys, or a run's "
                              "report.json / probprune.json); flags on the line override it")
     groups: Dict[Optional[str], Any] = {None: parser}
-    for f in fields(cls):
+    # The flags without a default come first, in a group of their own: all a first run needs.
+    ordered = sorted(fields(cls), key=lambda f: not _required(f, defaults))
+    if any(_required(f, defaults) for f in ordered if f.metadata.get("cli")):
+        groups[REQUIRED] = parser.add_argument_group(REQUIRED)
+    for f in ordered:
         meta = f.metadata
         if not meta.get("cli"):
             continue
-        title = meta["group"]
+        title = REQUIRED if _required(f, defaults) else meta["group"]
         if title not in groups:
             groups[title] = parser.add_argument_group(title)
         flag = cls.flag(f.name)

@@ -193,11 +193,16 @@ def _speed_lines(speed: dict) -> list:
                  + " | ".join(f"{s['prefill_ms']:.1f}" for _, s in cols) + " |")
     lines.append("| decode, KV cache (tokens/s) | "
                  + " | ".join(f"{s['decode_tokens_per_s']:.1f}" for _, s in cols) + " |")
-    lines += ["", f"Measured on {p['device']} ({p['dtype']}) at the end of the run, in its "
-                  f"process: prefill the median of {p['repeats']} after a warm-up, decode "
-                  f"{p['new_tokens']} greedy tokens (the steps after the first). A rough figure: "
-                  f"`probprune-fast speed --rounds N` measures each model in a fresh process, "
-                  f"the models in turn."]
+    rounds = p.get("rounds", 1)
+    lines += ["", f"Measured on {p['device']} ({p['dtype']}) at the end of the run, each model in "
+                  f"a fresh process, the models in turn, the median of {rounds} round(s): "
+                  f"prefill the median of {p['repeats']} after a warm-up, decode "
+                  f"{p['new_tokens']} greedy tokens (the steps after the first)."]
+    check = speed.get("check") or {}
+    if check.get("flop_ratio"):
+        lines[-1] += (f" The smaller matrix multiplies explain a speed-up of up to "
+                      f"{check['flop_ratio']:.2f}x.")
+    lines += [f"Caution: {w}" for w in check.get("warnings", [])]
     return lines
 
 

@@ -44,7 +44,7 @@ from .policy import Policy, PolicyConfig, PolicyState
 from .report import Measurements, Report, build_report, peak_memory_mib, write_plots, write_report
 from .search import Search, SearchForward, SearchState
 from .selection import Selection, choose_mask, compensated_init
-from .speed import measure
+from .speed import check_speedup, measure_in_turn
 from .units import UnitSpace
 
 log = logging.getLogger(__name__)
@@ -331,9 +331,6 @@ def measure_beside_dense_model(cfg: PruneConfig, run: Loaded, selection: Selecti
             **_ppl_kw(cfg, run.bos)).as_dict()
         measured.compensation_init = {k: v for k, v in init_comp.summary().items()
                                       if k != "layers"}
-    if cfg.speed_tokens:
-        measured.dense_speed = model_speed(cfg, run.model, cfg.model,
-                                           resolve_model_path(cfg.model))
     return measured
 
 
@@ -349,8 +346,9 @@ def measure_export(cfg: PruneConfig, run: Loaded, measured: Measurements) -> Non
         measured.zero_shot = zero_shot_of_export(cfg, reloaded, run.tokenizer)
     # the peak of the run's work, before the speed measurement adds its own
     measured.peak_memory_mib = peak_memory_mib(cfg.device)
+    del reloaded  # the speed measurement loads each model in a process of its own
     if cfg.speed_tokens:
-        measured.pruned_speed = model_speed(cfg, reloaded, cfg.out, cfg.out)
+        measured.speed = model_speeds(cfg)
 
 
 def write_outputs(cfg: PruneConfig, report: Report, units: UnitSpace, mask: torch.Tensor,
@@ -386,10 +384,19 @@ def zero_shot_of_export(cfg: PruneConfig, model, tokenizer) -> dict:
         return {"error": str(e)}
 
 
-def model_speed(cfg: PruneConfig, model, name: str, path: str) -> dict:
-    """A model's speed, in this process (a few tokens: cheap), for report.json's speed."""
-    return measure(model, name, path, batch=1, seqlen=cfg.seqlen, new_tokens=cfg.speed_tokens,
-                   repeats=2).as_dict()
+def model_speeds(cfg: PruneConfig) -> dict:
+    """The dense model and the export timed as ``probprune-fast speed`` times them: each in a
+    fresh process, the two in turn, ``--speed-rounds`` times; with what speaks against the
+    speed-ups (:func:`probprune.speed.check_speedup`)."""
+    gc.collect()
+    trim_host_memory()
+    if cfg.device.startswith("cuda"):
+        torch.cuda.empty_cache()  # the children load the models onto the same device
+    dense, pruned = measure_in_turn(
+        [cfg.model, cfg.out], cfg.speed_rounds, dtype=cfg.dtype, device=cfg.device,
+        devices=cfg.devices or None, batch=1, seqlen=cfg.seqlen, new_tokens=cfg.speed_tokens)
+    return {"dense": dense.as_dict(), "pruned": pruned.as_dict(),
+            "check": check_speedup(dense, pruned).as_dict()}
 
 
 def scores_metadata(cfg: PruneConfig, units: UnitSpace) -> dict:

@@ -47,11 +47,11 @@ class Measurements:
     perplexity: Dict[str, dict]  # pruned_bare, init_compensated (compensated runs), pruned
     compensation: Optional[dict] = None       # the export's Compensation.summary()
     compensation_init: Optional[dict] = None  # the init mask's, without its per-layer records
-    dense_speed: Optional[dict] = None        # Speed.as_dict(), with --speed-tokens
     pruned_params: int = 0                    # of the export, reloaded
     peak_memory_mib: float = 0.0              # after its evaluation, before its speed
     zero_shot: Optional[dict] = None          # with --eval-tasks
-    pruned_speed: Optional[dict] = None
+    # with --speed-tokens: {"dense": Speed.as_dict(), "pruned": ..., "check": SpeedCheck's}
+    speed: Optional[dict] = None
 
 
 @dataclass
@@ -134,8 +134,7 @@ def build_report(cfg, *, measured: Measurements, units: UnitSpace, space: UnitSp
         # planned before loading, next to the measured peak_memory_mib
         memory_plan_mib=None if memory is None else {
             "peak": memory.peak / 2**20, **{k: v / 2**20 for k, v in memory.terms.items()}},
-        speed=None if measured.dense_speed is None else {
-            "dense": measured.dense_speed, "pruned": measured.pruned_speed},
+        speed=measured.speed,
     )
 
 

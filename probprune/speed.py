@@ -11,6 +11,11 @@ Prefill: the forward of a ``[batch, seqlen]`` batch of token ids (last-position 
 greedy ``generate`` of exactly ``new_tokens`` tokens with the KV cache from that batch; the clock
 is read as each token's logits arrive, so the rate counts the ``new_tokens - 1`` steps after the
 first (the prefill excluded), median over ``repeats``.
+
+:func:`check_speedup` says what a dense-to-pruned comparison can be trusted for: the spread of
+the timings over the rounds, and whether a speed-up exceeds what the smaller matrix multiplies
+explain (a pruned model cannot run faster than its FLOPs allow; a machine whose load changed
+between the two measurements can make it look so).
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from multiprocessing import get_context
 from typing import List, Optional
 
 import torch
+from torch import nn
 
 from .models import load_model, resolve_model_path
 
@@ -57,6 +63,11 @@ class Speed:
     device: str
     dtype: str
     rounds: int = 1             # measurements in turn with other models; figures: their median
+    # weights of the matrix multiplies per token (every nn.Linear, a tied lm_head included): the
+    # FLOPs of a forward are twice this, plus attention's (small at short windows)
+    matmul_params: Optional[int] = None
+    prefill_ms_rounds: Optional[List[float]] = None      # each round's, with rounds > 1
+    decode_tokens_per_s_rounds: Optional[List[float]] = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -156,7 +167,9 @@ def measure(model, name: str, directory: Optional[str] = None, *, batch: int = 1
     if device.type == "cuda":
         peak, kind = torch.cuda.max_memory_allocated(device) / 2**20, MEMORY_KINDS["cuda"]
     tensors = list(model.parameters()) + list(model.buffers())
+    matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
     return Speed(model=name, params=sum(p.numel() for p in model.parameters()),
+                 matmul_params=matmul,
                  disk_bytes=disk_bytes(directory),
                  weight_bytes=sum(t.numel() * t.element_size() for t in tensors),
                  batch=batch, seqlen=seqlen, new_tokens=produced, repeats=repeats,
@@ -172,7 +185,8 @@ def _resident_bytes() -> Optional[int]:
         return None
 
 
-def _measure_here(name: str, dtype: str, device: str, threads: Optional[int], kw: dict) -> dict:
+def _measure_here(name: str, dtype: str, device: str, threads: Optional[int], kw: dict,
+                  devices: Optional[List[str]] = None) -> dict:
     """The child's job: load ``name``, measure it, and report its own memory."""
     if threads:
         torch.set_num_threads(threads)
@@ -185,7 +199,7 @@ def _measure_here(name: str, dtype: str, device: str, threads: Optional[int], kw
 
     dev = torch.device(device)
     before = _resident_bytes()
-    model, _ = load_model(name, dtype=dtype, device=device)
+    model, _ = load_model(name, dtype=dtype, device=device, devices=devices)
     result = measure(model, name, resolve_model_path(name), **kw)
     if dev.type == "cpu" and before is not None:
         peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: KiB
@@ -199,17 +213,19 @@ def _measure_here(name: str, dtype: str, device: str, threads: Optional[int], kw
 
 
 def measure_fresh(name: str, *, dtype: str = "auto", device: str = "cpu", batch: int = 1,
-                  seqlen: int = 128, new_tokens: int = 32, repeats: int = 3) -> Speed:
+                  seqlen: int = 128, new_tokens: int = 32, repeats: int = 3,
+                  devices: Optional[List[str]] = None) -> Speed:
     """Loads the model ``name`` (directory, hub name, embedded name or probprune export) in a new
-    process, measures it there, and returns its :class:`Speed`; errors come back as raised."""
+    process (on ``device``, or spread over ``devices``), measures it there, and returns its
+    :class:`Speed`; errors come back as raised."""
     kw = dict(batch=batch, seqlen=seqlen, new_tokens=new_tokens, repeats=repeats)
     with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
         record = pool.submit(_measure_here, name, dtype, device, torch.get_num_threads(),
-                             kw).result()
+                             kw, devices).result()
     return Speed(**record)
 
 
-def measure_in_turn(names: List[str], rounds: int = 1, **kw) -> List[Speed]:
+def measure_in_turn(names: List[str], rounds: int = 3, **kw) -> List[Speed]:
     """Each model measured ``rounds`` times by :func:`measure_fresh`, the models in turn, and
     the median of each figure over the rounds (the highest peak memory): on a shared machine
     the background load then falls on every model alike, not on whichever ran during a burst."""
@@ -220,12 +236,70 @@ def measure_in_turn(names: List[str], rounds: int = 1, **kw) -> List[Speed]:
     out = []
     for records in runs:
         peaks = [r.peak_memory_mib for r in records if r.peak_memory_mib is not None]
+        prefill = [r.prefill_ms for r in records]
+        decode = [r.decode_tokens_per_s for r in records]
         out.append(dataclasses.replace(
-            records[0], rounds=len(records),
-            prefill_ms=statistics.median(r.prefill_ms for r in records),
-            decode_tokens_per_s=statistics.median(r.decode_tokens_per_s for r in records),
-            peak_memory_mib=max(peaks) if peaks else None))
+            records[0], rounds=len(records), prefill_ms=statistics.median(prefill),
+            decode_tokens_per_s=statistics.median(decode),
+            peak_memory_mib=max(peaks) if peaks else None,
+            prefill_ms_rounds=prefill if rounds > 1 else None,
+            decode_tokens_per_s_rounds=decode if rounds > 1 else None))
     return out
+
+
+# Beyond this spread of a timing over the rounds ((max - min) / median), its ratios are noise.
+SPREAD_LIMIT = 0.2
+# A speed-up this far above the FLOP ratio is still measurement noise, not a claim to question.
+FLOP_SLACK = 0.1
+
+
+@dataclass
+class SpeedCheck:
+    """How far a dense-to-pruned comparison can be trusted."""
+    prefill_speedup: float          # dense prefill time / pruned prefill time
+    decode_speedup: float           # pruned tokens/s / dense tokens/s
+    flop_ratio: Optional[float]     # dense / pruned matrix-multiply weights: the most they explain
+    spread: Optional[float]         # the widest spread of a timing over the rounds; None: 1 round
+    warnings: List[str]
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _spread(values: Optional[List[float]]) -> Optional[float]:
+    if not values or len(values) < 2:
+        return None
+    return (max(values) - min(values)) / statistics.median(values)
+
+
+def check_speedup(dense: Speed, pruned: Speed) -> SpeedCheck:
+    """The speed-ups of ``pruned`` over ``dense`` and what speaks against them: timings that
+    varied too much over the rounds, a single round, or a speed-up the FLOPs cannot explain."""
+    prefill = dense.prefill_ms / pruned.prefill_ms
+    decode = pruned.decode_tokens_per_s / dense.decode_tokens_per_s
+    flops = (dense.matmul_params / pruned.matmul_params
+             if dense.matmul_params and pruned.matmul_params else None)
+    spreads = [_spread(v) for v in (dense.prefill_ms_rounds, pruned.prefill_ms_rounds,
+                                    dense.decode_tokens_per_s_rounds,
+                                    pruned.decode_tokens_per_s_rounds)]
+    spread = max((v for v in spreads if v is not None), default=None)
+    again = f"`probprune-fast speed --model {dense.model} --model {pruned.model} --rounds 5`"
+    warnings = []
+    if spread is None:
+        warnings.append(f"one round: the timings are not repeated, so their spread is unknown; "
+                        f"{again} repeats them")
+    elif spread > SPREAD_LIMIT:
+        warnings.append(f"the timings varied by up to {spread:.0%} between rounds (other work "
+                        f"on the machine?): the ratios are not to be trusted; rerun {again} "
+                        f"on a quiet machine")
+    if flops is not None:
+        slack = 1 + max(FLOP_SLACK, spread or 0.0)
+        for what, ratio in (("prefill", prefill), ("decode", decode)):
+            if ratio > flops * slack:
+                warnings.append(f"{what} {ratio:.2f}x faster is more than the {flops:.2f}x that "
+                                f"the smaller matrix multiplies explain: the machine's load "
+                                f"changed between the measurements, not the model; rerun {again}")
+    return SpeedCheck(prefill, decode, flops, spread, warnings)
 
 
 def _mib(n: Optional[float]) -> str:
@@ -268,4 +342,6 @@ def speed_table(records: List[Speed]) -> str:
     text.append(f"{first.device}, {first.dtype}; prefill: median of {first.repeats} after a "
                 f"warm-up; decode: greedy, KV cache, steps after the first{rounds}; peak "
                 f"memory: " + "; ".join(kinds))
+    text += [f"warning ({r.model}): {w}" for r in records[1:]
+             for w in check_speedup(first, r).warnings]
     return "\n".join(text)

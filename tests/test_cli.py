@@ -2,6 +2,7 @@
 that names the input and the rule, never a traceback; settings are refused before any model is
 loaded; the few errors that need the model come after loading it, still in one line."""
 import json
+import re
 import os
 
 import pytest
@@ -43,7 +44,8 @@ def prune_args(model, files, out, *extra):
     return ["prune", "--model", model, "--sparsity", "0.3", "--out", out, "--steps", "2",
             "--k", "2", "--batch-size", "2", "--seqlen", "24", "--calib", files["text"],
             "--nsamples", "8", "--val-windows", "2", "--eval", files["text"],
-            "--max-windows", "4", "--eval-every", "1", "--device", "cpu", *extra]
+            "--max-windows", "4", "--eval-every", "1", "--device", "cpu", "--speed-tokens", "0",
+            *extra]
 
 
 def error_line(capsys) -> str:
@@ -187,7 +189,8 @@ def test_prune_errors_that_need_the_model(tiny_model_dirs, files, tmp_path, caps
 def test_prune_prints_its_summary_then_refuses_a_changed_resume(tiny_model_dirs, files,
                                                                  tmp_path, capsys):
     out = str(tmp_path / "run")
-    assert main(prune_args(tiny_model_dirs["qwen2"], files, out)) == 0
+    timed = ("--speed-tokens", "3", "--speed-rounds", "2")
+    assert main(prune_args(tiny_model_dirs["qwen2"], files, out, *timed)) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     lines = lines[next(i for i, line in enumerate(lines) if "prunable parameters (total" in line):]
     report = json.load(open(os.path.join(out, "report.json")))
@@ -195,13 +198,16 @@ def test_prune_prints_its_summary_then_refuses_a_changed_resume(tiny_model_dirs,
     init_won = next(c for c in report["selection"] if c["chosen"])["step"] == 0
     if init_won:
         assert lines.pop(2).startswith("exported the init mask: after compensation it beat")
-    assert len(lines) == 5
+    # the speed's doubts, one line each (a tiny model's timings vary): as report.json has them
+    warnings = [f"warning: {w}" for w in report["speed"]["check"]["warnings"]]
+    assert lines[4:-1] == warnings and len(lines) == 5 + len(warnings)
     assert lines[1].startswith(f"perplexity on {files['text']} (seqlen 24, 4 windows): dense")
     assert "-> init (wanda-sp)" in lines[1] and lines[2].startswith("median step")
-    assert lines[3].startswith("speed (cpu, prefill of 1x24, 32 decode tokens): prefill ")
-    assert lines[4].startswith(f"wrote {out}: pruned model")
+    assert lines[3].startswith("speed (cpu, prefill of 1x24, 3 decode tokens, median of 2 "
+                               "rounds, the models in turn): prefill ")
+    assert lines[-1].startswith(f"wrote {out}: pruned model")
     assert report["settings"]["seqlen"] == 24 and report["settings"]["progress"] is True
-    changed = prune_args(tiny_model_dirs["qwen2"], files, out, "--resume", "--lr", "0.02")
+    changed = prune_args(tiny_model_dirs["qwen2"], files, out, *timed, "--resume", "--lr", "0.02")
     assert main(changed) == 2
     line = error_line(capsys)
     assert "settings differ from the checkpoint's in lr (0.01 there, 0.02 now)" in line
@@ -247,6 +253,22 @@ def test_help_lists_every_flag(capsys):
                  "--ma-window", "--json", "--resume"):
         assert flag in out
     assert "bench" not in build_parser().format_help()
+
+
+def test_help_puts_a_first_runs_flags_first_then_the_stages(capsys):
+    """What a first run needs opens the help; the rest follows stage by stage, with defaults."""
+    assert main(["prune", "--help"]) == 0
+    out = capsys.readouterr().out
+    titles = [line[:-1] for line in out.splitlines() if line and not line[0].isspace()
+              and line.endswith(":")]
+    assert titles == ["options", "required (a first run needs only these; every other flag has "
+                      "a default)", "model and data", "budget", "search", "compensation",
+                      "evaluation", "system"]
+    required = out.split(titles[1] + ":")[1].split("model and data:")[0]
+    assert re.findall(r"^  (--[a-z-]+)", required, re.M) == ["--model", "--sparsity", "--out"]
+    budget = out.split("\nbudget:")[1].split("\nsearch:")[0]
+    assert re.findall(r"^  (--[a-z-]+)", budget, re.M)[0] == "--shape"
+    assert "(default: free)" in budget and "(default: 512)" in out.split("model and data:")[1]
 
 
 def test_ordinals_in_the_summary():

@@ -24,7 +24,7 @@ NAN, INF = math.nan, math.inf
 # system).
 SETTINGS_KEYS = [
     "model", "seqlen", "calib", "nsamples", "val_windows", "select_windows",
-    "sparsity", "attn_units", "budget", "scope", "shape", "attn_sparsity", "mlp_sparsity", "prune_layers",
+    "sparsity", "shape", "attn_units", "budget", "scope", "attn_sparsity", "mlp_sparsity", "prune_layers",
     "protect_layers",
     "steps", "k", "batch_size", "lr", "min_lr_ratio", "init", "init_temperature",
     "init_attn_sparsity", "init_windows", "channel_block", "select_candidates", "search_loss",
@@ -33,13 +33,13 @@ SETTINGS_KEYS = [
     "compensate", "compensate_select", "compensate_target", "compensate_inputs",
     "compensate_bias", "compensate_damping", "compensate_windows",
     "eval", "eval_file", "max_eval_windows", "window_stride", "eval_batch_size", "eval_tasks",
-    "tasks_path", "task_limit", "speed_tokens",
+    "tasks_path", "task_limit", "speed_tokens", "speed_rounds",
     "out", "device", "devices", "dtype", "backend", "seed", "dist_timeout", "dry_run", "resume",
     "progress", "stop_after"]
 DEFAULTS = dict(
     steps=400, k=2, batch_size=4, seqlen=128, calib="wiki-summaries", nsamples=512,
     val_windows=64, select_windows=256, eval="wikitext2", eval_file=None, max_eval_windows=None, eval_batch_size=8,
-    speed_tokens=32,
+    speed_tokens=32, speed_rounds=3,
     lr=0.01, min_lr_ratio=0.0, init="wanda-sp", init_temperature=0.1, init_attn_sparsity=0.0,
     init_windows=64, channel_block=64, attn_units="kv-group", budget="global", scope="global", shape="free", attn_sparsity=None,
     mlp_sparsity=None, prune_layers=False, protect_layers=[], baseline="leave-one-out",

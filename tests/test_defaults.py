@@ -22,7 +22,7 @@ from probprune.models import load_model
 from probprune.policy import PolicyConfig
 from probprune.search import Search
 from probprune.settings import CompensationSettings, SearchSettings
-from probprune.speed import measure_fresh
+from probprune.speed import measure_fresh, measure_in_turn
 
 # prune flag (PruneConfig field) -> the library parameters that take it: (callable, parameter);
 # "settings.compensate" is the field of the settings object a parameter defaults to
@@ -58,6 +58,7 @@ LIBRARY = {
     "select_candidates": [(Search, "candidates")],
     "dtype": [(load_model, "dtype"), (measure_fresh, "dtype")],
     "shape": [(Budget.build, "shape")],
+    "speed_rounds": [(measure_in_turn, "rounds")],
 }
 # flags with no library default to match: the run's inputs and outputs, the run's own loop and
 # system settings (the library takes these as required arguments, or they only exist for a run)

@@ -25,7 +25,8 @@ def run_settings(model_dir, calib, out, **kw):
     base = dict(model=model_dir, sparsity=0.3, out=str(out), steps=STEPS, k=6, batch_size=2,
                 seqlen=24, calib=calib, nsamples=12, val_windows=3, eval=calib,
                 max_eval_windows=4, eval_every=2, checkpoint_every=1, progress=False, seed=5,
-                compensate="none", lr=0.3, channel_block=5, antithetic=True, dist_timeout=60.0)
+                compensate="none", lr=0.3, channel_block=5, antithetic=True, dist_timeout=60.0,
+                speed_tokens=0)
     base.update(kw)
     return base
 

@@ -110,6 +110,7 @@ def test_a_whole_run_records_bos_windows(tiny_model_dirs, calib_file, tmp_path):
                                steps=4, k=2, batch_size=2, seqlen=24, calib=calib_file,
                                nsamples=12, val_windows=3, select_windows=3, eval=calib_file,
                                max_eval_windows=6, eval_every=2, progress=False, seed=1,
+                               speed_tokens=0,
                                compensate_windows=8))
     assert all(record["bos"] for record in report["perplexity"].values())
     saved = json.loads((out / "report.json").read_text())

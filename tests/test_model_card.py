@@ -46,7 +46,7 @@ def mask_counts(mask, n_layers, kv, channels):
 @pytest.fixture(scope="module")
 def run(tiny_model_dirs, calib_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("card") / "run"
-    report = prune(settings(tiny_model_dirs["qwen2"], calib_file, out, steps=2, speed_tokens=3,
+    report = prune(settings(tiny_model_dirs["qwen2"], calib_file, out, steps=2, speed_tokens=3, speed_rounds=2,
                             compensate="parallel", compensate_windows=4))
     return str(out), report
 
@@ -92,8 +92,15 @@ def test_run_records_the_speed_of_its_export(run):
     assert speed["pruned"]["disk_bytes"] == os.path.getsize(os.path.join(out, "model.safetensors"))
     assert speed["pruned"]["new_tokens"] == speed["dense"]["new_tokens"] == 3
     assert speed["pruned"]["seqlen"] == report["settings"]["seqlen"]
+    # measured as `speed` measures: two rounds, the models in turn, each round's figure kept
+    assert speed["dense"]["rounds"] == speed["pruned"]["rounds"] == 2
+    assert len(speed["pruned"]["prefill_ms_rounds"]) == 2
+    check = speed["check"]
+    assert check["prefill_speedup"] == speed["dense"]["prefill_ms"] / speed["pruned"]["prefill_ms"]
+    assert check["flop_ratio"] == speed["dense"]["matmul_params"] / speed["pruned"]["matmul_params"]
     _, body = split_card(open(os.path.join(out, "README.md")).read())
     assert "## Speed" in body and "decode 3 greedy tokens" in body
+    assert all(f"Caution: {w}" in body for w in check["warnings"])
 
 
 def test_a_run_writes_its_card_once_with_its_figures(tiny_model_dirs, calib_file, tmp_path,

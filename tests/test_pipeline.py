@@ -20,7 +20,7 @@ def settings(model_dir, calib, out, **kw):
     base = dict(model=model_dir, sparsity=0.3, out=str(out), steps=8, k=3, batch_size=2,
                 seqlen=24, calib=calib, nsamples=12, val_windows=3, eval=calib,
                 max_eval_windows=6, eval_every=2, checkpoint_every=2, progress=False, seed=3,
-                compensate="none")
+                compensate="none", speed_tokens=0)
     base.update(kw)
     return PruneConfig(**base)
 

@@ -3,6 +3,7 @@ of exactly N tokens, the side-by-side table, and the command's errors."""
 import json
 import math
 import os
+import statistics
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ from probprune.cli import main
 from probprune.export import export_pruned
 from probprune.forward import MaskedCausalLM
 from probprune.models import load_model
-from probprune.speed import disk_bytes, measure, measure_fresh, speed_table
+from probprune.speed import (Speed, check_speedup, disk_bytes, measure, measure_fresh,
+                             speed_table)
 from tests.test_cli import error_line
 from tests.test_forward import _masks
 
@@ -101,7 +103,8 @@ def test_table_puts_models_side_by_side(tiny_model_dirs, pruned_dir):
     assert params[:2] == ["parameters", f"{dense_n:,}"]
     assert params[2] == f"{pruned_dir[1]:,}" and params[3] == f"({pruned_dir[1] / dense_n:.2f}x)"
     assert lines[3].startswith("weights in memory") and lines[4].startswith("prefill 1x8 (ms)")
-    assert "not measured" in lines[-1]
+    assert "not measured" in lines[7]
+    assert lines[8].startswith("warning (pruned): one round")  # the table says what it lacks
 
 
 def test_cli_speed_json(tiny_model_dirs, pruned_dir, capsys):
@@ -147,4 +150,49 @@ def test_models_are_measured_in_turn_and_the_rounds_median_shown(monkeypatch):
     assert calls == ["a", "b", "a", "b", "a", "b"]
     assert (a.prefill_ms, a.decode_tokens_per_s, a.peak_memory_mib, a.rounds) == (20, 2, 120, 3)
     assert (b.prefill_ms, b.decode_tokens_per_s, b.peak_memory_mib) == (5, 6, 70)
-    assert "the median of 3 rounds" in speed_table([a, b]).splitlines()[-1]
+    assert (a.prefill_ms_rounds, b.decode_tokens_per_s_rounds) == ([10, 30, 20], [9, 3, 6])
+    footer = [line for line in speed_table([a, b]).splitlines() if "prefill: median" in line]
+    assert "the median of 3 rounds" in footer[0]
+
+
+def timed(name, matmul, prefill, decode):
+    """A Speed of ``matmul`` matrix-multiply weights and the timings of each round."""
+    return Speed(model=name, params=matmul, disk_bytes=None, weight_bytes=4 * matmul, batch=1,
+                 seqlen=128, new_tokens=32, repeats=3, prefill_ms=statistics.median(prefill),
+                 decode_tokens_per_s=statistics.median(decode), peak_memory_mib=None,
+                 peak_memory_kind="k", device="cpu", dtype="float32", rounds=len(prefill),
+                 matmul_params=matmul, prefill_ms_rounds=prefill if len(prefill) > 1 else None,
+                 decode_tokens_per_s_rounds=decode if len(decode) > 1 else None)
+
+
+def test_a_speedup_the_flops_explain_passes_without_a_warning():
+    dense = timed("dense", 100, [250.0, 249.0, 251.0], [17.0, 17.2, 17.1])
+    pruned = timed("pruned", 76, [212.0, 213.0, 211.0], [20.9, 21.0, 20.8])
+    check = check_speedup(dense, pruned)
+    assert check.warnings == []
+    assert check.prefill_speedup == pytest.approx(250 / 212)
+    assert check.decode_speedup == pytest.approx(20.9 / 17.1)
+    assert check.flop_ratio == pytest.approx(100 / 76)
+    assert check.spread == pytest.approx(0.2 / 17.1)
+
+
+def test_a_speedup_beyond_the_flops_is_called_out():
+    # the report of a run while other work shared the machine: 998 -> 226 ms for 24% fewer weights
+    dense = timed("dense", 100, [998.0, 990.0, 1001.0], [6.0, 6.1, 6.0])
+    pruned = timed("pruned", 76, [226.0, 228.0, 225.0], [19.2, 19.0, 19.1])
+    warnings = check_speedup(dense, pruned).warnings
+    assert len(warnings) == 2
+    assert warnings[0].startswith("prefill 4.42x faster is more than the 1.32x")
+    assert warnings[1].startswith("decode 3.18x faster is more than the 1.32x")
+    assert "--model dense --model pruned --rounds 5" in warnings[0]
+
+
+def test_timings_that_vary_between_rounds_or_a_single_round_are_called_out():
+    dense = timed("dense", 100, [250.0, 400.0, 260.0], [17.0, 17.2, 17.1])
+    pruned = timed("pruned", 76, [212.0, 213.0, 211.0], [20.9, 21.0, 20.8])
+    warnings = check_speedup(dense, pruned).warnings
+    assert len(warnings) == 1 and "varied by up to 58% between rounds" in warnings[0]
+    once = check_speedup(timed("dense", 100, [250.0], [17.0]), timed("p", 76, [212.0], [20.9]))
+    assert once.spread is None and once.warnings[0].startswith("one round")
+    assert "warning (p): one round" in speed_table([timed("dense", 100, [250.0], [17.0]),
+                                                    timed("p", 76, [212.0], [20.9])])

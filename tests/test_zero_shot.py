@@ -136,6 +136,7 @@ def test_prune_puts_the_exports_scores_in_the_report(tiny_model_dirs, calib_file
                       batch_size=2, seqlen=24, calib=calib_file, nsamples=8, val_windows=2,
                       eval=calib_file, max_eval_windows=2, eval_every=1, progress=False,
                       compensate="none", eval_tasks=[TASK], tasks_path=pruned_task["tasks"],
+                      speed_tokens=0,
                       task_limit=5)
     report = prune(cfg)
     assert json.load(open(out / "report.json"))["zero_shot"] == report["zero_shot"]

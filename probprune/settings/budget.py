@@ -9,6 +9,12 @@ class BudgetSettings(Settings):
     sparsity: float = setting(
         help="fraction of the prunable parameters (attention, MLP, and layers with "
              "--prune-layers) to remove, in (0, 1)", check=FRACTION, resume=True)
+    shape: str = setting(
+        "free", choices=("free", "uniform"), resume=True,
+        help="free: each layer keeps its own numbers of KV groups and MLP channels; uniform: "
+             "every layer keeps the same numbers (all KV groups unless --attn-sparsity says "
+             "otherwise), so the export is the plain architecture that vLLM, TGI and "
+             "llama.cpp load")
     attn_units: str = setting(
         "kv-group", choices=("kv-group", "query-head"), resume=True,
         help="attention units: whole KV groups (a key/value head with its query heads), or "
@@ -18,12 +24,6 @@ class BudgetSettings(Settings):
                                "attention/MLP ratios")
     scope: str = setting("global", choices=("global", "layer"), resume=True,
                          help="budget over the whole model, or the same ratio in every layer")
-    shape: str = setting(
-        "free", choices=("free", "uniform"), resume=True,
-        help="free: each layer keeps its own numbers of KV groups and MLP channels; uniform: "
-             "every layer keeps the same numbers (all KV groups unless --attn-sparsity says "
-             "otherwise), so the export is the plain architecture that vLLM, TGI and "
-             "llama.cpp load")
     attn_sparsity: Optional[float] = setting(
         None, help="with --budget per-type: attention ratio (default: --sparsity); with "
                    "--shape uniform: the share of each layer's KV groups removed (default: 0)",

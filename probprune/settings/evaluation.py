@@ -36,3 +36,8 @@ class EvalSettings(Settings):
         32, help="decode tokens timed on the dense model and on the export for report.json's "
                 "speed (after a prefill of one --seqlen window); 0: no timing",
         check=rule(lambda v: v == 0 or v >= 2, "must be 0 (no timing) or at least 2"))
+    speed_rounds: int = setting(
+        3, check=at_least(1),
+        help="measure every model this many times, the models in turn (each in a fresh "
+             "process), and show the medians and their spread: on a shared machine, background "
+             "load then falls on all alike")
