@@ -138,8 +138,9 @@ def _logical_lines(body: List[str], first: int):
     return out
 
 
-def page_commands(page: str) -> List[Command]:
-    text = open(os.path.join(ROOT, page), encoding="utf-8").read()
+def page_commands(page: str, text: Optional[str] = None) -> List[Command]:
+    if text is None:
+        text = open(os.path.join(ROOT, page), encoding="utf-8").read()
     commands: List[Command] = []
     for lang, first, body, marker_line in fenced_blocks(text):
         marker, reason = None, ""
@@ -627,3 +628,56 @@ def test_inline_commands_use_existing_flags(page):
                             problems.append(f"line {line}: `{span}`: {flag} {value}: {e}")
             i += 1
     assert not problems, f"{page}:\n" + "\n".join(problems)
+
+
+SAMPLE = """# A page
+
+```bash
+# a comment line
+probprune-fast prune --model smollm2-135m --sparsity 0.3 \\
+    --steps 400 --data-file wiki.test.raw --out runs/x   # trailing comment
+```
+
+<!-- docs-test: skip takes an hour -->
+```console
+$ probprune-fast eval --model runs/x --data wikitext2
+perplexity 12.3
+$ python -c "print('smollm2-135m')"
+```
+
+```python
+import probprune
+r = probprune.prune("meta-llama/Llama-2-7b-hf", sparsity=0.5, steps=100)
+```
+
+```text
+$ not a command
+```
+"""
+
+
+def test_extraction_and_rewriting_of_a_sample_page():
+    """The rules above, on a page written for the purpose."""
+    cmds = page_commands("sample.md", SAMPLE)
+    assert [(c.index, c.lang, c.marker) for c in cmds] == [
+        (1, "bash", None), (2, "bash", "skip"), (3, "bash", "skip"), (4, "python", None)]
+    assert cmds[0].text.startswith("probprune-fast prune --model smollm2-135m --sparsity 0.3")
+    assert "--steps 400" in cmds[0].text and cmds[1].reason == "takes an hour"
+    assert cmds[1].text == "probprune-fast eval --model runs/x --data wikitext2"
+
+    tiny = Tiny({"llama": "/tiny/llama", "gemma3": "/tiny/gemma3"}, "/tiny/calib.txt")
+    argv = shlex.split(rewrite_shell(cmds[0].text, tiny))
+    assert argv[:3] == [sys.executable, "-m", "probprune"]
+    opts = dict(zip(argv[4::2], argv[5::2]))
+    assert opts["--model"] == "/tiny/llama" and opts["--steps"] == "2"
+    assert opts["--calib"] == opts["--eval"] == "/tiny/calib.txt"
+    assert opts["--sparsity"] == "0.3" and opts["--out"] == "runs/x"
+    assert "--data-file" not in opts and opts["--k"] == "2" and opts["--seqlen"] == "16"
+    code = rewrite_python(cmds[3].text, tiny)
+    assert "'/tiny/llama'" in code and "steps=2" in code and "calib='/tiny/calib.txt'" in code
+    assert "sparsity=0.5" in code
+    with pytest.raises(NeedsMarker, match="gpu"):
+        rewrite_shell("probprune-fast eval --model smollm2-135m --device cuda", tiny)
+    with pytest.raises(NeedsMarker, match="network"):
+        rewrite_shell("pip install probprune", tiny)
+
