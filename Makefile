@@ -39,7 +39,7 @@ test: install lint
 test-gpu: install
 	$(PY) -m pytest -q -m gpu
 
-# Benchmarks (see README "Benchmarks"): BENCH_ARGS=--quick for the reduced set. The harness is
+# Benchmarks (see docs/benchmarks.md): BENCH_ARGS=--quick for the reduced set. The harness is
 # the checkout's bench/ package (not installed), run from this folder.
 bench: install
 	$(PY) -m bench --out bench-results $(BENCH_ARGS)

@@ -163,8 +163,8 @@ def speed_lines(speed: dict) -> list:
     d, p, c = speed["dense"], speed["pruned"], speed["check"]
     rounds = (f"median of {p['rounds']} rounds, the models in turn" if p["rounds"] > 1 else
               "one round")
-    flops = (f"; the smaller matrix multiplies explain up to {c['flop_ratio']:.2f}x"
-             if c["flop_ratio"] else "")
+    flops = (f"; the smaller matrix multiplies explain up to {c['prefill_flop_ratio']:.2f}x "
+             f"and {c['decode_flop_ratio']:.2f}x" if c["prefill_flop_ratio"] else "")
     return ([f"speed ({p['device']}, prefill of 1x{p['seqlen']}, {p['new_tokens']} decode "
              f"tokens, {rounds}): prefill {d['prefill_ms']:.1f} -> {p['prefill_ms']:.1f} ms "
              f"({c['prefill_speedup']:.2f}x), decode {d['decode_tokens_per_s']:.1f} -> "

@@ -199,9 +199,10 @@ def _speed_lines(speed: dict) -> list:
                   f"prefill the median of {p['repeats']} after a warm-up, decode "
                   f"{p['new_tokens']} greedy tokens (the steps after the first)."]
     check = speed.get("check") or {}
-    if check.get("flop_ratio"):
+    if check.get("prefill_flop_ratio"):
         lines[-1] += (f" The smaller matrix multiplies explain a speed-up of up to "
-                      f"{check['flop_ratio']:.2f}x.")
+                      f"{check['prefill_flop_ratio']:.2f}x (prefill) and "
+                      f"{check['decode_flop_ratio']:.2f}x (decode).")
     lines += [f"Caution: {w}" for w in check.get("warnings", [])]
     return lines
 

@@ -19,15 +19,17 @@ between the two measurements can make it look so).
 """
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import glob
+import json
 import os
 import resource
 import statistics
+import subprocess
+import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
-from multiprocessing import get_context
 from typing import List, Optional
 
 import torch
@@ -63,9 +65,11 @@ class Speed:
     device: str
     dtype: str
     rounds: int = 1             # measurements in turn with other models; figures: their median
-    # weights of the matrix multiplies per token (every nn.Linear, a tied lm_head included): the
-    # FLOPs of a forward are twice this, plus attention's (small at short windows)
+    # weights of the matrix multiplies each token passes (every nn.Linear but the output
+    # layer's), and the output layer's (a tied lm_head included), which the prefill runs on the
+    # last position only: a forward's FLOPs are twice these, plus attention's (small here)
     matmul_params: Optional[int] = None
+    head_params: Optional[int] = None
     prefill_ms_rounds: Optional[List[float]] = None      # each round's, with rounds > 1
     decode_tokens_per_s_rounds: Optional[List[float]] = None
 
@@ -167,9 +171,11 @@ def measure(model, name: str, directory: Optional[str] = None, *, batch: int = 1
     if device.type == "cuda":
         peak, kind = torch.cuda.max_memory_allocated(device) / 2**20, MEMORY_KINDS["cuda"]
     tensors = list(model.parameters()) + list(model.buffers())
-    matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    head = model.get_output_embeddings()
+    matmul = sum(m.weight.numel() for m in model.modules()
+                 if isinstance(m, nn.Linear) and m is not head)
     return Speed(model=name, params=sum(p.numel() for p in model.parameters()),
-                 matmul_params=matmul,
+                 matmul_params=matmul, head_params=head.weight.numel() if head is not None else 0,
                  disk_bytes=disk_bytes(directory),
                  weight_bytes=sum(t.numel() * t.element_size() for t in tensors),
                  batch=batch, seqlen=seqlen, new_tokens=produced, repeats=repeats,
@@ -212,17 +218,47 @@ def _measure_here(name: str, dtype: str, device: str, threads: Optional[int], kw
     return result.as_dict()
 
 
+# The child's program: read the job, measure, print one JSON line (the Speed, or the error).
+CHILD = ("import json, sys; job = json.load(sys.stdin); sys.path[:0] = job.pop('path'); "
+         "from probprune.speed import _child; _child(job)")
+
+
+def _child(job: dict) -> None:
+    try:
+        print(json.dumps({"speed": _measure_here(**job)}))
+    except Exception as e:  # noqa: BLE001 - any failure goes back to the parent, which raises
+        print(json.dumps({"error": type(e).__name__, "message": str(e)}))
+        sys.exit(1)
+
+
 def measure_fresh(name: str, *, dtype: str = "auto", device: str = "cpu", batch: int = 1,
                   seqlen: int = 128, new_tokens: int = 32, repeats: int = 3,
                   devices: Optional[List[str]] = None) -> Speed:
     """Loads the model ``name`` (directory, hub name, embedded name or probprune export) in a new
     process (on ``device``, or spread over ``devices``), measures it there, and returns its
-    :class:`Speed`; errors come back as raised."""
-    kw = dict(batch=batch, seqlen=seqlen, new_tokens=new_tokens, repeats=repeats)
-    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
-        record = pool.submit(_measure_here, name, dtype, device, torch.get_num_threads(),
-                             kw, devices).result()
-    return Speed(**record)
+    :class:`Speed`; a failure there is raised here, as the same built-in exception class.
+
+    The process is a plain ``python -c``, not a ``multiprocessing`` spawn: a spawned child
+    imports the caller's main script again, which runs a script without a ``__main__`` guard
+    (a ``probprune.prune(...)`` call in a notebook-style script) a second time."""
+    job = dict(name=name, dtype=dtype, device=device, threads=torch.get_num_threads(),
+               kw=dict(batch=batch, seqlen=seqlen, new_tokens=new_tokens, repeats=repeats),
+               devices=devices, path=[p for p in sys.path if p])
+    proc = subprocess.run([sys.executable, "-c", CHILD], input=json.dumps(job),
+                          capture_output=True, text=True)
+    lines = proc.stdout.strip().splitlines()
+    try:
+        answer = json.loads(lines[-1])
+    except (IndexError, json.JSONDecodeError):
+        tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
+        raise RuntimeError(f"measuring {name!r} in a fresh process failed (exit code "
+                           f"{proc.returncode}): {tail[0]}") from None
+    if "error" in answer:
+        cls = getattr(builtins, answer["error"], None)
+        if not (isinstance(cls, type) and issubclass(cls, Exception)):
+            cls = RuntimeError
+        raise cls(answer["message"])
+    return Speed(**answer["speed"])
 
 
 def measure_in_turn(names: List[str], rounds: int = 3, **kw) -> List[Speed]:
@@ -258,7 +294,10 @@ class SpeedCheck:
     """How far a dense-to-pruned comparison can be trusted."""
     prefill_speedup: float          # dense prefill time / pruned prefill time
     decode_speedup: float           # pruned tokens/s / dense tokens/s
-    flop_ratio: Optional[float]     # dense / pruned matrix-multiply weights: the most they explain
+    # dense / pruned matrix-multiply FLOPs of a prefill and of a decode step: the most the
+    # smaller matrices explain
+    prefill_flop_ratio: Optional[float]
+    decode_flop_ratio: Optional[float]
     spread: Optional[float]         # the widest spread of a timing over the rounds; None: 1 round
     warnings: List[str]
 
@@ -277,8 +316,13 @@ def check_speedup(dense: Speed, pruned: Speed) -> SpeedCheck:
     varied too much over the rounds, a single round, or a speed-up the FLOPs cannot explain."""
     prefill = dense.prefill_ms / pruned.prefill_ms
     decode = pruned.decode_tokens_per_s / dense.decode_tokens_per_s
-    flops = (dense.matmul_params / pruned.matmul_params
-             if dense.matmul_params and pruned.matmul_params else None)
+    flops = {"prefill": None, "decode": None}
+    if dense.matmul_params and pruned.matmul_params:
+        # the prefill's tokens pass every layer, its output layer runs on the last one only
+        def ratio(tokens):
+            return ((dense.matmul_params * tokens + (dense.head_params or 0))
+                    / (pruned.matmul_params * tokens + (pruned.head_params or 0)))
+        flops = {"prefill": ratio(dense.seqlen), "decode": ratio(1)}
     spreads = [_spread(v) for v in (dense.prefill_ms_rounds, pruned.prefill_ms_rounds,
                                     dense.decode_tokens_per_s_rounds,
                                     pruned.decode_tokens_per_s_rounds)]
@@ -292,14 +336,14 @@ def check_speedup(dense: Speed, pruned: Speed) -> SpeedCheck:
         warnings.append(f"the timings varied by up to {spread:.0%} between rounds (other work "
                         f"on the machine?): the ratios are not to be trusted; rerun {again} "
                         f"on a quiet machine")
-    if flops is not None:
-        slack = 1 + max(FLOP_SLACK, spread or 0.0)
-        for what, ratio in (("prefill", prefill), ("decode", decode)):
-            if ratio > flops * slack:
-                warnings.append(f"{what} {ratio:.2f}x faster is more than the {flops:.2f}x that "
-                                f"the smaller matrix multiplies explain: the machine's load "
-                                f"changed between the measurements, not the model; rerun {again}")
-    return SpeedCheck(prefill, decode, flops, spread, warnings)
+    slack = 1 + max(FLOP_SLACK, spread or 0.0)
+    for what, measured in (("prefill", prefill), ("decode", decode)):
+        bound = flops[what]
+        if bound is not None and measured > bound * slack:
+            warnings.append(f"{what} {measured:.2f}x faster is more than the {bound:.2f}x that "
+                            f"the smaller matrix multiplies explain: the machine's load changed "
+                            f"between the measurements, not the model; rerun {again}")
+    return SpeedCheck(prefill, decode, flops["prefill"], flops["decode"], spread, warnings)
 
 
 def _mib(n: Optional[float]) -> str:

@@ -293,13 +293,3 @@ def test_masked_decoder_layer(backend):
         y = block.forward_compact(h, cos, sin, lists, (idx_c, cnt_c * keep), keep)
     assert torch.equal(y[1], h[1])
     assert_close(y[[0, 2]], torch.stack(expected)[[0, 2]])
-
-
-def test_readme_kernel_library_example():
-    """The README "## Kernel library" Python example runs as written."""
-    import re
-    readme = os.path.join(os.path.dirname(__file__), "..", "README.md")
-    text = open(readme, encoding="utf-8").read()
-    section = text.split("## Kernel library", 1)[1].split("\n## ", 1)[0]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    exec(compile(code, "README.md#kernel-library", "exec"), {})

@@ -97,7 +97,10 @@ def test_run_records_the_speed_of_its_export(run):
     assert len(speed["pruned"]["prefill_ms_rounds"]) == 2
     check = speed["check"]
     assert check["prefill_speedup"] == speed["dense"]["prefill_ms"] / speed["pruned"]["prefill_ms"]
-    assert check["flop_ratio"] == speed["dense"]["matmul_params"] / speed["pruned"]["matmul_params"]
+    d, p = speed["dense"], speed["pruned"]
+    assert check["decode_flop_ratio"] == pytest.approx(
+        (d["matmul_params"] + d["head_params"]) / (p["matmul_params"] + p["head_params"]))
+    assert d["head_params"] == p["head_params"] == 320 * 48  # the tiny vocabulary x width
     _, body = split_card(open(os.path.join(out, "README.md")).read())
     assert "## Speed" in body and "decode 3 greedy tokens" in body
     assert all(f"Caution: {w}" in body for w in check["warnings"])

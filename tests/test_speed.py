@@ -4,6 +4,8 @@ import json
 import math
 import os
 import statistics
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -81,6 +83,23 @@ def test_fresh_process_measures_the_export(pruned_dir):
     assert r.peak_memory_mib > 0 and "fresh process" in r.peak_memory_kind
 
 
+def test_a_script_without_a_main_guard_measures_once(pruned_dir, tmp_path):
+    """The fresh process never imports the caller's script again (a multiprocessing spawn
+    would, and a script without ``if __name__ == "__main__"`` would then run twice)."""
+    script = tmp_path / "script.py"
+    script.write_text("from probprune.speed import measure_fresh\n"
+                      f"r = measure_fresh({pruned_dir[0]!r}, seqlen=8, new_tokens=2, repeats=1)\n"
+                      "print('measured', r.params)\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [f"measured {pruned_dir[1]}"]
+
+
+def test_a_failure_in_the_fresh_process_is_raised_here(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        measure_fresh(str(tmp_path / "missing"), seqlen=8, new_tokens=2, repeats=1)
+
+
 def test_disk_bytes_counts_weight_files_only(tmp_path):
     (tmp_path / "model-00001-of-00002.safetensors").write_bytes(b"x" * 10)
     (tmp_path / "model-00002-of-00002.safetensors").write_bytes(b"x" * 7)
@@ -155,13 +174,16 @@ def test_models_are_measured_in_turn_and_the_rounds_median_shown(monkeypatch):
     assert "the median of 3 rounds" in footer[0]
 
 
-def timed(name, matmul, prefill, decode):
-    """A Speed of ``matmul`` matrix-multiply weights and the timings of each round."""
-    return Speed(model=name, params=matmul, disk_bytes=None, weight_bytes=4 * matmul, batch=1,
-                 seqlen=128, new_tokens=32, repeats=3, prefill_ms=statistics.median(prefill),
+def timed(name, matmul, prefill, decode, head=0):
+    """A Speed of ``matmul`` matrix-multiply weights (and ``head`` in the output layer) and the
+    timings of each round."""
+    return Speed(model=name, params=matmul + head, disk_bytes=None,
+                 weight_bytes=4 * (matmul + head), batch=1, seqlen=128, new_tokens=32, repeats=3,
+                 prefill_ms=statistics.median(prefill),
                  decode_tokens_per_s=statistics.median(decode), peak_memory_mib=None,
                  peak_memory_kind="k", device="cpu", dtype="float32", rounds=len(prefill),
-                 matmul_params=matmul, prefill_ms_rounds=prefill if len(prefill) > 1 else None,
+                 matmul_params=matmul, head_params=head,
+                 prefill_ms_rounds=prefill if len(prefill) > 1 else None,
                  decode_tokens_per_s_rounds=decode if len(decode) > 1 else None)
 
 
@@ -172,8 +194,18 @@ def test_a_speedup_the_flops_explain_passes_without_a_warning():
     assert check.warnings == []
     assert check.prefill_speedup == pytest.approx(250 / 212)
     assert check.decode_speedup == pytest.approx(20.9 / 17.1)
-    assert check.flop_ratio == pytest.approx(100 / 76)
+    assert check.prefill_flop_ratio == check.decode_flop_ratio == pytest.approx(100 / 76)
     assert check.spread == pytest.approx(0.2 / 17.1)
+
+
+def test_the_output_layer_counts_once_in_a_prefill_and_fully_in_a_decode_step():
+    # SmolLM2-135M at 30%: 106.2 M decoder weights -> 74.4 M, the 28.3 M lm_head unpruned
+    dense = timed("dense", 106_200_000, [456.0, 450.0, 458.0], [15.9, 16.0, 15.8], 28_300_000)
+    pruned = timed("pruned", 74_400_000, [318.7, 320.0, 318.0], [21.5, 21.4, 21.6], 28_300_000)
+    check = check_speedup(dense, pruned)
+    assert check.prefill_flop_ratio == pytest.approx((106.2 * 128 + 28.3) / (74.4 * 128 + 28.3))
+    assert check.decode_flop_ratio == pytest.approx(134.5 / 102.7)
+    assert check.warnings == []  # 1.43x prefill, 1.35x decode: both within their bounds
 
 
 def test_a_speedup_beyond_the_flops_is_called_out():

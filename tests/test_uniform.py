@@ -14,11 +14,17 @@ from probprune.export import export_pruned
 from probprune.forward import MaskedCausalLM
 from probprune.models import load_model, load_pruned
 from probprune.units import ModelShape, UnitSpace
-from tests.test_cli import error_line, files, prune_args  # noqa: F401 - fixture
 from tests.conftest import ARCHS
+from tests.test_cli import error_line, prune_args
 
 # 30 layers, 3 KV groups of 3 query heads, head_dim 64, d 576, 1536 channels: SmolLM2-135M
 SMOLLM2 = ModelShape(30, 3, 3, 64, 576, 1536, False, False, False, 2)
+
+
+@pytest.fixture()
+def files(calib_file):
+    """The text files :func:`tests.test_cli.prune_args` reads."""
+    return {"text": calib_file}
 
 
 def kept_counts(space: UnitSpace, keep: torch.Tensor):

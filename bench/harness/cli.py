@@ -17,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="a reduced set (under 3 min on a 2-core CPU); same as --plan quick")
     p.add_argument("--plan", default="full", choices=PLANS,
-                   help="full: the README table; quick: reduced; tiny: seconds (the pipeline "
+                   help="full: the tables of docs/benchmarks.md; quick: reduced; tiny: seconds (the pipeline "
                         "test); gpu-check: kernel micro-benchmarks at LLaMA-7B shapes (a GPU)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=DTYPES,

@@ -209,7 +209,7 @@ def _grid(models, batch, seqlen, Ks, sparsities):
 
 
 def make_plan(name: str, device: str = "cpu") -> Plan:
-    """``full``: the README table (about 10-15 min on a 2-core CPU); ``quick``: a reduced set in
+    """``full``: the tables of docs/benchmarks.md (about 10-15 min on a 2-core CPU); ``quick``: a reduced set in
     under 3 min; ``tiny``: the pipeline's test (seconds); ``gpu-check``: the kernel
     micro-benchmarks of ``bench/gpu_check.sh`` at LLaMA-7B layer shapes (a GPU, about 100 s)."""
     gpu = device.startswith("cuda")
