@@ -168,6 +168,8 @@ def plain_config(config, sizes, kept_layers):
     if len(set(q_per_kv)) != 1:  # uneven KV groups: the stock attention repeats evenly
         return None
     cfg = copy.deepcopy(config)
+    # serving engines pick the model class by this name (a config converted from GGUF has none)
+    cfg.architectures = [family_of(config).causal_lm_class(config).__name__]
     cfg.head_dim = shape.head_dim  # explicit: the narrower attention no longer implies it
     cfg.num_key_value_heads = first["kv_heads"]
     cfg.num_attention_heads = first["kv_heads"] * q_per_kv[0]

@@ -185,14 +185,18 @@ class Family:
     def final_norm(self, model: nn.Module) -> nn.Module:
         return model.get_submodule(self.FINAL_NORM)
 
+    def causal_lm_class(self, config):
+        """The family's Hugging Face causal-LM class for ``config``."""
+        from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+
     def pruned_class(self, config):
         """The export's model class for ``config`` (:mod:`probprune.modeling_probprune`): the
         family's Hugging Face causal-LM class with each layer shrunk to the saved sizes."""
-        from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
-
         from ..modeling_probprune import pruned_class
 
-        return pruned_class(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)])
+        return pruned_class(self.causal_lm_class(config))
 
     def decoder(self, model: nn.Module) -> nn.Module:
         """The model without its ``lm_head``: its forward returns the final hidden states."""
