@@ -150,33 +150,51 @@ def pruned_config(config, sizes, kept_layers):
     cfg.probprune_layout = sizes
     cfg.architectures = [cls.__name__]
     cfg.auto_map = {"AutoModelForCausalLM": f"modeling_probprune.{cls.__name__}"}
-    if getattr(cfg, "layer_types", None) is not None:  # per-layer attention kinds follow the layers
-        cfg.layer_types = [cfg.layer_types[l] for l in kept_layers]
+    _kept_layer_types(cfg, kept_layers)
     return cfg
 
 
+def not_plain(sizes) -> Optional[str]:
+    """Why saved layers of these sizes (:func:`_layer_sizes` of each) need the per-layer export,
+    in words; None: the original architecture holds them."""
+    if not sizes:
+        return "no layer kept"
+    if any(s.get("o_bias") or s.get("down_bias") for s in sizes):
+        return "the refit's biases"
+    if any(s["kv_heads"] == 0 for s in sizes):
+        return "a layer without attention"
+    if any(s["intermediate"] == 0 for s in sizes):
+        return "a layer without MLP channels"
+    if any(s != sizes[0] for s in sizes):
+        return "layers of different sizes"
+    if len(set(sizes[0].get("q_per_kv", [0]))) != 1:  # the stock attention repeats KV evenly
+        return "KV groups of different sizes"
+    return None
+
+
+def _kept_layer_types(cfg, kept_layers) -> None:
+    """Per-layer attention kinds (sliding or full) follow the kept layers."""
+    if getattr(cfg, "layer_types", None) is not None:
+        cfg.layer_types = [cfg.layer_types[l] for l in kept_layers]
+
+
 def plain_config(config, sizes, kept_layers):
-    """The original architecture's config at the pruned sizes, or None where the saved layers
-    (``sizes``: :func:`_layer_sizes` of each) are not all alike or carry a bias or an attention-
-    less layer the architecture has no place for."""
-    first = sizes[0] if sizes else None
-    if (first is None or any(s != first for s in sizes) or first["kv_heads"] == 0
-            or first["intermediate"] == 0 or first.get("o_bias") or first.get("down_bias")):
+    """The original architecture's config at the pruned sizes, or None where :func:`not_plain`
+    says why not."""
+    if not_plain(sizes) is not None:
         return None
+    first = sizes[0]
     shape = family_of(config).shape(config)
-    q_per_kv = first.get("q_per_kv", [shape.q_per_kv] * first["kv_heads"])
-    if len(set(q_per_kv)) != 1:  # uneven KV groups: the stock attention repeats evenly
-        return None
+    q_per_kv = first.get("q_per_kv", [shape.q_per_kv])[0]
     cfg = copy.deepcopy(config)
     # serving engines pick the model class by this name (a config converted from GGUF has none)
     cfg.architectures = [family_of(config).causal_lm_class(config).__name__]
     cfg.head_dim = shape.head_dim  # explicit: the narrower attention no longer implies it
     cfg.num_key_value_heads = first["kv_heads"]
-    cfg.num_attention_heads = first["kv_heads"] * q_per_kv[0]
+    cfg.num_attention_heads = first["kv_heads"] * q_per_kv
     cfg.intermediate_size = first["intermediate"]
     cfg.num_hidden_layers = len(sizes)
-    if getattr(cfg, "layer_types", None) is not None:
-        cfg.layer_types = [cfg.layer_types[l] for l in kept_layers]
+    _kept_layer_types(cfg, kept_layers)
     for name in ("auto_map", "probprune_layout", "probprune_modules"):
         if hasattr(cfg, name):
             delattr(cfg, name)
@@ -231,19 +249,6 @@ def pruned_model(model, units: UnitSpace, mask: torch.Tensor,
     return pruned.eval()
 
 
-def why_not_plain(sizes) -> str:
-    """Why saved layers of these sizes need the per-layer export, in words."""
-    if not sizes:
-        return "no layer kept"
-    if any(s.get("o_bias") or s.get("down_bias") for s in sizes):
-        return "the refit's biases"
-    if any(s["kv_heads"] == 0 for s in sizes):
-        return "a layer without attention"
-    if len({(s["kv_heads"], s["intermediate"]) for s in sizes}) > 1:
-        return "layers of different sizes"
-    return "KV groups of different sizes"
-
-
 def _slice_when_called(layer: torch.nn.Module, slices, device: torch.device,
                        dtype: torch.dtype) -> None:
     """Gives ``layer`` the tensors ``slices()`` returns (floating ones in ``dtype``) for the
@@ -287,7 +292,7 @@ def export_pruned(model, tokenizer, units: UnitSpace, mask: torch.Tensor, out_di
         pruned_config(model.config, sizes, kept["layers"]).save_pretrained(out_dir)
         shutil.copyfile(modeling_probprune.__file__, modeling)
         log.info("export: per-layer sizes (%s); loads with trust_remote_code=True or "
-                 "probprune.load_pruned", why_not_plain(sizes))
+                 "probprune.load_pruned", not_plain(sizes))
     else:
         config.save_pretrained(out_dir)
         if os.path.exists(modeling):  # an earlier per-layer export into the same directory

@@ -164,3 +164,19 @@ def test_settings_a_uniform_shape_cannot_take_are_refused(tiny_model_dirs, files
                       "uniform", *extra)
     assert main(args) == 2
     assert message in error_line(capsys)
+
+
+@pytest.mark.parametrize("sizes,why", [
+    ([{"kv_heads": 2, "intermediate": 40}] * 3, None),
+    ([{"kv_heads": 2, "intermediate": 40, "q_per_kv": [2, 2]}] * 3, None),
+    ([], "no layer kept"),
+    ([{"kv_heads": 2, "intermediate": 40, "down_bias": True}] * 3, "the refit's biases"),
+    ([{"kv_heads": 0, "intermediate": 40}] * 3, "a layer without attention"),
+    ([{"kv_heads": 2, "intermediate": 0}] * 3, "a layer without MLP channels"),
+    ([{"kv_heads": 2, "intermediate": 40}, {"kv_heads": 1, "intermediate": 40}],
+     "layers of different sizes"),
+    ([{"kv_heads": 2, "intermediate": 40, "q_per_kv": [3, 1]}] * 3, "KV groups of different sizes"),
+])
+def test_one_rule_says_whether_an_export_is_plain_and_why_not(sizes, why):
+    from probprune.export import not_plain
+    assert not_plain(sizes) == why
