@@ -7,6 +7,7 @@
     probprune-fast prune --model smollm2-135m --sparsity 0.3 --out runs/smollm2-30
     probprune-fast export --run runs/smollm2-30 --sparsity 0.5 --out runs/smollm2-50
     probprune-fast speed --model smollm2-135m --model runs/smollm2-30 --model runs/smollm2-50
+    probprune-fast compare runs/smollm2-30-s0 runs/smollm2-30-s1 runs/smollm2-50-s0
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from probprune_kernels import BackendUnavailableError
 
 from . import __version__
 from .distributed import PeerFailure
+from .compare import ordinal
 from .config import EvalConfig, ExportConfig, PruneConfig, SpeedConfig, one_line
 from .flags import add_arguments, from_args, read_config_file
 from .preflight import check
@@ -93,12 +95,6 @@ def zero_shot_eval(config, as_json: bool) -> int:
         print(f"{config.model} (lm-eval {result['lm_eval_version']}; model loaded in "
               f"{load_s:.1f} s)\n{table(result)}")
     return 0
-
-
-def ordinal(n: int) -> str:
-    """2 -> '2nd', 11 -> '11th', 32 -> '32nd'."""
-    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
-    return f"{n}{suffix}"
 
 
 def cmd_prune(args) -> int:
@@ -217,6 +213,14 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from .compare import compare, markdown
+
+    comparison = compare(args.runs)
+    print(json.dumps(comparison.as_dict()) if args.json else markdown(comparison))
+    return 0
+
+
 class Parser(argparse.ArgumentParser):
     """Usage errors in one line (argparse would print the whole usage first)."""
 
@@ -278,6 +282,13 @@ def build_parser(defaults: Optional[dict] = None) -> argparse.ArgumentParser:
     add_arguments(ExportConfig, p, defaults.get("export"))
     p.add_argument("--json", action="store_true", help="print one JSON line with the results")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("compare", help="the perplexities of several prune runs in one table, "
+                                       "with the mean and sd over runs that differ only in seed")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="a prune run's --out folder")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object: the protocol, the groups and their means")
+    p.set_defaults(func=cmd_compare)
     return parser
 
 
