@@ -66,11 +66,12 @@ def describe_protocol(p: Tuple) -> str:
 def row_of(run: str, report: dict) -> RunRow:
     ppl = report["perplexity"]
     chosen = next((c for c in report.get("selection") or [] if c.get("chosen")), None)
+    # no selection: the search's best held-out mask was exported as it was (the init at step 0)
+    step = chosen["step"] if chosen else report.get("val_loss", {}).get("best_step")
     return RunRow(
         run=run, sparsity=report["settings"]["sparsity"], seed=report["settings"]["seed"],
         ppl={key: ppl[key]["ppl"] if key in ppl else None for key, _ in STAGES},
-        chosen=("init" if chosen and chosen["step"] == 0 else
-                f"search step {chosen['step']}" if chosen else "search"),
+        chosen="init" if step == 0 else "search" if step is None else f"search step {step}",
         kept_params=int(report["params"]["pruned_model_total"]))
 
 

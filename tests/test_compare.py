@@ -11,7 +11,8 @@ from tests.test_cli import prune_args
 PROTOCOL = {"seqlen": 128, "stride": 16, "windows": 149, "tokens": 18923, "bos": False}
 
 
-def write_run(path, *, seed, sparsity=0.3, ppl=None, chosen_step=40, protocol=None, **settings):
+def write_run(path, *, seed, sparsity=0.3, ppl=None, chosen_step=40, protocol=None,
+              selection=True, **settings):
     """A report.json shaped like the pipeline's, with the given perplexities."""
     ppl = ppl or {}
     path.mkdir(parents=True)
@@ -22,8 +23,11 @@ def write_run(path, *, seed, sparsity=0.3, ppl=None, chosen_step=40, protocol=No
         "eval_data": "wikitext2",
         "params": {"pruned_model_total": 100_000_000},
         "perplexity": {stage: {**record, "ppl": value} for stage, value in ppl.items()},
-        "selection": [{"step": chosen_step, "chosen": True}, {"step": 0, "chosen": False}],
+        "val_loss": {"best_step": chosen_step},
     }
+    if selection:  # candidates competed after compensation
+        report["selection"] = [{"step": chosen_step, "chosen": True},
+                               {"step": 0 if chosen_step else 50, "chosen": False}]
     (path / "report.json").write_text(json.dumps(report))
     return str(path)
 
@@ -55,6 +59,15 @@ def test_runs_alike_but_for_their_seed_make_one_group_with_its_mean_and_sd(tmp_p
     assert "**142.00 +- 2.83**" in table
     assert f"| {runs[2]} | 0.5 | 0 | 56.00 | 600.00 | 300.00 | 600.00 | 300.00 | init |" in table
     assert table.count("mean +- sd") == 1  # not for a group of one run
+
+
+def test_the_exported_mask_is_named_with_or_without_a_selection(tmp_path):
+    runs = [write_run(tmp_path / "a", seed=0, chosen_step=0, ppl=ppl(56, 199, 146, 199, 146)),
+            write_run(tmp_path / "b", seed=1, chosen_step=0, selection=False,
+                      ppl=ppl(56, 199, 146, 199, 146)),
+            write_run(tmp_path / "c", seed=2, chosen_step=100, selection=False,
+                      ppl=ppl(56, 199, 146, 190, 144))]
+    assert [r.chosen for r in compare(runs).groups[0]] == ["init", "init", "search step 100"]
 
 
 def test_a_setting_that_moves_the_perplexity_splits_the_group(tmp_path):
