@@ -27,7 +27,7 @@ class RunRow:
     seed: int
     ppl: Dict[str, Optional[float]]  # by STAGES' report key
     chosen: str                      # "search step N" or "init": which mask was exported
-    kept_params: int                 # the export's total
+    parameters: int                  # the export's, all of them
 
 
 def read_report(run: str) -> dict:
@@ -72,7 +72,7 @@ def row_of(run: str, report: dict) -> RunRow:
         run=run, sparsity=report["settings"]["sparsity"], seed=report["settings"]["seed"],
         ppl={key: ppl[key]["ppl"] if key in ppl else None for key, _ in STAGES},
         chosen="init" if step == 0 else "search" if step is None else f"search step {step}",
-        kept_params=int(report["params"]["pruned_model_total"]))
+        parameters=int(report["params"]["pruned_model_total"]))
 
 
 def quality_key(report: dict) -> Tuple:
@@ -140,7 +140,7 @@ def markdown(c: Comparison) -> str:
         for r in group:
             cells = [f"{r.ppl[k]:.2f}" if r.ppl[k] is not None else "-" for k, _ in stages]
             lines.append(f"| {r.run} | {r.sparsity:g} | {r.seed} | " + " | ".join(cells)
-                         + f" | {r.chosen} | {r.kept_params:,} |")
+                         + f" | {r.chosen} | {r.parameters:,} |")
         if len(group) > 1:
             stats = mean_sd(group)
             cells = [f"**{stats[k][0]:.2f} +- {stats[k][1]:.2f}**" if stats[k] else "-"
