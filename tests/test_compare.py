@@ -127,3 +127,40 @@ def test_compare_reads_what_the_runs_printed(tiny_model_dirs, calib_file, tmp_pa
         assert row["ppl"]["pruned_bare"] == run["pruned_bare_ppl"]
     assert group["mean"]["pruned"][0] == pytest.approx(
         statistics.mean(r["pruned_ppl"] for r in printed))
+
+
+def test_seed_runs_resume_a_killed_run_skip_finished_ones_and_compare_them(
+        tiny_model_dirs, calib_file, tmp_path):
+    """bench/seed_runs.sh: started again after a kill, it resumes the killed run from its
+    checkpoint, starts the missing one, and a third start only rebuilds the table."""
+    import os
+    import subprocess
+    import sys
+
+    from probprune.pipeline import StopRequested, prune
+    from tests.test_pipeline import settings
+
+    model, out = tiny_model_dirs["llama"], tmp_path / "table"
+    with pytest.raises(StopRequested):  # the first run killed after its 5th step
+        prune(settings(model, calib_file, out / "sparsity-0.3-seed-0", seed=0, stop_after=5))
+    flags = ["--steps", "8", "--k", "3", "--batch-size", "2", "--seqlen", "24", "--calib",
+             calib_file, "--nsamples", "12", "--val-windows", "3", "--eval", calib_file,
+             "--max-windows", "6", "--eval-every", "2", "--checkpoint-every", "2",
+             "--compensate", "none", "--speed-tokens", "0"]  # those of settings()
+    script = os.path.join(os.path.dirname(__file__), "..", "bench", "seed_runs.sh")
+    env = {**os.environ, "SPARSITIES": "0.3", "SEEDS": "0 1",
+           "PROBPRUNE_FAST": f"{sys.executable} -m probprune"}
+
+    def start():
+        done = subprocess.run(["bash", script, model, str(out), *flags], env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    first = start()
+    assert "sparsity-0.3-seed-0: resumed" in first and "sparsity-0.3-seed-1: started" in first
+    assert "WARNING probprune.pipeline: resuming" in (out / "sparsity-0.3-seed-0.log").read_text()
+    assert "mean +- sd of 2" in (out / "table.md").read_text()
+    again = start()
+    assert again.count("finished before, skipped") == 2
+    assert again.splitlines()[2:] == first.splitlines()[2:]  # the same table
