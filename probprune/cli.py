@@ -137,7 +137,9 @@ def cmd_prune(args) -> int:
     chosen = next((c for c in report.get("selection", []) if c["chosen"]), None)
     if chosen is not None and chosen["step"] == 0:
         print("exported the init mask: after compensation it beat the searched masks on the "
-              "held-out windows (report.json selection)")
+              "held-out windows (report.json selection)"
+              + (f"; the search's best mask: bare {ppl['search_bare']['ppl']:.2f}, compensated "
+                 f"{ppl['search_compensated']['ppl']:.2f}" if "search_bare" in ppl else ""))
     if "zero_shot" in report:
         from .zero_shot import table
 

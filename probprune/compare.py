@@ -17,7 +17,7 @@ NOT_QUALITY = ("seed", "out", "resume", "progress", "dry_run", "stop_after", "di
 PROTOCOL = ("seqlen", "stride", "windows", "tokens", "bos")
 # report.json perplexity entry -> column; init_compensated is absent without compensation
 STAGES = (("dense", "dense"), ("init", "init"), ("init_compensated", "init + comp"),
-          ("pruned_bare", "exported mask, bare"), ("pruned", "export"))
+          ("search_bare", "search"), ("search_compensated", "search + comp"), ("pruned", "export"))
 
 
 @dataclass
@@ -66,11 +66,18 @@ def describe_protocol(p: Tuple) -> str:
 def row_of(run: str, report: dict) -> RunRow:
     ppl = report["perplexity"]
     chosen = next((c for c in report.get("selection") or [] if c.get("chosen")), None)
+    best_step = report.get("val_loss", {}).get("best_step")
     # no selection: the search's best held-out mask was exported as it was (the init at step 0)
-    step = chosen["step"] if chosen else report.get("val_loss", {}).get("best_step")
+    step = chosen["step"] if chosen else best_step
+    figures = {key: ppl[key]["ppl"] for key, _ in STAGES if key in ppl}
+    if step == best_step:  # the export is the search's best mask: its figures are the search's
+        figures.setdefault("search_bare", ppl["pruned_bare"]["ppl"])
+        if report["settings"].get("compensate", "none") != "none":
+            figures.setdefault("search_compensated", ppl["pruned"]["ppl"])
+    # else a report without search_* (written before they were measured): the search's unknown
     return RunRow(
         run=run, sparsity=report["settings"]["sparsity"], seed=report["settings"]["seed"],
-        ppl={key: ppl[key]["ppl"] if key in ppl else None for key, _ in STAGES},
+        ppl={key: figures.get(key) for key, _ in STAGES},
         chosen="init" if step == 0 else "search" if step is None else f"search step {step}",
         parameters=int(report["params"]["pruned_model_total"]))
 

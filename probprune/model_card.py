@@ -33,7 +33,9 @@ PERPLEXITY_ROWS = (  # report.json's names, in the order a reader compares them
     ("dense", "base model (dense)"),
     ("init", "initial mask (bare slice)"),
     ("init_compensated", "initial mask, compensated"),
-    ("pruned_bare", "searched mask (bare slice)"),
+    ("search_bare", "the search's best mask, bare slice (not exported: lost after compensation)"),
+    ("search_compensated", "the search's best mask, compensated (not exported)"),
+    ("pruned_bare", "this model's mask (bare slice)"),
     ("pruned", "this model (the export, reloaded)"),
 )
 

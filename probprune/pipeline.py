@@ -315,8 +315,9 @@ def export(cfg: PruneConfig, run: Loaded, selection: Selection, found: SearchOut
 
 def measure_beside_dense_model(cfg: PruneConfig, run: Loaded, selection: Selection,
                                init_mask: torch.Tensor) -> Measurements:
-    """What needs the dense model: the searched mask's bare slice, the compensated init, the
-    dense model's size and speed."""
+    """What needs the dense model: the exported mask's bare slice, the compensated init, the
+    search's best mask bare and compensated when another mask was exported, the dense model's
+    size."""
     measured = Measurements(
         dense_params=sum(p.numel() for p in run.model.parameters()),
         perplexity={"pruned_bare": masked_perplexity(
@@ -331,6 +332,15 @@ def measure_beside_dense_model(cfg: PruneConfig, run: Loaded, selection: Selecti
             **_ppl_kw(cfg, run.bos)).as_dict()
         measured.compensation_init = {k: v for k, v in init_comp.summary().items()
                                       if k != "layers"}
+    if selection.lost_search is not None:
+        searched, comp = selection.lost_search
+        measured.perplexity["search_bare"] = masked_perplexity(
+            run.engine, searched, run.eval_ids, desc="search's mask (bare slice, not exported)",
+            **_ppl_kw(cfg, run.bos)).as_dict()
+        model = pruned_model(run.model, run.engine.units, comp.mask, comp.weights)
+        measured.perplexity["search_compensated"] = perplexity(
+            model, run.eval_ids, desc="search's mask (compensated, not exported)",
+            **_ppl_kw(cfg, run.bos)).as_dict()
     return measured
 
 

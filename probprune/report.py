@@ -44,7 +44,9 @@ def search_summary(history: List[dict], times: List[float]) -> dict:
 class Measurements:
     """What a run measures after its search, for the report."""
     dense_params: int
-    perplexity: Dict[str, dict]  # pruned_bare, init_compensated (compensated runs), pruned
+    # pruned_bare, pruned; with compensation init_compensated, and search_bare and
+    # search_compensated when the search's best mask lost the selection
+    perplexity: Dict[str, dict]
     compensation: Optional[dict] = None       # the export's Compensation.summary()
     compensation_init: Optional[dict] = None  # the init mask's, without its per-layer records
     pruned_params: int = 0                    # of the export, reloaded

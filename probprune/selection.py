@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -54,6 +54,9 @@ class Selection:
     scores: List[CandidateScore] = field(default_factory=list)
     # the init mask's refit when the init competed (the report's init-compensated perplexity)
     init_compensation: Optional[Compensation] = None
+    # the search's best bare mask (model units) and its refit, when another candidate won: the
+    # report shows what the search found even when it is not what was exported
+    lost_search: Optional[Tuple[torch.Tensor, Compensation]] = None
 
     @property
     def mask(self) -> torch.Tensor:
@@ -86,6 +89,7 @@ def choose_mask(cfg: PruneConfig, run, space: UnitSpace, state) -> Selection:
         mask = model_mask(space, state.best_mask)
         return Selection(mask, compensate_mask(cfg, run, mask, "pruned"), state.best_step)
     scores, best, init_comp = [], None, None  # best: (candidate, mask, compensation, score)
+    best_bare = None  # (mask, compensation) of the search's best bare mask
     for c in pool:
         mask = model_mask(space, c.mask)
         comp = compensate_mask(cfg, run, mask, f"step {c.step}")
@@ -94,6 +98,8 @@ def choose_mask(cfg: PruneConfig, run, space: UnitSpace, state) -> Selection:
         del model
         if torch.equal(c.mask, state.init_mask):
             init_comp = comp  # the report's init-compensated perplexity needs it again
+        if torch.equal(c.mask, state.best_mask):
+            best_bare = (mask, comp)
         scores.append(CandidateScore(c.step, c.val_loss, loss))
         if best is None or loss < best[3].select_loss_compensated:
             best = (c, mask, comp, scores[-1])
@@ -101,7 +107,8 @@ def choose_mask(cfg: PruneConfig, run, space: UnitSpace, state) -> Selection:
     score.chosen = True
     log.info("selection: step %d (compensated held-out loss %.4f)", winner.step,
              score.select_loss_compensated)
-    return Selection(mask, comp, winner.step, scores, init_comp)
+    lost = best_bare if best_bare is not None and best_bare[1] is not comp else None
+    return Selection(mask, comp, winner.step, scores, init_comp, lost)
 
 
 def compensated_init(cfg: PruneConfig, run, selection: Selection,

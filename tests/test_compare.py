@@ -11,23 +11,25 @@ from tests.test_cli import prune_args
 PROTOCOL = {"seqlen": 128, "stride": 16, "windows": 149, "tokens": 18923, "bos": False}
 
 
-def write_run(path, *, seed, sparsity=0.3, ppl=None, chosen_step=40, protocol=None,
-              selection=True, **settings):
+def write_run(path, *, seed, sparsity=0.3, ppl=None, chosen_step=40, best_step=None,
+              protocol=None, selection=True, **settings):
     """A report.json shaped like the pipeline's, with the given perplexities."""
     ppl = ppl or {}
     path.mkdir(parents=True)
     record = {**PROTOCOL, **(protocol or {})}
     report = {
         "settings": {"model": "smollm2-135m", "sparsity": sparsity, "seed": seed, "steps": 150,
-                     "out": str(path), "device": "cpu", "progress": True, **settings},
+                     "compensate": "sequential", "out": str(path), "device": "cpu",
+                     "progress": True, **settings},
         "eval_data": "wikitext2",
         "params": {"pruned_model_total": 100_000_000},
         "perplexity": {stage: {**record, "ppl": value} for stage, value in ppl.items()},
-        "val_loss": {"best_step": chosen_step},
+        "val_loss": {"best_step": chosen_step if best_step is None else best_step},
     }
     if selection:  # candidates competed after compensation
+        other = best_step if best_step not in (None, chosen_step) else 0 if chosen_step else 50
         report["selection"] = [{"step": chosen_step, "chosen": True},
-                               {"step": 0 if chosen_step else 50, "chosen": False}]
+                               {"step": other, "chosen": False}]
     (path / "report.json").write_text(json.dumps(report))
     return str(path)
 
@@ -54,10 +56,13 @@ def test_runs_alike_but_for_their_seed_make_one_group_with_its_mean_and_sd(tmp_p
     table = markdown(c)
     assert "seqlen 128, 149 windows, every 16th, 18,923 predicted tokens" in table
     assert "the groups differ in: sparsity" in table
-    assert f"| {runs[0]} | 0.3 | 0 | 56.00 | 199.00 | 146.00 | 189.00 | 144.00 | search step 40 |" \
-        in table
+    # columns: dense, init, init + comp, search, search + comp, export (the search's mask here)
+    assert (f"| {runs[0]} | 0.3 | 0 | 56.00 | 199.00 | 146.00 | 189.00 | 144.00 | 144.00 | "
+            f"search step 40 |") in table
     assert "**142.00 +- 2.83**" in table
-    assert f"| {runs[2]} | 0.5 | 0 | 56.00 | 600.00 | 300.00 | 600.00 | 300.00 | init |" in table
+    # the search never beat its init: the search's mask is the init's
+    assert (f"| {runs[2]} | 0.5 | 0 | 56.00 | 600.00 | 300.00 | 600.00 | 300.00 | 300.00 | "
+            f"init |") in table
     assert table.count("mean +- sd") == 1  # not for a group of one run
 
 
@@ -80,10 +85,26 @@ def test_a_setting_that_moves_the_perplexity_splits_the_group(tmp_path):
 
 def test_runs_without_compensation_leave_its_column_out(tmp_path):
     bare = {"dense": 56.0, "init": 199.0, "pruned_bare": 189.0, "pruned": 189.0}
-    c = compare([write_run(tmp_path / "a", seed=0, ppl=bare),
-                 write_run(tmp_path / "b", seed=1, ppl=bare)])
-    assert c.as_dict()["groups"][0]["mean"]["init_compensated"] is None
-    assert "init + comp" not in markdown(c)
+    c = compare([write_run(tmp_path / "a", seed=0, ppl=bare, compensate="none", selection=False),
+                 write_run(tmp_path / "b", seed=1, ppl=bare, compensate="none", selection=False)])
+    mean = c.as_dict()["groups"][0]["mean"]
+    assert mean["init_compensated"] is None and mean["search_compensated"] is None
+    assert mean["search_bare"] == [189.0, 0.0]
+    assert "init + comp" not in markdown(c) and "search + comp" not in markdown(c)
+
+
+def test_a_search_that_lost_to_the_init_keeps_its_own_columns(tmp_path):
+    lost = {**ppl(56, 199, 146, 199, 146), "search_bare": 185.0, "search_compensated": 150.0}
+    c = compare([write_run(tmp_path / "new", seed=0, chosen_step=0, best_step=40, ppl=lost),
+                 # a report written before the search's figures were measured: unknown, not the
+                 # export's (which are the init's)
+                 write_run(tmp_path / "old", seed=1, chosen_step=0, best_step=40,
+                           ppl=ppl(56, 199, 146, 199, 146))])
+    new, old = c.groups[0]
+    assert (new.chosen, old.chosen) == ("init", "init")
+    assert (new.ppl["search_bare"], new.ppl["search_compensated"]) == (185.0, 150.0)
+    assert (old.ppl["search_bare"], old.ppl["search_compensated"]) == (None, None)
+    assert c.as_dict()["groups"][0]["mean"]["search_bare"] is None  # not a mean of one
 
 
 def test_different_protocols_are_refused_naming_each(tmp_path):
@@ -124,7 +145,8 @@ def test_compare_reads_what_the_runs_printed(tiny_model_dirs, calib_file, tmp_pa
     for row, run in zip(group["runs"], printed):
         assert row["ppl"]["dense"] == run["dense_ppl"]
         assert row["ppl"]["pruned"] == run["pruned_ppl"]
-        assert row["ppl"]["pruned_bare"] == run["pruned_bare_ppl"]
+        assert row["ppl"]["init"] == run["init_ppl"]
+        assert row["ppl"]["init_compensated"] == run["init_compensated_ppl"]
     assert group["mean"]["pruned"][0] == pytest.approx(
         statistics.mean(r["pruned_ppl"] for r in printed))
 

@@ -272,3 +272,29 @@ def test_the_init_mask_competes_after_compensation(tiny_model_dirs, calib_file, 
     reloaded = load_pruned(str(tmp_path / "run"))
     assert model_nll(reloaded, calibration(tok, cfg).select, cfg.batch_size) == pytest.approx(
         chosen["select_loss_compensated"], rel=1e-5)
+
+
+def test_the_searchs_mask_is_measured_when_the_init_is_exported(tiny_model_dirs, calib_file,
+                                                                tmp_path, monkeypatch):
+    """The same search twice, the selection rigged once for each side: when the init is
+    exported, the report still gives the search's best mask bare and compensated, and they
+    are the figures of the run that exported that mask."""
+    import probprune.selection as selection
+
+    def run(name, losses):
+        scores = iter(losses)  # the selection scores the best bare mask first, then the init
+        monkeypatch.setattr(selection, "model_nll", lambda *a, **k: next(scores))
+        return prune(settings(tiny_model_dirs["llama"], calib_file, tmp_path / name, steps=10,
+                              lr=0.5, compensate="sequential", compensate_windows=8))
+
+    searched = run("searched", [1.0, 2.0])
+    assert searched["val_loss"]["best_step"] != 0  # the search beat the init: two competitors
+    assert "search_bare" not in searched["perplexity"]  # the export is the search's mask
+    init = run("init", [2.0, 1.0])
+    ppl, exported = init["perplexity"], searched["perplexity"]
+    assert next(c for c in init["selection"] if c["chosen"])["step"] == 0
+    assert ppl["search_bare"]["ppl"] == pytest.approx(exported["pruned_bare"]["ppl"], rel=1e-6)
+    # in memory here, reloaded from its export there
+    assert ppl["search_compensated"]["ppl"] == pytest.approx(exported["pruned"]["ppl"], rel=1e-5)
+    assert ppl["pruned"]["ppl"] == pytest.approx(ppl["init_compensated"]["ppl"], rel=1e-5)
+    assert ppl["pruned_bare"]["ppl"] == pytest.approx(ppl["init"]["ppl"], rel=1e-6)
