@@ -189,6 +189,14 @@ def load(cfg: PruneConfig, model=None, tokenizer=None) -> Loaded:
                           cfg.sparsity, cfg.budget,
                           cfg.scope, cfg.attn_sparsity, cfg.mlp_sparsity, cfg.protect_layers,
                           cfg.shape)
+    if (budget.mode == "uniform" and budget.ratios["heads"] == 0 and cfg.compensate != "none"
+            and cfg.compensate_select == "obs"):
+        # OBS picks each layer's channels at the layer's count, and the shape fixes the counts
+        log.warning("--shape uniform keeps every KV group and --compensate-select obs chooses "
+                    "each layer's MLP channels at the count the shape fixes: the export will not "
+                    "depend on the search (--attn-sparsity makes it choose KV groups, "
+                    "--compensate-select mask exports its channels; else fewer --steps lose "
+                    "nothing)")
     bos = engine.family.window_bos(tokenizer)
     data = calibration(tokenizer, cfg, bos)
     eval_src = eval_text(cfg.eval, cfg.eval_file)

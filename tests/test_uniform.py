@@ -180,3 +180,31 @@ def test_settings_a_uniform_shape_cannot_take_are_refused(tiny_model_dirs, files
 def test_one_rule_says_whether_an_export_is_plain_and_why_not(sizes, why):
     from probprune.export import not_plain
     assert not_plain(sizes) == why
+
+
+def test_under_a_uniform_shape_obs_makes_the_export_independent_of_the_search(
+        tiny_model_dirs, calib_file, tmp_path, caplog):
+    """Every KV group kept and OBS choosing each layer's channels at a count the shape fixes:
+    two searches that end on different masks export the same weights, and the run says so."""
+    from safetensors.torch import load_file
+
+    from probprune.pipeline import prune
+    from tests.test_pipeline import settings
+
+    def run(name, **kw):
+        with caplog.at_level("WARNING", logger="probprune.pipeline"):
+            prune(settings(tiny_model_dirs["llama"], calib_file, tmp_path / name, shape="uniform",
+                           channel_block=8, steps=6, compensate="sequential",
+                           compensate_windows=8, **kw))
+        return (load_file(str(tmp_path / name / "masks.safetensors")),
+                load_file(str(tmp_path / name / "model.safetensors")))
+
+    (masks_a, weights_a), (masks_b, weights_b) = run("a", lr=0.01), run("b", lr=2.0)
+    assert "the export will not depend on the search" in caplog.text
+    assert not torch.equal(masks_a["searched_mask"], masks_b["searched_mask"])
+    assert weights_a.keys() == weights_b.keys()
+    for key in weights_a:
+        torch.testing.assert_close(weights_a[key], weights_b[key], rtol=0, atol=0)
+    caplog.clear()
+    run("mask", compensate_select="mask")
+    assert "the export will not depend on the search" not in caplog.text
