@@ -40,8 +40,11 @@ def read_report(run: str) -> dict:
             report = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not valid JSON ({e})") from None
-    if "perplexity" not in report or "settings" not in report:
-        raise ValueError(f"{path} is not a prune run's report (no perplexity or settings)")
+    missing = [k for k in ("settings", "params", "perplexity") if k not in report] or [
+        f"perplexity.{k}" for k in ("dense", "pruned_bare", "pruned")
+        if k not in report["perplexity"]]
+    if missing:
+        raise ValueError(f"{path} is not a finished prune run's report (no {', '.join(missing)})")
     return report
 
 

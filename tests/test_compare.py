@@ -122,7 +122,11 @@ def test_bad_run_folders_get_one_line_errors(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "report.json").write_text("{")
+    (tmp_path / "partial").mkdir()
+    (tmp_path / "partial" / "report.json").write_text(json.dumps(
+        {"settings": {}, "params": {}, "perplexity": {"dense": {}}}))
     for runs, message in (([a, str(tmp_path / "empty")], "holds no report.json"),
+                          ([str(tmp_path / "partial")], "no perplexity.pruned_bare, perplexity.pruned"),
                           ([a, a + "/"], "given more than once"),
                           ([str(tmp_path / "broken")], "not valid JSON")):
         assert main(["compare", *runs]) == 2
