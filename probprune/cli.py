@@ -97,6 +97,20 @@ def zero_shot_eval(config, as_json: bool) -> int:
     return 0
 
 
+def prune_record(out: str, report: dict) -> dict:
+    """The one JSON line of ``prune --json``: the report's headline figures."""
+    ppl, params = report["perplexity"], report["params"]
+    return {"out": out, "dense_ppl": ppl["dense"]["ppl"], "init_ppl": ppl["init"]["ppl"],
+            "pruned_ppl": ppl["pruned"]["ppl"], "pruned_bare_ppl": ppl["pruned_bare"]["ppl"],
+            "init_compensated_ppl": ppl.get("init_compensated", {}).get("ppl"),
+            # the search's best mask when another mask won the selection, else null
+            "search_bare_ppl": ppl.get("search_bare", {}).get("ppl"),
+            "search_compensated_ppl": ppl.get("search_compensated", {}).get("ppl"),
+            "kept_prunable": params["kept_prunable"], "prunable": params["prunable"],
+            "median_step_s": report["median_step_s"],
+            "peak_memory_mib": report["peak_memory_mib"], "zero_shot": report.get("zero_shot")}
+
+
 def cmd_prune(args) -> int:
     if args.json:
         quiet_libraries()
@@ -113,15 +127,7 @@ def cmd_prune(args) -> int:
     ppl = report["perplexity"]
     params = report["params"]
     if args.json:
-        print(json.dumps({"out": config.out, "dense_ppl": ppl["dense"]["ppl"],
-                          "init_ppl": ppl["init"]["ppl"], "pruned_ppl": ppl["pruned"]["ppl"],
-                          "pruned_bare_ppl": ppl["pruned_bare"]["ppl"],
-                          "init_compensated_ppl": ppl.get("init_compensated", {}).get("ppl"),
-                          "kept_prunable": params["kept_prunable"],
-                          "prunable": params["prunable"],
-                          "median_step_s": report["median_step_s"],
-                          "peak_memory_mib": report["peak_memory_mib"],
-                          "zero_shot": report.get("zero_shot")}))
+        print(json.dumps(prune_record(config.out, report)))
         return 0
     windows = ppl["dense"]["windows"]
     print(f"\n{config.model}: removed {1 - params['kept_prunable'] / params['prunable']:.1%} of "

@@ -108,26 +108,46 @@ def masked_attention(q, k, v, counts, scale: Optional[float] = None):
     return masked_attention_heads(q, k, v, *group_slots(counts, G, q.shape[3]), scale)
 
 
+# The narrowest vocabulary slice of an lm_head_ce tile: narrower slices make GEMMs too thin to
+# run at speed, so a tight memory budget shortens the tile's rows instead.
+MIN_VOCAB_TILE = 4096
+
+
 def lm_head_ce(h, w, labels, ignore_index: int = -100, chunk_size: int = 4096):
     """Mean next-token NLL per mask: loss[k] = mean_m CE(h[k, m] @ w.T, labels[m]).
 
-    Logits are built ``chunk_size`` rows at a time in fp32 so no [K*M, vocab] tensor exists, and
-    the log-sum-exp runs in place on the chunk: one chunk-sized buffer is live at a time (a
-    log_softmax would add a second, and the next chunk's logits a third before the last is
-    freed). Rows whose label is ``ignore_index`` do not count; a mask with no counted row gives
-    NaN.
+    No [K*M, vocab] logits tensor: at most the logits of ``chunk_size`` rows of every mask
+    (K * chunk_size * V fp32 values) are live, built as tiles of many rows by a slice of the
+    vocabulary with an online log-sum-exp across the slices. Tiling the vocabulary rather than
+    the rows reads ``w`` once per row block instead of once per ``chunk_size`` rows: with Gemma 3's
+    262k-token head (671 MB in fp32) at a search step's 1016 rows, 1 read instead of 16, and the
+    whole step 1.41x faster on 2 CPU cores (``python -m bench --models gemma3-270m``). Rows whose
+    label is ``ignore_index`` do not count; a mask with no counted row gives NaN.
     """
-    K, M, _ = h.shape
-    labels = labels.expand(K, M)
-    total = torch.zeros(K, dtype=torch.float32, device=h.device)
-    for start in range(0, M, chunk_size):
-        hc, lc = h[:, start:start + chunk_size], labels[:, start:start + chunk_size]
-        logits = (hc @ w.T).float()
-        counted = lc != ignore_index
-        target = logits.gather(-1, torch.where(counted, lc, 0)[..., None]).squeeze(-1)
-        top = logits.amax(-1, keepdim=True)
-        lse = logits.sub_(top).exp_().sum(-1).log_() + top.squeeze(-1)
-        del logits  # before the next chunk's
-        total += torch.where(counted, lse - target, 0.0).sum(dim=1)
-    n = (labels != ignore_index).sum(dim=1)
-    return total / n
+    K, M, d = h.shape
+    V = w.shape[0]
+    x = h.reshape(K * M, d)
+    labels = labels.expand(K, M).reshape(-1)
+    counted = labels != ignore_index
+    target_id = torch.where(counted, labels, 0)
+    budget = K * max(1, min(chunk_size, M)) * V
+    cols = min(V, max(MIN_VOCAB_TILE, budget // max(1, K * M)))
+    rows = max(1, budget // cols)
+    nll = torch.empty(K * M, dtype=torch.float32, device=h.device)
+    for r in range(0, K * M, rows):
+        xr, tr = x[r:r + rows], target_id[r:r + rows]
+        top = torch.full((len(xr),), -float("inf"), device=h.device)
+        sum_exp = torch.zeros(len(xr), device=h.device)
+        target = torch.zeros(len(xr), device=h.device)
+        for c in range(0, V, cols):
+            z = (xr @ w[c:c + cols].T).float()
+            here = (tr >= c) & (tr < c + z.shape[1])
+            at_label = z.gather(-1, (tr - c).clamp(0, z.shape[1] - 1)[:, None]).squeeze(-1)
+            target = torch.where(here, at_label, target)
+            new_top = torch.maximum(top, z.amax(-1))
+            sum_exp = sum_exp * (top - new_top).exp() + z.sub_(new_top[:, None]).exp_().sum(-1)
+            top = new_top
+            del z  # before the next tile's
+        nll[r:r + rows] = sum_exp.log() + top - target
+    nll = torch.where(counted, nll, 0.0).reshape(K, M)
+    return nll.sum(1) / counted.reshape(K, M).sum(1)

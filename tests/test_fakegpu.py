@@ -226,6 +226,36 @@ def test_gemma_init_forward_and_compensation_on_the_device(tiny_model_dirs, dtyp
     assert_all_on(comp.weights, "cpu", dtype, "refit ")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_NAMES[d])
+def test_the_lost_searchs_mask_is_measured_on_the_device(tiny_model_dirs, dtype):
+    """When the compensated init wins the selection, the search's own best mask is measured
+    beside it (report.json ``search_bare``, ``search_compensated``): a perplexity through the
+    K-mask forward and one of the in-memory pruned model with that mask's refit."""
+    from probprune.compensate import compensate
+    from probprune.config import PruneConfig
+    from probprune.pipeline import Loaded, measure_beside_dense_model
+    from probprune.selection import Selection
+    from probprune.settings import CompensationSettings
+
+    def stage(device, dtype):
+        model, engine = _engine(tiny_model_dirs["llama"], device, dtype)
+        init_mask, searched = _mask(engine.units, seed=1), _mask(engine.units, seed=2)
+        settings = CompensationSettings(compensate="parallel")
+        init_comp, search_comp = (compensate(engine, m, _ids(device, 6), settings,
+                                             progress=False) for m in (init_mask, searched))
+        selection = Selection(init_mask, init_comp, 0, init_compensation=init_comp,
+                              lost_search=(searched, search_comp))
+        run = Loaded(model, None, engine, None, None, "ids", _ids("cpu", 1, T=80)[0], 0.0)
+        cfg = PruneConfig(model="tiny", sparsity=0.4, out="unused", seqlen=16, eval_batch_size=2,
+                          progress=False, compensate="parallel")
+        return measure_beside_dense_model(cfg, run, selection, init_mask).perplexity
+
+    real, fake = shadow(stage, cache="lost_search", dtype=dtype)
+    assert set(fake) == set(real) == {"pruned_bare", "init_compensated", "search_bare",
+                                      "search_compensated"}
+    assert fake["search_bare"]["windows"] == real["search_bare"]["windows"] == 5
+
+
 # ---------------------------------------------------------------------------------------------
 # the export and the reload
 

@@ -30,6 +30,22 @@ def test_lm_head_ce_reference(K, per_mask_labels, chunk_size):
     assert_close(loss, _full(h, w, labels))
 
 
+@pytest.mark.parametrize("chunk_size", [1, 4, 40])
+def test_lm_head_ce_reference_tiles_rows_and_vocabulary(chunk_size):
+    """A vocabulary wider than MIN_VOCAB_TILE under a small budget: several vocabulary slices
+    (the last one partial) and several row blocks, labels in every slice; chunk_size 40 covers
+    all 39 rows in one block."""
+    from probprune_kernels.reference import MIN_VOCAB_TILE
+
+    K, M, d, V = 3, 13, 16, 2 * MIN_VOCAB_TILE + 123
+    h, w = torch.randn(K, M, d), torch.randn(V, d) / 2
+    labels = torch.randint(0, V, (K, M))
+    labels[:, 0], labels[:, 1], labels[:, 2] = 0, V - 1, MIN_VOCAB_TILE  # both ends, a boundary
+    labels[1, 5] = -100
+    loss = ops.lm_head_ce(h, w, labels, chunk_size=chunk_size, backend="reference")
+    assert_close(loss, _full(h, w, labels))
+
+
 def test_lm_head_ce_all_ignored_is_nan():
     h, w = torch.randn(2, 4, 8), torch.randn(10, 8)
     labels = torch.full((2, 4), -100)

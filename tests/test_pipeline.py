@@ -280,6 +280,7 @@ def test_the_searchs_mask_is_measured_when_the_init_is_exported(tiny_model_dirs,
     exported, the report still gives the search's best mask bare and compensated, and they
     are the figures of the run that exported that mask."""
     import probprune.selection as selection
+    from probprune.cli import prune_record
 
     def run(name, losses):
         scores = iter(losses)  # the selection scores the best bare mask first, then the init
@@ -298,3 +299,7 @@ def test_the_searchs_mask_is_measured_when_the_init_is_exported(tiny_model_dirs,
     assert ppl["search_compensated"]["ppl"] == pytest.approx(exported["pruned"]["ppl"], rel=1e-5)
     assert ppl["pruned"]["ppl"] == pytest.approx(ppl["init_compensated"]["ppl"], rel=1e-5)
     assert ppl["pruned_bare"]["ppl"] == pytest.approx(ppl["init"]["ppl"], rel=1e-6)
+    # prune --json: the search's figures when the init was exported, null when not
+    assert prune_record("init", init)["search_compensated_ppl"] == ppl["search_compensated"]["ppl"]
+    assert prune_record("init", init)["search_bare_ppl"] == ppl["search_bare"]["ppl"]
+    assert prune_record("searched", searched)["search_bare_ppl"] is None

@@ -32,6 +32,9 @@ MODEL_REGISTRY: Dict[str, dict] = {
     "llama-7b": _llama(4096, 32, 32, 32, 11008, 32000, source="shape"),
     "llama-13b": _llama(5120, 40, 40, 40, 13824, 32000, source="shape"),
     "smollm2-135m": _llama(576, 30, 9, 3, 1536, 49152, head_dim=64, source="embedded"),
+    # Gemma 3's head (262,144 x 640) outweighs its 18 decoder layers: a step bound by lm_head_ce;
+    # skipped when the `gemma` extra is not installed
+    "gemma3-270m": _llama(640, 18, 4, 1, 2048, 262144, head_dim=256, source="embedded"),
     # growing width at depth 8, growing depth at width 512, one wide shallow model
     "synth-d256-L8": _synth(256, 8),
     "synth-d512-L4": _synth(512, 4),
@@ -236,6 +239,8 @@ def make_plan(name: str, device: str = "cpu") -> Plan:
         synth = ["synth-d256-L8", "synth-d512-L4", "synth-d512-L8", "synth-d512-L16",
                  "synth-d1024-L8", "synth-d2048-L4"]
     settings = tuple(smol) + _grid(synth, B, T, [2], [0.5])
+    if not quick:  # the Gemma table's step (docs/families.md)
+        settings += (StepSetting("gemma3-270m", 4, 128, 2, 0.3),)
     if gpu and not quick:  # LLaMA-7B itself (random weights): the paper's smallest model
         settings += (StepSetting("llama-7b", B, T, 2, 0.5),)
     micro_shapes = ("llama-7b", "llama-13b") if gpu else ("smollm2-135m",)
