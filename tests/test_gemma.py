@@ -101,12 +101,14 @@ def test_compensation_refits_through_the_out_norms(gemma):
                    progress=False)
 
 
-def test_a_whole_run_records_bos_windows(tiny_model_dirs, calib_file, tmp_path):
+@pytest.mark.parametrize("attn_units", ["kv-group", "query-head"])
+def test_a_whole_run_records_bos_windows(tiny_model_dirs, calib_file, tmp_path, attn_units):
     from probprune.config import PruneConfig
     from probprune.pipeline import prune
 
     out = tmp_path / "run"
     report = prune(PruneConfig(model=tiny_model_dirs["gemma3"], sparsity=0.3, out=str(out),
+                               attn_units=attn_units,
                                steps=4, k=2, batch_size=2, seqlen=24, calib=calib_file,
                                nsamples=12, val_windows=3, select_windows=3, eval=calib_file,
                                max_eval_windows=6, eval_every=2, progress=False, seed=1,
